@@ -1,0 +1,258 @@
+//! Chunk caches: a bounded on-disk store under the state dir that survives
+//! restarts (LRU by size), and a bounded in-memory LRU of decoded chunks.
+//!
+//! Keys are (layer digest, blob offset, inner offset): stable for a layer
+//! whatever index form produced them. Files are written to a temporary name
+//! and renamed, so a crash never leaves a partial chunk under a real name;
+//! the fetcher verifies digests on every disk read anyway.
+
+use crate::digest::Digest;
+use bytes::Bytes;
+use lru::LruCache;
+use parking_lot::Mutex;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Identity of one decoded chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    pub layer: Digest,
+    pub blob_offset: u64,
+    pub inner_offset: u64,
+}
+
+impl ChunkKey {
+    fn file_name(&self) -> String {
+        format!("{:x}-{:x}", self.blob_offset, self.inner_offset)
+    }
+
+    fn parse(layer: &Digest, name: &str) -> Option<Self> {
+        let (a, b) = name.split_once('-')?;
+        Some(Self {
+            layer: layer.clone(),
+            blob_offset: u64::from_str_radix(a, 16).ok()?,
+            inner_offset: u64::from_str_radix(b, 16).ok()?,
+        })
+    }
+}
+
+struct Lru {
+    entries: LruCache<ChunkKey, u64>,
+    total: u64,
+}
+
+/// On-disk chunk store bounded to `limit` bytes.
+pub struct DiskCache {
+    dir: PathBuf,
+    limit: u64,
+    lru: Mutex<Lru>,
+}
+
+/// A cache directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk cache {path}: {source}")]
+pub struct CacheError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache at `dir`, indexing what a previous run left,
+    /// oldest first, and trimming it to `limit`.
+    pub fn open(dir: &Path, limit: u64) -> Result<Self, CacheError> {
+        let err = |path: &Path, source| CacheError { path: path.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        let mut found = Vec::new();
+        for layer_dir in std::fs::read_dir(dir).map_err(|e| err(dir, e))? {
+            let layer_dir = layer_dir.map_err(|e| err(dir, e))?;
+            let Ok(layer) = format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>() else {
+                continue;
+            };
+            for f in std::fs::read_dir(layer_dir.path()).map_err(|e| err(&layer_dir.path(), e))? {
+                let f = f.map_err(|e| err(&layer_dir.path(), e))?;
+                let name = f.file_name().to_string_lossy().into_owned();
+                match ChunkKey::parse(&layer, &name) {
+                    Some(key) => {
+                        let md = f.metadata().map_err(|e| err(&f.path(), e))?;
+                        found.push((md.modified().ok(), key, md.len()));
+                    }
+                    // Leftover temporary files of an interrupted write.
+                    None => drop(std::fs::remove_file(f.path())),
+                }
+            }
+        }
+        found.sort_by_key(|(t, _, _)| *t);
+        let cache = Self {
+            dir: dir.to_path_buf(),
+            limit,
+            lru: Mutex::new(Lru { entries: LruCache::unbounded(), total: 0 }),
+        };
+        {
+            let mut lru = cache.lru.lock();
+            for (_, key, len) in found {
+                lru.total += len;
+                lru.entries.put(key, len);
+            }
+        }
+        cache.evict_to(limit);
+        Ok(cache)
+    }
+
+    fn path(&self, key: &ChunkKey) -> PathBuf {
+        self.dir.join(key.layer.hex()).join(key.file_name())
+    }
+
+    /// Reads a chunk (blocking); `None` when absent.
+    pub fn get(&self, key: &ChunkKey) -> Option<Vec<u8>> {
+        if self.lru.lock().entries.get(key).is_none() {
+            return None;
+        }
+        match std::fs::read(self.path(key)) {
+            Ok(data) => Some(data),
+            Err(_) => {
+                self.forget(key);
+                None
+            }
+        }
+    }
+
+    /// Stores a chunk (blocking), evicting least recently used ones to stay under the limit.
+    pub fn put(&self, key: &ChunkKey, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        if len > self.limit {
+            return Ok(()); // larger than the whole cache: serve it, don't keep it
+        }
+        self.evict_to(self.limit - len);
+        let path = self.path(key);
+        let dir = path.parent().expect("chunk path has a parent");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".tmp-{}-{:?}", key.file_name(), std::thread::current().id()));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, &path)?;
+        let mut lru = self.lru.lock();
+        if let Some(old) = lru.entries.put(key.clone(), len) {
+            lru.total -= old;
+        }
+        lru.total += len;
+        Ok(())
+    }
+
+    fn forget(&self, key: &ChunkKey) {
+        let mut lru = self.lru.lock();
+        if let Some(len) = lru.entries.pop(key) {
+            lru.total -= len;
+        }
+    }
+
+    /// Drops a corrupt chunk.
+    pub fn remove(&self, key: &ChunkKey) {
+        self.forget(key);
+        let _ = std::fs::remove_file(self.path(key));
+    }
+
+    fn evict_to(&self, target: u64) {
+        loop {
+            let victim = {
+                let mut lru = self.lru.lock();
+                if lru.total <= target {
+                    return;
+                }
+                let Some((key, len)) = lru.entries.pop_lru() else { return };
+                lru.total -= len;
+                key
+            };
+            let _ = std::fs::remove_file(self.path(&victim));
+        }
+    }
+
+    /// Bytes currently stored.
+    pub fn total_bytes(&self) -> u64 {
+        self.lru.lock().total
+    }
+}
+
+/// In-memory LRU of decoded chunks bounded to `limit` bytes.
+pub struct MemCache {
+    limit: u64,
+    inner: Mutex<(LruCache<ChunkKey, Bytes>, u64)>,
+}
+
+impl MemCache {
+    pub fn new(limit: u64) -> Self {
+        Self { limit, inner: Mutex::new((LruCache::unbounded(), 0)) }
+    }
+
+    pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
+        self.inner.lock().0.get(key).cloned()
+    }
+
+    pub fn put(&self, key: ChunkKey, data: Bytes) {
+        let len = data.len() as u64;
+        if len > self.limit {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.0.put(key, data) {
+            inner.1 -= old.len() as u64;
+        }
+        inner.1 += len;
+        while inner.1 > self.limit {
+            match inner.0.pop_lru() {
+                Some((_, old)) => inner.1 -= old.len() as u64,
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(off: u64) -> ChunkKey {
+        ChunkKey { layer: Digest::of(b"l"), blob_offset: off, inner_offset: 0 }
+    }
+
+    #[test]
+    fn disk_cache_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        DiskCache::open(dir.path(), 100).unwrap().put(&key(1), b"hello").unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert_eq!(c.get(&key(1)).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.total_bytes(), 5);
+    }
+
+    #[test]
+    fn disk_cache_evicts_least_recently_used_to_stay_under_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 10).unwrap();
+        c.put(&key(1), b"aaaa").unwrap();
+        c.put(&key(2), b"bbbb").unwrap();
+        assert!(c.get(&key(1)).is_some()); // 1 is now most recent
+        c.put(&key(3), b"cccc").unwrap();
+        assert!(c.get(&key(2)).is_none());
+        assert!(c.get(&key(1)).is_some() && c.get(&key(3)).is_some());
+        assert!(c.total_bytes() <= 10);
+    }
+
+    #[test]
+    fn reopening_with_a_smaller_limit_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        for i in 0..5 {
+            c.put(&key(i), &[0u8; 10]).unwrap();
+        }
+        let c = DiskCache::open(dir.path(), 25).unwrap();
+        assert!(c.total_bytes() <= 25);
+    }
+
+    #[test]
+    fn mem_cache_is_bounded() {
+        let m = MemCache::new(8);
+        m.put(key(1), Bytes::from_static(b"12345"));
+        m.put(key(2), Bytes::from_static(b"12345"));
+        assert!(m.get(&key(1)).is_none());
+        assert!(m.get(&key(2)).is_some());
+    }
+}

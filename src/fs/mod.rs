@@ -1,0 +1,225 @@
+//! Read-only FUSE filesystem over one layer's index: exactly what overlayfs
+//! expects of an unpacked layer. Metadata comes from memory; reads are handed
+//! to the async runtime and answered when their chunks arrive, so no FUSE
+//! thread ever waits on the network. Layers are immutable: the kernel may
+//! cache attributes, entries and pages for as long as it likes.
+
+mod attr;
+
+use crate::fetch::Fetcher;
+use crate::index::{Kind, LayerIndex, NodeId};
+use fuser::{
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, warn};
+
+/// Kernel cache lifetime for entries and attributes: layers never change.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest read the kernel may send (and read-ahead it may do).
+const MAX_READ: u32 = 1 << 20;
+
+/// The FUSE side of one layer.
+pub struct LayerFs {
+    fetcher: Arc<Fetcher>,
+    index: Arc<LayerIndex>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl LayerFs {
+    pub fn new(fetcher: Arc<Fetcher>, runtime: tokio::runtime::Handle) -> Self {
+        let index = Arc::clone(fetcher.index());
+        Self { fetcher, index, runtime }
+    }
+
+    fn node_of(&self, ino: INodeNo) -> Result<NodeId, Errno> {
+        let id = ino.0.checked_sub(1).ok_or(Errno::ENOENT)?;
+        if (id as usize) < self.index.nodes.len() {
+            Ok(id as NodeId)
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+
+    fn attr(&self, id: NodeId) -> fuser::FileAttr {
+        attr::file_attr(id, &self.index.nodes[id as usize])
+    }
+
+    /// Mounts this layer read-only at `mountpoint`; unmounted when the session is dropped.
+    pub fn mount(self, mountpoint: &Path, name: &str) -> std::io::Result<fuser::BackgroundSession> {
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::FSName(format!("streamsnap:{name}")),
+            fuser::MountOption::Subtype("streamsnap".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::Dev,
+            fuser::MountOption::Suid,
+            fuser::MountOption::Exec,
+        ];
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(2);
+        config.clone_fd = true;
+        fuser::spawn_mount(self, mountpoint, &config)
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.set_max_background(64);
+        let wanted = fuser::InitFlags::FUSE_ASYNC_READ
+            | fuser::InitFlags::FUSE_CACHE_SYMLINKS
+            | fuser::InitFlags::FUSE_PARALLEL_DIROPS
+            | fuser::InitFlags::FUSE_MAX_PAGES;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = self.node_of(parent).and_then(|p| self.index.lookup(p, name.as_bytes()).ok_or(Errno::ENOENT));
+        match found {
+            Ok(id) => reply.entry(&TTL, &self.attr(id), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node_of(ino) {
+            Ok(id) => reply.attr(&TTL, &self.attr(id)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node_of(ino).map(|id| &self.index.nodes[id as usize].kind) {
+            Ok(Kind::Symlink(target)) => reply.data(target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.node_of(ino) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let id = match self.node_of(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let fetcher = Arc::clone(&self.fetcher);
+        self.runtime.spawn(async move {
+            match fetcher.read(id, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    // Unverifiable or unreachable data is never handed out.
+                    error!(layer = %fetcher.layer(), inode = ino.0, offset, size, error = %e, "read failed, answering EIO");
+                    reply.error(Errno::EIO)
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node_of(ino) {
+            Ok(id) if self.index.nodes[id as usize].kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let id = match self.node_of(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let node = &self.index.nodes[id as usize];
+        // Offsets: 1 = ".", 2 = "..", 3.. = children.
+        let dots = [(ino, &b"."[..]), (ino, &b".."[..])];
+        let entries = dots
+            .into_iter()
+            .map(|(i, n)| (i, fuser::FileType::Directory, n))
+            .chain(node.children.iter().map(|(name, kid)| {
+                (INodeNo(*kid as u64 + 1), attr::file_type(&self.index.nodes[*kid as usize].kind), name.as_ref())
+            }));
+        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(ino, i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.index.content_bytes().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.index.nodes.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let id = match self.node_of(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let xattrs = &self.index.nodes[id as usize].xattrs;
+        match xattrs.binary_search_by(|(k, _)| k.as_slice().cmp(name.as_bytes())) {
+            Ok(i) => reply_sized(reply, size, &xattrs[i].1),
+            Err(_) => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let id = match self.node_of(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (k, _) in &self.index.nodes[id as usize].xattrs {
+            names.extend_from_slice(k);
+            names.push(0);
+        }
+        reply_sized(reply, size, &names);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: fuser::ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions); only refuse writes.
+        let _ = ino;
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+}
+
+/// xattr protocol: size 0 asks for the length; too small a buffer is ERANGE.
+fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        warn!(needed = data.len(), size, "xattr buffer too small");
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}

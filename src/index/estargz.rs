@@ -1,0 +1,124 @@
+//! eStargz: a gzip layer whose last 51 bytes locate a TOC (`stargz.index.json`,
+//! itself a gzip member holding a one-entry tar) describing every file's chunks.
+
+use super::toc::{self, Toc};
+use super::{Encoding, IndexError, LayerIndex};
+use crate::digest::Digest;
+use bytes::Bytes;
+use std::future::Future;
+use std::io::Read;
+
+/// Size of the eStargz footer (a gzip member with an `SG` extra field).
+pub const FOOTER_SIZE: u64 = 51;
+/// Size of the legacy stargz footer (extra field without subfield header).
+const LEGACY_FOOTER_SIZE: u64 = 47;
+/// Largest decompressed TOC we accept.
+const MAX_TOC: u64 = 512 << 20;
+
+/// Finds the TOC offset in the blob's tail (at least 51 bytes, or the whole
+/// blob when shorter); returns `(toc_offset, footer_len)`.
+pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
+    let parse_hex = |b: &[u8]| -> Option<u64> {
+        let (hex, magic) = b.split_at(16);
+        (magic == b"STARGZ").then_some(())?;
+        u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let is_gzip_with_extra = |f: &[u8]| f.len() >= 12 && f[0] == 0x1f && f[1] == 0x8b && f[3] & 4 != 0;
+    if tail.len() as u64 >= FOOTER_SIZE {
+        let f = &tail[tail.len() - FOOTER_SIZE as usize..];
+        if is_gzip_with_extra(f) && &f[12..14] == b"SG" && f[14..16] == [22, 0] {
+            if let Some(off) = parse_hex(&f[16..38]) {
+                return Some((off, FOOTER_SIZE));
+            }
+        }
+    }
+    if tail.len() as u64 >= LEGACY_FOOTER_SIZE {
+        let f = &tail[tail.len() - LEGACY_FOOTER_SIZE as usize..];
+        if is_gzip_with_extra(f) && f[10..12] == [22, 0] {
+            return parse_hex(&f[12..34]).map(|off| (off, LEGACY_FOOTER_SIZE));
+        }
+    }
+    None
+}
+
+/// Reads footer and TOC (two range reads) and builds the layer's index.
+/// `toc_digest` (the `containerd.io/snapshot/stargz/toc.digest` annotation)
+/// is checked against the decompressed TOC JSON when given.
+pub async fn index_estargz<R, Fut, E>(
+    layer: &Digest,
+    size: u64,
+    toc_digest: Option<&Digest>,
+    mut read: R,
+) -> Result<LayerIndex, IndexError>
+where
+    R: FnMut(u64, u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let bad = |reason: String| IndexError::Layer { layer: layer.clone(), reason };
+    let fetch_err = |what: &str, e: E| IndexError::Fetch { layer: layer.clone(), what: what.to_string(), source: Box::new(e) };
+    if size < FOOTER_SIZE {
+        return Err(bad(format!("blob of {size} bytes is too small for an eStargz footer")));
+    }
+    let tail = read(size - FOOTER_SIZE, FOOTER_SIZE).await.map_err(|e| fetch_err("eStargz footer", e))?;
+    let (toc_offset, footer_len) = parse_footer(&tail).ok_or_else(|| bad("no eStargz footer".into()))?;
+    if toc_offset >= size - footer_len {
+        return Err(bad(format!("footer points at TOC offset {toc_offset}, past the blob ({size} bytes)")));
+    }
+    let compressed = read(toc_offset, size - footer_len - toc_offset).await.map_err(|e| fetch_err("eStargz TOC", e))?;
+    let json = toc_json(&compressed).map_err(|r| bad(format!("TOC at offset {toc_offset}: {r}")))?;
+    if let Some(expected) = toc_digest {
+        let actual = Digest::of(&json);
+        if &actual != expected {
+            return Err(bad(format!("TOC digest {actual} does not match the annotated {expected}")));
+        }
+    }
+    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
+    toc::build(layer, &toc, Encoding::Gzip, toc_offset, size)
+}
+
+/// Decompresses the TOC member and takes the `stargz.index.json` tar entry.
+fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, String> {
+    let mut tar_bytes = Vec::new();
+    flate2::read::MultiGzDecoder::new(compressed)
+        .take(MAX_TOC)
+        .read_to_end(&mut tar_bytes)
+        .map_err(|e| format!("not gzip: {e}"))?;
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    let mut entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
+    let mut entry = entries
+        .next()
+        .ok_or("empty TOC archive")?
+        .map_err(|e| format!("not a tar: {e}"))?;
+    let name = entry.path_bytes().into_owned();
+    if name != b"stargz.index.json" {
+        return Err(format!("first entry is {:?}, not stargz.index.json", String::from_utf8_lossy(&name)));
+    }
+    let mut json = Vec::new();
+    entry.read_to_end(&mut json).map_err(|e| format!("reading TOC entry: {e}"))?;
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn footer(offset: u64) -> Vec<u8> {
+        let mut f = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
+        f.extend_from_slice(format!("{offset:016x}STARGZ").as_bytes());
+        f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        f
+    }
+
+    #[test]
+    fn footer_gives_the_toc_offset() {
+        let f = footer(0x1234);
+        assert_eq!(f.len() as u64, FOOTER_SIZE);
+        assert_eq!(parse_footer(&f), Some((0x1234, FOOTER_SIZE)));
+    }
+
+    #[test]
+    fn plain_gzip_tail_is_not_a_footer() {
+        assert_eq!(parse_footer(&[0u8; 64]), None);
+    }
+}

@@ -1,0 +1,162 @@
+//! One in-memory model for every layer form: a tree of nodes with full tar
+//! metadata and, per regular file, the chunks that hold its bytes in the blob.
+//!
+//! Sources: [`estargz`] (TOC), [`zstd_chunked`] (TOC), [`tar`] (header walk
+//! over range reads, or over a local file for layers downloaded whole).
+
+mod builder;
+pub mod estargz;
+pub mod tar;
+pub mod toc;
+pub mod zstd_chunked;
+
+pub use builder::{EntryMeta, TreeBuilder};
+
+use crate::digest::Digest;
+
+/// Position of a node in [`LayerIndex::nodes`]; the root is 0.
+pub type NodeId = u32;
+/// Position of a chunk in [`LayerIndex::chunks`].
+pub type ChunkId = u32;
+
+/// Name of the opaque-directory xattr overlayfs reads.
+pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What a node is; type-specific data lives here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink(Vec<u8>),
+    CharDev { major: u32, minor: u32 },
+    BlockDev { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// One inode of the layer.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub nlink: u32,
+    /// Sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Directory entries sorted by name (directories only).
+    pub children: Vec<(Box<[u8]>, NodeId)>,
+    /// Chunks of a regular file, in file order: `chunks[first..first+count]`.
+    pub first_chunk: ChunkId,
+    pub chunk_count: u32,
+}
+
+/// How a chunk's bytes are stored in the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Raw,
+    Gzip,
+    Zstd,
+}
+
+/// A piece of one file: `len` bytes at `file_offset`, stored at
+/// `blob_offset..blob_offset+blob_len` of the blob, decoding to a stream in
+/// which they start at `inner_offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub file_offset: u64,
+    pub len: u64,
+    pub blob_offset: u64,
+    pub blob_len: u64,
+    pub inner_offset: u64,
+    pub encoding: Encoding,
+    /// sha256 of the decoded chunk; `None` where the format has none.
+    pub digest: Option<Digest>,
+}
+
+/// The index of one layer.
+#[derive(Clone, Debug, Default)]
+pub struct LayerIndex {
+    pub nodes: Vec<Node>,
+    pub chunks: Vec<Chunk>,
+}
+
+impl LayerIndex {
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id as usize)
+    }
+
+    /// Looks a name up in a directory.
+    pub fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        let node = self.node(dir)?;
+        node.children
+            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .ok()
+            .map(|i| node.children[i].1)
+    }
+
+    /// The chunks of a file.
+    pub fn file_chunks(&self, id: NodeId) -> &[Chunk] {
+        match self.node(id) {
+            Some(n) => {
+                let start = n.first_chunk as usize;
+                &self.chunks[start..start + n.chunk_count as usize]
+            }
+            None => &[],
+        }
+    }
+
+    /// Ids of the chunks of `file` overlapping `[offset, offset+len)`.
+    pub fn chunks_for_range(&self, file: NodeId, offset: u64, len: u64) -> std::ops::Range<ChunkId> {
+        let Some(n) = self.node(file) else { return 0..0 };
+        let chunks = self.file_chunks(file);
+        let end = offset.saturating_add(len).min(n.size);
+        if offset >= end {
+            return 0..0;
+        }
+        let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
+        let last = chunks.partition_point(|c| c.file_offset < end);
+        n.first_chunk + first as u32..n.first_chunk + last as u32
+    }
+
+    /// Looks a slash-separated path up from the root.
+    pub fn resolve(&self, path: &str) -> Option<NodeId> {
+        path.split('/')
+            .filter(|c| !c.is_empty())
+            .try_fold(0, |dir, name| self.lookup(dir, name.as_bytes()))
+    }
+
+    /// Total decoded bytes of all files.
+    pub fn content_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len).sum()
+    }
+}
+
+/// A layer whose index cannot be built; names the layer and the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("layer {layer}: entry {entry:?}: {reason}")]
+    Entry {
+        layer: Digest,
+        entry: String,
+        reason: String,
+    },
+    #[error("layer {layer}: {reason}")]
+    Layer { layer: Digest, reason: String },
+    #[error("layer {layer}: fetching {what}: {source}")]
+    Fetch {
+        layer: Digest,
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}

@@ -1,0 +1,154 @@
+//! zstd:chunked: a zstd layer whose tail holds, in skippable frames, a
+//! zstd-compressed JSON TOC (the eStargz entry schema) and a footer locating it.
+//!
+//! Two footers exist: 40 data bytes ending in `GnUlInUx` (what ctr-remote
+//! writes) and 64 ending in `GNUlInUx` (containers/storage, with tar-split).
+//! Both start with: manifest offset, compressed length, uncompressed length,
+//! type (LE u64 each).
+
+use super::toc::{self, Toc};
+use super::{Encoding, IndexError, LayerIndex};
+use crate::digest::Digest;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+
+const SKIPPABLE_HEADER: u64 = 8;
+const FOOTER_V1: u64 = 40;
+const FOOTER_V2: u64 = 64;
+const MAX_TOC: u64 = 512 << 20;
+
+/// Annotation keys that locate and check the manifest (old and new spellings).
+pub const POSITION_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-position",
+    "io.containers.zstd-chunked.manifest-position",
+];
+pub const CHECKSUM_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-checksum",
+    "io.containers.zstd-chunked.manifest-checksum",
+];
+
+/// Where the compressed manifest lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestPosition {
+    pub offset: u64,
+    pub compressed: u64,
+    pub uncompressed: u64,
+}
+
+/// Does this layer carry zstd:chunked annotations?
+pub fn has_annotations(annotations: &HashMap<String, String>) -> bool {
+    POSITION_KEYS.iter().any(|k| annotations.contains_key(*k))
+}
+
+/// Parses `offset:compressed:uncompressed:type`.
+pub fn parse_position(s: &str) -> Option<ManifestPosition> {
+    let parts: Vec<u64> = s.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [offset, compressed, uncompressed, 1] => Some(ManifestPosition {
+            offset: *offset,
+            compressed: *compressed,
+            uncompressed: *uncompressed,
+        }),
+        _ => None,
+    }
+}
+
+/// Parses the footer from the blob's last 64+8 (or fewer) bytes.
+pub fn parse_footer(tail: &[u8]) -> Option<ManifestPosition> {
+    let le = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    for (len, magic) in [(FOOTER_V1, b"GnUlInUx"), (FOOTER_V2, b"GNUlInUx")] {
+        if (tail.len() as u64) < len {
+            continue;
+        }
+        let f = &tail[tail.len() - len as usize..];
+        if &f[f.len() - 8..] == magic && le(&f[24..]) == 1 {
+            return Some(ManifestPosition { offset: le(f), compressed: le(&f[8..]), uncompressed: le(&f[16..]) });
+        }
+    }
+    None
+}
+
+/// Locates (annotations first, else footer), fetches, checks and parses the TOC.
+pub async fn index_zstd_chunked<R, Fut, E>(
+    layer: &Digest,
+    size: u64,
+    annotations: &HashMap<String, String>,
+    mut read: R,
+) -> Result<LayerIndex, IndexError>
+where
+    R: FnMut(u64, u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let bad = |reason: String| IndexError::Layer { layer: layer.clone(), reason };
+    let fetch_err = |what: &str, e: E| IndexError::Fetch { layer: layer.clone(), what: what.to_string(), source: Box::new(e) };
+    let annotated = POSITION_KEYS.iter().find_map(|k| annotations.get(*k));
+    let pos = match annotated {
+        Some(s) => parse_position(s).ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
+        None => {
+            let n = (FOOTER_V2 + SKIPPABLE_HEADER).min(size);
+            let tail = read(size - n, n).await.map_err(|e| fetch_err("zstd:chunked footer", e))?;
+            parse_footer(&tail).ok_or_else(|| bad("no zstd:chunked footer".into()))?
+        }
+    };
+    let end = pos.offset.checked_add(pos.compressed).filter(|e| *e <= size);
+    if end.is_none() || pos.offset < SKIPPABLE_HEADER || pos.uncompressed > MAX_TOC {
+        return Err(bad(format!("manifest position {pos:?} does not fit a blob of {size} bytes")));
+    }
+    let compressed = read(pos.offset, pos.compressed).await.map_err(|e| fetch_err("zstd:chunked manifest", e))?;
+    if let Some(sum) = CHECKSUM_KEYS.iter().find_map(|k| annotations.get(*k)) {
+        let expected: Digest = sum.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
+        let actual = Digest::of(&compressed);
+        if actual != expected {
+            return Err(bad(format!("manifest checksum {actual} does not match the annotated {expected}")));
+        }
+    }
+    let mut json = Vec::with_capacity(pos.uncompressed as usize);
+    zstd::stream::read::Decoder::new(&compressed[..])
+        .map_err(|e| bad(format!("manifest: {e}")))?
+        .take(pos.uncompressed + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| bad(format!("manifest is not valid zstd: {e}")))?;
+    if json.len() as u64 != pos.uncompressed {
+        return Err(bad(format!("manifest decompresses to {} bytes, not the stated {}", json.len(), pos.uncompressed)));
+    }
+    if let Some(t) = annotations.get("containerd.io/snapshot/stargz/toc.digest") {
+        let expected: Digest = t.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
+        let actual = Digest::of(&json);
+        if actual != expected {
+            return Err(bad(format!("TOC digest {actual} does not match the annotated {expected}")));
+        }
+    }
+    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
+    // Payload frames end where the manifest's skippable frame begins.
+    toc::build(layer, &toc, Encoding::Zstd, pos.offset - SKIPPABLE_HEADER, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn footer_fields_are_little_endian() {
+        let mut f = Vec::new();
+        for v in [5_243_983u64, 868, 3391, 1] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(b"GnUlInUx");
+        assert_eq!(
+            parse_footer(&f),
+            Some(ManifestPosition { offset: 5_243_983, compressed: 868, uncompressed: 3391 })
+        );
+    }
+
+    #[test]
+    fn position_annotation() {
+        assert_eq!(
+            parse_position("5243983:868:3391:1"),
+            Some(ManifestPosition { offset: 5_243_983, compressed: 868, uncompressed: 3391 })
+        );
+        assert_eq!(parse_position("1:2:3"), None);
+    }
+}

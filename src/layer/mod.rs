@@ -1,0 +1,150 @@
+//! One lazily served layer: picks the index form for its media type and
+//! annotations, builds the index and the fetcher that serves its bytes.
+
+mod download;
+
+use crate::cache::{DiskCache, MemCache};
+use crate::digest::Digest;
+use crate::fetch::{BlobSource, Fetcher};
+use crate::index::{self, IndexError, LayerIndex};
+use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::info;
+
+/// Chunk size used to split files of uncompressed tar layers.
+pub const TAR_CHUNK_SIZE: u64 = 1 << 20;
+
+/// How a layer is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerFormat {
+    /// eStargz TOC; chunks fetched by range and verified by `chunkDigest`.
+    Estargz,
+    /// zstd:chunked TOC; likewise.
+    ZstdChunked,
+    /// Uncompressed tar walked by range reads.
+    Tar,
+    /// Any other layer: downloaded whole, verified, decompressed locally.
+    Downloaded,
+}
+
+/// What everything that opens layers shares.
+pub struct LayerContext {
+    pub registry: Arc<Registry>,
+    pub disk: Arc<DiskCache>,
+    pub mem: Arc<MemCache>,
+    /// Where downloaded layers are kept (decompressed tar per digest).
+    pub layers_dir: PathBuf,
+}
+
+/// A layer ready to mount.
+pub struct Layer {
+    pub digest: Digest,
+    pub format: LayerFormat,
+    pub fetcher: Arc<Fetcher>,
+}
+
+impl Layer {
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        self.fetcher.index()
+    }
+}
+
+/// A layer that cannot be opened; names the image and the layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("image {image}: {source}")]
+    Index {
+        image: String,
+        #[source]
+        source: IndexError,
+    },
+    #[error("image {image}: layer {layer}: {source}")]
+    Registry {
+        image: String,
+        layer: Digest,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("image {image}: layer {layer}: {reason}")]
+    Other { image: String, layer: Digest, reason: String },
+}
+
+const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+fn is_gzip(media_type: &str) -> bool {
+    media_type.ends_with("+gzip") || media_type.ends_with(".tar.gzip")
+}
+
+fn is_zstd(media_type: &str) -> bool {
+    media_type.ends_with("+zstd")
+}
+
+fn is_plain_tar(media_type: &str) -> bool {
+    media_type.ends_with(".tar") || media_type.ends_with("diff.tar")
+}
+
+/// Opens one layer of `image`: lazily where its form allows, else by download.
+#[tracing::instrument(skip_all, fields(image = %image, layer = %desc.digest))]
+pub async fn open(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<Layer, LayerError> {
+    let started = Instant::now();
+    let name = image.to_string();
+    let layer = desc.digest.clone();
+    let remote = BlobSource::Registry { registry: Arc::clone(&ctx.registry), repo: image.clone() };
+    let read = |offset: u64, len: u64| {
+        let (registry, repo, digest) = (Arc::clone(&ctx.registry), image.clone(), desc.digest.clone());
+        async move { registry.read_blob_range(&repo, &digest, offset, len).await }
+    };
+    let mt = desc.media_type.as_str();
+    let index_err = |source| LayerError::Index { image: name.clone(), source };
+    let (format, index, source) = if is_gzip(mt) {
+        let toc_digest = match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
+            Some(s) => Some(s.parse::<Digest>().map_err(|e| LayerError::Other { image: name.clone(), layer: layer.clone(), reason: e.to_string() })?),
+            None => None,
+        };
+        let lazy = toc_digest.is_some() || probe_estargz(ctx, image, desc).await?;
+        if lazy {
+            let idx = index::estargz::index_estargz(&layer, desc.size, toc_digest.as_ref(), read).await.map_err(index_err)?;
+            (LayerFormat::Estargz, idx, remote)
+        } else {
+            download::open_downloaded(ctx, image, desc).await?
+        }
+    } else if is_zstd(mt) {
+        if index::zstd_chunked::has_annotations(&desc.annotations) {
+            let idx = index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read).await.map_err(index_err)?;
+            (LayerFormat::ZstdChunked, idx, remote)
+        } else {
+            download::open_downloaded(ctx, image, desc).await?
+        }
+    } else if is_plain_tar(mt) {
+        let idx = index::tar::index_tar(&layer, desc.size, TAR_CHUNK_SIZE, read).await.map_err(index_err)?;
+        (LayerFormat::Tar, idx, remote)
+    } else {
+        return Err(LayerError::Other { image: name, layer, reason: format!("unsupported layer media type {mt}") });
+    };
+    let index = Arc::new(index);
+    info!(
+        ?format,
+        files = index.nodes.len(),
+        content_bytes = index.content_bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        "layer indexed"
+    );
+    let fetcher = Fetcher::new(layer.clone(), index, source, Arc::clone(&ctx.disk), Arc::clone(&ctx.mem));
+    Ok(Layer { digest: layer, format, fetcher })
+}
+
+/// Does a gzip layer end in an eStargz footer? (One 51-byte range read.)
+async fn probe_estargz(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<bool, LayerError> {
+    if desc.size < index::estargz::FOOTER_SIZE {
+        return Ok(false);
+    }
+    let n = index::estargz::FOOTER_SIZE;
+    let tail = ctx
+        .registry
+        .read_blob_range(image, &desc.digest, desc.size - n, n)
+        .await
+        .map_err(|source| LayerError::Registry { image: image.to_string(), layer: desc.digest.clone(), source })?;
+    Ok(index::estargz::parse_footer(&tail).is_some())
+}

@@ -1,0 +1,23 @@
+//! streamsnap: a containerd remote snapshotter that mounts OCI image layers
+//! as read-only FUSE filesystems whose contents are fetched on first read.
+//!
+//! # Layout
+//! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push).
+//! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar).
+//! - [`fetch`]: chunk reads for a layer: dedup in flight, coalescing, verification.
+//! - [`cache`]: bounded on-disk chunk store and in-memory LRU.
+//! - [`layer`]: chooses the index form for a layer and builds its fetcher.
+//! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
+//! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
+//! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
+//! - [`digest`]: validated content digests.
+
+pub mod cache;
+pub mod digest;
+pub mod fetch;
+pub mod fs;
+pub mod image_mount;
+pub mod index;
+pub mod layer;
+pub mod overlay;
+pub mod registry;

@@ -1,0 +1,77 @@
+//! The `streamsnap` command line: a thin layer over the library.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use streamsnap::image_mount::{self, StateDir};
+use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, RegistryOptions};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "streamsnap", version, about = "Lazy-pulling containerd snapshotter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount an image read-only at MOUNTPOINT, fetching file contents on first read.
+    Mount {
+        /// Reach the registry over plain HTTP (loopback registries always are).
+        #[arg(long)]
+        plain_http: bool,
+        #[arg(long, default_value = "/var/lib/streamsnap")]
+        state_dir: PathBuf,
+        /// Bound of the on-disk chunk cache, e.g. 10GiB.
+        #[arg(long, default_value = "10GiB")]
+        cache_size: bytesize::ByteSize,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: Platform,
+        image: String,
+        mountpoint: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Mount { plain_http, state_dir, cache_size, platform, image, mountpoint } => {
+                let image: Reference = image.parse()?;
+                let registry = Arc::new(Registry::new(RegistryOptions {
+                    plain_http,
+                    docker_config: DockerConfig::load_default()?,
+                    ..Default::default()
+                })?);
+                let state = StateDir { root: state_dir };
+                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
+                let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
+                    .await
+                    .with_context(|| format!("mounting {image}"))?;
+                println!("mounted {image} at {}", mountpoint.display());
+                wait_for_signal().await?;
+                info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
+                drop(mounted);
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

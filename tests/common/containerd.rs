@@ -1,0 +1,223 @@
+//! A private containerd 1.6 (root, state, sockets in a TempDir) plus ground-truth unpacking via overlayfs.
+use super::{require_tool, run_output, terminate, umount_all_under, wait_until};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Options for `Containerd::start`.
+#[derive(Debug, Clone)]
+pub struct ContainerdOpts {
+    /// If set, registers `[proxy_plugins.streamsnap]` (type "snapshot") at this gRPC socket.
+    pub streamsnap_socket: Option<PathBuf>,
+    /// Keep the CRI plugin enabled (disabled by default to start fast and quietly).
+    pub enable_cri: bool,
+    /// Namespace used by `ctr`/`ctr_remote` (default "streamsnap-test").
+    pub namespace: String,
+    /// containerd log level (default "info").
+    pub log_level: String,
+}
+
+impl Default for ContainerdOpts {
+    fn default() -> Self {
+        ContainerdOpts {
+            streamsnap_socket: None,
+            enable_cri: false,
+            namespace: "streamsnap-test".into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A running private containerd; killed on Drop, then every mount under its directory is lazily unmounted.
+pub struct Containerd {
+    child: Child,
+    socket: PathBuf,
+    namespace: String,
+    log_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Writes a version-2 config into a fresh TempDir, starts containerd and waits for its gRPC socket.
+    pub fn start(opts: ContainerdOpts) -> Containerd {
+        super::require_root();
+        for t in ["containerd", "ctr", "ctr-remote"] {
+            require_tool(t);
+        }
+        let dir = tempfile::Builder::new().prefix("containerd-").tempdir().expect("tempdir");
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let mut cfg = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{disabled}\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [debug]\n  address = \"{dbg}\"\n  level = \"{lvl}\"\n[metrics]\n  address = \"\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = socket.display(),
+            dbg = d.join("debug.sock").display(),
+            opt = d.join("opt").display(),
+            lvl = opts.log_level,
+            disabled = if opts.enable_cri {
+                "disabled_plugins = []".to_string()
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]".to_string()
+            },
+        );
+        if opts.enable_cri {
+            cfg += "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n";
+            if opts.streamsnap_socket.is_some() {
+                cfg += "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"streamsnap\"\n  disable_snapshot_annotations = false\n";
+            }
+        }
+        if let Some(s) = &opts.streamsnap_socket {
+            cfg += &format!("[proxy_plugins.streamsnap]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display());
+        }
+        let config = d.join("config.toml");
+        std::fs::write(&config, cfg).unwrap();
+        let log_path = d.join("containerd.log");
+        let log = File::create(&log_path).unwrap();
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("CONTAINERD_ADDRESS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn containerd");
+        let mut exited = None;
+        wait_until(Duration::from_secs(30), "containerd socket", || {
+            if let Ok(Some(st)) = child.try_wait() {
+                exited = Some(st);
+                return true;
+            }
+            socket.exists()
+                && run_output(Command::new("ctr").arg("--address").arg(&socket).arg("version")).status.success()
+        });
+        if let Some(st) = exited {
+            panic!("containerd exited with {st}; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        Containerd { child, socket, namespace: opts.namespace, log_path, dir }
+    }
+
+    /// The containerd gRPC socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The namespace `ctr`/`ctr_remote` operate in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// containerd's root directory (content store, snapshotters' data).
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The generated config.toml.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// containerd's log file (stdout+stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// A scratch directory owned by this instance, cleaned (and unmounted) with it.
+    pub fn scratch_dir(&self) -> PathBuf {
+        let p = self.dir.path().join("scratch");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// Runs `ctr --address SOCK --namespace NS ARGS…`; returns stdout, panics with stderr on failure.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        self.tool("ctr", args)
+    }
+
+    /// Same as `ctr`, but with stargz-snapshotter's `ctr-remote` (convert --estargz/--zstdchunked, rpull…).
+    pub fn ctr_remote(&self, args: &[&str]) -> String {
+        self.tool("ctr-remote", args)
+    }
+
+    /// Like `ctr` but returns Err(stderr) instead of panicking (for tests expecting failure).
+    pub fn try_ctr(&self, args: &[&str]) -> Result<String, String> {
+        let out = run_output(&mut self.command("ctr", args));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn command(&self, tool: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(tool);
+        c.arg("--address").arg(&self.socket).arg("--namespace").arg(&self.namespace).args(args);
+        c.env_remove("CONTAINERD_SNAPSHOTTER").env_remove("CONTAINERD_NAMESPACE");
+        c
+    }
+
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let mut c = self.command(tool, args);
+        let out = run_output(&mut c);
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            panic!(
+                "{tool} {:?} failed ({})\n--- stderr ---\n{}\n--- stdout ---\n{}\n--- containerd log tail ---\n{}",
+                args,
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout),
+                tail.join("\n")
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(5));
+        umount_all_under(self.dir.path());
+    }
+}
+
+/// A read-only view of an image mounted by `ctr images mount`; unmounted (and its snapshot/lease removed) on Drop.
+pub struct MountedImage<'a> {
+    containerd: &'a Containerd,
+    target: PathBuf,
+    /// The image reference that was pulled and mounted.
+    pub image_ref: String,
+}
+
+impl MountedImage<'_> {
+    /// The directory where the image's merged rootfs is visible.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for MountedImage<'_> {
+    fn drop(&mut self) {
+        let t = self.target.to_string_lossy().into_owned();
+        if self.containerd.try_ctr(&["images", "unmount", "--rm", &t]).is_err() {
+            umount_all_under(&self.target);
+        }
+    }
+}
+
+/// Ground truth: `ctr image pull --plain-http` with the overlayfs snapshotter, then `ctr images mount`
+/// (read-only view, key = target path, held by a 24 h lease that unmount --rm removes) at `target`.
+pub fn containerd_unpack<'a>(containerd: &'a Containerd, image_ref: &str, target: &Path) -> MountedImage<'a> {
+    std::fs::create_dir_all(target).unwrap();
+    let target = std::fs::canonicalize(target).unwrap();
+    let t = target.to_string_lossy().into_owned();
+    containerd.ctr(&["images", "pull", "--plain-http", "--snapshotter", "overlayfs", image_ref]);
+    containerd.ctr(&["images", "mount", "--plain-http", "--snapshotter", "overlayfs", image_ref, &t]);
+    MountedImage { containerd, target, image_ref: image_ref.to_string() }
+}
