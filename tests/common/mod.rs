@@ -8,6 +8,7 @@ pub mod fsutil;
 pub mod image;
 pub mod push;
 pub mod registry;
+pub mod streamsnap;
 pub mod tree;
 
 pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage};
@@ -15,6 +16,7 @@ pub use fsutil::write_random_file;
 pub use image::{build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry};
+pub use streamsnap::MountProcess;
 pub use tree::{compare_trees, CompareOpts};
 
 use std::path::Path;

@@ -1,0 +1,101 @@
+//! Runs the `streamsnap` binary under test as users do.
+use super::{terminate, wait_until};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Path of the binary cargo built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_streamsnap"))
+}
+
+/// A running `streamsnap mount`; stopped with SIGTERM on drop (or `stop()`).
+pub struct MountProcess {
+    child: Child,
+    pub mountpoint: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl MountProcess {
+    /// Starts `streamsnap mount [extra] IMAGE MOUNTPOINT` and waits until it reports the mount.
+    pub fn start(image: &str, state_dir: &Path, mountpoint: &Path, extra: &[&str]) -> MountProcess {
+        Self::try_start(image, state_dir, mountpoint, extra).unwrap_or_else(|log| panic!("streamsnap mount {image} failed:\n{log}"))
+    }
+
+    /// Like `start`, but returns the log when the command exits instead of mounting.
+    pub fn try_start(image: &str, state_dir: &Path, mountpoint: &Path, extra: &[&str]) -> Result<MountProcess, String> {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let mut child = Command::new(binary())
+            .arg("mount")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(extra)
+            .arg(image)
+            .arg(mountpoint)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn streamsnap");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mounted = Arc::new(Mutex::new(false));
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let (l, m) = (log.clone(), mounted.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with("mounted ") {
+                    *m.lock().unwrap() = true;
+                }
+                l.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let mut exited = false;
+        wait_until(Duration::from_secs(300), "streamsnap mount to report its mount", || {
+            exited = matches!(child.try_wait(), Ok(Some(_)));
+            exited || *mounted.lock().unwrap()
+        });
+        if exited {
+            std::thread::sleep(Duration::from_millis(100));
+            return Err(log.lock().unwrap().clone());
+        }
+        Ok(MountProcess { child, mountpoint: mountpoint.to_path_buf(), log })
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status; panics if it does not exit 0 or leaves mounts behind.
+    pub fn stop(mut self) -> String {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.log();
+        assert!(status.success(), "streamsnap mount exited with {status}:\n{log}");
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mp = std::fs::canonicalize(&self.mountpoint).unwrap();
+        assert!(
+            !info.lines().any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())),
+            "mount point {} still mounted after exit",
+            mp.display()
+        );
+        log
+    }
+}
+
+impl Drop for MountProcess {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
+        super::umount_all_under(&self.mountpoint);
+    }
+}
