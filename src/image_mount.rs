@@ -28,7 +28,12 @@ impl StateDir {
 }
 
 /// Shared services for opening layers under one state dir.
-pub fn layer_context(state: &StateDir, registry: Arc<Registry>, cache_size: u64, mem_size: u64) -> anyhow::Result<LayerContext> {
+pub fn layer_context(
+    state: &StateDir,
+    registry: Arc<Registry>,
+    cache_size: u64,
+    mem_size: u64,
+) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
         registry,
         disk: Arc::new(DiskCache::open(&state.cache(), cache_size)?),
@@ -48,7 +53,15 @@ pub struct MountedImage {
 impl MountedImage {
     /// Bytes fetched from the registry by all layers so far.
     pub fn bytes_fetched(&self) -> u64 {
-        self.layers.iter().map(|l| l.fetcher.stats.bytes_fetched.load(std::sync::atomic::Ordering::Relaxed)).sum()
+        self.layers
+            .iter()
+            .map(|l| {
+                l.fetcher
+                    .stats
+                    .bytes_fetched
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
     }
 }
 
@@ -70,11 +83,28 @@ impl Drop for MountedImage {
 }
 
 /// Resolves `image`, opens and FUSE-mounts each layer, and overlays them at `target`.
-pub async fn mount_image(ctx: &LayerContext, state: &StateDir, image: &Reference, platform: &Platform, target: &Path) -> anyhow::Result<MountedImage> {
+pub async fn mount_image(
+    ctx: &LayerContext,
+    state: &StateDir,
+    image: &Reference,
+    platform: &Platform,
+    target: &Path,
+) -> anyhow::Result<MountedImage> {
     let resolved = ctx.registry.resolve(image, platform).await?;
     info!(image = %image, manifest = %resolved.manifest_digest, layers = resolved.layers.len(), "resolved image");
-    let opened = futures::future::join_all(resolved.layers.iter().map(|d| layer::open(ctx, &resolved.reference, d))).await;
-    let mut mounted = MountedImage { target: target.to_path_buf(), overlay_mounted: false, layers: Vec::new(), sessions: Vec::new() };
+    let opened = futures::future::join_all(
+        resolved
+            .layers
+            .iter()
+            .map(|d| layer::open(ctx, &resolved.reference, d)),
+    )
+    .await;
+    let mut mounted = MountedImage {
+        target: target.to_path_buf(),
+        overlay_mounted: false,
+        layers: Vec::new(),
+        sessions: Vec::new(),
+    };
     let runtime = tokio::runtime::Handle::current();
     for layer in opened {
         let layer = layer?;
@@ -85,14 +115,22 @@ pub async fn mount_image(ctx: &LayerContext, state: &StateDir, image: &Reference
             overlay::unmount(&dir, true)?;
         }
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), runtime.clone());
-        let session = fs.mount(&dir, &layer.digest.hex()[..12]).map_err(|e| anyhow::anyhow!("mounting layer {} at {}: {e}", layer.digest, dir.display()))?;
+        let session = fs.mount(&dir, &layer.digest.hex()[..12]).map_err(|e| {
+            anyhow::anyhow!("mounting layer {} at {}: {e}", layer.digest, dir.display())
+        })?;
         info!(layer = %layer.digest, format = ?layer.format, mountpoint = %dir.display(), "layer mounted");
         mounted.sessions.push((dir, session));
         mounted.layers.push(layer);
     }
-    let lowers: Vec<PathBuf> = mounted.sessions.iter().rev().map(|(d, _)| d.clone()).collect();
+    let lowers: Vec<PathBuf> = mounted
+        .sessions
+        .iter()
+        .rev()
+        .map(|(d, _)| d.clone())
+        .collect();
     std::fs::create_dir_all(target)?;
-    overlay::mount_readonly(&lowers, target).map_err(|e| anyhow::anyhow!("mounting image {image} at {}: {e}", target.display()))?;
+    overlay::mount_readonly(&lowers, target)
+        .map_err(|e| anyhow::anyhow!("mounting image {image} at {}: {e}", target.display()))?;
     mounted.overlay_mounted = true;
     info!(image = %image, target = %target.display(), "image mounted");
     Ok(mounted)

@@ -9,7 +9,11 @@ use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, Registry
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "streamsnap", version, about = "Lazy-pulling containerd snapshotter")]
+#[command(
+    name = "streamsnap",
+    version,
+    about = "Lazy-pulling containerd snapshotter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,15 +40,26 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Mount { plain_http, state_dir, cache_size, platform, image, mountpoint } => {
+            Command::Mount {
+                plain_http,
+                state_dir,
+                cache_size,
+                platform,
+                image,
+                mountpoint,
+            } => {
                 let image: Reference = image.parse()?;
                 let registry = Arc::new(Registry::new(RegistryOptions {
                     plain_http,
@@ -52,10 +67,12 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })?);
                 let state = StateDir { root: state_dir };
-                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
-                let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
-                    .await
-                    .with_context(|| format!("mounting {image}"))?;
+                let ctx =
+                    image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
+                let mounted =
+                    image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
+                        .await
+                        .with_context(|| format!("mounting {image}"))?;
                 println!("mounted {image} at {}", mountpoint.display());
                 wait_for_signal().await?;
                 info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");

@@ -11,8 +11,13 @@ const MIB: u64 = 1 << 20;
 /// Size of a blob as stored by the registry.
 fn blob_size(registry: &Registry, digest: &str) -> u64 {
     let hex = digest.strip_prefix("sha256:").unwrap();
-    let p = registry.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
-    std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).len()
+    let p = registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    std::fs::metadata(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .len()
 }
 
 /// The single layer descriptor of an image in the registry.
@@ -29,13 +34,20 @@ fn metadata_bytes(registry: &Registry, format: Format, layer: &serde_json::Value
     match format {
         Format::Estargz => {
             let hex = digest.strip_prefix("sha256:").unwrap();
-            let data = std::fs::read(registry.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))).unwrap();
+            let data = std::fs::read(registry.storage_dir().join(format!(
+                "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+                &hex[..2]
+            )))
+            .unwrap();
             let footer = &data[data.len() - 51..];
-            let toc_offset = u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap();
+            let toc_offset =
+                u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap();
             data.len() as u64 - toc_offset
         }
         Format::ZstdChunked => {
-            let pos = layer["annotations"]["io.containers.zstd-chunked.manifest-position"].as_str().unwrap();
+            let pos = layer["annotations"]["io.containers.zstd-chunked.manifest-position"]
+                .as_str()
+                .unwrap();
             pos.split(':').nth(1).unwrap().parse().unwrap()
         }
         _ => unreachable!(),
@@ -60,21 +72,42 @@ fn mounting_fetches_only_metadata_and_one_small_file_costs_little() {
         let size = blob_size(&registry, &digest);
         assert!(size > 500 * MIB, "{format:?} layer is {size} bytes");
         let mark = registry.mark();
-        let mount = MountProcess::start(reference, &work.path().join(format!("state-{format:?}")), &work.path().join(format!("mnt-{format:?}")), &[]);
+        let mount = MountProcess::start(
+            reference,
+            &work.path().join(format!("state-{format:?}")),
+            &work.path().join(format!("mnt-{format:?}")),
+            &[],
+        );
         let at_mount = registry.bytes_served_for_blob_since(&digest, mark);
         match format {
             Format::Uncompressed => {
                 // Tar headers only: 64 KiB read windows, so the start of big.bin may come along, never more.
-                assert!(at_mount < MIB, "{format:?}: mount fetched {at_mount} bytes of a {size}-byte layer");
+                assert!(
+                    at_mount < MIB,
+                    "{format:?}: mount fetched {at_mount} bytes of a {size}-byte layer"
+                );
             }
-            _ => assert_eq!(at_mount, metadata_bytes(&registry, *format, &layer), "{format:?}: mount fetched more than footer and TOC"),
+            _ => assert_eq!(
+                at_mount,
+                metadata_bytes(&registry, *format, &layer),
+                "{format:?}: mount fetched more than footer and TOC"
+            ),
         }
         let mark = registry.mark();
         let (path, content) = &big.after[0];
-        assert_eq!(&read_file(&mount.mountpoint.join(path)), content, "{format:?}: {path}");
+        assert_eq!(
+            &read_file(&mount.mountpoint.join(path)),
+            content,
+            "{format:?}: {path}"
+        );
         let read_cost = registry.bytes_served_for_blob_since(&digest, mark);
-        assert!(read_cost < 5 * MIB, "{format:?}: reading {path} fetched {read_cost} bytes");
-        eprintln!("{format:?}: layer {size} bytes, mount fetched {at_mount}, one small file {read_cost}");
+        assert!(
+            read_cost < 5 * MIB,
+            "{format:?}: reading {path} fetched {read_cost} bytes"
+        );
+        eprintln!(
+            "{format:?}: layer {size} bytes, mount fetched {at_mount}, one small file {read_cost}"
+        );
         mount.stop();
     }
 }
@@ -83,7 +116,10 @@ fn mounting_fetches_only_metadata_and_one_small_file_costs_little() {
 fn estargz_image(registry: &Registry, dir: &Path, mib: u64) -> (BigLayerImage, String, String) {
     let big = build_big_layer_image(dir, mib);
     let reference = push(&big.image, registry, Format::Estargz);
-    let digest = only_layer(registry, &reference)["digest"].as_str().unwrap().to_string();
+    let digest = only_layer(registry, &reference)["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     (big, reference, digest)
 }
 
@@ -104,13 +140,23 @@ fn a_second_mount_with_the_same_state_dir_fetches_no_content() {
             toc_cost = at_mount;
         }
         let mark = registry.mark();
-        assert!(read_file(&mount.mountpoint.join("big.bin")) == expected, "round {round}: big.bin differs");
+        assert!(
+            read_file(&mount.mountpoint.join("big.bin")) == expected,
+            "round {round}: big.bin differs"
+        );
         for (path, content) in big.before.iter().chain(&big.after) {
-            assert_eq!(&read_file(&mount.mountpoint.join(path)), content, "round {round}: {path}");
+            assert_eq!(
+                &read_file(&mount.mountpoint.join(path)),
+                content,
+                "round {round}: {path}"
+            );
         }
         let content_cost = registry.bytes_served_for_blob_since(&digest, mark);
         if round == 0 {
-            assert!(content_cost >= big.big_size, "first round fetched only {content_cost} bytes");
+            assert!(
+                content_cost >= big.big_size,
+                "first round fetched only {content_cost} bytes"
+            );
         } else {
             assert_eq!(at_mount, toc_cost, "second mount fetched more than the TOC");
             assert_eq!(content_cost, 0, "second round fetched content bytes");
@@ -146,10 +192,21 @@ fn a_cache_smaller_than_the_data_read_stays_bounded_and_bytes_stay_right() {
     let expected = random_bytes(big.big_size as usize, 42);
     let bound = 10 * MIB;
     for round in 0..2 {
-        let mount = MountProcess::start(&reference, &state, &work.path().join("mnt"), &["--cache-size", "10MiB"]);
-        assert!(read_file(&mount.mountpoint.join("big.bin")) == expected, "round {round}: big.bin differs");
+        let mount = MountProcess::start(
+            &reference,
+            &state,
+            &work.path().join("mnt"),
+            &["--cache-size", "10MiB"],
+        );
+        assert!(
+            read_file(&mount.mountpoint.join("big.bin")) == expected,
+            "round {round}: big.bin differs"
+        );
         let cached = dir_bytes(&state.join("cache"));
-        assert!(cached <= bound, "round {round}: cache holds {cached} bytes, bound {bound}");
+        assert!(
+            cached <= bound,
+            "round {round}: cache holds {cached} bytes, bound {bound}"
+        );
         mount.stop();
     }
 }
@@ -161,7 +218,12 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
     let work = tempfile::tempdir().unwrap();
     let (big, reference, digest) = estargz_image(&registry, &work.path().join("image"), 64);
     let expected = std::sync::Arc::new(random_bytes(big.big_size as usize, 42));
-    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &[],
+    );
     let mark = registry.mark();
     let path = mount.mountpoint.join("big.bin");
     let threads: Vec<_> = (0..16u64)
@@ -171,12 +233,17 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
                 let f = std::fs::File::open(&path).unwrap();
                 let mut x = t * 7919 + 1;
                 for _ in 0..64 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let len = 1 + (x >> 40) as usize % (256 << 10);
                     let off = (x >> 8) as usize % (expected.len() - len);
                     let mut buf = vec![0u8; len];
                     f.read_exact_at(&mut buf, off as u64).unwrap();
-                    assert!(buf == expected[off..off + len], "thread {t}: wrong bytes at {off}+{len}");
+                    assert!(
+                        buf == expected[off..off + len],
+                        "thread {t}: wrong bytes at {off}+{len}"
+                    );
                 }
             })
         })
@@ -187,9 +254,20 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
     // Then read everything, so every chunk has been asked for at least once.
     assert!(read_file(&path) == *expected);
     let served = registry.blob_requests_since(mark);
-    let total: u64 = served.iter().filter(|r| digest.ends_with(r.digest.trim_start_matches("sha256:"))).map(|r| r.bytes).sum();
+    let total: u64 = served
+        .iter()
+        .filter(|r| digest.ends_with(r.digest.trim_start_matches("sha256:")))
+        .map(|r| r.bytes)
+        .sum();
     let size = blob_size(&registry, &digest);
-    assert!(total <= size, "fetched {total} bytes of a {size}-byte blob: some chunk was fetched twice");
-    assert!(total >= big.big_size, "fetched {total} bytes, less than the file ({})", big.big_size);
+    assert!(
+        total <= size,
+        "fetched {total} bytes of a {size}-byte blob: some chunk was fetched twice"
+    );
+    assert!(
+        total >= big.big_size,
+        "fetched {total} bytes, less than the file ({})",
+        big.big_size
+    );
     mount.stop();
 }

@@ -61,12 +61,17 @@ impl DiskCache {
     /// Opens (creating) the cache at `dir`, indexing what a previous run left,
     /// oldest first, and trimming it to `limit`.
     pub fn open(dir: &Path, limit: u64) -> Result<Self, CacheError> {
-        let err = |path: &Path, source| CacheError { path: path.to_path_buf(), source };
+        let err = |path: &Path, source| CacheError {
+            path: path.to_path_buf(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let mut found = Vec::new();
         for layer_dir in std::fs::read_dir(dir).map_err(|e| err(dir, e))? {
             let layer_dir = layer_dir.map_err(|e| err(dir, e))?;
-            let Ok(layer) = format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>() else {
+            let Ok(layer) =
+                format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>()
+            else {
                 continue;
             };
             for f in std::fs::read_dir(layer_dir.path()).map_err(|e| err(&layer_dir.path(), e))? {
@@ -86,7 +91,10 @@ impl DiskCache {
         let cache = Self {
             dir: dir.to_path_buf(),
             limit,
-            lru: Mutex::new(Lru { entries: LruCache::unbounded(), total: 0 }),
+            lru: Mutex::new(Lru {
+                entries: LruCache::unbounded(),
+                total: 0,
+            }),
         };
         {
             let mut lru = cache.lru.lock();
@@ -105,9 +113,7 @@ impl DiskCache {
 
     /// Reads a chunk (blocking); `None` when absent.
     pub fn get(&self, key: &ChunkKey) -> Option<Vec<u8>> {
-        if self.lru.lock().entries.get(key).is_none() {
-            return None;
-        }
+        self.lru.lock().entries.get(key)?;
         match std::fs::read(self.path(key)) {
             Ok(data) => Some(data),
             Err(_) => {
@@ -127,7 +133,11 @@ impl DiskCache {
         let path = self.path(key);
         let dir = path.parent().expect("chunk path has a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".tmp-{}-{:?}", key.file_name(), std::thread::current().id()));
+        let tmp = dir.join(format!(
+            ".tmp-{}-{:?}",
+            key.file_name(),
+            std::thread::current().id()
+        ));
         std::fs::write(&tmp, data)?;
         std::fs::rename(&tmp, &path)?;
         let mut lru = self.lru.lock();
@@ -158,7 +168,9 @@ impl DiskCache {
                 if lru.total <= target {
                     return;
                 }
-                let Some((key, len)) = lru.entries.pop_lru() else { return };
+                let Some((key, len)) = lru.entries.pop_lru() else {
+                    return;
+                };
                 lru.total -= len;
                 key
             };
@@ -180,7 +192,10 @@ pub struct MemCache {
 
 impl MemCache {
     pub fn new(limit: u64) -> Self {
-        Self { limit, inner: Mutex::new((LruCache::unbounded(), 0)) }
+        Self {
+            limit,
+            inner: Mutex::new((LruCache::unbounded(), 0)),
+        }
     }
 
     pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
@@ -211,13 +226,20 @@ mod tests {
     use super::*;
 
     fn key(off: u64) -> ChunkKey {
-        ChunkKey { layer: Digest::of(b"l"), blob_offset: off, inner_offset: 0 }
+        ChunkKey {
+            layer: Digest::of(b"l"),
+            blob_offset: off,
+            inner_offset: 0,
+        }
     }
 
     #[test]
     fn disk_cache_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        DiskCache::open(dir.path(), 100).unwrap().put(&key(1), b"hello").unwrap();
+        DiskCache::open(dir.path(), 100)
+            .unwrap()
+            .put(&key(1), b"hello")
+            .unwrap();
         let c = DiskCache::open(dir.path(), 100).unwrap();
         assert_eq!(c.get(&key(1)).as_deref(), Some(&b"hello"[..]));
         assert_eq!(c.total_bytes(), 5);

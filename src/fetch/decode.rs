@@ -15,7 +15,8 @@ pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, String> {
         }
         Encoding::Gzip => read_prefix(flate2::read::MultiGzDecoder::new(&raw[..]), c, "gzip"),
         Encoding::Zstd => {
-            let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(|e| format!("zstd: {e}"))?;
+            let d = zstd::stream::read::Decoder::with_buffer(&raw[..])
+                .map_err(|e| format!("zstd: {e}"))?;
             read_prefix(d, c, "zstd")
         }
     }
@@ -28,13 +29,22 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
         let skipped = std::io::copy(&mut (&mut r).take(c.inner_offset), &mut std::io::sink())
             .map_err(|e| format!("{what} stream: {e}"))?;
         if skipped != c.inner_offset {
-            return Err(format!("{what} stream ends before inner offset {}", c.inner_offset));
+            return Err(format!(
+                "{what} stream ends before inner offset {}",
+                c.inner_offset
+            ));
         }
     }
     let mut out = Vec::with_capacity(c.len as usize);
-    r.take(c.len).read_to_end(&mut out).map_err(|e| format!("{what} stream: {e}"))?;
+    r.take(c.len)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{what} stream: {e}"))?;
     if out.len() as u64 != c.len {
-        return Err(format!("{what} stream holds {} bytes, chunk needs {}", out.len(), c.len));
+        return Err(format!(
+            "{what} stream holds {} bytes, chunk needs {}",
+            out.len(),
+            c.len
+        ));
     }
     Ok(Bytes::from(out))
 }
@@ -42,7 +52,11 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
 /// Checks decoded bytes against the chunk's digest (when the format has one).
 pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), String> {
     if data.len() as u64 != c.len {
-        return Err(format!("{} bytes where the index says {}", data.len(), c.len));
+        return Err(format!(
+            "{} bytes where the index says {}",
+            data.len(),
+            c.len
+        ));
     }
     match &c.digest {
         Some(d) if !d.matches(data) => Err(format!("content does not match digest {d}")),
@@ -63,7 +77,15 @@ mod tests {
     }
 
     fn chunk(len: u64, blob_len: u64, encoding: Encoding, digest: &[u8]) -> Chunk {
-        Chunk { file_offset: 0, len, blob_offset: 0, blob_len, inner_offset: 0, encoding, digest: Some(Digest::of(digest)) }
+        Chunk {
+            file_offset: 0,
+            len,
+            blob_offset: 0,
+            blob_len,
+            inner_offset: 0,
+            encoding,
+            digest: Some(Digest::of(digest)),
+        }
     }
 
     #[test]

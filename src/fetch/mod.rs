@@ -28,9 +28,18 @@ const MAX_GAP: u64 = 64 << 10;
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("layer {layer}: fetching blob bytes {offset}+{len}: {message}")]
-    Source { layer: Digest, offset: u64, len: u64, message: String },
+    Source {
+        layer: Digest,
+        offset: u64,
+        len: u64,
+        message: String,
+    },
     #[error("layer {layer}: chunk at blob offset {offset}: {reason}")]
-    Corrupt { layer: Digest, offset: u64, reason: String },
+    Corrupt {
+        layer: Digest,
+        offset: u64,
+        reason: String,
+    },
     #[error("layer {layer}: no such file node {node}")]
     NoNode { layer: Digest, node: NodeId },
 }
@@ -58,8 +67,22 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(layer: Digest, index: Arc<LayerIndex>, source: BlobSource, disk: Arc<DiskCache>, mem: Arc<MemCache>) -> Arc<Self> {
-        Arc::new(Self { layer, index, source, disk, mem, inflight: Mutex::default(), stats: FetchStats::default() })
+    pub fn new(
+        layer: Digest,
+        index: Arc<LayerIndex>,
+        source: BlobSource,
+        disk: Arc<DiskCache>,
+        mem: Arc<MemCache>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            layer,
+            index,
+            source,
+            disk,
+            mem,
+            inflight: Mutex::default(),
+            stats: FetchStats::default(),
+        })
     }
 
     pub fn layer(&self) -> &Digest {
@@ -71,8 +94,16 @@ impl Fetcher {
     }
 
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
-    pub async fn read(self: &Arc<Self>, node: NodeId, offset: u64, size: u32) -> Result<Bytes, FetchError> {
-        let n = self.index.node(node).ok_or_else(|| FetchError::NoNode { layer: self.layer.clone(), node })?;
+    pub async fn read(
+        self: &Arc<Self>,
+        node: NodeId,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, FetchError> {
+        let n = self.index.node(node).ok_or_else(|| FetchError::NoNode {
+            layer: self.layer.clone(),
+            node,
+        })?;
         let end = offset.saturating_add(size as u64).min(n.size);
         if offset >= end {
             return Ok(Bytes::new());
@@ -97,13 +128,25 @@ impl Fetcher {
     }
 
     /// Layers downloaded whole are plain local files: read the range directly.
-    async fn read_local(&self, ids: Range<ChunkId>, offset: u64, end: u64) -> Result<Bytes, FetchError> {
+    async fn read_local(
+        &self,
+        ids: Range<ChunkId>,
+        offset: u64,
+        end: u64,
+    ) -> Result<Bytes, FetchError> {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for id in ids {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset);
             let to = end.min(c.file_offset + c.len);
-            let data = self.source.read(&self.layer, c.blob_offset + (from - c.file_offset), to - from).await?;
+            let data = self
+                .source
+                .read(
+                    &self.layer,
+                    c.blob_offset + (from - c.file_offset),
+                    to - from,
+                )
+                .await?;
             out.extend_from_slice(&data);
         }
         Ok(out.freeze())
@@ -117,7 +160,9 @@ impl Fetcher {
             let mut inflight = self.inflight.lock();
             for id in ids {
                 if let Some(b) = self.mem.get(&self.key(id)) {
-                    self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .chunks_from_memory
+                        .fetch_add(1, Ordering::Relaxed);
                     futures.push(futures::future::ready(Ok(b)).boxed().shared());
                     continue;
                 }
@@ -130,7 +175,12 @@ impl Fetcher {
                 let offset = self.index.chunks[id as usize].blob_offset;
                 let fut = async move {
                     rx.await.unwrap_or_else(|_| {
-                        Err(FetchError::Source { layer, offset, len: 0, message: "fetch task ended without an answer".into() })
+                        Err(FetchError::Source {
+                            layer,
+                            offset,
+                            len: 0,
+                            message: "fetch task ended without an answer".into(),
+                        })
                     })
                 }
                 .boxed()
@@ -151,10 +201,19 @@ impl Fetcher {
 
     fn key(&self, id: ChunkId) -> ChunkKey {
         let c = &self.index.chunks[id as usize];
-        ChunkKey { layer: self.layer.clone(), blob_offset: c.blob_offset, inner_offset: c.inner_offset }
+        ChunkKey {
+            layer: self.layer.clone(),
+            blob_offset: c.blob_offset,
+            inner_offset: c.inner_offset,
+        }
     }
 
-    fn finish(&self, id: ChunkId, tx: tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>, result: Result<Bytes, FetchError>) {
+    fn finish(
+        &self,
+        id: ChunkId,
+        tx: tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
+        result: Result<Bytes, FetchError>,
+    ) {
         if let Ok(b) = &result {
             self.mem.put(self.key(id), b.clone());
         }
@@ -163,7 +222,13 @@ impl Fetcher {
     }
 
     /// Loads chunks this task owns: disk cache, then coalesced range requests.
-    async fn load(self: Arc<Self>, mine: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
+    async fn load(
+        self: Arc<Self>,
+        mine: Vec<(
+            ChunkId,
+            tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
+        )>,
+    ) {
         let this = Arc::clone(&self);
         let ids: Vec<ChunkId> = mine.iter().map(|(id, _)| *id).collect();
         let from_disk = tokio::task::spawn_blocking(move || {
@@ -200,10 +265,20 @@ impl Fetcher {
 
     /// One range request for a run of chunks; each is decoded and verified,
     /// and a run with a bad chunk is fetched once more before failing.
-    async fn fetch_run(self: Arc<Self>, run: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
+    async fn fetch_run(
+        self: Arc<Self>,
+        run: Vec<(
+            ChunkId,
+            tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
+        )>,
+    ) {
         let chunks = &self.index.chunks;
         let start = chunks[run[0].0 as usize].blob_offset;
-        let end = run.iter().map(|(id, _)| chunks[*id as usize].blob_offset + chunks[*id as usize].blob_len).max().unwrap_or(start);
+        let end = run
+            .iter()
+            .map(|(id, _)| chunks[*id as usize].blob_offset + chunks[*id as usize].blob_len)
+            .max()
+            .unwrap_or(start);
         let mut results: Vec<Result<Bytes, FetchError>> = Vec::new();
         for attempt in 0..2 {
             results.clear();
@@ -215,7 +290,9 @@ impl Fetcher {
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
             let this = Arc::clone(&self);
             let ids: Vec<ChunkId> = run.iter().map(|(id, _)| *id).collect();
             results = tokio::task::spawn_blocking(move || {
@@ -235,7 +312,9 @@ impl Fetcher {
             })
             .await
             .unwrap_or_else(|e| vec![Err(FetchError::Corrupt { layer: self.layer.clone(), offset: start, reason: format!("decoder panicked: {e}") })]);
-            let corrupt = results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. })));
+            let corrupt = results
+                .iter()
+                .any(|r| matches!(r, Err(FetchError::Corrupt { .. })));
             if !corrupt {
                 break;
             }
@@ -245,7 +324,11 @@ impl Fetcher {
         }
         for (i, (id, tx)) in run.into_iter().enumerate() {
             let r = results.get(i).cloned().unwrap_or_else(|| {
-                Err(FetchError::Corrupt { layer: self.layer.clone(), offset: start, reason: "no result".into() })
+                Err(FetchError::Corrupt {
+                    layer: self.layer.clone(),
+                    offset: start,
+                    reason: "no result".into(),
+                })
             });
             if let Err(e) = &r {
                 warn!(error = %e, "chunk read failed");
@@ -264,7 +347,10 @@ fn coalesce<T>(chunks: &[Chunk], mut ids: Vec<(ChunkId, T)>) -> Vec<Vec<(ChunkId
     for (id, t) in ids {
         let c = &chunks[id as usize];
         let extends = match runs.last() {
-            Some(_) => c.blob_offset <= run_end + MAX_GAP && (c.blob_offset + c.blob_len).max(run_end) - run_start <= MAX_REQUEST,
+            Some(_) => {
+                c.blob_offset <= run_end + MAX_GAP
+                    && (c.blob_offset + c.blob_len).max(run_end) - run_start <= MAX_REQUEST
+            }
             None => false,
         };
         if extends {
@@ -285,14 +371,25 @@ mod tests {
     use crate::index::Encoding;
 
     fn chunk(blob_offset: u64, blob_len: u64) -> Chunk {
-        Chunk { file_offset: 0, len: blob_len, blob_offset, blob_len, inner_offset: 0, encoding: Encoding::Raw, digest: None }
+        Chunk {
+            file_offset: 0,
+            len: blob_len,
+            blob_offset,
+            blob_len,
+            inner_offset: 0,
+            encoding: Encoding::Raw,
+            digest: None,
+        }
     }
 
     #[test]
     fn neighbours_coalesce_and_distant_chunks_do_not() {
         let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
         let runs = coalesce(&chunks, vec![(0, ()), (1, ()), (2, ())]);
-        let ids: Vec<Vec<ChunkId>> = runs.iter().map(|r| r.iter().map(|(i, _)| *i).collect()).collect();
+        let ids: Vec<Vec<ChunkId>> = runs
+            .iter()
+            .map(|r| r.iter().map(|(i, _)| *i).collect())
+            .collect();
         assert_eq!(ids, vec![vec![0, 1], vec![2]]);
     }
 

@@ -19,7 +19,8 @@ fn system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
     }
 }
 
@@ -30,7 +31,9 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 
 pub fn file_attr(id: NodeId, n: &Node) -> FileAttr {
     let rdev = match n.kind {
-        Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => encode_dev(major, minor),
+        Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
+            encode_dev(major, minor)
+        }
         _ => 0,
     };
     let t = system_time(n.mtime);
@@ -65,7 +68,13 @@ mod tests {
 
     #[test]
     fn negative_times_are_before_the_epoch() {
-        let t = system_time(Timestamp { secs: -2, nanos: 500_000_000 });
-        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+        let t = system_time(Timestamp {
+            secs: -2,
+            nanos: 500_000_000,
+        });
+        assert_eq!(
+            UNIX_EPOCH.duration_since(t).unwrap(),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -9,8 +9,9 @@ mod attr;
 use crate::fetch::Fetcher;
 use crate::index::{Kind, LayerIndex, NodeId};
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -34,7 +35,11 @@ pub struct LayerFs {
 impl LayerFs {
     pub fn new(fetcher: Arc<Fetcher>, runtime: tokio::runtime::Handle) -> Self {
         let index = Arc::clone(fetcher.index());
-        Self { fetcher, index, runtime }
+        Self {
+            fetcher,
+            index,
+            runtime,
+        }
     }
 
     fn node_of(&self, ino: INodeNo) -> Result<NodeId, Errno> {
@@ -82,7 +87,9 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = self.node_of(parent).and_then(|p| self.index.lookup(p, name.as_bytes()).ok_or(Errno::ENOENT));
+        let found = self
+            .node_of(parent)
+            .and_then(|p| self.index.lookup(p, name.as_bytes()).ok_or(Errno::ENOENT));
         match found {
             Ok(id) => reply.entry(&TTL, &self.attr(id), Generation(0)),
             Err(e) => reply.error(e),
@@ -97,7 +104,10 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.node_of(ino).map(|id| &self.index.nodes[id as usize].kind) {
+        match self
+            .node_of(ino)
+            .map(|id| &self.index.nodes[id as usize].kind)
+        {
             Ok(Kind::Symlink(target)) => reply.data(target),
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
@@ -142,7 +152,14 @@ impl Filesystem for LayerFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -159,19 +176,36 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: fuser::ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node_of(ino) {
-            Ok(id) if self.index.nodes[id as usize].kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Ok(id) if self.index.nodes[id as usize].kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let id = match self.node_of(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -183,7 +217,11 @@ impl Filesystem for LayerFs {
             .into_iter()
             .map(|(i, n)| (i, fuser::FileType::Directory, n))
             .chain(node.children.iter().map(|(name, kid)| {
-                (INodeNo(*kid as u64 + 1), attr::file_type(&self.index.nodes[*kid as usize].kind), name.as_ref())
+                (
+                    INodeNo(*kid as u64 + 1),
+                    attr::file_type(&self.index.nodes[*kid as usize].kind),
+                    name.as_ref(),
+                )
             }));
         for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
             if reply.add(ino, i as u64 + 1, kind, OsStr::from_bytes(name)) {
@@ -195,7 +233,16 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.index.content_bytes().div_ceil(4096);
-        reply.statfs(blocks, 0, 0, self.index.nodes.len() as u64, 0, 4096, 255, 4096);
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.index.nodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -223,7 +270,13 @@ impl Filesystem for LayerFs {
         reply_sized(reply, size, &names);
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: fuser::ReplyEmpty) {
+    fn access(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mask: fuser::AccessFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
         // Permissions are checked by the kernel (default_permissions); only refuse writes.
         let _ = ino;
         if mask.contains(fuser::AccessFlags::W_OK) {

@@ -105,12 +105,19 @@ impl TreeBuilder {
             if meta.kind != Kind::Dir {
                 return Err(self.err(path, "layer root is not a directory"));
             }
-            self.nodes[0].meta = EntryMeta { chunks: Vec::new(), ..meta };
+            self.nodes[0].meta = EntryMeta {
+                chunks: Vec::new(),
+                ..meta
+            };
             return Ok(());
         };
         let dir = self.dir_for(path, parents)?;
         if *name == OPAQUE_MARKER {
-            set_xattr(&mut self.nodes[dir as usize].meta.xattrs, OPAQUE_XATTR, b"y");
+            set_xattr(
+                &mut self.nodes[dir as usize].meta.xattrs,
+                OPAQUE_XATTR,
+                b"y",
+            );
             return Ok(());
         }
         let (name, meta) = match name.strip_prefix(WHITEOUT_PREFIX) {
@@ -129,7 +136,9 @@ impl TreeBuilder {
         };
         let existing = self.nodes[dir as usize].kids.get(name).copied();
         match existing {
-            Some(id) if meta.kind == Kind::Dir && self.nodes[id as usize].meta.kind == Kind::Dir => {
+            Some(id)
+                if meta.kind == Kind::Dir && self.nodes[id as usize].meta.kind == Kind::Dir =>
+            {
                 // A repeated directory keeps its children; xattrs already set stay.
                 let old = &mut self.nodes[id as usize].meta;
                 let mut xattrs = std::mem::take(&mut old.xattrs);
@@ -148,7 +157,12 @@ impl TreeBuilder {
 
     /// Adds a hard link to an earlier entry; its header's metadata lands on
     /// the shared inode, as containerd's unpack leaves it.
-    pub fn add_hardlink(&mut self, path: &[u8], target: &[u8], mut meta: EntryMeta) -> Result<(), IndexError> {
+    pub fn add_hardlink(
+        &mut self,
+        path: &[u8],
+        target: &[u8],
+        mut meta: EntryMeta,
+    ) -> Result<(), IndexError> {
         drop_admin_xattrs(&mut meta.xattrs);
         let tcomps = self.components(target)?;
         let mut cur: NodeId = 0;
@@ -157,7 +171,12 @@ impl TreeBuilder {
                 .kids
                 .get(*c)
                 .copied()
-                .ok_or_else(|| self.err(path, format!("hard link to missing {:?}", String::from_utf8_lossy(target))))?;
+                .ok_or_else(|| {
+                    self.err(
+                        path,
+                        format!("hard link to missing {:?}", String::from_utf8_lossy(target)),
+                    )
+                })?;
         }
         if tcomps.is_empty() || self.nodes[cur as usize].meta.kind == Kind::Dir {
             return Err(self.err(path, "hard link to a directory"));
@@ -216,7 +235,10 @@ impl TreeBuilder {
         for (pos, &old) in order.iter().enumerate() {
             let b = std::mem::replace(
                 &mut nodes[old as usize],
-                BNode { meta: dir_meta(Timestamp::default()), kids: BTreeMap::new() },
+                BNode {
+                    meta: dir_meta(Timestamp::default()),
+                    kids: BTreeMap::new(),
+                },
             );
             let path_hint = || format!("inode {pos}");
             let first_chunk = index.chunks.len() as u32;
@@ -227,10 +249,16 @@ impl TreeBuilder {
                         return Err(IndexError::Entry {
                             layer: self.layer.clone(),
                             entry: path_hint(),
-                            reason: format!("chunk at {} does not follow the previous one (expected {expect})", c.file_offset),
+                            reason: format!(
+                                "chunk at {} does not follow the previous one (expected {expect})",
+                                c.file_offset
+                            ),
                         });
                     }
-                    if c.blob_offset.checked_add(c.blob_len).is_none_or(|end| end > blob_size) {
+                    if c.blob_offset
+                        .checked_add(c.blob_len)
+                        .is_none_or(|end| end > blob_size)
+                    {
                         return Err(IndexError::Entry {
                             layer: self.layer.clone(),
                             entry: path_hint(),
@@ -251,8 +279,11 @@ impl TreeBuilder {
                 }
                 index.chunks.extend(b.meta.chunks);
             }
-            let mut children: Vec<(Box<[u8]>, NodeId)> =
-                b.kids.into_iter().map(|(name, id)| (name, new_id[id as usize])).collect();
+            let mut children: Vec<(Box<[u8]>, NodeId)> = b
+                .kids
+                .into_iter()
+                .map(|(name, id)| (name, new_id[id as usize]))
+                .collect();
             children.sort_by(|a, b| a.0.cmp(&b.0));
             let mut xattrs = b.meta.xattrs;
             xattrs.sort();
@@ -326,7 +357,15 @@ mod tests {
             chunks: if size == 0 {
                 Vec::new()
             } else {
-                vec![Chunk { file_offset: 0, len: size, blob_offset: at, blob_len: size, inner_offset: 0, encoding: Encoding::Raw, digest: None }]
+                vec![Chunk {
+                    file_offset: 0,
+                    len: size,
+                    blob_offset: at,
+                    blob_len: size,
+                    inner_offset: 0,
+                    encoding: Encoding::Raw,
+                    digest: None,
+                }]
             },
         }
     }
@@ -348,7 +387,10 @@ mod tests {
         let d = idx.resolve("d").unwrap();
         let gone = idx.node(idx.resolve("d/gone").unwrap()).unwrap();
         assert_eq!(gone.kind, Kind::CharDev { major: 0, minor: 0 });
-        assert_eq!(idx.node(d).unwrap().xattrs, vec![(OPAQUE_XATTR.to_vec(), b"y".to_vec())]);
+        assert_eq!(
+            idx.node(d).unwrap().xattrs,
+            vec![(OPAQUE_XATTR.to_vec(), b"y".to_vec())]
+        );
         assert!(idx.resolve("d/.wh..wh..opq").is_none());
     }
 
@@ -370,10 +412,16 @@ mod tests {
     fn trusted_xattrs_from_the_archive_are_dropped() {
         let mut b = TreeBuilder::new(layer());
         let mut m = file(0, 0);
-        m.xattrs = vec![(b"trusted.overlay.redirect".to_vec(), b"/x".to_vec()), (b"user.k".to_vec(), b"v".to_vec())];
+        m.xattrs = vec![
+            (b"trusted.overlay.redirect".to_vec(), b"/x".to_vec()),
+            (b"user.k".to_vec(), b"v".to_vec()),
+        ];
         b.add(b"f", m).unwrap();
         let idx = b.finish(0).unwrap();
-        assert_eq!(idx.node(idx.resolve("f").unwrap()).unwrap().xattrs, vec![(b"user.k".to_vec(), b"v".to_vec())]);
+        assert_eq!(
+            idx.node(idx.resolve("f").unwrap()).unwrap().xattrs,
+            vec![(b"user.k".to_vec(), b"v".to_vec())]
+        );
     }
 
     #[test]
@@ -399,7 +447,11 @@ mod tests {
     fn chunks_outside_the_blob_are_rejected() {
         let mut b = TreeBuilder::new(layer());
         b.add(b"f", file(10, 95)).unwrap();
-        assert!(b.finish(100).unwrap_err().to_string().contains("outside the blob"));
+        assert!(b
+            .finish(100)
+            .unwrap_err()
+            .to_string()
+            .contains("outside the blob"));
     }
 
     #[test]

@@ -116,8 +116,15 @@ impl LayerIndex {
     }
 
     /// Ids of the chunks of `file` overlapping `[offset, offset+len)`.
-    pub fn chunks_for_range(&self, file: NodeId, offset: u64, len: u64) -> std::ops::Range<ChunkId> {
-        let Some(n) = self.node(file) else { return 0..0 };
+    pub fn chunks_for_range(
+        &self,
+        file: NodeId,
+        offset: u64,
+        len: u64,
+    ) -> std::ops::Range<ChunkId> {
+        let Some(n) = self.node(file) else {
+            return 0..0;
+        };
         let chunks = self.file_chunks(file);
         let end = offset.saturating_add(len).min(n.size);
         if offset >= end {

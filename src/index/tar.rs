@@ -27,7 +27,13 @@ where
     Fut: Future<Output = Result<Bytes, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let mut win = Windowed { layer, size, read, start: 0, data: Bytes::new() };
+    let mut win = Windowed {
+        layer,
+        size,
+        read,
+        start: 0,
+        data: Bytes::new(),
+    };
     let bad = |at: u64, reason: String| IndexError::Layer {
         layer: layer.clone(),
         reason: format!("tar header at offset {at}: {reason}"),
@@ -57,19 +63,22 @@ where
         }
         let data_at = pos + BLOCK;
         let typ = header.entry_type();
-        let header_only = matches!(
-            typ.as_byte(),
-            b'1' | b'2' | b'3' | b'4' | b'5' | b'6'
-        );
+        let header_only = matches!(typ.as_byte(), b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
         let payload = if header_only { 0 } else { entry_size };
         let next = data_at
             .checked_add(payload.div_ceil(BLOCK) * BLOCK)
             .ok_or_else(|| bad(pos, "size overflows".into()))?;
         if data_at + payload > size {
-            return Err(bad(pos, format!("entry size {payload} runs past the end of the blob ({size})")));
+            return Err(bad(
+                pos,
+                format!("entry size {payload} runs past the end of the blob ({size})"),
+            ));
         }
         if matches!(typ.as_byte(), b'L' | b'K' | b'x' | b'g') && payload > MAX_META {
-            return Err(bad(pos, format!("metadata entry of {payload} bytes is too large")));
+            return Err(bad(
+                pos,
+                format!("metadata entry of {payload} bytes is too large"),
+            ));
         }
         match typ.as_byte() {
             b'L' | b'K' => {
@@ -83,10 +92,16 @@ where
             }
             b'x' | b'g' => {
                 let data = win.get(data_at, payload).await?;
-                let target = if typ.as_byte() == b'x' { &mut pax } else { &mut global };
+                let target = if typ.as_byte() == b'x' {
+                    &mut pax
+                } else {
+                    &mut global
+                };
                 for ext in tar::PaxExtensions::new(&data) {
                     let ext = ext.map_err(|e| bad(pos, format!("malformed PAX record: {e}")))?;
-                    let key = ext.key().map_err(|_| bad(pos, "PAX key is not UTF-8".into()))?;
+                    let key = ext
+                        .key()
+                        .map_err(|_| bad(pos, "PAX key is not UTF-8".into()))?;
                     target.insert(key.to_string(), ext.value_bytes().to_vec());
                 }
             }
@@ -101,7 +116,10 @@ where
                 let link = match (lookup("linkpath"), long_link.take()) {
                     (Some(p), _) => p.clone(),
                     (None, Some(n)) => n,
-                    (None, None) => header.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default(),
+                    (None, None) => header
+                        .link_name_bytes()
+                        .map(|c| c.into_owned())
+                        .unwrap_or_default(),
                 };
                 let num = |k: &str, fallback: u64| -> Result<u64, IndexError> {
                     match lookup(k) {
@@ -121,27 +139,57 @@ where
                 let gid = num("gid", field(header.gid(), &old.gid, "gid")?)? as u32;
                 let mtime = match lookup("mtime") {
                     Some(v) => parse_time(v).ok_or_else(|| bad(pos, "invalid PAX mtime".into()))?,
-                    None => Timestamp { secs: field(header.mtime(), &old.mtime, "mtime")? as i64, nanos: 0 },
+                    None => Timestamp {
+                        secs: field(header.mtime(), &old.mtime, "mtime")? as i64,
+                        nanos: 0,
+                    },
                 };
                 let mode = header.mode().map_err(|e| bad(pos, format!("mode: {e}")))?;
                 let xattrs: Vec<(Vec<u8>, Vec<u8>)> = pax
                     .iter()
-                    .filter_map(|(k, v)| k.strip_prefix("SCHILY.xattr.").map(|n| (n.as_bytes().to_vec(), v.clone())))
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix("SCHILY.xattr.")
+                            .map(|n| (n.as_bytes().to_vec(), v.clone()))
+                    })
                     .collect();
                 let dev = |r: std::io::Result<Option<u32>>| r.ok().flatten().unwrap_or(0);
                 let kind = match typ.as_byte() {
                     b'0' | b'\0' | b'7' => Kind::File,
                     b'1' => Kind::File, // hard link: resolved below
                     b'2' => Kind::Symlink(link.clone()),
-                    b'3' => Kind::CharDev { major: dev(header.device_major()), minor: dev(header.device_minor()) },
-                    b'4' => Kind::BlockDev { major: dev(header.device_major()), minor: dev(header.device_minor()) },
+                    b'3' => Kind::CharDev {
+                        major: dev(header.device_major()),
+                        minor: dev(header.device_minor()),
+                    },
+                    b'4' => Kind::BlockDev {
+                        major: dev(header.device_major()),
+                        minor: dev(header.device_minor()),
+                    },
                     b'5' => Kind::Dir,
                     b'6' => Kind::Fifo,
-                    other => return Err(bad(pos, format!("unsupported entry type {:?}", other as char))),
+                    other => {
+                        return Err(bad(
+                            pos,
+                            format!("unsupported entry type {:?}", other as char),
+                        ))
+                    }
                 };
-                let file_size = if kind == Kind::File && typ.as_byte() != b'1' { payload } else { 0 };
+                let file_size = if kind == Kind::File && typ.as_byte() != b'1' {
+                    payload
+                } else {
+                    0
+                };
                 let chunks = raw_chunks(data_at, file_size, chunk_size);
-                let meta = EntryMeta { kind, mode, uid, gid, size: file_size, mtime, xattrs, chunks };
+                let meta = EntryMeta {
+                    kind,
+                    mode,
+                    uid,
+                    gid,
+                    size: file_size,
+                    mtime,
+                    xattrs,
+                    chunks,
+                };
                 if typ.as_byte() == b'1' {
                     builder.add_hardlink(&path, &link, meta)?;
                 } else {
@@ -174,11 +222,13 @@ where
         let end = self.start + self.data.len() as u64;
         if offset < self.start || offset + len > end {
             let want = len.max(WINDOW).min(self.size - offset);
-            let data = (self.read)(offset, want).await.map_err(|e| IndexError::Fetch {
-                layer: self.layer.clone(),
-                what: format!("tar headers at {offset}+{want}"),
-                source: Box::new(e),
-            })?;
+            let data = (self.read)(offset, want)
+                .await
+                .map_err(|e| IndexError::Fetch {
+                    layer: self.layer.clone(),
+                    what: format!("tar headers at {offset}+{want}"),
+                    source: Box::new(e),
+                })?;
             if (data.len() as u64) < len {
                 return Err(IndexError::Layer {
                     layer: self.layer.clone(),
@@ -221,10 +271,18 @@ fn verify_checksum(block: &[u8]) -> Result<(), String> {
     let sum: u32 = block
         .iter()
         .enumerate()
-        .map(|(i, b)| if (148..156).contains(&i) { b' ' as u32 } else { *b as u32 })
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                b' ' as u32
+            } else {
+                *b as u32
+            }
+        })
         .sum();
     if sum != stored {
-        return Err(format!("checksum mismatch (stored {stored:o}, computed {sum:o}): not a tar header"));
+        return Err(format!(
+            "checksum mismatch (stored {stored:o}, computed {sum:o}): not a tar header"
+        ));
     }
     Ok(())
 }
@@ -258,9 +316,15 @@ fn parse_time(v: &[u8]) -> Option<Timestamp> {
     }
     let nanos: u32 = digits.parse().ok()?;
     Some(if neg && nanos > 0 {
-        Timestamp { secs: -secs - 1, nanos: 1_000_000_000 - nanos }
+        Timestamp {
+            secs: -secs - 1,
+            nanos: 1_000_000_000 - nanos,
+        }
     } else if neg {
-        Timestamp { secs: -secs, nanos: 0 }
+        Timestamp {
+            secs: -secs,
+            nanos: 0,
+        }
     } else {
         Timestamp { secs, nanos }
     })
@@ -301,14 +365,24 @@ mod tests {
         let long = format!("d/{}", "n".repeat(150));
         let data = build_tar(|b| {
             let mut h = header("x", 0, tar::EntryType::Regular);
-            b.append_pax_extensions([("mtime", &b"1700000000.123456789"[..]), ("SCHILY.xattr.user.k", b"v")]).unwrap();
+            b.append_pax_extensions([
+                ("mtime", &b"1700000000.123456789"[..]),
+                ("SCHILY.xattr.user.k", b"v"),
+            ])
+            .unwrap();
             b.append_data(&mut h, "x", &[][..]).unwrap();
             let mut h = header("placeholder", 3, tar::EntryType::Regular);
             b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
         });
         let idx = index(data).await.map_err(|e| e.to_string()).unwrap();
         let x = idx.node(idx.resolve("x").unwrap()).unwrap();
-        assert_eq!(x.mtime, Timestamp { secs: 1_700_000_000, nanos: 123_456_789 });
+        assert_eq!(
+            x.mtime,
+            Timestamp {
+                secs: 1_700_000_000,
+                nanos: 123_456_789
+            }
+        );
         assert_eq!(x.xattrs, vec![(b"user.k".to_vec(), b"v".to_vec())]);
         let f = idx.resolve(&long).unwrap();
         assert_eq!(idx.file_chunks(f)[0].len, 3);
@@ -338,6 +412,12 @@ mod tests {
 
     #[test]
     fn negative_fractional_pax_time() {
-        assert_eq!(parse_time(b"-1.5"), Some(Timestamp { secs: -2, nanos: 500_000_000 }));
+        assert_eq!(
+            parse_time(b"-1.5"),
+            Some(Timestamp {
+                secs: -2,
+                nanos: 500_000_000
+            })
+        );
     }
 }

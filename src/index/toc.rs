@@ -39,7 +39,11 @@ pub struct TocEntry {
 }
 
 /// Names that belong to the format, not the image; hidden from the mount.
-pub const ARTEFACTS: [&str; 3] = ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"];
+pub const ARTEFACTS: [&str; 3] = [
+    "stargz.index.json",
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
 
 /// Builds the index. `payload_end` is where the last chunk's compressed bytes
 /// end (the TOC's offset) when entries carry no `endOffset`.
@@ -56,7 +60,12 @@ pub fn build(
         reason,
     };
     // Compressed extents end where the next (distinct) chunk offset begins.
-    let mut starts: Vec<u64> = toc.entries.iter().filter(|e| e.offset > 0).map(|e| e.offset).collect();
+    let mut starts: Vec<u64> = toc
+        .entries
+        .iter()
+        .filter(|e| e.offset > 0)
+        .map(|e| e.offset)
+        .collect();
     starts.push(payload_end);
     starts.sort_unstable();
     starts.dedup();
@@ -65,7 +74,12 @@ pub fn build(
             return Ok(e.end_offset);
         }
         let i = starts.partition_point(|s| *s <= e.offset);
-        starts.get(i).copied().ok_or_else(|| err(e, format!("chunk offset {} is at or past the TOC", e.offset)))
+        starts.get(i).copied().ok_or_else(|| {
+            err(
+                e,
+                format!("chunk offset {} is at or past the TOC", e.offset),
+            )
+        })
     };
     let mut builder = TreeBuilder::new(layer.clone());
     // Entries of one file: its "reg" entry followed by its "chunk" entries.
@@ -79,7 +93,10 @@ pub fn build(
     for e in &toc.entries {
         if e.kind == "chunk" {
             let Some((reg, meta)) = pending.as_mut() else {
-                return Err(err(e, "chunk entry without a preceding regular file".into()));
+                return Err(err(
+                    e,
+                    "chunk entry without a preceding regular file".into(),
+                ));
             };
             if e.name != reg.name {
                 return Err(err(e, format!("chunk entry follows file {:?}", reg.name)));
@@ -94,7 +111,9 @@ pub fn build(
             continue;
         }
         let mtime = match &e.modtime {
-            Some(t) if !t.is_empty() => parse_rfc3339(t).ok_or_else(|| err(e, format!("invalid modtime {t:?}")))?,
+            Some(t) if !t.is_empty() => {
+                parse_rfc3339(t).ok_or_else(|| err(e, format!("invalid modtime {t:?}")))?
+            }
             _ => Timestamp::default(),
         };
         let mut xattrs = Vec::with_capacity(e.xattrs.len());
@@ -109,8 +128,14 @@ pub fn build(
             "reg" => Kind::File,
             "symlink" => Kind::Symlink(e.link_name.as_bytes().to_vec()),
             "hardlink" => Kind::File,
-            "char" => Kind::CharDev { major: e.dev_major, minor: e.dev_minor },
-            "block" => Kind::BlockDev { major: e.dev_major, minor: e.dev_minor },
+            "char" => Kind::CharDev {
+                major: e.dev_major,
+                minor: e.dev_minor,
+            },
+            "block" => Kind::BlockDev {
+                major: e.dev_major,
+                minor: e.dev_minor,
+            },
             "fifo" => Kind::Fifo,
             other => return Err(err(e, format!("unknown entry type {other:?}"))),
         };
@@ -130,7 +155,8 @@ pub fn build(
         match e.kind.as_str() {
             "hardlink" => builder.add_hardlink(e.name.as_bytes(), e.link_name.as_bytes(), meta)?,
             "reg" if e.size > 0 => {
-                meta.chunks.push(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
+                meta.chunks
+                    .push(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
                 pending = Some((e.clone(), meta));
             }
             _ => builder.add(e.name.as_bytes(), meta)?,
@@ -140,17 +166,40 @@ pub fn build(
     builder.finish(blob_size)
 }
 
-fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: u64) -> Result<Chunk, IndexError> {
-    let err = |reason: String| IndexError::Entry { layer: layer.clone(), entry: e.name.clone(), reason };
+fn chunk(
+    layer: &Digest,
+    e: &TocEntry,
+    file_size: u64,
+    encoding: Encoding,
+    end: u64,
+) -> Result<Chunk, IndexError> {
+    let err = |reason: String| IndexError::Entry {
+        layer: layer.clone(),
+        entry: e.name.clone(),
+        reason,
+    };
     if e.offset == 0 || end <= e.offset {
-        return Err(err(format!("chunk at file offset {} has no payload offset", e.chunk_offset)));
+        return Err(err(format!(
+            "chunk at file offset {} has no payload offset",
+            e.chunk_offset
+        )));
     }
-    let len = if e.chunk_size > 0 { e.chunk_size } else { file_size.saturating_sub(e.chunk_offset) };
+    let len = if e.chunk_size > 0 {
+        e.chunk_size
+    } else {
+        file_size.saturating_sub(e.chunk_offset)
+    };
     let digest = match &e.chunk_digest {
-        Some(d) if !d.is_empty() => Some(d.parse().map_err(|x: crate::digest::DigestError| err(x.to_string()))?),
+        Some(d) if !d.is_empty() => Some(
+            d.parse()
+                .map_err(|x: crate::digest::DigestError| err(x.to_string()))?,
+        ),
         // A file stored as one chunk is verified by its whole-file digest.
         _ if e.chunk_offset == 0 && len == file_size => match &e.digest {
-            Some(d) if !d.is_empty() => Some(d.parse().map_err(|x: crate::digest::DigestError| err(x.to_string()))?),
+            Some(d) if !d.is_empty() => Some(
+                d.parse()
+                    .map_err(|x: crate::digest::DigestError| err(x.to_string()))?,
+            ),
             _ => None,
         },
         _ => None,
@@ -172,7 +221,10 @@ fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: 
 /// Parses the RFC 3339 times Go's `time.Time` writes.
 fn parse_rfc3339(s: &str) -> Option<Timestamp> {
     let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
-    Some(Timestamp { secs: t.timestamp(), nanos: t.timestamp_subsec_nanos() })
+    Some(Timestamp {
+        secs: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos(),
+    })
 }
 
 #[cfg(test)]
@@ -190,17 +242,28 @@ mod tests {
         let toc = Toc {
             version: 1,
             entries: vec![
-                entry(r#"{"name":"bin/","type":"dir","mode":493,"modtime":"2020-01-02T03:04:05Z"}"#),
-                entry(&format!(r#"{{"name":"bin/f","type":"reg","size":10,"mode":420,"offset":100,"chunkSize":6,"chunkDigest":"{d1}"}}"#)),
-                entry(&format!(r#"{{"name":"bin/f","type":"chunk","offset":150,"chunkOffset":6,"chunkSize":4,"chunkDigest":"{d2}"}}"#)),
-                entry(r#"{"name":".no.prefetch.landmark","type":"reg","size":1,"offset":170,"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#),
+                entry(
+                    r#"{"name":"bin/","type":"dir","mode":493,"modtime":"2020-01-02T03:04:05Z"}"#,
+                ),
+                entry(&format!(
+                    r#"{{"name":"bin/f","type":"reg","size":10,"mode":420,"offset":100,"chunkSize":6,"chunkDigest":"{d1}"}}"#
+                )),
+                entry(&format!(
+                    r#"{{"name":"bin/f","type":"chunk","offset":150,"chunkOffset":6,"chunkSize":4,"chunkDigest":"{d2}"}}"#
+                )),
+                entry(
+                    r#"{"name":".no.prefetch.landmark","type":"reg","size":1,"offset":170,"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#,
+                ),
             ],
         };
         let idx = build(&Digest::of(b"l"), &toc, Encoding::Gzip, 200, 300).unwrap();
         let f = idx.resolve("bin/f").unwrap();
         let c = idx.file_chunks(f);
         assert_eq!((c[0].blob_offset, c[0].blob_len, c[0].len), (100, 50, 6));
-        assert_eq!((c[1].blob_offset, c[1].blob_len, c[1].file_offset), (150, 20, 6));
+        assert_eq!(
+            (c[1].blob_offset, c[1].blob_len, c[1].file_offset),
+            (150, 20, 6)
+        );
         assert!(idx.resolve(".no.prefetch.landmark").is_none());
         let bin = idx.node(idx.resolve("bin").unwrap()).unwrap();
         assert_eq!(bin.mtime.secs, 1_577_934_245);
@@ -212,7 +275,9 @@ mod tests {
             version: 1,
             entries: vec![entry(r#"{"name":"f","type":"reg","size":10,"offset":100}"#)],
         };
-        let e = build(&Digest::of(b"l"), &toc, Encoding::Gzip, 200, 300).unwrap_err().to_string();
+        let e = build(&Digest::of(b"l"), &toc, Encoding::Gzip, 200, 300)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"f\"") && e.contains("digest"), "{e}");
     }
 }

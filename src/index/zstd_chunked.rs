@@ -44,7 +44,10 @@ pub fn has_annotations(annotations: &HashMap<String, String>) -> bool {
 
 /// Parses `offset:compressed:uncompressed:type`.
 pub fn parse_position(s: &str) -> Option<ManifestPosition> {
-    let parts: Vec<u64> = s.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let parts: Vec<u64> = s
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
     match parts.as_slice() {
         [offset, compressed, uncompressed, 1] => Some(ManifestPosition {
             offset: *offset,
@@ -64,7 +67,11 @@ pub fn parse_footer(tail: &[u8]) -> Option<ManifestPosition> {
         }
         let f = &tail[tail.len() - len as usize..];
         if &f[f.len() - 8..] == magic && le(&f[24..]) == 1 {
-            return Some(ManifestPosition { offset: le(f), compressed: le(&f[8..]), uncompressed: le(&f[16..]) });
+            return Some(ManifestPosition {
+                offset: le(f),
+                compressed: le(&f[8..]),
+                uncompressed: le(&f[16..]),
+            });
         }
     }
     None
@@ -82,27 +89,48 @@ where
     Fut: Future<Output = Result<Bytes, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let bad = |reason: String| IndexError::Layer { layer: layer.clone(), reason };
-    let fetch_err = |what: &str, e: E| IndexError::Fetch { layer: layer.clone(), what: what.to_string(), source: Box::new(e) };
+    let bad = |reason: String| IndexError::Layer {
+        layer: layer.clone(),
+        reason,
+    };
+    let fetch_err = |what: &str, e: E| IndexError::Fetch {
+        layer: layer.clone(),
+        what: what.to_string(),
+        source: Box::new(e),
+    };
     let annotated = POSITION_KEYS.iter().find_map(|k| annotations.get(*k));
     let pos = match annotated {
-        Some(s) => parse_position(s).ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
+        Some(s) => parse_position(s)
+            .ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
         None => {
             let n = (FOOTER_V2 + SKIPPABLE_HEADER).min(size);
-            let tail = read(size - n, n).await.map_err(|e| fetch_err("zstd:chunked footer", e))?;
+            let tail = read(size - n, n)
+                .await
+                .map_err(|e| fetch_err("zstd:chunked footer", e))?;
             parse_footer(&tail).ok_or_else(|| bad("no zstd:chunked footer".into()))?
         }
     };
-    let end = pos.offset.checked_add(pos.compressed).filter(|e| *e <= size);
+    let end = pos
+        .offset
+        .checked_add(pos.compressed)
+        .filter(|e| *e <= size);
     if end.is_none() || pos.offset < SKIPPABLE_HEADER || pos.uncompressed > MAX_TOC {
-        return Err(bad(format!("manifest position {pos:?} does not fit a blob of {size} bytes")));
+        return Err(bad(format!(
+            "manifest position {pos:?} does not fit a blob of {size} bytes"
+        )));
     }
-    let compressed = read(pos.offset, pos.compressed).await.map_err(|e| fetch_err("zstd:chunked manifest", e))?;
+    let compressed = read(pos.offset, pos.compressed)
+        .await
+        .map_err(|e| fetch_err("zstd:chunked manifest", e))?;
     if let Some(sum) = CHECKSUM_KEYS.iter().find_map(|k| annotations.get(*k)) {
-        let expected: Digest = sum.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
+        let expected: Digest = sum
+            .parse()
+            .map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
         let actual = Digest::of(&compressed);
         if actual != expected {
-            return Err(bad(format!("manifest checksum {actual} does not match the annotated {expected}")));
+            return Err(bad(format!(
+                "manifest checksum {actual} does not match the annotated {expected}"
+            )));
         }
     }
     let mut json = Vec::with_capacity(pos.uncompressed as usize);
@@ -112,18 +140,32 @@ where
         .read_to_end(&mut json)
         .map_err(|e| bad(format!("manifest is not valid zstd: {e}")))?;
     if json.len() as u64 != pos.uncompressed {
-        return Err(bad(format!("manifest decompresses to {} bytes, not the stated {}", json.len(), pos.uncompressed)));
+        return Err(bad(format!(
+            "manifest decompresses to {} bytes, not the stated {}",
+            json.len(),
+            pos.uncompressed
+        )));
     }
     if let Some(t) = annotations.get("containerd.io/snapshot/stargz/toc.digest") {
-        let expected: Digest = t.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
+        let expected: Digest = t
+            .parse()
+            .map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
         let actual = Digest::of(&json);
         if actual != expected {
-            return Err(bad(format!("TOC digest {actual} does not match the annotated {expected}")));
+            return Err(bad(format!(
+                "TOC digest {actual} does not match the annotated {expected}"
+            )));
         }
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
     // Payload frames end where the manifest's skippable frame begins.
-    toc::build(layer, &toc, Encoding::Zstd, pos.offset - SKIPPABLE_HEADER, size)
+    toc::build(
+        layer,
+        &toc,
+        Encoding::Zstd,
+        pos.offset - SKIPPABLE_HEADER,
+        size,
+    )
 }
 
 #[cfg(test)]
@@ -139,7 +181,11 @@ mod tests {
         f.extend_from_slice(b"GnUlInUx");
         assert_eq!(
             parse_footer(&f),
-            Some(ManifestPosition { offset: 5_243_983, compressed: 868, uncompressed: 3391 })
+            Some(ManifestPosition {
+                offset: 5_243_983,
+                compressed: 868,
+                uncompressed: 3391
+            })
         );
     }
 
@@ -147,7 +193,11 @@ mod tests {
     fn position_annotation() {
         assert_eq!(
             parse_position("5243983:868:3391:1"),
-            Some(ManifestPosition { offset: 5_243_983, compressed: 868, uncompressed: 3391 })
+            Some(ManifestPosition {
+                offset: 5_243_983,
+                compressed: 868,
+                uncompressed: 3391
+            })
         );
         assert_eq!(parse_position("1:2:3"), None);
     }

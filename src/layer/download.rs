@@ -20,8 +20,13 @@ pub async fn open_downloaded(
     desc: &LayerDescriptor,
 ) -> Result<(LayerFormat, LayerIndex, BlobSource), LayerError> {
     let layer = desc.digest.clone();
-    let other = |reason: String| LayerError::Other { image: image.to_string(), layer: layer.clone(), reason };
-    std::fs::create_dir_all(&ctx.layers_dir).map_err(|e| other(format!("creating {}: {e}", ctx.layers_dir.display())))?;
+    let other = |reason: String| LayerError::Other {
+        image: image.to_string(),
+        layer: layer.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(&ctx.layers_dir)
+        .map_err(|e| other(format!("creating {}: {e}", ctx.layers_dir.display())))?;
     let tar_path = ctx.layers_dir.join(format!("{}.tar", layer.hex()));
     if !tar_path.exists() {
         let blob_path = ctx.layers_dir.join(format!("{}.blob.tmp", layer.hex()));
@@ -33,9 +38,13 @@ pub async fn open_downloaded(
             .map_err(|e| other(e.to_string()))?
             .map_err(|e| other(format!("decompressing: {e}")))?;
         let _ = std::fs::remove_file(&blob_path);
-        std::fs::rename(&tmp, &tar_path).map_err(|e| other(format!("renaming {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &tar_path)
+            .map_err(|e| other(format!("renaming {}: {e}", tmp.display())))?;
     }
-    let file = Arc::new(std::fs::File::open(&tar_path).map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?);
+    let file = Arc::new(
+        std::fs::File::open(&tar_path)
+            .map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?,
+    );
     let size = file.metadata().map_err(|e| other(e.to_string()))?.len();
     let f = Arc::clone(&file);
     let read = move |offset: u64, len: u64| {
@@ -43,7 +52,8 @@ pub async fn open_downloaded(
         async move {
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, offset).map(|()| bytes::Bytes::from(buf))
+                f.read_exact_at(&mut buf, offset)
+                    .map(|()| bytes::Bytes::from(buf))
             })
             .await
             .map_err(std::io::Error::other)?
@@ -51,30 +61,57 @@ pub async fn open_downloaded(
     };
     let idx = index::tar::index_tar(&layer, size, super::TAR_CHUNK_SIZE, read)
         .await
-        .map_err(|source| LayerError::Index { image: image.to_string(), source })?;
+        .map_err(|source| LayerError::Index {
+            image: image.to_string(),
+            source,
+        })?;
     Ok((LayerFormat::Downloaded, idx, BlobSource::Local(file)))
 }
 
 /// Streams the blob to `path`, hashing as it goes; fails on a digest or size mismatch.
-async fn download(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor, path: &Path) -> Result<(), LayerError> {
+async fn download(
+    ctx: &LayerContext,
+    image: &Reference,
+    desc: &LayerDescriptor,
+    path: &Path,
+) -> Result<(), LayerError> {
     let layer = &desc.digest;
-    let other = |reason: String| LayerError::Other { image: image.to_string(), layer: layer.clone(), reason };
+    let other = |reason: String| LayerError::Other {
+        image: image.to_string(),
+        layer: layer.clone(),
+        reason,
+    };
     let mut resp = ctx
         .registry
         .open_blob(image, layer)
         .await
-        .map_err(|source| LayerError::Registry { image: image.to_string(), layer: layer.clone(), source })?;
-    let mut out = tokio::fs::File::create(path).await.map_err(|e| other(format!("creating {}: {e}", path.display())))?;
+        .map_err(|source| LayerError::Registry {
+            image: image.to_string(),
+            layer: layer.clone(),
+            source,
+        })?;
+    let mut out = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| other(format!("creating {}: {e}", path.display())))?;
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
     let mut next_log = 64 << 20;
-    while let Some(chunk) = resp.chunk().await.map_err(|e| other(format!("downloading: {e}")))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| other(format!("downloading: {e}")))?
+    {
         hasher.update(&chunk);
         total += chunk.len() as u64;
         if total > desc.size {
-            return Err(other(format!("blob is longer than the {} bytes its descriptor states", desc.size)));
+            return Err(other(format!(
+                "blob is longer than the {} bytes its descriptor states",
+                desc.size
+            )));
         }
-        out.write_all(&chunk).await.map_err(|e| other(format!("writing {}: {e}", path.display())))?;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| other(format!("writing {}: {e}", path.display())))?;
         if total >= next_log {
             info!(downloaded = total, of = desc.size, "downloading layer");
             next_log += 64 << 20;
@@ -82,7 +119,10 @@ async fn download(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor,
     }
     out.flush().await.map_err(|e| other(e.to_string()))?;
     if total != desc.size {
-        return Err(other(format!("download truncated: {total} of {} bytes", desc.size)));
+        return Err(other(format!(
+            "download truncated: {total} of {} bytes",
+            desc.size
+        )));
     }
     let actual = Digest::from_hasher(hasher);
     if &actual != layer {

@@ -68,7 +68,11 @@ pub enum LayerError {
         source: RegistryError,
     },
     #[error("image {image}: layer {layer}: {reason}")]
-    Other { image: String, layer: Digest, reason: String },
+    Other {
+        image: String,
+        layer: Digest,
+        reason: String,
+    },
 }
 
 const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -87,41 +91,70 @@ fn is_plain_tar(media_type: &str) -> bool {
 
 /// Opens one layer of `image`: lazily where its form allows, else by download.
 #[tracing::instrument(skip_all, fields(image = %image, layer = %desc.digest))]
-pub async fn open(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<Layer, LayerError> {
+pub async fn open(
+    ctx: &LayerContext,
+    image: &Reference,
+    desc: &LayerDescriptor,
+) -> Result<Layer, LayerError> {
     let started = Instant::now();
     let name = image.to_string();
     let layer = desc.digest.clone();
-    let remote = BlobSource::Registry { registry: Arc::clone(&ctx.registry), repo: image.clone() };
+    let remote = BlobSource::Registry {
+        registry: Arc::clone(&ctx.registry),
+        repo: image.clone(),
+    };
     let read = |offset: u64, len: u64| {
-        let (registry, repo, digest) = (Arc::clone(&ctx.registry), image.clone(), desc.digest.clone());
+        let (registry, repo, digest) = (
+            Arc::clone(&ctx.registry),
+            image.clone(),
+            desc.digest.clone(),
+        );
         async move { registry.read_blob_range(&repo, &digest, offset, len).await }
     };
     let mt = desc.media_type.as_str();
-    let index_err = |source| LayerError::Index { image: name.clone(), source };
+    let index_err = |source| LayerError::Index {
+        image: name.clone(),
+        source,
+    };
     let (format, index, source) = if is_gzip(mt) {
         let toc_digest = match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
-            Some(s) => Some(s.parse::<Digest>().map_err(|e| LayerError::Other { image: name.clone(), layer: layer.clone(), reason: e.to_string() })?),
+            Some(s) => Some(s.parse::<Digest>().map_err(|e| LayerError::Other {
+                image: name.clone(),
+                layer: layer.clone(),
+                reason: e.to_string(),
+            })?),
             None => None,
         };
         let lazy = toc_digest.is_some() || probe_estargz(ctx, image, desc).await?;
         if lazy {
-            let idx = index::estargz::index_estargz(&layer, desc.size, toc_digest.as_ref(), read).await.map_err(index_err)?;
+            let idx = index::estargz::index_estargz(&layer, desc.size, toc_digest.as_ref(), read)
+                .await
+                .map_err(index_err)?;
             (LayerFormat::Estargz, idx, remote)
         } else {
             download::open_downloaded(ctx, image, desc).await?
         }
     } else if is_zstd(mt) {
         if index::zstd_chunked::has_annotations(&desc.annotations) {
-            let idx = index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read).await.map_err(index_err)?;
+            let idx =
+                index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read)
+                    .await
+                    .map_err(index_err)?;
             (LayerFormat::ZstdChunked, idx, remote)
         } else {
             download::open_downloaded(ctx, image, desc).await?
         }
     } else if is_plain_tar(mt) {
-        let idx = index::tar::index_tar(&layer, desc.size, TAR_CHUNK_SIZE, read).await.map_err(index_err)?;
+        let idx = index::tar::index_tar(&layer, desc.size, TAR_CHUNK_SIZE, read)
+            .await
+            .map_err(index_err)?;
         (LayerFormat::Tar, idx, remote)
     } else {
-        return Err(LayerError::Other { image: name, layer, reason: format!("unsupported layer media type {mt}") });
+        return Err(LayerError::Other {
+            image: name,
+            layer,
+            reason: format!("unsupported layer media type {mt}"),
+        });
     };
     let index = Arc::new(index);
     info!(
@@ -131,12 +164,26 @@ pub async fn open(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor)
         ms = started.elapsed().as_millis() as u64,
         "layer indexed"
     );
-    let fetcher = Fetcher::new(layer.clone(), index, source, Arc::clone(&ctx.disk), Arc::clone(&ctx.mem));
-    Ok(Layer { digest: layer, format, fetcher })
+    let fetcher = Fetcher::new(
+        layer.clone(),
+        index,
+        source,
+        Arc::clone(&ctx.disk),
+        Arc::clone(&ctx.mem),
+    );
+    Ok(Layer {
+        digest: layer,
+        format,
+        fetcher,
+    })
 }
 
 /// Does a gzip layer end in an eStargz footer? (One 51-byte range read.)
-async fn probe_estargz(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<bool, LayerError> {
+async fn probe_estargz(
+    ctx: &LayerContext,
+    image: &Reference,
+    desc: &LayerDescriptor,
+) -> Result<bool, LayerError> {
     if desc.size < index::estargz::FOOTER_SIZE {
         return Ok(false);
     }
@@ -145,6 +192,10 @@ async fn probe_estargz(ctx: &LayerContext, image: &Reference, desc: &LayerDescri
         .registry
         .read_blob_range(image, &desc.digest, desc.size - n, n)
         .await
-        .map_err(|source| LayerError::Registry { image: image.to_string(), layer: desc.digest.clone(), source })?;
+        .map_err(|source| LayerError::Registry {
+            image: image.to_string(),
+            layer: desc.digest.clone(),
+            source,
+        })?;
     Ok(index::estargz::parse_footer(&tail).is_some())
 }

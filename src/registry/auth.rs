@@ -52,7 +52,9 @@ pub enum AuthConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("docker config {path}: entry for {host} has an `auth` that is not base64 user:password")]
+    #[error(
+        "docker config {path}: entry for {host} has an `auth` that is not base64 user:password"
+    )]
     BadAuth { path: PathBuf, host: String },
 }
 
@@ -275,7 +277,10 @@ mod tests {
 
     #[test]
     fn basic_challenge() {
-        assert_eq!(Challenge::parse(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
     }
 
     #[test]
@@ -290,7 +295,10 @@ mod tests {
         let cfg = DockerConfig::load(&path).unwrap();
         assert_eq!(cfg.credentials("docker.io").unwrap().username, "u");
         let c = cfg.credentials("r.test:5000").unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cr3t"));
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("alice", "s3cr3t")
+        );
     }
 
     #[test]
@@ -306,7 +314,14 @@ mod tests {
     fn expired_tokens_are_not_returned() {
         let cache = TokenCache::default();
         let past = Instant::now() - Duration::from_secs(1);
-        cache.put("r", "s", Token { value: "t".into(), expires: past });
+        cache.put(
+            "r",
+            "s",
+            Token {
+                value: "t".into(),
+                expires: past,
+            },
+        );
         assert_eq!(cache.get("r", "s"), None);
     }
 }

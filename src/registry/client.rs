@@ -6,7 +6,9 @@ use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_AC
 use super::{Platform, Reference, RegistryError};
 use crate::digest::Digest;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -119,7 +121,7 @@ impl Registry {
                 .map(|t| t.to_string())
                 .or(ctype)
                 .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string()),
-            config: manifest::digest_of(&name, &m.config().digest().to_string())?,
+            config: manifest::digest_of(&name, m.config().digest().as_ref())?,
             manifest: body,
             layers,
         })
@@ -143,11 +145,14 @@ impl Registry {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: OP,
-            url: url.clone(),
-            source,
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                op: OP,
+                url: url.clone(),
+                source,
+            })?;
         if body.len() > 4 << 20 {
             return Err(RegistryError::BadManifest {
                 image: image.to_string(),
@@ -203,7 +208,9 @@ impl Registry {
                 StatusCode::PARTIAL_CONTENT => {
                     let start = content_range_start(resp.headers());
                     if start != Some(offset) {
-                        return Err(bad(format!("server answered Content-Range start {start:?}")));
+                        return Err(bad(format!(
+                            "server answered Content-Range start {start:?}"
+                        )));
                     }
                     0
                 }
@@ -234,10 +241,22 @@ impl Registry {
     }
 
     /// Opens a whole blob for streaming (caller verifies its digest).
-    pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
+    pub async fn open_blob(
+        &self,
+        repo: &Reference,
+        digest: &Digest,
+    ) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self
-            .send("downloading blob", repo, Access::Pull, Method::GET, &url, HeaderMap::new(), None)
+            .send(
+                "downloading blob",
+                repo,
+                Access::Pull,
+                Method::GET,
+                &url,
+                HeaderMap::new(),
+                None,
+            )
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(RegistryError::Status {
@@ -251,14 +270,21 @@ impl Registry {
     }
 
     /// Reads a whole small blob (configs, TOCs) and verifies it.
-    pub async fn read_blob(&self, repo: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
+    pub async fn read_blob(
+        &self,
+        repo: &Reference,
+        digest: &Digest,
+    ) -> Result<Bytes, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self.open_blob(repo, digest).await?;
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: "downloading blob",
-            url,
-            source,
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                op: "downloading blob",
+                url,
+                source,
+            })?;
         let actual = Digest::of(&body);
         if &actual != digest {
             return Err(RegistryError::DigestMismatch {
@@ -277,14 +303,30 @@ impl Registry {
         let base = self.base_url(repo);
         let head_url = format!("{base}/blobs/{digest}");
         let head = self
-            .send(OP, repo, Access::Push, Method::HEAD, &head_url, HeaderMap::new(), None)
+            .send(
+                OP,
+                repo,
+                Access::Push,
+                Method::HEAD,
+                &head_url,
+                HeaderMap::new(),
+                None,
+            )
             .await;
         if matches!(&head, Ok(r) if r.status() == StatusCode::OK) {
             return Ok(digest);
         }
         let start_url = format!("{base}/blobs/uploads/");
         let resp = self
-            .send(OP, repo, Access::Push, Method::POST, &start_url, HeaderMap::new(), Some(Bytes::new()))
+            .send(
+                OP,
+                repo,
+                Access::Push,
+                Method::POST,
+                &start_url,
+                HeaderMap::new(),
+                Some(Bytes::new()),
+            )
             .await?;
         let location = resp
             .headers()
@@ -300,9 +342,20 @@ impl Registry {
         put_url.push(if put_url.contains('?') { '&' } else { '?' });
         put_url.push_str(&format!("digest={digest}"));
         let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &put_url, headers, Some(data))
+            .send(
+                OP,
+                repo,
+                Access::Push,
+                Method::PUT,
+                &put_url,
+                headers,
+                Some(data),
+            )
             .await?;
         expect_success(OP, &put_url, resp).await?;
         Ok(digest)
@@ -325,7 +378,15 @@ impl Registry {
             HeaderValue::from_str(media_type).map_err(|e| RegistryError::Setup(e.to_string()))?,
         );
         let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &url, headers, Some(body))
+            .send(
+                OP,
+                repo,
+                Access::Push,
+                Method::PUT,
+                &url,
+                headers,
+                Some(body),
+            )
             .await?;
         expect_success(OP, &url, resp).await?;
         Ok(digest)
@@ -359,7 +420,10 @@ impl Registry {
         let mut authorized = true; // false after a redirect to blob storage
         let mut redirects = 0;
         loop {
-            let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .headers(headers.clone());
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
@@ -383,12 +447,23 @@ impl Registry {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_redirection() {
-                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
-                            return Err(RegistryError::Status { op, url, status: status.as_u16(), body: "redirect without Location".into() });
+                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok())
+                        else {
+                            return Err(RegistryError::Status {
+                                op,
+                                url,
+                                status: status.as_u16(),
+                                body: "redirect without Location".into(),
+                            });
                         };
                         redirects += 1;
                         if redirects > 5 {
-                            return Err(RegistryError::Status { op, url, status: status.as_u16(), body: "too many redirects".into() });
+                            return Err(RegistryError::Status {
+                                op,
+                                url,
+                                status: status.as_u16(),
+                                body: "too many redirects".into(),
+                            });
                         }
                         let next = absolute_url(&url, loc);
                         // Blob storage behind a redirect must not see our registry credentials.
@@ -406,10 +481,13 @@ impl Registry {
                         match challenge {
                             Some(Challenge::Bearer { realm, service, .. }) => {
                                 self.tokens.forget(host, &scope);
-                                self.fetch_token(op, host, &realm, service.as_deref(), &scope).await?;
+                                self.fetch_token(op, host, &realm, service.as_deref(), &scope)
+                                    .await?;
                                 continue;
                             }
-                            Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
+                            Some(Challenge::Basic)
+                                if self.opts.docker_config.credentials(host).is_some() =>
+                            {
                                 self.basic.lock().insert(host.to_string());
                                 continue;
                             }
@@ -417,18 +495,29 @@ impl Registry {
                         }
                     }
                     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                        return Err(RegistryError::Denied { op, url, status: status.as_u16(), registry: host.to_string() });
+                        return Err(RegistryError::Denied {
+                            op,
+                            url,
+                            status: status.as_u16(),
+                            registry: host.to_string(),
+                        });
                     }
                     if status == StatusCode::NOT_FOUND {
                         return Err(RegistryError::NotFound { op, url });
                     }
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    let retryable =
+                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                     if !retryable {
                         return Ok(resp);
                     }
                     if attempt + 1 >= self.opts.max_attempts {
                         let body = resp.text().await.unwrap_or_default();
-                        return Err(RegistryError::Status { op, url, status: status.as_u16(), body: snippet(&body) });
+                        return Err(RegistryError::Status {
+                            op,
+                            url,
+                            status: status.as_u16(),
+                            body: snippet(&body),
+                        });
                     }
                     let hinted = resp
                         .headers()
@@ -436,7 +525,9 @@ impl Registry {
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_retry_after);
                     debug!(%url, %status, "retryable status");
-                    hinted.unwrap_or_else(|| self.backoff(attempt + 1)).min(Duration::from_secs(30))
+                    hinted
+                        .unwrap_or_else(|| self.backoff(attempt + 1))
+                        .min(Duration::from_secs(30))
                 }
             };
             attempt += 1;
@@ -461,31 +552,57 @@ impl Registry {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
         let url = realm.to_string();
-        let resp = req.send().await.map_err(|source| RegistryError::Transport { op, url: url.clone(), source })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                op,
+                url: url.clone(),
+                source,
+            })?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(RegistryError::Denied { op, url, status: status.as_u16(), registry: host.to_string() });
+            return Err(RegistryError::Denied {
+                op,
+                url,
+                status: status.as_u16(),
+                registry: host.to_string(),
+            });
         }
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport { op, url: url.clone(), source })?;
-        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
-            op,
-            url: url.clone(),
-            status: status.as_u16(),
-            body: format!("token response is not JSON: {e}"),
-        })?;
-        let token = parsed.into_token(Instant::now()).ok_or_else(|| RegistryError::Status {
-            op,
-            url,
-            status: status.as_u16(),
-            body: "token response without a token".into(),
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| RegistryError::Transport {
+                op,
+                url: url.clone(),
+                source,
+            })?;
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+                op,
+                url: url.clone(),
+                status: status.as_u16(),
+                body: format!("token response is not JSON: {e}"),
+            })?;
+        let token = parsed
+            .into_token(Instant::now())
+            .ok_or_else(|| RegistryError::Status {
+                op,
+                url,
+                status: status.as_u16(),
+                body: "token response without a token".into(),
+            })?;
         self.tokens.put(host, scope, token);
         Ok(())
     }
 }
 
 /// Reads a body, dropping `skip` bytes first, keeping at most `len`.
-async fn read_exact_body(mut resp: Response, mut skip: u64, len: u64) -> Result<Bytes, reqwest::Error> {
+async fn read_exact_body(
+    mut resp: Response,
+    mut skip: u64,
+    len: u64,
+) -> Result<Bytes, reqwest::Error> {
     let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
     while let Some(chunk) = resp.chunk().await? {
         let mut chunk = &chunk[..];
@@ -535,7 +652,12 @@ async fn expect_success(op: &'static str, url: &str, resp: Response) -> Result<(
         return Ok(());
     }
     let body = resp.text().await.unwrap_or_default();
-    Err(RegistryError::Status { op, url: url.to_string(), status: status.as_u16(), body: snippet(&body) })
+    Err(RegistryError::Status {
+        op,
+        url: url.to_string(),
+        status: status.as_u16(),
+        body: snippet(&body),
+    })
 }
 
 #[cfg(test)]
@@ -550,7 +672,10 @@ mod tests {
     #[test]
     fn relative_locations_resolve_against_the_request() {
         assert_eq!(
-            absolute_url("http://h:1/v2/r/blobs/uploads/", "/v2/r/blobs/uploads/abc?x=1"),
+            absolute_url(
+                "http://h:1/v2/r/blobs/uploads/",
+                "/v2/r/blobs/uploads/abc?x=1"
+            ),
             "http://h:1/v2/r/blobs/uploads/abc?x=1"
         );
     }
@@ -558,7 +683,10 @@ mod tests {
     #[test]
     fn content_range_start_parses() {
         let mut h = HeaderMap::new();
-        h.insert(reqwest::header::CONTENT_RANGE, HeaderValue::from_static("bytes 10-19/100"));
+        h.insert(
+            reqwest::header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 10-19/100"),
+        );
         assert_eq!(content_range_start(&h), Some(10));
     }
 }

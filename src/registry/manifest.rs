@@ -48,7 +48,9 @@ impl FromStr for Platform {
                 architecture: arch.to_string(),
                 variant: Some(v.to_string()),
             }),
-            _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant]")),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected os/arch[/variant]"
+            )),
         }
     }
 }
@@ -86,12 +88,16 @@ pub struct ResolvedImage {
 
 /// What a manifest endpoint answered with.
 pub enum Fetched {
-    Index(ImageIndex),
-    Manifest(ImageManifest),
+    Index(Box<ImageIndex>),
+    Manifest(Box<ImageManifest>),
 }
 
 /// Parses a manifest body by its media type (from the header or, failing that, the body).
-pub fn parse(image: &str, header_type: Option<&str>, body: &[u8]) -> Result<Fetched, RegistryError> {
+pub fn parse(
+    image: &str,
+    header_type: Option<&str>,
+    body: &[u8],
+) -> Result<Fetched, RegistryError> {
     let bad = |reason: String| RegistryError::BadManifest {
         image: image.to_string(),
         reason,
@@ -107,21 +113,22 @@ pub fn parse(image: &str, header_type: Option<&str>, body: &[u8]) -> Result<Fetc
     let header_type = header_type
         .map(|t| t.split(';').next().unwrap_or(t).trim())
         .filter(|t| !t.is_empty() && *t != "application/json" && *t != "text/plain");
-    let media_type = probe
-        .media_type
-        .as_deref()
-        .or(header_type)
-        .unwrap_or(if probe.manifests.is_some() {
-            OCI_INDEX
-        } else {
-            OCI_MANIFEST
-        });
+    let media_type =
+        probe
+            .media_type
+            .as_deref()
+            .or(header_type)
+            .unwrap_or(if probe.manifests.is_some() {
+                OCI_INDEX
+            } else {
+                OCI_MANIFEST
+            });
     match media_type {
         OCI_INDEX | DOCKER_LIST => ImageIndex::from_reader(body)
-            .map(Fetched::Index)
+            .map(|i| Fetched::Index(Box::new(i)))
             .map_err(|e| bad(format!("invalid index: {e}"))),
         OCI_MANIFEST | DOCKER_MANIFEST => ImageManifest::from_reader(body)
-            .map(Fetched::Manifest)
+            .map(|m| Fetched::Manifest(Box::new(m)))
             .map_err(|e| bad(format!("invalid manifest: {e}"))),
         other => Err(bad(format!("unsupported media type {other}"))),
     }
@@ -144,7 +151,7 @@ pub fn select_platform(
             (Some(_), None) => false,
         };
         if os == platform.os && arch == platform.architecture && variant_ok {
-            return digest_of(image, &m.digest().to_string());
+            return digest_of(image, m.digest().as_ref());
         }
     }
     Err(RegistryError::NoPlatform {
@@ -155,10 +162,11 @@ pub fn select_platform(
 }
 
 pub fn digest_of(image: &str, s: &str) -> Result<Digest, RegistryError> {
-    s.parse().map_err(|e: crate::digest::DigestError| RegistryError::BadManifest {
-        image: image.to_string(),
-        reason: e.to_string(),
-    })
+    s.parse()
+        .map_err(|e: crate::digest::DigestError| RegistryError::BadManifest {
+            image: image.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// The layer descriptors of a manifest, typed.
@@ -167,7 +175,7 @@ pub fn layers_of(image: &str, m: &ImageManifest) -> Result<Vec<LayerDescriptor>,
         .iter()
         .map(|d| {
             Ok(LayerDescriptor {
-                digest: digest_of(image, &d.digest().to_string())?,
+                digest: digest_of(image, d.digest().as_ref())?,
                 size: d.size(),
                 media_type: d.media_type().to_string(),
                 annotations: d.annotations().clone().unwrap_or_default(),
@@ -208,7 +216,10 @@ mod tests {
         };
         let err = select_platform("img", &idx, &"linux/s390x".parse().unwrap()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("linux/s390x") && msg.contains("linux/amd64"), "{msg}");
+        assert!(
+            msg.contains("linux/s390x") && msg.contains("linux/amd64"),
+            "{msg}"
+        );
     }
 
     #[test]

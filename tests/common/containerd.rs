@@ -45,7 +45,10 @@ impl Containerd {
         for t in ["containerd", "ctr", "ctr-remote"] {
             require_tool(t);
         }
-        let dir = tempfile::Builder::new().prefix("containerd-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("containerd-")
+            .tempdir()
+            .expect("tempdir");
         let d = dir.path();
         let socket = d.join("containerd.sock");
         let mut cfg = format!(
@@ -72,7 +75,10 @@ impl Containerd {
             }
         }
         if let Some(s) = &opts.streamsnap_socket {
-            cfg += &format!("[proxy_plugins.streamsnap]\n  type = \"snapshot\"\n  address = \"{}\"\n", s.display());
+            cfg += &format!(
+                "[proxy_plugins.streamsnap]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                s.display()
+            );
         }
         let config = d.join("config.toml");
         std::fs::write(&config, cfg).unwrap();
@@ -94,12 +100,28 @@ impl Containerd {
                 return true;
             }
             socket.exists()
-                && run_output(Command::new("ctr").arg("--address").arg(&socket).arg("version")).status.success()
+                && run_output(
+                    Command::new("ctr")
+                        .arg("--address")
+                        .arg(&socket)
+                        .arg("version"),
+                )
+                .status
+                .success()
         });
         if let Some(st) = exited {
-            panic!("containerd exited with {st}; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            panic!(
+                "containerd exited with {st}; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
-        Containerd { child, socket, namespace: opts.namespace, log_path, dir }
+        Containerd {
+            child,
+            socket,
+            namespace: opts.namespace,
+            log_path,
+            dir,
+        }
     }
 
     /// The containerd gRPC socket path.
@@ -156,8 +178,13 @@ impl Containerd {
 
     fn command(&self, tool: &str, args: &[&str]) -> Command {
         let mut c = Command::new(tool);
-        c.arg("--address").arg(&self.socket).arg("--namespace").arg(&self.namespace).args(args);
-        c.env_remove("CONTAINERD_SNAPSHOTTER").env_remove("CONTAINERD_NAMESPACE");
+        c.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args);
+        c.env_remove("CONTAINERD_SNAPSHOTTER")
+            .env_remove("CONTAINERD_NAMESPACE");
         c
     }
 
@@ -166,7 +193,14 @@ impl Containerd {
         let out = run_output(&mut c);
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             panic!(
                 "{tool} {:?} failed ({})\n--- stderr ---\n{}\n--- stdout ---\n{}\n--- containerd log tail ---\n{}",
                 args,
@@ -205,7 +239,11 @@ impl MountedImage<'_> {
 impl Drop for MountedImage<'_> {
     fn drop(&mut self) {
         let t = self.target.to_string_lossy().into_owned();
-        if self.containerd.try_ctr(&["images", "unmount", "--rm", &t]).is_err() {
+        if self
+            .containerd
+            .try_ctr(&["images", "unmount", "--rm", &t])
+            .is_err()
+        {
             umount_all_under(&self.target);
         }
     }
@@ -213,11 +251,34 @@ impl Drop for MountedImage<'_> {
 
 /// Ground truth: `ctr image pull --plain-http` with the overlayfs snapshotter, then `ctr images mount`
 /// (read-only view, key = target path, held by a 24 h lease that unmount --rm removes) at `target`.
-pub fn containerd_unpack<'a>(containerd: &'a Containerd, image_ref: &str, target: &Path) -> MountedImage<'a> {
+pub fn containerd_unpack<'a>(
+    containerd: &'a Containerd,
+    image_ref: &str,
+    target: &Path,
+) -> MountedImage<'a> {
     std::fs::create_dir_all(target).unwrap();
     let target = std::fs::canonicalize(target).unwrap();
     let t = target.to_string_lossy().into_owned();
-    containerd.ctr(&["images", "pull", "--plain-http", "--snapshotter", "overlayfs", image_ref]);
-    containerd.ctr(&["images", "mount", "--plain-http", "--snapshotter", "overlayfs", image_ref, &t]);
-    MountedImage { containerd, target, image_ref: image_ref.to_string() }
+    containerd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        image_ref,
+    ]);
+    containerd.ctr(&[
+        "images",
+        "mount",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        image_ref,
+        &t,
+    ]);
+    MountedImage {
+        containerd,
+        target,
+        image_ref: image_ref.to_string(),
+    }
 }

@@ -11,7 +11,11 @@ fn cpath(p: &Path) -> CString {
 
 fn check(rc: libc::c_int, what: &str, p: &Path) {
     if rc != 0 {
-        panic!("{what} {}: {}", p.display(), std::io::Error::last_os_error());
+        panic!(
+            "{what} {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -65,7 +69,11 @@ pub fn mkdirs(p: &Path) {
 
 /// lchown(2): sets uid/gid without following symlinks (clears setuid and security.capability, so call it first).
 pub fn lchown(p: &Path, uid: u32, gid: u32) {
-    check(unsafe { libc::lchown(cpath(p).as_ptr(), uid, gid) }, "lchown", p);
+    check(
+        unsafe { libc::lchown(cpath(p).as_ptr(), uid, gid) },
+        "lchown",
+        p,
+    );
 }
 
 /// chmod with the full mode including setuid/setgid/sticky bits.
@@ -77,7 +85,15 @@ pub fn chmod(p: &Path, mode: u32) {
 /// lsetxattr(2) with an arbitrary binary value.
 pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
-    let rc = unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr() as *const libc::c_void, value.len(), 0) };
+    let rc = unsafe {
+        libc::lsetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr() as *const libc::c_void,
+            value.len(),
+            0,
+        )
+    };
     check(rc, &format!("lsetxattr {name}"), p);
 }
 
@@ -94,31 +110,60 @@ pub fn capability_bytes() -> Vec<u8> {
 
 /// utimensat(AT_SYMLINK_NOFOLLOW): sets atime and mtime to `secs.nsec` (works on symlinks too).
 pub fn set_mtime(p: &Path, secs: i64, nsec: i64) {
-    let ts = [libc::timespec { tv_sec: secs, tv_nsec: nsec }, libc::timespec { tv_sec: secs, tv_nsec: nsec }];
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let ts = [
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
+    ];
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cpath(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     check(rc, "utimensat", p);
 }
 
 /// mknod(2) for a character device `major:minor` with permission bits `perm`.
 pub fn mknod_char(p: &Path, perm: u32, major: u32, minor: u32) {
     let dev = libc::makedev(major, minor);
-    check(unsafe { libc::mknod(cpath(p).as_ptr(), libc::S_IFCHR | perm, dev) }, "mknod c", p);
+    check(
+        unsafe { libc::mknod(cpath(p).as_ptr(), libc::S_IFCHR | perm, dev) },
+        "mknod c",
+        p,
+    );
 }
 
 /// mknod(2) for a block device `major:minor`.
 pub fn mknod_block(p: &Path, perm: u32, major: u32, minor: u32) {
     let dev = libc::makedev(major, minor);
-    check(unsafe { libc::mknod(cpath(p).as_ptr(), libc::S_IFBLK | perm, dev) }, "mknod b", p);
+    check(
+        unsafe { libc::mknod(cpath(p).as_ptr(), libc::S_IFBLK | perm, dev) },
+        "mknod b",
+        p,
+    );
 }
 
 /// mkfifo(3).
 pub fn mkfifo(p: &Path, perm: u32) {
-    check(unsafe { libc::mkfifo(cpath(p).as_ptr(), perm) }, "mkfifo", p);
+    check(
+        unsafe { libc::mkfifo(cpath(p).as_ptr(), perm) },
+        "mkfifo",
+        p,
+    );
 }
 
 /// Creates a symlink `p -> target`.
 pub fn symlink(target: &str, p: &Path) {
-    std::os::unix::fs::symlink(target, p).unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", p.display()));
+    std::os::unix::fs::symlink(target, p)
+        .unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", p.display()));
 }
 
 /// Creates a hard link `new` to `existing`.
@@ -126,5 +171,6 @@ pub fn hardlink(existing: &Path, new: &Path) {
     if let Some(d) = new.parent() {
         mkdirs(d);
     }
-    std::fs::hard_link(existing, new).unwrap_or_else(|e| panic!("link {} {}: {e}", existing.display(), new.display()));
+    std::fs::hard_link(existing, new)
+        .unwrap_or_else(|e| panic!("link {} {}: {e}", existing.display(), new.display()));
 }

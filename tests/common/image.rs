@@ -44,7 +44,12 @@ impl OciImage {
 
     /// Layer digests, bottom first.
     pub fn layer_digests(&self) -> Vec<String> {
-        self.manifest()["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+        self.manifest()["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -58,7 +63,12 @@ pub fn layer_listings(image: &OciImage) -> Vec<Vec<String>> {
     image
         .layer_digests()
         .iter()
-        .map(|d| run(Command::new("tar").arg("-tf").arg(image.blob_path(d))).lines().map(String::from).collect())
+        .map(|d| {
+            run(Command::new("tar").arg("-tf").arg(image.blob_path(d)))
+                .lines()
+                .map(String::from)
+                .collect()
+        })
         .collect()
 }
 
@@ -86,7 +96,11 @@ pub fn check_tars_well_formed(image: &OciImage) {
                 tail.drain(..tail.len() - 1024);
             }
         }
-        assert!(child.wait().unwrap().success(), "gzip -dc {} failed", p.display());
+        assert!(
+            child.wait().unwrap().success(),
+            "gzip -dc {} failed",
+            p.display()
+        );
         assert!(
             total % 512 == 0 && tail.len() == 1024 && tail.iter().all(|&b| b == 0),
             "layer {d} is not a well-formed tar (len {total}, last 1024 bytes zero: {})",
@@ -119,7 +133,13 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
     let r = bundle.join("rootfs");
     populate_base(&r, big_file_bytes);
-    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
+    umoci(&[
+        "repack",
+        "--refresh-bundle",
+        "--image",
+        &img,
+        bundle.to_str().unwrap(),
+    ]);
 
     // Layer 2: deletions and a rewrite.
     std::fs::remove_file(r.join("gone/file.txt")).unwrap();
@@ -129,7 +149,13 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     for p in ["etc/motd", "etc", "gone", "layer2/new.txt", "layer2", ""] {
         set_mtime(&r.join(p), T0 + 50, 0);
     }
-    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
+    umoci(&[
+        "repack",
+        "--refresh-bundle",
+        "--image",
+        &img,
+        bundle.to_str().unwrap(),
+    ]);
 
     // Layer 3: opaque replacement of /opq. (umoci 0.4.7 `insert --opaque` does write `opq/.wh..wh..opq`,
     // but its tar lacks the final padding and end-of-archive blocks, so we write this layer with GNU tar.)
@@ -150,14 +176,37 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     gnu_tar(&l4, &tar4);
     umoci(&["raw", "add-layer", "--image", &img, tar4.to_str().unwrap()]);
 
-    let image = OciImage { layout, tag: "feature".into() };
+    let image = OciImage {
+        layout,
+        tag: "feature".into(),
+    };
     check_tars_well_formed(&image);
     let lists = layer_listings(&image);
-    assert_eq!(lists.len(), 4, "feature image should have 4 layers: {lists:?}");
-    let has = |i: usize, name: &str| lists[i].iter().any(|e| e.trim_start_matches("./").trim_end_matches('/') == name);
-    assert!(has(1, "gone/.wh.file.txt") && has(1, ".wh.gone-dir"), "layer 2 lacks whiteouts: {:?}", lists[1]);
-    assert!(has(2, "opq/.wh..wh..opq"), "layer 3 lacks its opaque whiteout: {:?}", lists[2]);
-    assert!(has(3, "etc/.wh.tar-gone"), "layer 4 lacks its whiteout: {:?}", lists[3]);
+    assert_eq!(
+        lists.len(),
+        4,
+        "feature image should have 4 layers: {lists:?}"
+    );
+    let has = |i: usize, name: &str| {
+        lists[i]
+            .iter()
+            .any(|e| e.trim_start_matches("./").trim_end_matches('/') == name)
+    };
+    assert!(
+        has(1, "gone/.wh.file.txt") && has(1, ".wh.gone-dir"),
+        "layer 2 lacks whiteouts: {:?}",
+        lists[1]
+    );
+    assert!(
+        has(2, "opq/.wh..wh..opq"),
+        "layer 3 lacks its opaque whiteout: {:?}",
+        lists[2]
+    );
+    assert!(
+        has(3, "etc/.wh.tar-gone"),
+        "layer 4 lacks its whiteout: {:?}",
+        lists[3]
+    );
     let _ = std::fs::remove_dir_all(&bundle);
     image
 }
@@ -216,7 +265,11 @@ fn populate_base(r: &Path, big: u64) {
     set_xattr(&r.join("xattr/user"), "user.bin", &[0, 1, 2, 255, 0]);
     write_file(&r.join("xattr/cap"), b"#!/bin/sh\n");
     chmod(&r.join("xattr/cap"), 0o755);
-    set_xattr(&r.join("xattr/cap"), "security.capability", &capability_bytes());
+    set_xattr(
+        &r.join("xattr/cap"),
+        "security.capability",
+        &capability_bytes(),
+    );
     write_file(&r.join("xattr/trusted"), b"trusted\n");
     set_xattr(&r.join("xattr/trusted"), "trusted.foo", b"tval");
     mkdirs(&r.join("xattr/dir"));
@@ -226,7 +279,10 @@ fn populate_base(r: &Path, big: u64) {
     write_file(&r.join("long").join(&n150), b"long name\n");
     let d90 = |c: &str| format!("{}{}", c, "d".repeat(89));
     let deep = r.join("long").join(d90("a")).join(d90("b")).join(d90("c"));
-    write_file(&deep.join(format!("f{}", "f".repeat(99))), b"deep long path\n");
+    write_file(
+        &deep.join(format!("f{}", "f".repeat(99))),
+        b"deep long path\n",
+    );
     // Special files.
     mkdirs(&r.join("dev"));
     mkfifo(&r.join("dev/fifo"), 0o644);
@@ -266,7 +322,11 @@ fn populate_subsecond(l: &Path) {
     write_file(&l.join("subsec/setuid-cap"), b"#!/bin/sh\n");
     lchown(&l.join("subsec/setuid-cap"), 1000, 2000);
     chmod(&l.join("subsec/setuid-cap"), 0o4750);
-    set_xattr(&l.join("subsec/setuid-cap"), "security.capability", &capability_bytes());
+    set_xattr(
+        &l.join("subsec/setuid-cap"),
+        "security.capability",
+        &capability_bytes(),
+    );
     set_xattr(&l.join("subsec/setuid-cap"), "user.foo", b"pax");
     symlink("a.txt", &l.join("subsec/sym"));
     let long = format!("pax-{}", "p".repeat(200));
@@ -294,11 +354,18 @@ fn populate_subsecond(l: &Path) {
 
 /// Writes an uncompressed pax tar of `dir`'s contents (no `./` prefix, sorted, numeric owners, all xattrs).
 fn gnu_tar(dir: &Path, out: &Path) {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     run(Command::new("tar")
-        .args(["--format=pax", "--pax-option=delete=atime,delete=ctime", "--xattrs", "--xattrs-include=*"])
+        .args([
+            "--format=pax",
+            "--pax-option=delete=atime,delete=ctime",
+            "--xattrs",
+            "--xattrs-include=*",
+        ])
         .args(["--numeric-owner", "--sort=name", "-C"])
         .arg(dir)
         .arg("-cf")
@@ -333,11 +400,17 @@ pub fn build_big_layer_image(dir: &Path, size_mib: u64) -> BigLayerImage {
     umoci(&["new", "--image", &img]);
     let src = dir.join("big-src");
     let before = vec![
-        ("aa-before/one.txt".to_string(), b"small file before the big one\n".to_vec()),
+        (
+            "aa-before/one.txt".to_string(),
+            b"small file before the big one\n".to_vec(),
+        ),
         ("aa-before/two.bin".to_string(), random_bytes(5000, 7)),
     ];
     let after = vec![
-        ("zz-after/one.txt".to_string(), b"small file after the big one\n".to_vec()),
+        (
+            "zz-after/one.txt".to_string(),
+            b"small file after the big one\n".to_vec(),
+        ),
         ("zz-after/two.bin".to_string(), random_bytes(5000, 8)),
     ];
     for (p, c) in before.iter().chain(after.iter()) {
@@ -350,10 +423,26 @@ pub fn build_big_layer_image(dir: &Path, size_mib: u64) -> BigLayerImage {
     umoci(&["raw", "add-layer", "--image", &img, tar.to_str().unwrap()]);
     std::fs::remove_file(&tar).unwrap();
     std::fs::remove_dir_all(&src).unwrap();
-    let image = OciImage { layout, tag: "big".into() };
+    let image = OciImage {
+        layout,
+        tag: "big".into(),
+    };
     check_tars_well_formed(&image);
     let list = &layer_listings(&image)[0];
-    let pos = |n: &str| list.iter().position(|e| e == n).unwrap_or_else(|| panic!("{n} not in layer: {list:?}"));
-    assert!(pos("aa-before/one.txt") < pos("big.bin") && pos("big.bin") < pos("zz-after/one.txt"), "order: {list:?}");
-    BigLayerImage { image, big_path: "big.bin".into(), big_size, before, after }
+    let pos = |n: &str| {
+        list.iter()
+            .position(|e| e == n)
+            .unwrap_or_else(|| panic!("{n} not in layer: {list:?}"))
+    };
+    assert!(
+        pos("aa-before/one.txt") < pos("big.bin") && pos("big.bin") < pos("zz-after/one.txt"),
+        "order: {list:?}"
+    );
+    BigLayerImage {
+        image,
+        big_path: "big.bin".into(),
+        big_size,
+        before,
+        after,
+    }
 }

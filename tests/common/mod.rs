@@ -13,7 +13,9 @@ pub mod tree;
 
 pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage};
 pub use fsutil::write_random_file;
-pub use image::{build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage};
+pub use image::{
+    build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage,
+};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry};
 pub use streamsnap::MountProcess;
@@ -43,7 +45,10 @@ pub fn run_output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null());
     match cmd.output() {
         Ok(o) => o,
-        Err(e) => panic!("cannot run {:?}: {e} (is the tool installed? see .ci/run / apt packages)", cmd),
+        Err(e) => panic!(
+            "cannot run {:?}: {e} (is the tool installed? see .ci/run / apt packages)",
+            cmd
+        ),
     }
 }
 
@@ -57,13 +62,19 @@ pub fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(tool).is_file());
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file());
     assert!(found, "required tool `{tool}` not found on PATH: install it (Debian package) before running tests");
 }
 
 /// Panics unless running as root: containerd, mounts, mknod and chown all need it.
 pub fn require_root() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these integration tests must run as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these integration tests must run as root"
+    );
 }
 
 /// Returns a currently free TCP port on 127.0.0.1 (bind port 0, read it, release it).
@@ -103,7 +114,9 @@ pub fn terminate(child: &mut std::process::Child, grace: Duration) {
 /// Lazily unmounts (MNT_DETACH) every mount point at or below `dir`, deepest first; errors are ignored.
 pub fn umount_all_under(dir: &Path) {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let mut points: Vec<String> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -125,7 +138,9 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
                 out.push(v);
                 i += 4;
                 continue;

@@ -18,7 +18,12 @@ pub enum Format {
 
 impl Format {
     /// All four formats.
-    pub const ALL: [Format; 4] = [Format::Uncompressed, Format::Gzip, Format::Estargz, Format::ZstdChunked];
+    pub const ALL: [Format; 4] = [
+        Format::Uncompressed,
+        Format::Gzip,
+        Format::Estargz,
+        Format::ZstdChunked,
+    ];
 
     /// Short name used as the pushed tag suffix.
     pub fn suffix(self) -> &'static str {
@@ -51,7 +56,16 @@ pub fn push_all(image: &OciImage, registry: &Registry, formats: &[Format]) -> Ve
     require_tool("skopeo");
     let base = format!("{}/streamsnap/{}", registry.addr(), image.tag);
     let gz = format!("{base}:{}-gzip", image.tag);
-    run(Command::new("skopeo").args(["copy", "--quiet", "--dest-tls-verify=false", "--format", "oci"]).arg(image.oci_ref()).arg(format!("docker://{gz}")));
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            "oci",
+        ])
+        .arg(image.oci_ref())
+        .arg(format!("docker://{gz}")));
     let mut ctd: Option<Containerd> = None;
     let mut out = Vec::new();
     for &f in formats {
@@ -80,14 +94,22 @@ pub fn push_all(image: &OciImage, registry: &Registry, formats: &[Format]) -> Ve
 /// Panics unless the manifest at `reference` has only layers of `format`'s media type and annotations.
 pub fn verify_pushed(registry: &Registry, reference: &str, format: Format) {
     let m = registry.manifest(reference);
-    let layers = m["layers"].as_array().unwrap_or_else(|| panic!("no layers in {reference}: {m}"));
+    let layers = m["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no layers in {reference}: {m}"));
     assert!(!layers.is_empty(), "{reference} has no layers");
     for l in layers {
-        assert_eq!(l["mediaType"], format.layer_media_type(), "{reference} ({format:?}) layer: {l}");
+        assert_eq!(
+            l["mediaType"],
+            format.layer_media_type(),
+            "{reference} ({format:?}) layer: {l}"
+        );
         let ann = &l["annotations"];
         let toc = ann["containerd.io/snapshot/stargz/toc.digest"].is_string();
         match format {
-            Format::Uncompressed | Format::Gzip => assert!(!toc, "{reference}: unexpected TOC annotation {l}"),
+            Format::Uncompressed | Format::Gzip => {
+                assert!(!toc, "{reference}: unexpected TOC annotation {l}")
+            }
             Format::Estargz => assert!(toc, "{reference}: eStargz layer lacks toc.digest: {l}"),
             Format::ZstdChunked => assert!(
                 toc && ann["io.containers.zstd-chunked.manifest-checksum"].is_string(),

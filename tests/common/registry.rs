@@ -33,7 +33,10 @@ impl Registry {
     pub fn start() -> Registry {
         require_tool("docker-registry");
         require_tool("curl");
-        let dir = tempfile::Builder::new().prefix("registry-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("registry-")
+            .tempdir()
+            .expect("tempdir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
         let log_path = dir.path().join("registry.log");
@@ -65,16 +68,29 @@ impl Registry {
             let start = Instant::now();
             loop {
                 if let Ok(Some(st)) = child.try_wait() {
-                    last_err = format!("docker-registry exited with {st}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+                    last_err = format!(
+                        "docker-registry exited with {st}: {}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                     break;
                 }
-                let out = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output();
+                let out = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                    .output();
                 if matches!(&out, Ok(o) if o.stdout == b"200") {
-                    return Registry { child, port, log_path, dir };
+                    return Registry {
+                        child,
+                        port,
+                        log_path,
+                        dir,
+                    };
                 }
                 if start.elapsed() > Duration::from_secs(20) {
                     terminate(&mut child, Duration::from_secs(2));
-                    panic!("docker-registry did not answer {url} within 20s; log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+                    panic!(
+                        "docker-registry did not answer {url} within 20s; log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -100,7 +116,9 @@ impl Registry {
     /// Current log offset; pass it to `*_since` to measure what happened after this point.
     pub fn mark(&self) -> u64 {
         self.settle();
-        std::fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     /// All blob GETs logged since `mark` (waits briefly for the log to stop growing first).
@@ -110,7 +128,10 @@ impl Registry {
         f.seek(SeekFrom::Start(mark)).unwrap();
         let mut buf = Vec::new();
         f.read_to_end(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf).lines().filter_map(parse_blob_get).collect()
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .filter_map(parse_blob_get)
+            .collect()
     }
 
     /// All blob GETs logged since the registry started.
@@ -145,7 +166,9 @@ impl Registry {
 
     /// Fetches the OCI/Docker manifest for `repo:tag` or `repo@digest` (refs may include the host) via curl.
     pub fn manifest(&self, reference: &str) -> serde_json::Value {
-        let r = reference.strip_prefix(&format!("{}/", self.addr())).unwrap_or(reference);
+        let r = reference
+            .strip_prefix(&format!("{}/", self.addr()))
+            .unwrap_or(reference);
         let (repo, tag) = match r.split_once('@') {
             Some((repo, d)) => (repo, d),
             None => r.rsplit_once(':').unwrap_or((r, "latest")),
@@ -157,12 +180,17 @@ impl Registry {
             "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
             &url,
         ]));
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("manifest at {url} is not JSON ({e}): {body}"))
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("manifest at {url} is not JSON ({e}): {body}"))
     }
 
     /// Waits (max ~3 s) until the log file stops growing, since the registry logs right after a response ends.
     fn settle(&self) {
-        let len = || std::fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0);
+        let len = || {
+            std::fs::metadata(&self.log_path)
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
         let start = Instant::now();
         let mut prev = len();
         loop {
@@ -203,7 +231,10 @@ fn parse_blob_get(line: &str) -> Option<BlobRequest> {
     }
     Some(BlobRequest {
         digest,
-        status: f.get("http.response.status").and_then(|s| s.parse().ok()).unwrap_or(0),
+        status: f
+            .get("http.response.status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
         bytes: f.get("http.response.written")?.parse().ok()?,
         uri,
     })
@@ -255,6 +286,9 @@ mod tests {
     fn parses_real_line() {
         let l = r#"time="2026-11-26T07:37:09.193646837Z" level=info msg="response completed" go.version=go1.19.8 http.request.host="127.0.0.1:5999" http.request.id=f5 http.request.method=GET http.request.remoteaddr="127.0.0.1:56536" http.request.uri="/v2/x/blobs/sha256:ab" http.request.useragent="containerd/1.6.20~ds1" http.response.contenttype="application/octet-stream" http.response.duration=1.6ms http.response.status=206 http.response.written=4096"#;
         let r = super::parse_blob_get(l).unwrap();
-        assert_eq!((r.digest.as_str(), r.status, r.bytes), ("sha256:ab", 206, 4096));
+        assert_eq!(
+            (r.digest.as_str(), r.status, r.bytes),
+            ("sha256:ab", 206, 4096)
+        );
     }
 }

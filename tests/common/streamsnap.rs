@@ -21,11 +21,17 @@ pub struct MountProcess {
 impl MountProcess {
     /// Starts `streamsnap mount [extra] IMAGE MOUNTPOINT` and waits until it reports the mount.
     pub fn start(image: &str, state_dir: &Path, mountpoint: &Path, extra: &[&str]) -> MountProcess {
-        Self::try_start(image, state_dir, mountpoint, extra).unwrap_or_else(|log| panic!("streamsnap mount {image} failed:\n{log}"))
+        Self::try_start(image, state_dir, mountpoint, extra)
+            .unwrap_or_else(|log| panic!("streamsnap mount {image} failed:\n{log}"))
     }
 
     /// Like `start`, but returns the log when the command exits instead of mounting.
-    pub fn try_start(image: &str, state_dir: &Path, mountpoint: &Path, extra: &[&str]) -> Result<MountProcess, String> {
+    pub fn try_start(
+        image: &str,
+        state_dir: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+    ) -> Result<MountProcess, String> {
         std::fs::create_dir_all(mountpoint).unwrap();
         let mut child = Command::new(binary())
             .arg("mount")
@@ -59,15 +65,23 @@ impl MountProcess {
             }
         });
         let mut exited = false;
-        wait_until(Duration::from_secs(300), "streamsnap mount to report its mount", || {
-            exited = matches!(child.try_wait(), Ok(Some(_)));
-            exited || *mounted.lock().unwrap()
-        });
+        wait_until(
+            Duration::from_secs(300),
+            "streamsnap mount to report its mount",
+            || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited || *mounted.lock().unwrap()
+            },
+        );
         if exited {
             std::thread::sleep(Duration::from_millis(100));
             return Err(log.lock().unwrap().clone());
         }
-        Ok(MountProcess { child, mountpoint: mountpoint.to_path_buf(), log })
+        Ok(MountProcess {
+            child,
+            mountpoint: mountpoint.to_path_buf(),
+            log,
+        })
     }
 
     /// Everything the process printed so far.
@@ -81,11 +95,16 @@ impl MountProcess {
         let status = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let log = self.log();
-        assert!(status.success(), "streamsnap mount exited with {status}:\n{log}");
+        assert!(
+            status.success(),
+            "streamsnap mount exited with {status}:\n{log}"
+        );
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let mp = std::fs::canonicalize(&self.mountpoint).unwrap();
         assert!(
-            !info.lines().any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())),
+            !info
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())),
             "mount point {} still mounted after exit",
             mp.display()
         );
