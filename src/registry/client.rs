@@ -223,17 +223,17 @@ impl Registry {
             match read_exact_body(resp, skip, len).await {
                 Ok(b) if b.len() as u64 == len => return Ok(b),
                 Ok(b) => {
-                    // Truncated: retry, the connection may have been cut.
                     warn!(%digest, offset, len, got = b.len(), "short blob range read, retrying");
-                    last_err = Some(bad(format!("truncated: got {} of {len} bytes", b.len())));
+                    last_err = Some(bad(format!(
+                        "truncated: body ended after {} of {len} bytes",
+                        b.len()
+                    )));
                 }
-                Err(e) => {
-                    warn!(%digest, offset, len, error = %e, "blob range read failed, retrying");
-                    last_err = Some(RegistryError::Transport {
-                        op: OP,
-                        url: url.clone(),
-                        source: e,
-                    });
+                Err((got, e)) => {
+                    warn!(%digest, offset, len, got, error = %e, "blob range read failed, retrying");
+                    last_err = Some(bad(format!(
+                        "truncated: connection failed after {got} of {len} bytes ({e})"
+                    )));
                 }
             }
         }
@@ -602,9 +602,14 @@ async fn read_exact_body(
     mut resp: Response,
     mut skip: u64,
     len: u64,
-) -> Result<Bytes, reqwest::Error> {
+) -> Result<Bytes, (usize, reqwest::Error)> {
     let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
-    while let Some(chunk) = resp.chunk().await? {
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => return Err((out.len(), e)),
+        };
         let mut chunk = &chunk[..];
         if skip > 0 {
             let n = skip.min(chunk.len() as u64) as usize;

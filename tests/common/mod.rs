@@ -6,7 +6,9 @@
 pub mod containerd;
 pub mod fsutil;
 pub mod image;
+pub mod proxy;
 pub mod push;
+pub mod raw;
 pub mod registry;
 pub mod streamsnap;
 pub mod tree;
@@ -16,6 +18,7 @@ pub use fsutil::write_random_file;
 pub use image::{
     build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage,
 };
+pub use proxy::{Fault, FaultProxy};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry};
 pub use streamsnap::MountProcess;

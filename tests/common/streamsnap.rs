@@ -32,6 +32,17 @@ impl MountProcess {
         mountpoint: &Path,
         extra: &[&str],
     ) -> Result<MountProcess, String> {
+        Self::try_start_env(image, state_dir, mountpoint, extra, &[])
+    }
+
+    /// Like `try_start`, with extra environment variables for the process.
+    pub fn try_start_env(
+        image: &str,
+        state_dir: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Result<MountProcess, String> {
         std::fs::create_dir_all(mountpoint).unwrap();
         let mut child = Command::new(binary())
             .arg("mount")
@@ -41,6 +52,7 @@ impl MountProcess {
             .arg(image)
             .arg(mountpoint)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,235 @@
+//! A fault-injecting HTTP proxy in front of the real registry: the "registry the
+//! test controls". It forwards each request (one per connection) and can answer
+//! with an error status, truncate or corrupt bodies, redirect, or demand basic auth.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+/// What to do to requests whose URI contains a pattern.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status and an empty body, `times` times (then forward normally).
+    Status {
+        code: u16,
+        times: u32,
+        retry_after: Option<u32>,
+    },
+    /// Send only the first `keep` bytes of the body, then close.
+    Truncate { keep: usize },
+    /// Flip one byte in the middle of the body.
+    FlipByte,
+    /// Replace the body.
+    Garbage(Vec<u8>),
+    /// Answer 307 to `/redirected<uri>`, which is then forwarded.
+    Redirect,
+}
+
+#[derive(Default)]
+struct State {
+    rules: Vec<(String, Fault)>,
+    /// Basic credentials required on every non-redirected request, if set.
+    basic_auth: Option<String>,
+    /// Authorization header (if any) of each request that arrived at a redirect target.
+    redirected_auth: Vec<Option<String>>,
+}
+
+/// The proxy; stops accepting when dropped (its listener thread ends with the test process).
+pub struct FaultProxy {
+    port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+impl FaultProxy {
+    /// Listens on a free 127.0.0.1 port and forwards to `upstream` ("127.0.0.1:PORT").
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let (s, up) = (state.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (s, up) = (s.clone(), up.clone());
+                std::thread::spawn(move || {
+                    let _ = handle(conn, &up, &s);
+                });
+            }
+        });
+        FaultProxy { port, state }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Adds a fault for URIs containing `pattern` (the first matching rule applies).
+    pub fn set(&self, pattern: &str, fault: Fault) {
+        self.state
+            .lock()
+            .unwrap()
+            .rules
+            .push((pattern.to_string(), fault));
+    }
+
+    /// Removes all faults.
+    pub fn clear(&self) {
+        self.state.lock().unwrap().rules.clear();
+    }
+
+    /// Requires `Authorization: Basic base64(user:pass)` (given already encoded).
+    pub fn require_basic_auth(&self, encoded: &str) {
+        self.state.lock().unwrap().basic_auth = Some(format!("Basic {encoded}"));
+    }
+
+    /// Authorization headers seen on redirect targets.
+    pub fn redirected_auth(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().redirected_auth.clone()
+    }
+}
+
+fn read_head(conn: &mut TcpStream) -> std::io::Result<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)?;
+    Ok((first, headers, body))
+}
+
+fn respond(
+    conn: &mut TcpStream,
+    status: u16,
+    extra: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)
+}
+
+fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Result<()> {
+    let (first, headers, body) = read_head(&mut conn)?;
+    let mut parts = first.split(' ');
+    let (method, mut uri) = (
+        parts.next().unwrap_or("GET").to_string(),
+        parts.next().unwrap_or("/").to_string(),
+    );
+    let auth = headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone());
+    let redirected = uri.starts_with("/redirected/");
+    if redirected {
+        uri = uri.trim_start_matches("/redirected").to_string();
+        state.lock().unwrap().redirected_auth.push(auth.clone());
+    } else if let Some(required) = state.lock().unwrap().basic_auth.clone() {
+        if auth.as_deref() != Some(required.as_str()) {
+            return respond(
+                &mut conn,
+                401,
+                &[("WWW-Authenticate", "Basic realm=\"test\"".into())],
+                b"",
+            );
+        }
+    }
+    let fault = {
+        let mut st = state.lock().unwrap();
+        let found = st.rules.iter_mut().find(|(p, _)| uri.contains(p.as_str()));
+        match found {
+            Some((_, Fault::Status { times, .. })) if *times == 0 => None,
+            Some((_, f)) => {
+                let out = f.clone();
+                if let Fault::Status { times, .. } = f {
+                    *times -= 1;
+                }
+                Some(out)
+            }
+            None => None,
+        }
+    };
+    match &fault {
+        Some(Fault::Status {
+            code, retry_after, ..
+        }) => {
+            let extra: Vec<(&str, String)> = retry_after
+                .iter()
+                .map(|s| ("Retry-After", s.to_string()))
+                .collect();
+            return respond(&mut conn, *code, &extra, b"");
+        }
+        Some(Fault::Redirect) if !redirected => {
+            return respond(
+                &mut conn,
+                307,
+                &[("Location", format!("/redirected{uri}"))],
+                b"",
+            );
+        }
+        _ => {}
+    }
+    let mut up = TcpStream::connect(upstream)?;
+    let mut req = format!("{method} {uri} HTTP/1.1\r\n");
+    for (k, v) in &headers {
+        if k != "connection" && k != "authorization" {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    up.write_all(req.as_bytes())?;
+    up.write_all(&body)?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .unwrap_or(resp.len());
+    let (head, mut payload) = (resp[..split].to_vec(), resp[split..].to_vec());
+    match fault {
+        Some(Fault::Truncate { keep }) => {
+            conn.write_all(&head)?;
+            return conn.write_all(&payload[..keep.min(payload.len())]);
+        }
+        Some(Fault::FlipByte) if !payload.is_empty() => {
+            let i = payload.len() / 2;
+            payload[i] ^= 0x55;
+        }
+        Some(Fault::Garbage(g)) => {
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let mut lines: Vec<String> =
+                text.trim_end().split("\r\n").map(str::to_string).collect();
+            lines.retain(|l| !l.to_ascii_lowercase().starts_with("content-length"));
+            lines.push(format!("Content-Length: {}", g.len()));
+            conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
+            return conn.write_all(&g);
+        }
+        _ => {}
+    }
+    conn.write_all(&head)?;
+    conn.write_all(&payload)
+}
