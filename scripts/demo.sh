@@ -33,8 +33,9 @@ YAML
 docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$port/v2/" >/dev/null; do sleep 0.1; done
-served() { grep -o 'http.response.written=[0-9]*' "$work/registry.log" | cut -d= -f2 | paste -sd+ | bc 2>/dev/null || echo 0; }
-command -v bc >/dev/null || served() { grep -o 'http.response.written=[0-9]*' "$work/registry.log" | cut -d= -f2 | awk '{s+=$1} END {print s+0}'; }
+# The registry's own count of body bytes written, from its log.
+served() { grep -o 'http.response.written=[0-9]*' "$work/registry.log" | cut -d= -f2 | awk '{s+=$1} END {print s+0}'; }
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b-a}'; }
 
 step "image: busybox userland + 512 MiB of model weights"
 layout=$work/layout
@@ -83,8 +84,7 @@ mount_image() {
 step "streamsnap mount (cold cache)"
 before=$(served); t0=$(date +%s.%N)
 mount_image
-t1=$(date +%s.%N)
-printf 'mounted in %.2f s; registry served %s bytes (footer + TOC) of %s\n' "$(echo "$t1 - $t0" | bc)" "$(( $(served) - before ))" "$layer_bytes"
+echo "mounted in $(elapsed "$t0") s; registry served $(( $(served) - before )) bytes (footer + TOC) of $layer_bytes"
 ls -l "$work/mnt" "$work/mnt/models"
 
 step "run a program from the mount"
@@ -93,9 +93,9 @@ chroot "$work/mnt" /bin/sh -c 'cat /etc/motd; ls /bin | wc -l'
 echo "registry served $(( $(served) - before )) more bytes (busybox and motd only)"
 
 step "read all model weights (sequential, verified chunk by chunk)"
-before=$(served)
+before=$(served); t0=$(date +%s.%N)
 chroot "$work/mnt" /bin/sha256sum /models/weights-1.bin /models/weights-2.bin
-echo "registry served $(( $(served) - before )) more bytes"
+echo "registry served $(( $(served) - before )) more bytes in $(elapsed "$t0") s"
 
 step "unmount (SIGTERM) and mount again with the same state dir"
 kill -TERM $mpid; wait $mpid

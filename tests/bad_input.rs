@@ -280,3 +280,78 @@ fn basic_auth_from_docker_config_and_redirects_without_credentials() {
     );
     mount.stop();
 }
+
+#[test]
+fn bearer_tokens_are_fetched_with_docker_config_credentials_and_refreshed() {
+    let s = estargz_behind_proxy();
+    s.proxy
+        .require_bearer("YWxpY2U6czNjcmV0", std::time::Duration::from_secs(10));
+    let docker = s.work.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            s.proxy.addr()
+        ),
+    )
+    .unwrap();
+    let mount = MountProcess::try_start_env(
+        &s.reference,
+        &s.work.path().join("state"),
+        &s.work.path().join("mnt"),
+        &[],
+        &[("DOCKER_CONFIG", &docker)],
+    )
+    .unwrap_or_else(|log| panic!("mount failed:\n{log}"));
+    let (path, content) = &s.image.before[0];
+    assert_eq!(
+        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+        content
+    );
+    let first = s.proxy.tokens_issued();
+    assert!(first >= 1);
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    let (path, content) = &s.image.after[0];
+    assert_eq!(
+        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+        content
+    );
+    assert!(
+        s.proxy.tokens_issued() > first,
+        "the expired token was not refreshed"
+    );
+    mount.stop();
+}
+
+#[test]
+fn a_layer_downloaded_whole_is_checked_against_its_digest() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_big_layer_image(&work.path().join("image"), 4);
+    let pushed = push(&image.image, &registry, Format::Gzip);
+    let proxy = FaultProxy::start(&registry.addr());
+    let reference = pushed.replacen(&registry.addr(), &proxy.addr(), 1);
+    proxy.set("/blobs/", Fault::FlipByte);
+    let log = mount_fails(&reference, &work.path().join("flip"));
+    assert_mentions(&log, &["layer sha256:", "downloaded content hashes to"]);
+    proxy.clear();
+    proxy.set("/blobs/", Fault::Truncate { keep: 1000 });
+    let log = mount_fails(&reference, &work.path().join("trunc"));
+    assert_mentions(&log, &["layer sha256:", "download"]);
+    // And with a well-behaved registry the same image mounts.
+    proxy.clear();
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("ok"),
+        &work.path().join("mnt"),
+        &[],
+    );
+    let (path, content) = &image.after[0];
+    assert_eq!(
+        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+        content
+    );
+    mount.stop();
+}

@@ -410,6 +410,23 @@ mod tests {
         assert!(e.contains("offset 0") && e.contains("checksum"), "{e}");
     }
 
+    #[tokio::test]
+    async fn base256_numbers_and_gnu_long_names_are_read() {
+        let long = "l".repeat(120);
+        let data = build_tar(|b| {
+            let mut h = header("x", 0, tar::EntryType::Regular);
+            h.set_uid(3_000_000_000); // too large for octal: GNU base-256
+            h.set_mtime(1);
+            h.set_cksum();
+            b.append_data(&mut h, &long, &[][..]).unwrap();
+        });
+        let idx = index(data).await.unwrap();
+        assert_eq!(
+            idx.node(idx.resolve(&long).unwrap()).unwrap().uid,
+            3_000_000_000
+        );
+    }
+
     #[test]
     fn negative_fractional_pax_time() {
         assert_eq!(

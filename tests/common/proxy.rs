@@ -31,6 +31,14 @@ struct State {
     basic_auth: Option<String>,
     /// Authorization header (if any) of each request that arrived at a redirect target.
     redirected_auth: Vec<Option<String>>,
+    /// Bearer mode: tokens issued (value, expiry) by `/token`, which wants these basic credentials.
+    bearer: Option<Bearer>,
+}
+
+struct Bearer {
+    basic: String,
+    lifetime: std::time::Duration,
+    issued: Vec<(String, std::time::Instant)>,
 }
 
 /// The proxy; stops accepting when dropped (its listener thread ends with the test process).
@@ -78,6 +86,26 @@ impl FaultProxy {
     /// Requires `Authorization: Basic base64(user:pass)` (given already encoded).
     pub fn require_basic_auth(&self, encoded: &str) {
         self.state.lock().unwrap().basic_auth = Some(format!("Basic {encoded}"));
+    }
+
+    /// Requires bearer tokens from this proxy's `/token` endpoint (which itself
+    /// wants `Basic encoded`), each valid for `lifetime`.
+    pub fn require_bearer(&self, encoded: &str, lifetime: std::time::Duration) {
+        self.state.lock().unwrap().bearer = Some(Bearer {
+            basic: format!("Basic {encoded}"),
+            lifetime,
+            issued: Vec::new(),
+        });
+    }
+
+    /// How many tokens `/token` has issued.
+    pub fn tokens_issued(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .bearer
+            .as_ref()
+            .map_or(0, |b| b.issued.len())
     }
 
     /// Authorization headers seen on redirect targets.
@@ -147,6 +175,8 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
     if redirected {
         uri = uri.trim_start_matches("/redirected").to_string();
         state.lock().unwrap().redirected_auth.push(auth.clone());
+    } else if let Some(answer) = bearer_check(state, &uri, auth.as_deref(), &headers) {
+        return answer(&mut conn);
     } else if let Some(required) = state.lock().unwrap().basic_auth.clone() {
         if auth.as_deref() != Some(required.as_str()) {
             return respond(
@@ -232,4 +262,58 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
     }
     conn.write_all(&head)?;
     conn.write_all(&payload)
+}
+
+type Answer = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()>>;
+
+/// In bearer mode: serves `/token`, and challenges requests without a live token.
+fn bearer_check(
+    state: &Mutex<State>,
+    uri: &str,
+    auth: Option<&str>,
+    headers: &[(String, String)],
+) -> Option<Answer> {
+    let mut st = state.lock().unwrap();
+    let b = st.bearer.as_mut()?;
+    if uri.starts_with("/token") {
+        if auth != Some(b.basic.as_str()) {
+            return Some(Box::new(|c| respond(c, 401, &[], b"")));
+        }
+        let token = format!("tok-{}", b.issued.len());
+        b.issued
+            .push((token.clone(), std::time::Instant::now() + b.lifetime));
+        let body = format!(
+            r#"{{"token":"{token}","expires_in":{}}}"#,
+            b.lifetime.as_secs()
+        );
+        return Some(Box::new(move |c| {
+            respond(
+                c,
+                200,
+                &[("Content-Type", "application/json".into())],
+                body.as_bytes(),
+            )
+        }));
+    }
+    let live = auth
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            b.issued
+                .iter()
+                .any(|(v, exp)| v == t && *exp > std::time::Instant::now())
+        });
+    if live {
+        return None;
+    }
+    let host = headers
+        .iter()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let challenge = format!(
+        r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#
+    );
+    Some(Box::new(move |c| {
+        respond(c, 401, &[("WWW-Authenticate", challenge)], b"")
+    }))
 }

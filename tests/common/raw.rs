@@ -71,6 +71,17 @@ fn upload(registry: &str, repo: &str, data: &[u8]) -> String {
 
 /// Pushes an image made of these (media type, blob) layers; returns its reference.
 pub fn push_layers(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u8>)]) -> String {
+    push_image(registry, repo, tag, layers);
+    format!("{registry}/{repo}:{tag}")
+}
+
+/// Like `push_layers`; returns the manifest's digest and size.
+pub fn push_image(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[(&str, Vec<u8>)],
+) -> (String, usize) {
     let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256(b)).collect();
     let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
     let config = serde_json::to_vec(&config).unwrap();
@@ -85,14 +96,17 @@ pub fn push_layers(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
         "layers": descs,
     });
-    put_manifest(
-        registry,
-        repo,
-        tag,
-        "application/vnd.oci.image.manifest.v1+json",
-        &serde_json::to_vec(&manifest).unwrap(),
-    );
-    format!("{registry}/{repo}:{tag}")
+    let body = serde_json::to_vec(&manifest).unwrap();
+    (
+        put_manifest(
+            registry,
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &body,
+        ),
+        body.len(),
+    )
 }
 
 /// PUTs a manifest (or index) under a tag.

@@ -102,8 +102,13 @@ impl MountProcess {
     }
 
     /// SIGTERM, then the exit status; panics if it does not exit 0 or leaves mounts behind.
-    pub fn stop(mut self) -> String {
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    pub fn stop(self) -> String {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Like `stop`, with another signal (SIGINT, as Ctrl-C sends).
+    pub fn stop_with(mut self, signal: i32) -> String {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         let status = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let log = self.log();
