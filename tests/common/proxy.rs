@@ -114,7 +114,10 @@ impl FaultProxy {
     }
 }
 
-fn read_head(conn: &mut TcpStream) -> std::io::Result<(String, Vec<(String, String)>, Vec<u8>)> {
+/// Request line, lower-cased headers, body.
+type Request = (String, Vec<(String, String)>, Vec<u8>);
+
+fn read_head(conn: &mut TcpStream) -> std::io::Result<Request> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
