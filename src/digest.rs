@@ -59,9 +59,7 @@ impl FromStr for Digest {
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(err("expected 64 lower-case hex digits"));
         }
-        Ok(Self {
-            hex: hex.to_string(),
-        })
+        Ok(Self { hex: hex.to_string() })
     }
 }
 

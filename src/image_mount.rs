@@ -55,12 +55,7 @@ impl MountedImage {
     pub fn bytes_fetched(&self) -> u64 {
         self.layers
             .iter()
-            .map(|l| {
-                l.fetcher
-                    .stats
-                    .bytes_fetched
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
+            .map(|l| l.fetcher.stats.bytes_fetched.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     }
 }
@@ -96,7 +91,7 @@ pub async fn mount_image(
         resolved
             .layers
             .iter()
-            .map(|d| layer::open(ctx, &resolved.reference, d)),
+            .map(|d| layer::open(ctx, &resolved.reference, d, layer::Fallback::Download)),
     )
     .await;
     let mut mounted = MountedImage {
@@ -115,19 +110,14 @@ pub async fn mount_image(
             overlay::unmount(&dir, true)?;
         }
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), runtime.clone());
-        let session = fs.mount(&dir, &layer.digest.hex()[..12]).map_err(|e| {
-            anyhow::anyhow!("mounting layer {} at {}: {e}", layer.digest, dir.display())
-        })?;
+        let session = fs
+            .mount(&dir, &layer.digest.hex()[..12])
+            .map_err(|e| anyhow::anyhow!("mounting layer {} at {}: {e}", layer.digest, dir.display()))?;
         info!(layer = %layer.digest, format = ?layer.format, mountpoint = %dir.display(), "layer mounted");
         mounted.sessions.push((dir, session));
         mounted.layers.push(layer);
     }
-    let lowers: Vec<PathBuf> = mounted
-        .sessions
-        .iter()
-        .rev()
-        .map(|(d, _)| d.clone())
-        .collect();
+    let lowers: Vec<PathBuf> = mounted.sessions.iter().rev().map(|(d, _)| d.clone()).collect();
     std::fs::create_dir_all(target)?;
     overlay::mount_readonly(&lowers, target)
         .map_err(|e| anyhow::anyhow!("mounting image {image} at {}: {e}", target.display()))?;

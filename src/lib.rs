@@ -10,9 +10,15 @@
 //! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
+//! - [`snapshotter`]: containerd's snapshotter semantics, metadata store, gRPC adapter, remote layers.
+//! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
+//! - [`config`]: the daemon's TOML configuration.
+//! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
 
 pub mod cache;
+pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod fetch;
 pub mod fs;
@@ -20,4 +26,6 @@ pub mod image_mount;
 pub mod index;
 pub mod layer;
 pub mod overlay;
+pub mod proto;
 pub mod registry;
+pub mod snapshotter;

@@ -9,11 +9,7 @@ use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, Registry
 use tracing::info;
 
 #[derive(Parser)]
-#[command(
-    name = "streamsnap",
-    version,
-    about = "Lazy-pulling containerd snapshotter"
-)]
+#[command(name = "streamsnap", version, about = "Lazy-pulling containerd snapshotter")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +17,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve containerd's snapshotter API on a unix socket until SIGTERM/SIGINT.
+    Serve {
+        /// TOML config file (default /etc/streamsnap/config.toml, if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// State directory (overrides the config file).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Socket path (overrides the config file).
+        #[arg(long)]
+        address: Option<PathBuf>,
+        /// Registry reached over plain HTTP (repeatable; adds to the config file's list).
+        #[arg(long = "insecure-registry")]
+        insecure_registry: Vec<String>,
+    },
     /// Mount an image read-only at MOUNTPOINT, fetching file contents on first read.
     Mount {
         /// Reach the registry over plain HTTP (loopback registries always are).
@@ -40,18 +51,35 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Serve {
+                config,
+                root,
+                address,
+                insecure_registry,
+            } => {
+                let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
+                if let Some(r) = root {
+                    cfg.root = r;
+                }
+                if let Some(a) = address {
+                    cfg.address = a;
+                }
+                cfg.insecure_registries.extend(insecure_registry);
+                streamsnap::daemon::serve(cfg, async {
+                    if let Err(e) = wait_for_signal().await {
+                        tracing::error!(error = %e, "signal handling failed");
+                    }
+                })
+                .await
+            }
             Command::Mount {
                 plain_http,
                 state_dir,
@@ -67,12 +95,10 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })?);
                 let state = StateDir { root: state_dir };
-                let ctx =
-                    image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
-                let mounted =
-                    image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
-                        .await
-                        .with_context(|| format!("mounting {image}"))?;
+                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
+                let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
+                    .await
+                    .with_context(|| format!("mounting {image}"))?;
                 println!("mounted {image} at {}", mountpoint.display());
                 wait_for_signal().await?;
                 info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");

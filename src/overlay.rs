@@ -7,22 +7,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("NUL in path {}", p.display()),
-        )
-    })
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL in path {}", p.display())))
 }
 
 /// Mounts `lowers` (topmost first) read-only at `target`.
 pub fn mount_readonly(lowers: &[PathBuf], target: &Path) -> io::Result<()> {
     let t = cstr(target)?;
     match lowers {
-        [] => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "no layers to mount",
-        )),
+        [] => Err(io::Error::new(io::ErrorKind::InvalidInput, "no layers to mount")),
         // overlayfs without an upper dir needs two lowers; one layer is a bind mount.
         [only] => {
             let src = cstr(only)?;
@@ -49,8 +42,7 @@ pub fn mount_readonly(lowers: &[PathBuf], target: &Path) -> io::Result<()> {
         }
         many => {
             let lowerdir: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
-            let opts =
-                CString::new(format!("lowerdir={}", lowerdir.join(":"))).expect("no NUL in paths");
+            let opts = CString::new(format!("lowerdir={}", lowerdir.join(":"))).expect("no NUL in paths");
             if opts.as_bytes().len() >= 4096 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -89,8 +81,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
         return false;
     };
     let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {

@@ -41,25 +41,11 @@ fn entries_escaping_the_layer_root_are_rejected() {
     let registry = Registry::start();
     for (i, name) in [&b"../x"[..], b"a/../../x", b"/etc/x"].iter().enumerate() {
         let work = tempfile::tempdir().unwrap();
-        let layer = tar_end(
-            [
-                tar_entry(b"ok", b'0', b"fine", 4),
-                tar_entry(name, b'0', b"evil", 4),
-            ]
-            .concat(),
-        );
+        let layer = tar_end([tar_entry(b"ok", b'0', b"fine", 4), tar_entry(name, b'0', b"evil", 4)].concat());
         let digest = common::raw::sha256(&layer);
-        let image = push_layers(
-            &registry.addr(),
-            "bad/escape",
-            &format!("t{i}"),
-            &[(TAR, layer)],
-        );
+        let image = push_layers(&registry.addr(), "bad/escape", &format!("t{i}"), &[(TAR, layer)]);
         let log = mount_fails(&image, work.path());
-        assert_mentions(
-            &log,
-            &[&digest, &String::from_utf8_lossy(name), "bad/escape"],
-        );
+        assert_mentions(&log, &[&digest, &String::from_utf8_lossy(name), "bad/escape"]);
     }
 }
 
@@ -175,17 +161,10 @@ fn wrong_bytes_from_the_registry_are_never_handed_out() {
     let (path, content) = &s.image.after[1];
     let err = read_err(&mount.mountpoint.join(path));
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(
-        mount.log().contains("failed verification"),
-        "{}",
-        mount.log()
-    );
+    assert!(mount.log().contains("failed verification"), "{}", mount.log());
     // Once the registry behaves, the same read succeeds: failures are not cached.
     s.proxy.clear();
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     mount.stop();
 }
 
@@ -236,10 +215,7 @@ fn transient_server_errors_and_rate_limits_are_retried() {
         &[],
     );
     let (path, content) = &s.image.before[0];
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     mount.stop();
 }
 
@@ -253,10 +229,7 @@ fn basic_auth_from_docker_config_and_redirects_without_credentials() {
     std::fs::create_dir_all(&docker).unwrap();
     std::fs::write(
         docker.join("config.json"),
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
-            s.proxy.addr()
-        ),
+        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, s.proxy.addr()),
     )
     .unwrap();
     let mount = MountProcess::try_start_env(
@@ -268,10 +241,7 @@ fn basic_auth_from_docker_config_and_redirects_without_credentials() {
     )
     .unwrap_or_else(|log| panic!("mount failed:\n{log}"));
     let (path, content) = &s.image.after[0];
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     let seen = s.proxy.redirected_auth();
     assert!(!seen.is_empty(), "no blob request was redirected");
     assert!(
@@ -290,10 +260,7 @@ fn bearer_tokens_are_fetched_with_docker_config_credentials_and_refreshed() {
     std::fs::create_dir_all(&docker).unwrap();
     std::fs::write(
         docker.join("config.json"),
-        format!(
-            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
-            s.proxy.addr()
-        ),
+        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, s.proxy.addr()),
     )
     .unwrap();
     let mount = MountProcess::try_start_env(
@@ -305,22 +272,13 @@ fn bearer_tokens_are_fetched_with_docker_config_credentials_and_refreshed() {
     )
     .unwrap_or_else(|log| panic!("mount failed:\n{log}"));
     let (path, content) = &s.image.before[0];
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     let first = s.proxy.tokens_issued();
     assert!(first >= 1);
     std::thread::sleep(std::time::Duration::from_secs(11));
     let (path, content) = &s.image.after[0];
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
-    assert!(
-        s.proxy.tokens_issued() > first,
-        "the expired token was not refreshed"
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
+    assert!(s.proxy.tokens_issued() > first, "the expired token was not refreshed");
     mount.stop();
 }
 
@@ -342,16 +300,8 @@ fn a_layer_downloaded_whole_is_checked_against_its_digest() {
     assert_mentions(&log, &["layer sha256:", "download"]);
     // And with a well-behaved registry the same image mounts.
     proxy.clear();
-    let mount = MountProcess::start(
-        &reference,
-        &work.path().join("ok"),
-        &work.path().join("mnt"),
-        &[],
-    );
+    let mount = MountProcess::start(&reference, &work.path().join("ok"), &work.path().join("mnt"), &[]);
     let (path, content) = &image.after[0];
-    assert_eq!(
-        &std::fs::read(mount.mountpoint.join(path)).unwrap(),
-        content
-    );
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     mount.stop();
 }

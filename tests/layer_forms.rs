@@ -27,12 +27,7 @@ fn a_plain_zstd_layer_is_downloaded_checked_and_served() {
         "t",
         &[("application/vnd.oci.image.layer.v1.tar+zstd", layer)],
     );
-    let mount = MountProcess::start(
-        &image,
-        &work.path().join("state"),
-        &work.path().join("mnt"),
-        &[],
-    );
+    let mount = MountProcess::start(&image, &work.path().join("state"), &work.path().join("mnt"), &[]);
     assert_eq!(
         std::fs::read_to_string(mount.mountpoint.join("dir/a.txt")).unwrap(),
         "alpha\n"
@@ -46,9 +41,7 @@ fn blobs_and_manifests_pushed_by_our_client_can_be_mounted() {
     require_root();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let image: Reference = format!("{}/forms/pushed:v1", registry.addr())
-        .parse()
-        .unwrap();
+    let image: Reference = format!("{}/forms/pushed:v1", registry.addr()).parse().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let client = Arc::new(Client::new(RegistryOptions::default()).unwrap());
     runtime.block_on(async {

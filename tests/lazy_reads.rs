@@ -11,10 +11,9 @@ const MIB: u64 = 1 << 20;
 /// Size of a blob as stored by the registry.
 fn blob_size(registry: &Registry, digest: &str) -> u64 {
     let hex = digest.strip_prefix("sha256:").unwrap();
-    let p = registry.storage_dir().join(format!(
-        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-        &hex[..2]
-    ));
+    let p = registry
+        .storage_dir()
+        .join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
     std::fs::metadata(&p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
         .len()
@@ -34,14 +33,14 @@ fn metadata_bytes(registry: &Registry, format: Format, layer: &serde_json::Value
     match format {
         Format::Estargz => {
             let hex = digest.strip_prefix("sha256:").unwrap();
-            let data = std::fs::read(registry.storage_dir().join(format!(
-                "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-                &hex[..2]
-            )))
+            let data = std::fs::read(
+                registry
+                    .storage_dir()
+                    .join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2])),
+            )
             .unwrap();
             let footer = &data[data.len() - 51..];
-            let toc_offset =
-                u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap();
+            let toc_offset = u64::from_str_radix(std::str::from_utf8(&footer[16..32]).unwrap(), 16).unwrap();
             data.len() as u64 - toc_offset
         }
         Format::ZstdChunked => {
@@ -95,19 +94,13 @@ fn mounting_fetches_only_metadata_and_one_small_file_costs_little() {
         }
         let mark = registry.mark();
         let (path, content) = &big.after[0];
-        assert_eq!(
-            &read_file(&mount.mountpoint.join(path)),
-            content,
-            "{format:?}: {path}"
-        );
+        assert_eq!(&read_file(&mount.mountpoint.join(path)), content, "{format:?}: {path}");
         let read_cost = registry.bytes_served_for_blob_since(&digest, mark);
         assert!(
             read_cost < 5 * MIB,
             "{format:?}: reading {path} fetched {read_cost} bytes"
         );
-        eprintln!(
-            "{format:?}: layer {size} bytes, mount fetched {at_mount}, one small file {read_cost}"
-        );
+        eprintln!("{format:?}: layer {size} bytes, mount fetched {at_mount}, one small file {read_cost}");
         mount.stop();
     }
 }
@@ -116,10 +109,7 @@ fn mounting_fetches_only_metadata_and_one_small_file_costs_little() {
 fn estargz_image(registry: &Registry, dir: &Path, mib: u64) -> (BigLayerImage, String, String) {
     let big = build_big_layer_image(dir, mib);
     let reference = push(&big.image, registry, Format::Estargz);
-    let digest = only_layer(registry, &reference)["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = only_layer(registry, &reference)["digest"].as_str().unwrap().to_string();
     (big, reference, digest)
 }
 
@@ -192,12 +182,7 @@ fn a_cache_smaller_than_the_data_read_stays_bounded_and_bytes_stay_right() {
     let expected = random_bytes(big.big_size as usize, 42);
     let bound = 10 * MIB;
     for round in 0..2 {
-        let mount = MountProcess::start(
-            &reference,
-            &state,
-            &work.path().join("mnt"),
-            &["--cache-size", "10MiB"],
-        );
+        let mount = MountProcess::start(&reference, &state, &work.path().join("mnt"), &["--cache-size", "10MiB"]);
         assert!(
             read_file(&mount.mountpoint.join("big.bin")) == expected,
             "round {round}: big.bin differs"
@@ -218,12 +203,7 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
     let work = tempfile::tempdir().unwrap();
     let (big, reference, digest) = estargz_image(&registry, &work.path().join("image"), 64);
     let expected = std::sync::Arc::new(random_bytes(big.big_size as usize, 42));
-    let mount = MountProcess::start(
-        &reference,
-        &work.path().join("state"),
-        &work.path().join("mnt"),
-        &[],
-    );
+    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
     let mark = registry.mark();
     let path = mount.mountpoint.join("big.bin");
     let threads: Vec<_> = (0..16u64)
@@ -233,9 +213,7 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
                 let f = std::fs::File::open(&path).unwrap();
                 let mut x = t * 7919 + 1;
                 for _ in 0..64 {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let len = 1 + (x >> 40) as usize % (256 << 10);
                     let off = (x >> 8) as usize % (expected.len() - len);
                     let mut buf = vec![0u8; len];

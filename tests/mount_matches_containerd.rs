@@ -44,11 +44,7 @@ fn mounted_tree_equals_containerd_unpack_in_every_format() {
             failures.push(format!("{format:?}: {d}"));
         }
         // Format artefacts are hidden from the mount.
-        for artefact in [
-            "stargz.index.json",
-            ".no.prefetch.landmark",
-            ".prefetch.landmark",
-        ] {
+        for artefact in ["stargz.index.json", ".no.prefetch.landmark", ".prefetch.landmark"] {
             if mount.mountpoint.join(artefact).symlink_metadata().is_ok() {
                 failures.push(format!("{format:?}: {artefact} is visible"));
             }

@@ -69,9 +69,7 @@ impl DiskCache {
         let mut found = Vec::new();
         for layer_dir in std::fs::read_dir(dir).map_err(|e| err(dir, e))? {
             let layer_dir = layer_dir.map_err(|e| err(dir, e))?;
-            let Ok(layer) =
-                format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>()
-            else {
+            let Ok(layer) = format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>() else {
                 continue;
             };
             for f in std::fs::read_dir(layer_dir.path()).map_err(|e| err(&layer_dir.path(), e))? {
@@ -133,11 +131,7 @@ impl DiskCache {
         let path = self.path(key);
         let dir = path.parent().expect("chunk path has a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(
-            ".tmp-{}-{:?}",
-            key.file_name(),
-            std::thread::current().id()
-        ));
+        let tmp = dir.join(format!(".tmp-{}-{:?}", key.file_name(), std::thread::current().id()));
         std::fs::write(&tmp, data)?;
         std::fs::rename(&tmp, &path)?;
         let mut lru = self.lru.lock();

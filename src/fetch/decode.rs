@@ -15,8 +15,7 @@ pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, String> {
         }
         Encoding::Gzip => read_prefix(flate2::read::MultiGzDecoder::new(&raw[..]), c, "gzip"),
         Encoding::Zstd => {
-            let d = zstd::stream::read::Decoder::with_buffer(&raw[..])
-                .map_err(|e| format!("zstd: {e}"))?;
+            let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(|e| format!("zstd: {e}"))?;
             read_prefix(d, c, "zstd")
         }
     }
@@ -29,10 +28,7 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
         let skipped = std::io::copy(&mut (&mut r).take(c.inner_offset), &mut std::io::sink())
             .map_err(|e| format!("{what} stream: {e}"))?;
         if skipped != c.inner_offset {
-            return Err(format!(
-                "{what} stream ends before inner offset {}",
-                c.inner_offset
-            ));
+            return Err(format!("{what} stream ends before inner offset {}", c.inner_offset));
         }
     }
     let mut out = Vec::with_capacity(c.len as usize);
@@ -52,11 +48,7 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
 /// Checks decoded bytes against the chunk's digest (when the format has one).
 pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), String> {
     if data.len() as u64 != c.len {
-        return Err(format!(
-            "{} bytes where the index says {}",
-            data.len(),
-            c.len
-        ));
+        return Err(format!("{} bytes where the index says {}", data.len(), c.len));
     }
     match &c.digest {
         Some(d) if !d.matches(data) => Err(format!("content does not match digest {d}")),

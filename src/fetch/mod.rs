@@ -35,11 +35,7 @@ pub enum FetchError {
         message: String,
     },
     #[error("layer {layer}: chunk at blob offset {offset}: {reason}")]
-    Corrupt {
-        layer: Digest,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { layer: Digest, offset: u64, reason: String },
     #[error("layer {layer}: no such file node {node}")]
     NoNode { layer: Digest, node: NodeId },
 }
@@ -94,12 +90,7 @@ impl Fetcher {
     }
 
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
-    pub async fn read(
-        self: &Arc<Self>,
-        node: NodeId,
-        offset: u64,
-        size: u32,
-    ) -> Result<Bytes, FetchError> {
+    pub async fn read(self: &Arc<Self>, node: NodeId, offset: u64, size: u32) -> Result<Bytes, FetchError> {
         let n = self.index.node(node).ok_or_else(|| FetchError::NoNode {
             layer: self.layer.clone(),
             node,
@@ -128,12 +119,7 @@ impl Fetcher {
     }
 
     /// Layers downloaded whole are plain local files: read the range directly.
-    async fn read_local(
-        &self,
-        ids: Range<ChunkId>,
-        offset: u64,
-        end: u64,
-    ) -> Result<Bytes, FetchError> {
+    async fn read_local(&self, ids: Range<ChunkId>, offset: u64, end: u64) -> Result<Bytes, FetchError> {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for id in ids {
             let c = &self.index.chunks[id as usize];
@@ -141,11 +127,7 @@ impl Fetcher {
             let to = end.min(c.file_offset + c.len);
             let data = self
                 .source
-                .read(
-                    &self.layer,
-                    c.blob_offset + (from - c.file_offset),
-                    to - from,
-                )
+                .read(&self.layer, c.blob_offset + (from - c.file_offset), to - from)
                 .await?;
             out.extend_from_slice(&data);
         }
@@ -160,9 +142,7 @@ impl Fetcher {
             let mut inflight = self.inflight.lock();
             for id in ids {
                 if let Some(b) = self.mem.get(&self.key(id)) {
-                    self.stats
-                        .chunks_from_memory
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
                     futures.push(futures::future::ready(Ok(b)).boxed().shared());
                     continue;
                 }
@@ -222,13 +202,7 @@ impl Fetcher {
     }
 
     /// Loads chunks this task owns: disk cache, then coalesced range requests.
-    async fn load(
-        self: Arc<Self>,
-        mine: Vec<(
-            ChunkId,
-            tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
-        )>,
-    ) {
+    async fn load(self: Arc<Self>, mine: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
         let this = Arc::clone(&self);
         let ids: Vec<ChunkId> = mine.iter().map(|(id, _)| *id).collect();
         let from_disk = tokio::task::spawn_blocking(move || {
@@ -265,13 +239,7 @@ impl Fetcher {
 
     /// One range request for a run of chunks; each is decoded and verified,
     /// and a run with a bad chunk is fetched once more before failing.
-    async fn fetch_run(
-        self: Arc<Self>,
-        run: Vec<(
-            ChunkId,
-            tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
-        )>,
-    ) {
+    async fn fetch_run(self: Arc<Self>, run: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
         let chunks = &self.index.chunks;
         let start = chunks[run[0].0 as usize].blob_offset;
         let end = run
@@ -290,19 +258,22 @@ impl Fetcher {
                 }
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .bytes_fetched
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.stats.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             let this = Arc::clone(&self);
             let ids: Vec<ChunkId> = run.iter().map(|(id, _)| *id).collect();
             results = tokio::task::spawn_blocking(move || {
                 ids.iter()
                     .map(|&id| {
                         let c = &this.index.chunks[id as usize];
-                        let raw = data.slice((c.blob_offset - start) as usize..(c.blob_offset + c.blob_len - start) as usize);
+                        let raw =
+                            data.slice((c.blob_offset - start) as usize..(c.blob_offset + c.blob_len - start) as usize);
                         let decoded = decode::decode(c, &raw)
                             .and_then(|d| decode::verify(c, &d).map(|()| d))
-                            .map_err(|reason| FetchError::Corrupt { layer: this.layer.clone(), offset: c.blob_offset, reason })?;
+                            .map_err(|reason| FetchError::Corrupt {
+                                layer: this.layer.clone(),
+                                offset: c.blob_offset,
+                                reason,
+                            })?;
                         if let Err(e) = this.disk.put(&this.key(id), &decoded) {
                             warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
                         }
@@ -311,10 +282,14 @@ impl Fetcher {
                     .collect()
             })
             .await
-            .unwrap_or_else(|e| vec![Err(FetchError::Corrupt { layer: self.layer.clone(), offset: start, reason: format!("decoder panicked: {e}") })]);
-            let corrupt = results
-                .iter()
-                .any(|r| matches!(r, Err(FetchError::Corrupt { .. })));
+            .unwrap_or_else(|e| {
+                vec![Err(FetchError::Corrupt {
+                    layer: self.layer.clone(),
+                    offset: start,
+                    reason: format!("decoder panicked: {e}"),
+                })]
+            });
+            let corrupt = results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. })));
             if !corrupt {
                 break;
             }
@@ -386,10 +361,7 @@ mod tests {
     fn neighbours_coalesce_and_distant_chunks_do_not() {
         let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
         let runs = coalesce(&chunks, vec![(0, ()), (1, ()), (2, ())]);
-        let ids: Vec<Vec<ChunkId>> = runs
-            .iter()
-            .map(|r| r.iter().map(|(i, _)| *i).collect())
-            .collect();
+        let ids: Vec<Vec<ChunkId>> = runs.iter().map(|r| r.iter().map(|(i, _)| *i).collect()).collect();
         assert_eq!(ids, vec![vec![0, 1], vec![2]]);
     }
 

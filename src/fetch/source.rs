@@ -10,10 +10,7 @@ use std::sync::Arc;
 
 #[derive(Clone)]
 pub enum BlobSource {
-    Registry {
-        registry: Arc<Registry>,
-        repo: Reference,
-    },
+    Registry { registry: Arc<Registry>, repo: Reference },
     Local(Arc<std::fs::File>),
 }
 
@@ -35,8 +32,7 @@ impl BlobSource {
                 let file = Arc::clone(file);
                 tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset)
-                        .map(|()| Bytes::from(buf))
+                    file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
                 })
                 .await
                 .map_err(|e| err(e.to_string()))?

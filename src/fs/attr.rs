@@ -19,8 +19,7 @@ fn system_time(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
         UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-            + Duration::from_nanos(t.nanos as u64)
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
     }
 }
 
@@ -31,9 +30,7 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 
 pub fn file_attr(id: NodeId, n: &Node) -> FileAttr {
     let rdev = match n.kind {
-        Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
-            encode_dev(major, minor)
-        }
+        Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => encode_dev(major, minor),
         _ => 0,
     };
     let t = system_time(n.mtime);
@@ -72,9 +69,6 @@ mod tests {
             secs: -2,
             nanos: 500_000_000,
         });
-        assert_eq!(
-            UNIX_EPOCH.duration_since(t).unwrap(),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
     }
 }

@@ -9,9 +9,8 @@ mod attr;
 use crate::fetch::Fetcher;
 use crate::index::{Kind, LayerIndex, NodeId};
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -104,10 +103,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self
-            .node_of(ino)
-            .map(|id| &self.index.nodes[id as usize].kind)
-        {
+        match self.node_of(ino).map(|id| &self.index.nodes[id as usize].kind) {
             Ok(Kind::Symlink(target)) => reply.data(target),
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
@@ -152,14 +148,7 @@ impl Filesystem for LayerFs {
         });
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: fuser::ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
         reply.ok();
     }
 
@@ -176,14 +165,7 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        reply: fuser::ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: fuser::ReplyEmpty) {
         reply.ok();
     }
 
@@ -198,14 +180,7 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let id = match self.node_of(ino) {
             Ok(id) => id,
             Err(e) => return reply.error(e),
@@ -213,16 +188,16 @@ impl Filesystem for LayerFs {
         let node = &self.index.nodes[id as usize];
         // Offsets: 1 = ".", 2 = "..", 3.. = children.
         let dots = [(ino, &b"."[..]), (ino, &b".."[..])];
-        let entries = dots
-            .into_iter()
-            .map(|(i, n)| (i, fuser::FileType::Directory, n))
-            .chain(node.children.iter().map(|(name, kid)| {
-                (
-                    INodeNo(*kid as u64 + 1),
-                    attr::file_type(&self.index.nodes[*kid as usize].kind),
-                    name.as_ref(),
-                )
-            }));
+        let entries =
+            dots.into_iter()
+                .map(|(i, n)| (i, fuser::FileType::Directory, n))
+                .chain(node.children.iter().map(|(name, kid)| {
+                    (
+                        INodeNo(*kid as u64 + 1),
+                        attr::file_type(&self.index.nodes[*kid as usize].kind),
+                        name.as_ref(),
+                    )
+                }));
         for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
             if reply.add(ino, i as u64 + 1, kind, OsStr::from_bytes(name)) {
                 break;
@@ -233,16 +208,7 @@ impl Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.index.content_bytes().div_ceil(4096);
-        reply.statfs(
-            blocks,
-            0,
-            0,
-            self.index.nodes.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        reply.statfs(blocks, 0, 0, self.index.nodes.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -270,13 +236,7 @@ impl Filesystem for LayerFs {
         reply_sized(reply, size, &names);
     }
 
-    fn access(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mask: fuser::AccessFlags,
-        reply: fuser::ReplyEmpty,
-    ) {
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: fuser::ReplyEmpty) {
         // Permissions are checked by the kernel (default_permissions); only refuse writes.
         let _ = ino;
         if mask.contains(fuser::AccessFlags::W_OK) {

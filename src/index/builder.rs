@@ -113,11 +113,7 @@ impl TreeBuilder {
         };
         let dir = self.dir_for(path, parents)?;
         if *name == OPAQUE_MARKER {
-            set_xattr(
-                &mut self.nodes[dir as usize].meta.xattrs,
-                OPAQUE_XATTR,
-                b"y",
-            );
+            set_xattr(&mut self.nodes[dir as usize].meta.xattrs, OPAQUE_XATTR, b"y");
             return Ok(());
         }
         let (name, meta) = match name.strip_prefix(WHITEOUT_PREFIX) {
@@ -136,9 +132,7 @@ impl TreeBuilder {
         };
         let existing = self.nodes[dir as usize].kids.get(name).copied();
         match existing {
-            Some(id)
-                if meta.kind == Kind::Dir && self.nodes[id as usize].meta.kind == Kind::Dir =>
-            {
+            Some(id) if meta.kind == Kind::Dir && self.nodes[id as usize].meta.kind == Kind::Dir => {
                 // A repeated directory keeps its children; xattrs already set stay.
                 let old = &mut self.nodes[id as usize].meta;
                 let mut xattrs = std::mem::take(&mut old.xattrs);
@@ -157,26 +151,17 @@ impl TreeBuilder {
 
     /// Adds a hard link to an earlier entry; its header's metadata lands on
     /// the shared inode, as containerd's unpack leaves it.
-    pub fn add_hardlink(
-        &mut self,
-        path: &[u8],
-        target: &[u8],
-        mut meta: EntryMeta,
-    ) -> Result<(), IndexError> {
+    pub fn add_hardlink(&mut self, path: &[u8], target: &[u8], mut meta: EntryMeta) -> Result<(), IndexError> {
         drop_admin_xattrs(&mut meta.xattrs);
         let tcomps = self.components(target)?;
         let mut cur: NodeId = 0;
         for c in &tcomps {
-            cur = self.nodes[cur as usize]
-                .kids
-                .get(*c)
-                .copied()
-                .ok_or_else(|| {
-                    self.err(
-                        path,
-                        format!("hard link to missing {:?}", String::from_utf8_lossy(target)),
-                    )
-                })?;
+            cur = self.nodes[cur as usize].kids.get(*c).copied().ok_or_else(|| {
+                self.err(
+                    path,
+                    format!("hard link to missing {:?}", String::from_utf8_lossy(target)),
+                )
+            })?;
         }
         if tcomps.is_empty() || self.nodes[cur as usize].meta.kind == Kind::Dir {
             return Err(self.err(path, "hard link to a directory"));
@@ -255,10 +240,7 @@ impl TreeBuilder {
                             ),
                         });
                     }
-                    if c.blob_offset
-                        .checked_add(c.blob_len)
-                        .is_none_or(|end| end > blob_size)
-                    {
+                    if c.blob_offset.checked_add(c.blob_len).is_none_or(|end| end > blob_size) {
                         return Err(IndexError::Entry {
                             layer: self.layer.clone(),
                             entry: path_hint(),
@@ -447,11 +429,7 @@ mod tests {
     fn chunks_outside_the_blob_are_rejected() {
         let mut b = TreeBuilder::new(layer());
         b.add(b"f", file(10, 95)).unwrap();
-        assert!(b
-            .finish(100)
-            .unwrap_err()
-            .to_string()
-            .contains("outside the blob"));
+        assert!(b.finish(100).unwrap_err().to_string().contains("outside the blob"));
     }
 
     #[test]

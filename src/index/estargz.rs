@@ -23,8 +23,7 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
         (magic == b"STARGZ").then_some(())?;
         u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
     };
-    let is_gzip_with_extra =
-        |f: &[u8]| f.len() >= 12 && f[0] == 0x1f && f[1] == 0x8b && f[3] & 4 != 0;
+    let is_gzip_with_extra = |f: &[u8]| f.len() >= 12 && f[0] == 0x1f && f[1] == 0x8b && f[3] & 4 != 0;
     if tail.len() as u64 >= FOOTER_SIZE {
         let f = &tail[tail.len() - FOOTER_SIZE as usize..];
         if is_gzip_with_extra(f) && &f[12..14] == b"SG" && f[14..16] == [22, 0] {
@@ -66,15 +65,12 @@ where
         source: Box::new(e),
     };
     if size < FOOTER_SIZE {
-        return Err(bad(format!(
-            "blob of {size} bytes is too small for an eStargz footer"
-        )));
+        return Err(bad(format!("blob of {size} bytes is too small for an eStargz footer")));
     }
     let tail = read(size - FOOTER_SIZE, FOOTER_SIZE)
         .await
         .map_err(|e| fetch_err("eStargz footer", e))?;
-    let (toc_offset, footer_len) =
-        parse_footer(&tail).ok_or_else(|| bad("no eStargz footer".into()))?;
+    let (toc_offset, footer_len) = parse_footer(&tail).ok_or_else(|| bad("no eStargz footer".into()))?;
     if toc_offset >= size - footer_len {
         return Err(bad(format!(
             "footer points at TOC offset {toc_offset}, past the blob ({size} bytes)"
@@ -83,8 +79,7 @@ where
     let compressed = read(toc_offset, size - footer_len - toc_offset)
         .await
         .map_err(|e| fetch_err("eStargz TOC", e))?;
-    let json =
-        toc_json(&compressed).map_err(|r| bad(format!("TOC at offset {toc_offset}: {r}")))?;
+    let json = toc_json(&compressed).map_err(|r| bad(format!("TOC at offset {toc_offset}: {r}")))?;
     if let Some(expected) = toc_digest {
         let actual = Digest::of(&json);
         if &actual != expected {
@@ -129,9 +124,7 @@ mod tests {
     use super::*;
 
     fn footer(offset: u64) -> Vec<u8> {
-        let mut f = vec![
-            0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
-        ];
+        let mut f = vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0];
         f.extend_from_slice(format!("{offset:016x}STARGZ").as_bytes());
         f.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
         f

@@ -116,12 +116,7 @@ impl LayerIndex {
     }
 
     /// Ids of the chunks of `file` overlapping `[offset, offset+len)`.
-    pub fn chunks_for_range(
-        &self,
-        file: NodeId,
-        offset: u64,
-        len: u64,
-    ) -> std::ops::Range<ChunkId> {
+    pub fn chunks_for_range(&self, file: NodeId, offset: u64, len: u64) -> std::ops::Range<ChunkId> {
         let Some(n) = self.node(file) else {
             return 0..0;
         };

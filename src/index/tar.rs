@@ -16,12 +16,7 @@ const MAX_META: u64 = 1 << 20;
 
 /// Walks the tar in `[0, size)` via `read(offset, len)` and splits file
 /// contents into `Raw` chunks of at most `chunk_size` bytes.
-pub async fn index_tar<R, Fut, E>(
-    layer: &Digest,
-    size: u64,
-    chunk_size: u64,
-    read: R,
-) -> Result<LayerIndex, IndexError>
+pub async fn index_tar<R, Fut, E>(layer: &Digest, size: u64, chunk_size: u64, read: R) -> Result<LayerIndex, IndexError>
 where
     R: FnMut(u64, u64) -> Fut,
     Fut: Future<Output = Result<Bytes, E>>,
@@ -75,10 +70,7 @@ where
             ));
         }
         if matches!(typ.as_byte(), b'L' | b'K' | b'x' | b'g') && payload > MAX_META {
-            return Err(bad(
-                pos,
-                format!("metadata entry of {payload} bytes is too large"),
-            ));
+            return Err(bad(pos, format!("metadata entry of {payload} bytes is too large")));
         }
         match typ.as_byte() {
             b'L' | b'K' => {
@@ -92,16 +84,10 @@ where
             }
             b'x' | b'g' => {
                 let data = win.get(data_at, payload).await?;
-                let target = if typ.as_byte() == b'x' {
-                    &mut pax
-                } else {
-                    &mut global
-                };
+                let target = if typ.as_byte() == b'x' { &mut pax } else { &mut global };
                 for ext in tar::PaxExtensions::new(&data) {
                     let ext = ext.map_err(|e| bad(pos, format!("malformed PAX record: {e}")))?;
-                    let key = ext
-                        .key()
-                        .map_err(|_| bad(pos, "PAX key is not UTF-8".into()))?;
+                    let key = ext.key().map_err(|_| bad(pos, "PAX key is not UTF-8".into()))?;
                     target.insert(key.to_string(), ext.value_bytes().to_vec());
                 }
             }
@@ -116,10 +102,7 @@ where
                 let link = match (lookup("linkpath"), long_link.take()) {
                     (Some(p), _) => p.clone(),
                     (None, Some(n)) => n,
-                    (None, None) => header
-                        .link_name_bytes()
-                        .map(|c| c.into_owned())
-                        .unwrap_or_default(),
+                    (None, None) => header.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default(),
                 };
                 let num = |k: &str, fallback: u64| -> Result<u64, IndexError> {
                     match lookup(k) {
@@ -167,12 +150,7 @@ where
                     },
                     b'5' => Kind::Dir,
                     b'6' => Kind::Fifo,
-                    other => {
-                        return Err(bad(
-                            pos,
-                            format!("unsupported entry type {:?}", other as char),
-                        ))
-                    }
+                    other => return Err(bad(pos, format!("unsupported entry type {:?}", other as char))),
                 };
                 let file_size = if kind == Kind::File && typ.as_byte() != b'1' {
                     payload
@@ -222,13 +200,11 @@ where
         let end = self.start + self.data.len() as u64;
         if offset < self.start || offset + len > end {
             let want = len.max(WINDOW).min(self.size - offset);
-            let data = (self.read)(offset, want)
-                .await
-                .map_err(|e| IndexError::Fetch {
-                    layer: self.layer.clone(),
-                    what: format!("tar headers at {offset}+{want}"),
-                    source: Box::new(e),
-                })?;
+            let data = (self.read)(offset, want).await.map_err(|e| IndexError::Fetch {
+                layer: self.layer.clone(),
+                what: format!("tar headers at {offset}+{want}"),
+                source: Box::new(e),
+            })?;
             if (data.len() as u64) < len {
                 return Err(IndexError::Layer {
                     layer: self.layer.clone(),
@@ -321,10 +297,7 @@ fn parse_time(v: &[u8]) -> Option<Timestamp> {
             nanos: 1_000_000_000 - nanos,
         }
     } else if neg {
-        Timestamp {
-            secs: -secs,
-            nanos: 0,
-        }
+        Timestamp { secs: -secs, nanos: 0 }
     } else {
         Timestamp { secs, nanos }
     })
@@ -365,11 +338,8 @@ mod tests {
         let long = format!("d/{}", "n".repeat(150));
         let data = build_tar(|b| {
             let mut h = header("x", 0, tar::EntryType::Regular);
-            b.append_pax_extensions([
-                ("mtime", &b"1700000000.123456789"[..]),
-                ("SCHILY.xattr.user.k", b"v"),
-            ])
-            .unwrap();
+            b.append_pax_extensions([("mtime", &b"1700000000.123456789"[..]), ("SCHILY.xattr.user.k", b"v")])
+                .unwrap();
             b.append_data(&mut h, "x", &[][..]).unwrap();
             let mut h = header("placeholder", 3, tar::EntryType::Regular);
             b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
@@ -421,10 +391,7 @@ mod tests {
             b.append_data(&mut h, &long, &[][..]).unwrap();
         });
         let idx = index(data).await.unwrap();
-        assert_eq!(
-            idx.node(idx.resolve(&long).unwrap()).unwrap().uid,
-            3_000_000_000
-        );
+        assert_eq!(idx.node(idx.resolve(&long).unwrap()).unwrap().uid, 3_000_000_000);
     }
 
     #[test]

@@ -39,11 +39,7 @@ pub struct TocEntry {
 }
 
 /// Names that belong to the format, not the image; hidden from the mount.
-pub const ARTEFACTS: [&str; 3] = [
-    "stargz.index.json",
-    ".prefetch.landmark",
-    ".no.prefetch.landmark",
-];
+pub const ARTEFACTS: [&str; 3] = ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"];
 
 /// Builds the index. `payload_end` is where the last chunk's compressed bytes
 /// end (the TOC's offset) when entries carry no `endOffset`.
@@ -60,12 +56,7 @@ pub fn build(
         reason,
     };
     // Compressed extents end where the next (distinct) chunk offset begins.
-    let mut starts: Vec<u64> = toc
-        .entries
-        .iter()
-        .filter(|e| e.offset > 0)
-        .map(|e| e.offset)
-        .collect();
+    let mut starts: Vec<u64> = toc.entries.iter().filter(|e| e.offset > 0).map(|e| e.offset).collect();
     starts.push(payload_end);
     starts.sort_unstable();
     starts.dedup();
@@ -74,12 +65,10 @@ pub fn build(
             return Ok(e.end_offset);
         }
         let i = starts.partition_point(|s| *s <= e.offset);
-        starts.get(i).copied().ok_or_else(|| {
-            err(
-                e,
-                format!("chunk offset {} is at or past the TOC", e.offset),
-            )
-        })
+        starts
+            .get(i)
+            .copied()
+            .ok_or_else(|| err(e, format!("chunk offset {} is at or past the TOC", e.offset)))
     };
     let mut builder = TreeBuilder::new(layer.clone());
     // Entries of one file: its "reg" entry followed by its "chunk" entries.
@@ -93,10 +82,7 @@ pub fn build(
     for e in &toc.entries {
         if e.kind == "chunk" {
             let Some((reg, meta)) = pending.as_mut() else {
-                return Err(err(
-                    e,
-                    "chunk entry without a preceding regular file".into(),
-                ));
+                return Err(err(e, "chunk entry without a preceding regular file".into()));
             };
             if e.name != reg.name {
                 return Err(err(e, format!("chunk entry follows file {:?}", reg.name)));
@@ -111,9 +97,7 @@ pub fn build(
             continue;
         }
         let mtime = match &e.modtime {
-            Some(t) if !t.is_empty() => {
-                parse_rfc3339(t).ok_or_else(|| err(e, format!("invalid modtime {t:?}")))?
-            }
+            Some(t) if !t.is_empty() => parse_rfc3339(t).ok_or_else(|| err(e, format!("invalid modtime {t:?}")))?,
             _ => Timestamp::default(),
         };
         let mut xattrs = Vec::with_capacity(e.xattrs.len());
@@ -155,8 +139,7 @@ pub fn build(
         match e.kind.as_str() {
             "hardlink" => builder.add_hardlink(e.name.as_bytes(), e.link_name.as_bytes(), meta)?,
             "reg" if e.size > 0 => {
-                meta.chunks
-                    .push(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
+                meta.chunks.push(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
                 pending = Some((e.clone(), meta));
             }
             _ => builder.add(e.name.as_bytes(), meta)?,
@@ -166,13 +149,7 @@ pub fn build(
     builder.finish(blob_size)
 }
 
-fn chunk(
-    layer: &Digest,
-    e: &TocEntry,
-    file_size: u64,
-    encoding: Encoding,
-    end: u64,
-) -> Result<Chunk, IndexError> {
+fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: u64) -> Result<Chunk, IndexError> {
     let err = |reason: String| IndexError::Entry {
         layer: layer.clone(),
         entry: e.name.clone(),
@@ -190,16 +167,10 @@ fn chunk(
         file_size.saturating_sub(e.chunk_offset)
     };
     let digest = match &e.chunk_digest {
-        Some(d) if !d.is_empty() => Some(
-            d.parse()
-                .map_err(|x: crate::digest::DigestError| err(x.to_string()))?,
-        ),
+        Some(d) if !d.is_empty() => Some(d.parse().map_err(|x: crate::digest::DigestError| err(x.to_string()))?),
         // A file stored as one chunk is verified by its whole-file digest.
         _ if e.chunk_offset == 0 && len == file_size => match &e.digest {
-            Some(d) if !d.is_empty() => Some(
-                d.parse()
-                    .map_err(|x: crate::digest::DigestError| err(x.to_string()))?,
-            ),
+            Some(d) if !d.is_empty() => Some(d.parse().map_err(|x: crate::digest::DigestError| err(x.to_string()))?),
             _ => None,
         },
         _ => None,
@@ -242,9 +213,7 @@ mod tests {
         let toc = Toc {
             version: 1,
             entries: vec![
-                entry(
-                    r#"{"name":"bin/","type":"dir","mode":493,"modtime":"2020-01-02T03:04:05Z"}"#,
-                ),
+                entry(r#"{"name":"bin/","type":"dir","mode":493,"modtime":"2020-01-02T03:04:05Z"}"#),
                 entry(&format!(
                     r#"{{"name":"bin/f","type":"reg","size":10,"mode":420,"offset":100,"chunkSize":6,"chunkDigest":"{d1}"}}"#
                 )),
@@ -260,10 +229,7 @@ mod tests {
         let f = idx.resolve("bin/f").unwrap();
         let c = idx.file_chunks(f);
         assert_eq!((c[0].blob_offset, c[0].blob_len, c[0].len), (100, 50, 6));
-        assert_eq!(
-            (c[1].blob_offset, c[1].blob_len, c[1].file_offset),
-            (150, 20, 6)
-        );
+        assert_eq!((c[1].blob_offset, c[1].blob_len, c[1].file_offset), (150, 20, 6));
         assert!(idx.resolve(".no.prefetch.landmark").is_none());
         let bin = idx.node(idx.resolve("bin").unwrap()).unwrap();
         assert_eq!(bin.mtime.secs, 1_577_934_245);

@@ -44,10 +44,7 @@ pub fn has_annotations(annotations: &HashMap<String, String>) -> bool {
 
 /// Parses `offset:compressed:uncompressed:type`.
 pub fn parse_position(s: &str) -> Option<ManifestPosition> {
-    let parts: Vec<u64> = s
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
+    let parts: Vec<u64> = s.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
     match parts.as_slice() {
         [offset, compressed, uncompressed, 1] => Some(ManifestPosition {
             offset: *offset,
@@ -100,8 +97,7 @@ where
     };
     let annotated = POSITION_KEYS.iter().find_map(|k| annotations.get(*k));
     let pos = match annotated {
-        Some(s) => parse_position(s)
-            .ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
+        Some(s) => parse_position(s).ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
         None => {
             let n = (FOOTER_V2 + SKIPPABLE_HEADER).min(size);
             let tail = read(size - n, n)
@@ -110,10 +106,7 @@ where
             parse_footer(&tail).ok_or_else(|| bad("no zstd:chunked footer".into()))?
         }
     };
-    let end = pos
-        .offset
-        .checked_add(pos.compressed)
-        .filter(|e| *e <= size);
+    let end = pos.offset.checked_add(pos.compressed).filter(|e| *e <= size);
     if end.is_none() || pos.offset < SKIPPABLE_HEADER || pos.uncompressed > MAX_TOC {
         return Err(bad(format!(
             "manifest position {pos:?} does not fit a blob of {size} bytes"
@@ -147,9 +140,7 @@ where
         )));
     }
     if let Some(t) = annotations.get("containerd.io/snapshot/stargz/toc.digest") {
-        let expected: Digest = t
-            .parse()
-            .map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
+        let expected: Digest = t.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
         let actual = Digest::of(&json);
         if actual != expected {
             return Err(bad(format!(
@@ -159,13 +150,7 @@ where
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
     // Payload frames end where the manifest's skippable frame begins.
-    toc::build(
-        layer,
-        &toc,
-        Encoding::Zstd,
-        pos.offset - SKIPPABLE_HEADER,
-        size,
-    )
+    toc::build(layer, &toc, Encoding::Zstd, pos.offset - SKIPPABLE_HEADER, size)
 }
 
 #[cfg(test)]

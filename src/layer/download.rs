@@ -38,13 +38,10 @@ pub async fn open_downloaded(
             .map_err(|e| other(e.to_string()))?
             .map_err(|e| other(format!("decompressing: {e}")))?;
         let _ = std::fs::remove_file(&blob_path);
-        std::fs::rename(&tmp, &tar_path)
-            .map_err(|e| other(format!("renaming {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &tar_path).map_err(|e| other(format!("renaming {}: {e}", tmp.display())))?;
     }
-    let file = Arc::new(
-        std::fs::File::open(&tar_path)
-            .map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?,
-    );
+    let file =
+        Arc::new(std::fs::File::open(&tar_path).map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?);
     let size = file.metadata().map_err(|e| other(e.to_string()))?.len();
     let f = Arc::clone(&file);
     let read = move |offset: u64, len: u64| {
@@ -52,8 +49,7 @@ pub async fn open_downloaded(
         async move {
             tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, offset)
-                    .map(|()| bytes::Bytes::from(buf))
+                f.read_exact_at(&mut buf, offset).map(|()| bytes::Bytes::from(buf))
             })
             .await
             .map_err(std::io::Error::other)?
@@ -96,11 +92,7 @@ async fn download(
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
     let mut next_log = 64 << 20;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| other(format!("downloading: {e}")))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| other(format!("downloading: {e}")))? {
         hasher.update(&chunk);
         total += chunk.len() as u64;
         if total > desc.size {
@@ -119,10 +111,7 @@ async fn download(
     }
     out.flush().await.map_err(|e| other(e.to_string()))?;
     if total != desc.size {
-        return Err(other(format!(
-            "download truncated: {total} of {} bytes",
-            desc.size
-        )));
+        return Err(other(format!("download truncated: {total} of {} bytes", desc.size)));
     }
     let actual = Digest::from_hasher(hasher);
     if &actual != layer {

@@ -73,6 +73,19 @@ pub enum LayerError {
         layer: Digest,
         reason: String,
     },
+    #[error("image {image}: layer {layer} ({media_type}) cannot be read lazily")]
+    NotLazy {
+        image: String,
+        layer: Digest,
+        media_type: String,
+    },
+}
+
+/// Whether a layer that cannot be read lazily may be downloaded whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    Download,
+    Refuse,
 }
 
 const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -95,6 +108,7 @@ pub async fn open(
     ctx: &LayerContext,
     image: &Reference,
     desc: &LayerDescriptor,
+    fallback: Fallback,
 ) -> Result<Layer, LayerError> {
     let started = Instant::now();
     let name = image.to_string();
@@ -104,17 +118,23 @@ pub async fn open(
         repo: image.clone(),
     };
     let read = |offset: u64, len: u64| {
-        let (registry, repo, digest) = (
-            Arc::clone(&ctx.registry),
-            image.clone(),
-            desc.digest.clone(),
-        );
+        let (registry, repo, digest) = (Arc::clone(&ctx.registry), image.clone(), desc.digest.clone());
         async move { registry.read_blob_range(&repo, &digest, offset, len).await }
     };
     let mt = desc.media_type.as_str();
     let index_err = |source| LayerError::Index {
         image: name.clone(),
         source,
+    };
+    let download = || async {
+        match fallback {
+            Fallback::Download => download::open_downloaded(ctx, image, desc).await,
+            Fallback::Refuse => Err(LayerError::NotLazy {
+                image: name.clone(),
+                layer: layer.clone(),
+                media_type: mt.to_string(),
+            }),
+        }
     };
     let (format, index, source) = if is_gzip(mt) {
         let toc_digest = match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
@@ -132,17 +152,16 @@ pub async fn open(
                 .map_err(index_err)?;
             (LayerFormat::Estargz, idx, remote)
         } else {
-            download::open_downloaded(ctx, image, desc).await?
+            download().await?
         }
     } else if is_zstd(mt) {
         if index::zstd_chunked::has_annotations(&desc.annotations) {
-            let idx =
-                index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read)
-                    .await
-                    .map_err(index_err)?;
+            let idx = index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read)
+                .await
+                .map_err(index_err)?;
             (LayerFormat::ZstdChunked, idx, remote)
         } else {
-            download::open_downloaded(ctx, image, desc).await?
+            download().await?
         }
     } else if is_plain_tar(mt) {
         let idx = index::tar::index_tar(&layer, desc.size, TAR_CHUNK_SIZE, read)
@@ -179,11 +198,7 @@ pub async fn open(
 }
 
 /// Does a gzip layer end in an eStargz footer? (One 51-byte range read.)
-async fn probe_estargz(
-    ctx: &LayerContext,
-    image: &Reference,
-    desc: &LayerDescriptor,
-) -> Result<bool, LayerError> {
+async fn probe_estargz(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<bool, LayerError> {
     if desc.size < index::estargz::FOOTER_SIZE {
         return Ok(false);
     }

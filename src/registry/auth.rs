@@ -43,18 +43,10 @@ struct AuthEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
     #[error("reading docker config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("parsing docker config {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error(
-        "docker config {path}: entry for {host} has an `auth` that is not base64 user:password"
-    )]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("docker config {path}: entry for {host} has an `auth` that is not base64 user:password")]
     BadAuth { path: PathBuf, host: String },
 }
 
@@ -80,11 +72,10 @@ impl DockerConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let file: ConfigFile =
-            serde_json::from_slice(&text).map_err(|source| AuthConfigError::Parse {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file: ConfigFile = serde_json::from_slice(&text).map_err(|source| AuthConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut auths = HashMap::new();
         for (key, entry) in file.auths {
             let host = normalize_host(&key);
@@ -110,9 +101,7 @@ impl DockerConfig {
 }
 
 fn decode_auth(auth: &str) -> Option<Credentials> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(auth.trim())
-        .ok()?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
     Some(Credentials {
@@ -123,9 +112,7 @@ fn decode_auth(auth: &str) -> Option<Credentials> {
 
 /// `https://index.docker.io/v1/` and friends all mean Docker Hub.
 fn normalize_host(key: &str) -> String {
-    let h = key
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
+    let h = key.trim_start_matches("https://").trim_start_matches("http://");
     let h = h.split('/').next().unwrap_or(h);
     match h {
         "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".to_string(),
@@ -249,9 +236,7 @@ impl TokenCache {
 
     /// Drops a token the registry refused.
     pub fn forget(&self, registry: &str, scope: &str) {
-        self.tokens
-            .lock()
-            .remove(&(registry.to_string(), scope.to_string()));
+        self.tokens.lock().remove(&(registry.to_string(), scope.to_string()));
     }
 }
 
@@ -277,10 +262,7 @@ mod tests {
 
     #[test]
     fn basic_challenge() {
-        assert_eq!(
-            Challenge::parse(r#"Basic realm="x""#),
-            Some(Challenge::Basic)
-        );
+        assert_eq!(Challenge::parse(r#"Basic realm="x""#), Some(Challenge::Basic));
     }
 
     #[test]
@@ -295,10 +277,7 @@ mod tests {
         let cfg = DockerConfig::load(&path).unwrap();
         assert_eq!(cfg.credentials("docker.io").unwrap().username, "u");
         let c = cfg.credentials("r.test:5000").unwrap();
-        assert_eq!(
-            (c.username.as_str(), c.password.as_str()),
-            ("alice", "s3cr3t")
-        );
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cr3t"));
     }
 
     #[test]

@@ -6,9 +6,7 @@ use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_AC
 use super::{Platform, Reference, RegistryError};
 use crate::digest::Digest;
 use bytes::Bytes;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
-};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -80,19 +78,13 @@ impl Registry {
     }
 
     fn base_url(&self, r: &Reference) -> String {
-        let plain = self.opts.plain_http
-            || r.is_loopback()
-            || self.opts.insecure.iter().any(|h| h == &r.registry);
+        let plain = self.opts.plain_http || r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry);
         let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
     }
 
     /// Resolves a reference to one platform's image manifest.
-    pub async fn resolve(
-        &self,
-        image: &Reference,
-        platform: &Platform,
-    ) -> Result<ResolvedImage, RegistryError> {
+    pub async fn resolve(&self, image: &Reference, platform: &Platform) -> Result<ResolvedImage, RegistryError> {
         let name = image.to_string();
         let (body, ctype, digest) = self.fetch_manifest(image, &image.manifest_ref()).await?;
         let (body, ctype, digest, m) = match manifest::parse(&name, ctype.as_deref(), &body)? {
@@ -145,14 +137,11 @@ impl Registry {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                op: OP,
-                url: url.clone(),
-                source,
-            })?;
+        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
+            op: OP,
+            url: url.clone(),
+            source,
+        })?;
         if body.len() > 4 << 20 {
             return Err(RegistryError::BadManifest {
                 image: image.to_string(),
@@ -208,9 +197,7 @@ impl Registry {
                 StatusCode::PARTIAL_CONTENT => {
                     let start = content_range_start(resp.headers());
                     if start != Some(offset) {
-                        return Err(bad(format!(
-                            "server answered Content-Range start {start:?}"
-                        )));
+                        return Err(bad(format!("server answered Content-Range start {start:?}")));
                     }
                     0
                 }
@@ -224,10 +211,7 @@ impl Registry {
                 Ok(b) if b.len() as u64 == len => return Ok(b),
                 Ok(b) => {
                     warn!(%digest, offset, len, got = b.len(), "short blob range read, retrying");
-                    last_err = Some(bad(format!(
-                        "truncated: body ended after {} of {len} bytes",
-                        b.len()
-                    )));
+                    last_err = Some(bad(format!("truncated: body ended after {} of {len} bytes", b.len())));
                 }
                 Err((got, e)) => {
                     warn!(%digest, offset, len, got, error = %e, "blob range read failed, retrying");
@@ -241,11 +225,7 @@ impl Registry {
     }
 
     /// Opens a whole blob for streaming (caller verifies its digest).
-    pub async fn open_blob(
-        &self,
-        repo: &Reference,
-        digest: &Digest,
-    ) -> Result<Response, RegistryError> {
+    pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self
             .send(
@@ -270,21 +250,14 @@ impl Registry {
     }
 
     /// Reads a whole small blob (configs, TOCs) and verifies it.
-    pub async fn read_blob(
-        &self,
-        repo: &Reference,
-        digest: &Digest,
-    ) -> Result<Bytes, RegistryError> {
+    pub async fn read_blob(&self, repo: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self.open_blob(repo, digest).await?;
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                op: "downloading blob",
-                url,
-                source,
-            })?;
+        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
+            op: "downloading blob",
+            url,
+            source,
+        })?;
         let actual = Digest::of(&body);
         if &actual != digest {
             return Err(RegistryError::DigestMismatch {
@@ -303,15 +276,7 @@ impl Registry {
         let base = self.base_url(repo);
         let head_url = format!("{base}/blobs/{digest}");
         let head = self
-            .send(
-                OP,
-                repo,
-                Access::Push,
-                Method::HEAD,
-                &head_url,
-                HeaderMap::new(),
-                None,
-            )
+            .send(OP, repo, Access::Push, Method::HEAD, &head_url, HeaderMap::new(), None)
             .await;
         if matches!(&head, Ok(r) if r.status() == StatusCode::OK) {
             return Ok(digest);
@@ -342,20 +307,9 @@ impl Registry {
         put_url.push(if put_url.contains('?') { '&' } else { '?' });
         put_url.push_str(&format!("digest={digest}"));
         let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let resp = self
-            .send(
-                OP,
-                repo,
-                Access::Push,
-                Method::PUT,
-                &put_url,
-                headers,
-                Some(data),
-            )
+            .send(OP, repo, Access::Push, Method::PUT, &put_url, headers, Some(data))
             .await?;
         expect_success(OP, &put_url, resp).await?;
         Ok(digest)
@@ -378,15 +332,7 @@ impl Registry {
             HeaderValue::from_str(media_type).map_err(|e| RegistryError::Setup(e.to_string()))?,
         );
         let resp = self
-            .send(
-                OP,
-                repo,
-                Access::Push,
-                Method::PUT,
-                &url,
-                headers,
-                Some(body),
-            )
+            .send(OP, repo, Access::Push, Method::PUT, &url, headers, Some(body))
             .await?;
         expect_success(OP, &url, resp).await?;
         Ok(digest)
@@ -420,10 +366,7 @@ impl Registry {
         let mut authorized = true; // false after a redirect to blob storage
         let mut redirects = 0;
         loop {
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .headers(headers.clone());
+            let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
@@ -447,8 +390,7 @@ impl Registry {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_redirection() {
-                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok())
-                        else {
+                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
                             return Err(RegistryError::Status {
                                 op,
                                 url,
@@ -481,13 +423,10 @@ impl Registry {
                         match challenge {
                             Some(Challenge::Bearer { realm, service, .. }) => {
                                 self.tokens.forget(host, &scope);
-                                self.fetch_token(op, host, &realm, service.as_deref(), &scope)
-                                    .await?;
+                                self.fetch_token(op, host, &realm, service.as_deref(), &scope).await?;
                                 continue;
                             }
-                            Some(Challenge::Basic)
-                                if self.opts.docker_config.credentials(host).is_some() =>
-                            {
+                            Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
                                 self.basic.lock().insert(host.to_string());
                                 continue;
                             }
@@ -505,8 +444,7 @@ impl Registry {
                     if status == StatusCode::NOT_FOUND {
                         return Err(RegistryError::NotFound { op, url });
                     }
-                    let retryable =
-                        status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                     if !retryable {
                         return Ok(resp);
                     }
@@ -552,14 +490,11 @@ impl Registry {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
         let url = realm.to_string();
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                op,
-                url: url.clone(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|source| RegistryError::Transport {
+            op,
+            url: url.clone(),
+            source,
+        })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(RegistryError::Denied {
@@ -569,40 +504,30 @@ impl Registry {
                 registry: host.to_string(),
             });
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Transport {
-                op,
-                url: url.clone(),
-                source,
-            })?;
-        let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
-                op,
-                url: url.clone(),
-                status: status.as_u16(),
-                body: format!("token response is not JSON: {e}"),
-            })?;
-        let token = parsed
-            .into_token(Instant::now())
-            .ok_or_else(|| RegistryError::Status {
-                op,
-                url,
-                status: status.as_u16(),
-                body: "token response without a token".into(),
-            })?;
+        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
+            op,
+            url: url.clone(),
+            source,
+        })?;
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+            op,
+            url: url.clone(),
+            status: status.as_u16(),
+            body: format!("token response is not JSON: {e}"),
+        })?;
+        let token = parsed.into_token(Instant::now()).ok_or_else(|| RegistryError::Status {
+            op,
+            url,
+            status: status.as_u16(),
+            body: "token response without a token".into(),
+        })?;
         self.tokens.put(host, scope, token);
         Ok(())
     }
 }
 
 /// Reads a body, dropping `skip` bytes first, keeping at most `len`.
-async fn read_exact_body(
-    mut resp: Response,
-    mut skip: u64,
-    len: u64,
-) -> Result<Bytes, (usize, reqwest::Error)> {
+async fn read_exact_body(mut resp: Response, mut skip: u64, len: u64) -> Result<Bytes, (usize, reqwest::Error)> {
     let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
     loop {
         let chunk = match resp.chunk().await {
@@ -677,10 +602,7 @@ mod tests {
     #[test]
     fn relative_locations_resolve_against_the_request() {
         assert_eq!(
-            absolute_url(
-                "http://h:1/v2/r/blobs/uploads/",
-                "/v2/r/blobs/uploads/abc?x=1"
-            ),
+            absolute_url("http://h:1/v2/r/blobs/uploads/", "/v2/r/blobs/uploads/abc?x=1"),
             "http://h:1/v2/r/blobs/uploads/abc?x=1"
         );
     }

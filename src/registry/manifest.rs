@@ -48,9 +48,7 @@ impl FromStr for Platform {
                 architecture: arch.to_string(),
                 variant: Some(v.to_string()),
             }),
-            _ => Err(format!(
-                "invalid platform {s:?}: expected os/arch[/variant]"
-            )),
+            _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant]")),
         }
     }
 }
@@ -93,11 +91,7 @@ pub enum Fetched {
 }
 
 /// Parses a manifest body by its media type (from the header or, failing that, the body).
-pub fn parse(
-    image: &str,
-    header_type: Option<&str>,
-    body: &[u8],
-) -> Result<Fetched, RegistryError> {
+pub fn parse(image: &str, header_type: Option<&str>, body: &[u8]) -> Result<Fetched, RegistryError> {
     let bad = |reason: String| RegistryError::BadManifest {
         image: image.to_string(),
         reason,
@@ -108,21 +102,19 @@ pub fn parse(
         media_type: Option<String>,
         manifests: Option<serde_json::Value>,
     }
-    let probe: Probe =
-        serde_json::from_slice(body).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let probe: Probe = serde_json::from_slice(body).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let header_type = header_type
         .map(|t| t.split(';').next().unwrap_or(t).trim())
         .filter(|t| !t.is_empty() && *t != "application/json" && *t != "text/plain");
-    let media_type =
-        probe
-            .media_type
-            .as_deref()
-            .or(header_type)
-            .unwrap_or(if probe.manifests.is_some() {
-                OCI_INDEX
-            } else {
-                OCI_MANIFEST
-            });
+    let media_type = probe
+        .media_type
+        .as_deref()
+        .or(header_type)
+        .unwrap_or(if probe.manifests.is_some() {
+            OCI_INDEX
+        } else {
+            OCI_MANIFEST
+        });
     match media_type {
         OCI_INDEX | DOCKER_LIST => ImageIndex::from_reader(body)
             .map(|i| Fetched::Index(Box::new(i)))
@@ -135,11 +127,7 @@ pub fn parse(
 }
 
 /// Picks the index entry for `platform`; a missing variant matches any.
-pub fn select_platform(
-    image: &str,
-    index: &ImageIndex,
-    platform: &Platform,
-) -> Result<Digest, RegistryError> {
+pub fn select_platform(image: &str, index: &ImageIndex, platform: &Platform) -> Result<Digest, RegistryError> {
     let mut available = Vec::new();
     for m in index.manifests() {
         let Some(p) = m.platform() else { continue };
@@ -216,10 +204,7 @@ mod tests {
         };
         let err = select_platform("img", &idx, &"linux/s390x".parse().unwrap()).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("linux/s390x") && msg.contains("linux/amd64"),
-            "{msg}"
-        );
+        assert!(msg.contains("linux/s390x") && msg.contains("linux/amd64"), "{msg}");
     }
 
     #[test]

@@ -80,31 +80,22 @@ impl FromStr for Reference {
             return Err(err("empty or contains white space"));
         }
         let (rest, digest) = match input.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?),
-            ),
+            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
             None => (input, None),
         };
         let (name, tag) = match rest.rfind(':') {
-            Some(i) if !rest[i + 1..].contains('/') => {
-                (&rest[..i], Some(rest[i + 1..].to_string()))
-            }
+            Some(i) if !rest[i + 1..].contains('/') => (&rest[..i], Some(rest[i + 1..].to_string())),
             _ => (rest, None),
         };
         if let Some(t) = &tag {
-            let valid = !t.is_empty()
-                && t.len() <= 128
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            let valid =
+                !t.is_empty() && t.len() <= 128 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
             if !valid {
                 return Err(err("invalid tag"));
             }
         }
         let (registry, repository) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (first.to_string(), rest.to_string())
             }
             _ => (DOCKER_HUB.to_string(), name.to_string()),
@@ -117,9 +108,8 @@ impl FromStr for Reference {
         let valid_repo = !repository.is_empty()
             && repository.split('/').all(|c| {
                 !c.is_empty()
-                    && c.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
-                    })
+                    && c.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
             });
         if !valid_repo {
             return Err(err("invalid repository name"));

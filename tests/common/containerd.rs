@@ -100,14 +100,9 @@ impl Containerd {
                 return true;
             }
             socket.exists()
-                && run_output(
-                    Command::new("ctr")
-                        .arg("--address")
-                        .arg(&socket)
-                        .arg("version"),
-                )
-                .status
-                .success()
+                && run_output(Command::new("ctr").arg("--address").arg(&socket).arg("version"))
+                    .status
+                    .success()
         });
         if let Some(st) = exited {
             panic!(
@@ -239,11 +234,7 @@ impl MountedImage<'_> {
 impl Drop for MountedImage<'_> {
     fn drop(&mut self) {
         let t = self.target.to_string_lossy().into_owned();
-        if self
-            .containerd
-            .try_ctr(&["images", "unmount", "--rm", &t])
-            .is_err()
-        {
+        if self.containerd.try_ctr(&["images", "unmount", "--rm", &t]).is_err() {
             umount_all_under(&self.target);
         }
     }
@@ -251,11 +242,7 @@ impl Drop for MountedImage<'_> {
 
 /// Ground truth: `ctr image pull --plain-http` with the overlayfs snapshotter, then `ctr images mount`
 /// (read-only view, key = target path, held by a 24 h lease that unmount --rm removes) at `target`.
-pub fn containerd_unpack<'a>(
-    containerd: &'a Containerd,
-    image_ref: &str,
-    target: &Path,
-) -> MountedImage<'a> {
+pub fn containerd_unpack<'a>(containerd: &'a Containerd, image_ref: &str, target: &Path) -> MountedImage<'a> {
     std::fs::create_dir_all(target).unwrap();
     let target = std::fs::canonicalize(target).unwrap();
     let t = target.to_string_lossy().into_owned();

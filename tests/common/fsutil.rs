@@ -11,11 +11,7 @@ fn cpath(p: &Path) -> CString {
 
 fn check(rc: libc::c_int, what: &str, p: &Path) {
     if rc != 0 {
-        panic!(
-            "{what} {}: {}",
-            p.display(),
-            std::io::Error::last_os_error()
-        );
+        panic!("{what} {}: {}", p.display(), std::io::Error::last_os_error());
     }
 }
 
@@ -69,11 +65,7 @@ pub fn mkdirs(p: &Path) {
 
 /// lchown(2): sets uid/gid without following symlinks (clears setuid and security.capability, so call it first).
 pub fn lchown(p: &Path, uid: u32, gid: u32) {
-    check(
-        unsafe { libc::lchown(cpath(p).as_ptr(), uid, gid) },
-        "lchown",
-        p,
-    );
+    check(unsafe { libc::lchown(cpath(p).as_ptr(), uid, gid) }, "lchown", p);
 }
 
 /// chmod with the full mode including setuid/setgid/sticky bits.
@@ -153,17 +145,12 @@ pub fn mknod_block(p: &Path, perm: u32, major: u32, minor: u32) {
 
 /// mkfifo(3).
 pub fn mkfifo(p: &Path, perm: u32) {
-    check(
-        unsafe { libc::mkfifo(cpath(p).as_ptr(), perm) },
-        "mkfifo",
-        p,
-    );
+    check(unsafe { libc::mkfifo(cpath(p).as_ptr(), perm) }, "mkfifo", p);
 }
 
 /// Creates a symlink `p -> target`.
 pub fn symlink(target: &str, p: &Path) {
-    std::os::unix::fs::symlink(target, p)
-        .unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", p.display()));
+    std::os::unix::fs::symlink(target, p).unwrap_or_else(|e| panic!("symlink {} -> {target}: {e}", p.display()));
 }
 
 /// Creates a hard link `new` to `existing`.
@@ -171,6 +158,5 @@ pub fn hardlink(existing: &Path, new: &Path) {
     if let Some(d) = new.parent() {
         mkdirs(d);
     }
-    std::fs::hard_link(existing, new)
-        .unwrap_or_else(|e| panic!("link {} {}: {e}", existing.display(), new.display()));
+    std::fs::hard_link(existing, new).unwrap_or_else(|e| panic!("link {} {}: {e}", existing.display(), new.display()));
 }

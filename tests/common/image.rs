@@ -96,11 +96,7 @@ pub fn check_tars_well_formed(image: &OciImage) {
                 tail.drain(..tail.len() - 1024);
             }
         }
-        assert!(
-            child.wait().unwrap().success(),
-            "gzip -dc {} failed",
-            p.display()
-        );
+        assert!(child.wait().unwrap().success(), "gzip -dc {} failed", p.display());
         assert!(
             total % 512 == 0 && tail.len() == 1024 && tail.iter().all(|&b| b == 0),
             "layer {d} is not a well-formed tar (len {total}, last 1024 bytes zero: {})",
@@ -133,13 +129,7 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
     let r = bundle.join("rootfs");
     populate_base(&r, big_file_bytes);
-    umoci(&[
-        "repack",
-        "--refresh-bundle",
-        "--image",
-        &img,
-        bundle.to_str().unwrap(),
-    ]);
+    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
 
     // Layer 2: deletions and a rewrite.
     std::fs::remove_file(r.join("gone/file.txt")).unwrap();
@@ -149,13 +139,7 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     for p in ["etc/motd", "etc", "gone", "layer2/new.txt", "layer2", ""] {
         set_mtime(&r.join(p), T0 + 50, 0);
     }
-    umoci(&[
-        "repack",
-        "--refresh-bundle",
-        "--image",
-        &img,
-        bundle.to_str().unwrap(),
-    ]);
+    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
 
     // Layer 3: opaque replacement of /opq. (umoci 0.4.7 `insert --opaque` does write `opq/.wh..wh..opq`,
     // but its tar lacks the final padding and end-of-archive blocks, so we write this layer with GNU tar.)
@@ -182,11 +166,7 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
     };
     check_tars_well_formed(&image);
     let lists = layer_listings(&image);
-    assert_eq!(
-        lists.len(),
-        4,
-        "feature image should have 4 layers: {lists:?}"
-    );
+    assert_eq!(lists.len(), 4, "feature image should have 4 layers: {lists:?}");
     let has = |i: usize, name: &str| {
         lists[i]
             .iter()
@@ -202,11 +182,7 @@ pub fn build_feature_image(dir: &Path, big_file_bytes: u64) -> OciImage {
         "layer 3 lacks its opaque whiteout: {:?}",
         lists[2]
     );
-    assert!(
-        has(3, "etc/.wh.tar-gone"),
-        "layer 4 lacks its whiteout: {:?}",
-        lists[3]
-    );
+    assert!(has(3, "etc/.wh.tar-gone"), "layer 4 lacks its whiteout: {:?}", lists[3]);
     let _ = std::fs::remove_dir_all(&bundle);
     image
 }
@@ -265,11 +241,7 @@ fn populate_base(r: &Path, big: u64) {
     set_xattr(&r.join("xattr/user"), "user.bin", &[0, 1, 2, 255, 0]);
     write_file(&r.join("xattr/cap"), b"#!/bin/sh\n");
     chmod(&r.join("xattr/cap"), 0o755);
-    set_xattr(
-        &r.join("xattr/cap"),
-        "security.capability",
-        &capability_bytes(),
-    );
+    set_xattr(&r.join("xattr/cap"), "security.capability", &capability_bytes());
     write_file(&r.join("xattr/trusted"), b"trusted\n");
     set_xattr(&r.join("xattr/trusted"), "trusted.foo", b"tval");
     mkdirs(&r.join("xattr/dir"));
@@ -279,10 +251,7 @@ fn populate_base(r: &Path, big: u64) {
     write_file(&r.join("long").join(&n150), b"long name\n");
     let d90 = |c: &str| format!("{}{}", c, "d".repeat(89));
     let deep = r.join("long").join(d90("a")).join(d90("b")).join(d90("c"));
-    write_file(
-        &deep.join(format!("f{}", "f".repeat(99))),
-        b"deep long path\n",
-    );
+    write_file(&deep.join(format!("f{}", "f".repeat(99))), b"deep long path\n");
     // Special files.
     mkdirs(&r.join("dev"));
     mkfifo(&r.join("dev/fifo"), 0o644);
@@ -322,11 +291,7 @@ fn populate_subsecond(l: &Path) {
     write_file(&l.join("subsec/setuid-cap"), b"#!/bin/sh\n");
     lchown(&l.join("subsec/setuid-cap"), 1000, 2000);
     chmod(&l.join("subsec/setuid-cap"), 0o4750);
-    set_xattr(
-        &l.join("subsec/setuid-cap"),
-        "security.capability",
-        &capability_bytes(),
-    );
+    set_xattr(&l.join("subsec/setuid-cap"), "security.capability", &capability_bytes());
     set_xattr(&l.join("subsec/setuid-cap"), "user.foo", b"pax");
     symlink("a.txt", &l.join("subsec/sym"));
     let long = format!("pax-{}", "p".repeat(200));

@@ -15,9 +15,7 @@ pub mod tree;
 
 pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage};
 pub use fsutil::write_random_file;
-pub use image::{
-    build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage,
-};
+pub use image::{build_big_layer_image, build_feature_image, layer_listings, BigLayerImage, OciImage};
 pub use proxy::{Fault, FaultProxy};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry};
@@ -65,10 +63,11 @@ pub fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(tool).is_file());
-    assert!(found, "required tool `{tool}` not found on PATH: install it (Debian package) before running tests");
+        || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(tool).is_file());
+    assert!(
+        found,
+        "required tool `{tool}` not found on PATH: install it (Debian package) before running tests"
+    );
 }
 
 /// Panics unless running as root: containerd, mounts, mknod and chown all need it.
@@ -141,9 +140,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
                 out.push(v);
                 i += 4;
                 continue;

@@ -71,11 +71,7 @@ impl FaultProxy {
 
     /// Adds a fault for URIs containing `pattern` (the first matching rule applies).
     pub fn set(&self, pattern: &str, fault: Fault) {
-        self.state
-            .lock()
-            .unwrap()
-            .rules
-            .push((pattern.to_string(), fault));
+        self.state.lock().unwrap().rules.push((pattern.to_string(), fault));
     }
 
     /// Removes all faults.
@@ -100,12 +96,7 @@ impl FaultProxy {
 
     /// How many tokens `/token` has issued.
     pub fn tokens_issued(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .bearer
-            .as_ref()
-            .map_or(0, |b| b.issued.len())
+        self.state.lock().unwrap().bearer.as_ref().map_or(0, |b| b.issued.len())
     }
 
     /// Authorization headers seen on redirect targets.
@@ -145,12 +136,7 @@ fn read_head(conn: &mut TcpStream) -> std::io::Result<Request> {
     Ok((first, headers, body))
 }
 
-fn respond(
-    conn: &mut TcpStream,
-    status: u16,
-    extra: &[(&str, String)],
-    body: &[u8],
-) -> std::io::Result<()> {
+fn respond(conn: &mut TcpStream, status: u16, extra: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
     let mut head = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
@@ -206,22 +192,12 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
         }
     };
     match &fault {
-        Some(Fault::Status {
-            code, retry_after, ..
-        }) => {
-            let extra: Vec<(&str, String)> = retry_after
-                .iter()
-                .map(|s| ("Retry-After", s.to_string()))
-                .collect();
+        Some(Fault::Status { code, retry_after, .. }) => {
+            let extra: Vec<(&str, String)> = retry_after.iter().map(|s| ("Retry-After", s.to_string())).collect();
             return respond(&mut conn, *code, &extra, b"");
         }
         Some(Fault::Redirect) if !redirected => {
-            return respond(
-                &mut conn,
-                307,
-                &[("Location", format!("/redirected{uri}"))],
-                b"",
-            );
+            return respond(&mut conn, 307, &[("Location", format!("/redirected{uri}"))], b"");
         }
         _ => {}
     }
@@ -254,8 +230,7 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
         }
         Some(Fault::Garbage(g)) => {
             let text = String::from_utf8_lossy(&head).into_owned();
-            let mut lines: Vec<String> =
-                text.trim_end().split("\r\n").map(str::to_string).collect();
+            let mut lines: Vec<String> = text.trim_end().split("\r\n").map(str::to_string).collect();
             lines.retain(|l| !l.to_ascii_lowercase().starts_with("content-length"));
             lines.push(format!("Content-Length: {}", g.len()));
             conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
@@ -270,12 +245,7 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
 type Answer = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()>>;
 
 /// In bearer mode: serves `/token`, and challenges requests without a live token.
-fn bearer_check(
-    state: &Mutex<State>,
-    uri: &str,
-    auth: Option<&str>,
-    headers: &[(String, String)],
-) -> Option<Answer> {
+fn bearer_check(state: &Mutex<State>, uri: &str, auth: Option<&str>, headers: &[(String, String)]) -> Option<Answer> {
     let mut st = state.lock().unwrap();
     let b = st.bearer.as_mut()?;
     if uri.starts_with("/token") {
@@ -283,28 +253,17 @@ fn bearer_check(
             return Some(Box::new(|c| respond(c, 401, &[], b"")));
         }
         let token = format!("tok-{}", b.issued.len());
-        b.issued
-            .push((token.clone(), std::time::Instant::now() + b.lifetime));
-        let body = format!(
-            r#"{{"token":"{token}","expires_in":{}}}"#,
-            b.lifetime.as_secs()
-        );
+        b.issued.push((token.clone(), std::time::Instant::now() + b.lifetime));
+        let body = format!(r#"{{"token":"{token}","expires_in":{}}}"#, b.lifetime.as_secs());
         return Some(Box::new(move |c| {
-            respond(
-                c,
-                200,
-                &[("Content-Type", "application/json".into())],
-                body.as_bytes(),
-            )
+            respond(c, 200, &[("Content-Type", "application/json".into())], body.as_bytes())
         }));
     }
-    let live = auth
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            b.issued
-                .iter()
-                .any(|(v, exp)| v == t && *exp > std::time::Instant::now())
-        });
+    let live = auth.and_then(|a| a.strip_prefix("Bearer ")).is_some_and(|t| {
+        b.issued
+            .iter()
+            .any(|(v, exp)| v == t && *exp > std::time::Instant::now())
+    });
     if live {
         return None;
     }
@@ -313,9 +272,7 @@ fn bearer_check(
         .find(|(k, _)| k == "host")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let challenge = format!(
-        r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#
-    );
+    let challenge = format!(r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#);
     Some(Box::new(move |c| {
         respond(c, 401, &[("WWW-Authenticate", challenge)], b"")
     }))

@@ -18,12 +18,7 @@ pub enum Format {
 
 impl Format {
     /// All four formats.
-    pub const ALL: [Format; 4] = [
-        Format::Uncompressed,
-        Format::Gzip,
-        Format::Estargz,
-        Format::ZstdChunked,
-    ];
+    pub const ALL: [Format; 4] = [Format::Uncompressed, Format::Gzip, Format::Estargz, Format::ZstdChunked];
 
     /// Short name used as the pushed tag suffix.
     pub fn suffix(self) -> &'static str {
@@ -57,13 +52,7 @@ pub fn push_all(image: &OciImage, registry: &Registry, formats: &[Format]) -> Ve
     let base = format!("{}/streamsnap/{}", registry.addr(), image.tag);
     let gz = format!("{base}:{}-gzip", image.tag);
     run(Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--format",
-            "oci",
-        ])
+        .args(["copy", "--quiet", "--dest-tls-verify=false", "--format", "oci"])
         .arg(image.oci_ref())
         .arg(format!("docker://{gz}")));
     let mut ctd: Option<Containerd> = None;

@@ -76,14 +76,10 @@ pub fn push_layers(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u
 }
 
 /// Like `push_layers`; returns the manifest's digest and size.
-pub fn push_image(
-    registry: &str,
-    repo: &str,
-    tag: &str,
-    layers: &[(&str, Vec<u8>)],
-) -> (String, usize) {
+pub fn push_image(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u8>)]) -> (String, usize) {
     let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256(b)).collect();
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let config =
+        serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
     let config = serde_json::to_vec(&config).unwrap();
     let config_digest = upload(registry, repo, &config);
     let descs: Vec<serde_json::Value> = layers
@@ -98,25 +94,13 @@ pub fn push_image(
     });
     let body = serde_json::to_vec(&manifest).unwrap();
     (
-        put_manifest(
-            registry,
-            repo,
-            tag,
-            "application/vnd.oci.image.manifest.v1+json",
-            &body,
-        ),
+        put_manifest(registry, repo, tag, "application/vnd.oci.image.manifest.v1+json", &body),
         body.len(),
     )
 }
 
 /// PUTs a manifest (or index) under a tag.
-pub fn put_manifest(
-    registry: &str,
-    repo: &str,
-    tag: &str,
-    media_type: &str,
-    body: &[u8],
-) -> String {
+pub fn put_manifest(registry: &str, repo: &str, tag: &str, media_type: &str, body: &[u8]) -> String {
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), body).unwrap();
     run(Command::new("curl")

@@ -33,10 +33,7 @@ impl Registry {
     pub fn start() -> Registry {
         require_tool("docker-registry");
         require_tool("curl");
-        let dir = tempfile::Builder::new()
-            .prefix("registry-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("registry-").tempdir().expect("tempdir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
         let log_path = dir.path().join("registry.log");
@@ -116,9 +113,7 @@ impl Registry {
     /// Current log offset; pass it to `*_since` to measure what happened after this point.
     pub fn mark(&self) -> u64 {
         self.settle();
-        std::fs::metadata(&self.log_path)
-            .map(|m| m.len())
-            .unwrap_or(0)
+        std::fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0)
     }
 
     /// All blob GETs logged since `mark` (waits briefly for the log to stop growing first).
@@ -180,17 +175,12 @@ impl Registry {
             "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
             &url,
         ]));
-        serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("manifest at {url} is not JSON ({e}): {body}"))
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("manifest at {url} is not JSON ({e}): {body}"))
     }
 
     /// Waits (max ~3 s) until the log file stops growing, since the registry logs right after a response ends.
     fn settle(&self) {
-        let len = || {
-            std::fs::metadata(&self.log_path)
-                .map(|m| m.len())
-                .unwrap_or(0)
-        };
+        let len = || std::fs::metadata(&self.log_path).map(|m| m.len()).unwrap_or(0);
         let start = Instant::now();
         let mut prev = len();
         loop {
@@ -231,10 +221,7 @@ fn parse_blob_get(line: &str) -> Option<BlobRequest> {
     }
     Some(BlobRequest {
         digest,
-        status: f
-            .get("http.response.status")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
+        status: f.get("http.response.status").and_then(|s| s.parse().ok()).unwrap_or(0),
         bytes: f.get("http.response.written")?.parse().ok()?,
         uri,
     })
@@ -286,9 +273,6 @@ mod tests {
     fn parses_real_line() {
         let l = r#"time="2026-11-26T07:37:09.193646837Z" level=info msg="response completed" go.version=go1.19.8 http.request.host="127.0.0.1:5999" http.request.id=f5 http.request.method=GET http.request.remoteaddr="127.0.0.1:56536" http.request.uri="/v2/x/blobs/sha256:ab" http.request.useragent="containerd/1.6.20~ds1" http.response.contenttype="application/octet-stream" http.response.duration=1.6ms http.response.status=206 http.response.written=4096"#;
         let r = super::parse_blob_get(l).unwrap();
-        assert_eq!(
-            (r.digest.as_str(), r.status, r.bytes),
-            ("sha256:ab", 206, 4096)
-        );
+        assert_eq!((r.digest.as_str(), r.status, r.bytes), ("sha256:ab", 206, 4096));
     }
 }

@@ -26,12 +26,7 @@ impl MountProcess {
     }
 
     /// Like `start`, but returns the log when the command exits instead of mounting.
-    pub fn try_start(
-        image: &str,
-        state_dir: &Path,
-        mountpoint: &Path,
-        extra: &[&str],
-    ) -> Result<MountProcess, String> {
+    pub fn try_start(image: &str, state_dir: &Path, mountpoint: &Path, extra: &[&str]) -> Result<MountProcess, String> {
         Self::try_start_env(image, state_dir, mountpoint, extra, &[])
     }
 
@@ -77,14 +72,10 @@ impl MountProcess {
             }
         });
         let mut exited = false;
-        wait_until(
-            Duration::from_secs(300),
-            "streamsnap mount to report its mount",
-            || {
-                exited = matches!(child.try_wait(), Ok(Some(_)));
-                exited || *mounted.lock().unwrap()
-            },
-        );
+        wait_until(Duration::from_secs(300), "streamsnap mount to report its mount", || {
+            exited = matches!(child.try_wait(), Ok(Some(_)));
+            exited || *mounted.lock().unwrap()
+        });
         if exited {
             std::thread::sleep(Duration::from_millis(100));
             return Err(log.lock().unwrap().clone());
@@ -112,16 +103,11 @@ impl MountProcess {
         let status = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let log = self.log();
-        assert!(
-            status.success(),
-            "streamsnap mount exited with {status}:\n{log}"
-        );
+        assert!(status.success(), "streamsnap mount exited with {status}:\n{log}");
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let mp = std::fs::canonicalize(&self.mountpoint).unwrap();
         assert!(
-            !info
-                .lines()
-                .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())),
+            !info.lines().any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap())),
             "mount point {} still mounted after exit",
             mp.display()
         );

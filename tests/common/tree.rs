@@ -27,14 +27,10 @@ impl CompareOpts {
     /// root directory's own attributes (a layer without a `.` entry gets an unpack-time root mtime).
     pub fn stargz_artefacts() -> CompareOpts {
         CompareOpts {
-            ignore_root_names: [
-                "stargz.index.json",
-                ".no.prefetch.landmark",
-                ".prefetch.landmark",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            ignore_root_names: ["stargz.index.json", ".no.prefetch.landmark", ".prefetch.landmark"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             ignore_root_attrs: true,
             ..Default::default()
         }
@@ -95,9 +91,7 @@ pub fn compare_trees(ours: &Path, truth: &Path, opts: CompareOpts) -> Vec<String
     for (p, sa) in &ga {
         let Some(sb) = gb.get(p) else { continue };
         if sa != sb && reported.insert((sa.clone(), sb.clone())) {
-            diffs.push(format!(
-                "{p}: hard-link group differs: ours {sa:?}, truth {sb:?}"
-            ));
+            diffs.push(format!("{p}: hard-link group differs: ours {sa:?}, truth {sb:?}"));
         }
     }
     diffs
@@ -105,10 +99,7 @@ pub fn compare_trees(ours: &Path, truth: &Path, opts: CompareOpts) -> Vec<String
 
 fn compare_entry(p: &str, x: &Entry, y: &Entry, opts: &CompareOpts, d: &mut Vec<String>) {
     if x.kind != y.kind {
-        d.push(format!(
-            "{p}: type differs: ours {}, truth {}",
-            x.kind, y.kind
-        ));
+        d.push(format!("{p}: type differs: ours {}, truth {}", x.kind, y.kind));
         return;
     }
     if p == "/" && opts.ignore_root_attrs {
@@ -127,32 +118,15 @@ fn compare_entry(p: &str, x: &Entry, y: &Entry, opts: &CompareOpts, d: &mut Vec<
         field("size", x.size.to_string(), y.size.to_string());
         field("nlink", x.nlink.to_string(), y.nlink.to_string());
     }
-    field(
-        "symlink target",
-        format!("{:?}", x.target),
-        format!("{:?}", y.target),
-    );
+    field("symlink target", format!("{:?}", x.target), format!("{:?}", y.target));
     field("rdev", fmt_rdev(x.rdev), fmt_rdev(y.rdev));
-    field(
-        "sha256",
-        format!("{:?}", x.sha256),
-        format!("{:?}", y.sha256),
-    );
+    field("sha256", format!("{:?}", x.sha256), format!("{:?}", y.sha256));
     let skip_mtime = x.kind == "dir" && opts.ignore_dir_mtime;
     if !skip_mtime && (x.mtime_ns - y.mtime_ns).unsigned_abs() > opts.mtime_tolerance_ns as u128 {
         field("mtime", fmt_ns(x.mtime_ns), fmt_ns(y.mtime_ns));
     }
-    let ignored = |k: &String| {
-        opts.ignore_xattr_prefixes
-            .iter()
-            .any(|p| k.starts_with(p.as_str()))
-    };
-    let keys: BTreeSet<&String> = x
-        .xattrs
-        .keys()
-        .chain(y.xattrs.keys())
-        .filter(|k| !ignored(k))
-        .collect();
+    let ignored = |k: &String| opts.ignore_xattr_prefixes.iter().any(|p| k.starts_with(p.as_str()));
+    let keys: BTreeSet<&String> = x.xattrs.keys().chain(y.xattrs.keys()).filter(|k| !ignored(k)).collect();
     for k in keys {
         let (a, b) = (x.xattrs.get(k), y.xattrs.get(k));
         if a != b {
@@ -166,16 +140,11 @@ fn compare_entry(p: &str, x: &Entry, y: &Entry, opts: &CompareOpts, d: &mut Vec<
 }
 
 fn fmt_rdev(r: Option<(u32, u32)>) -> String {
-    r.map(|(a, b)| format!("{a}:{b}"))
-        .unwrap_or_else(|| "-".into())
+    r.map(|(a, b)| format!("{a}:{b}")).unwrap_or_else(|| "-".into())
 }
 
 fn fmt_ns(ns: i128) -> String {
-    format!(
-        "{}.{:09}",
-        ns.div_euclid(1_000_000_000),
-        ns.rem_euclid(1_000_000_000)
-    )
+    format!("{}.{:09}", ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
 }
 
 fn fmt_val(v: Option<&Vec<u8>>) -> String {
@@ -189,8 +158,7 @@ fn fmt_val(v: Option<&Vec<u8>>) -> String {
 }
 
 fn scan(root: &Path, opts: &CompareOpts) -> BTreeMap<String, Entry> {
-    let md =
-        std::fs::symlink_metadata(root).unwrap_or_else(|e| panic!("lstat {}: {e}", root.display()));
+    let md = std::fs::symlink_metadata(root).unwrap_or_else(|e| panic!("lstat {}: {e}", root.display()));
     assert!(md.is_dir(), "{} is not a directory", root.display());
     let mut out = BTreeMap::new();
     out.insert("/".to_string(), entry(root, &md));
@@ -207,8 +175,7 @@ fn walk(dir: &Path, rel: &str, out: &mut BTreeMap<String, Entry>, opts: &Compare
             continue;
         }
         let p = e.path();
-        let md = std::fs::symlink_metadata(&p)
-            .unwrap_or_else(|err| panic!("lstat {}: {err}", p.display()));
+        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|err| panic!("lstat {}: {err}", p.display()));
         let r = format!("{rel}/{name}");
         let en = entry(&p, &md);
         let is_dir = en.kind == "dir";
@@ -272,9 +239,7 @@ pub fn file_sha256(p: &Path) -> String {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
         if n == 0 {
             break;
         }
@@ -296,23 +261,14 @@ pub fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
         panic!("llistxattr {}: {err}", p.display());
     }
     let mut names = vec![0u8; n as usize + 1024];
-    let n = unsafe {
-        libc::llistxattr(
-            c.as_ptr(),
-            names.as_mut_ptr() as *mut libc::c_char,
-            names.len(),
-        )
-    };
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr() as *mut libc::c_char, names.len()) };
     assert!(
         n >= 0,
         "llistxattr {}: {}",
         p.display(),
         std::io::Error::last_os_error()
     );
-    for name in names[..n as usize]
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-    {
+    for name in names[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let cn = CString::new(name).unwrap();
         let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
         assert!(
@@ -323,14 +279,7 @@ pub fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
             std::io::Error::last_os_error()
         );
         let mut v = vec![0u8; len as usize + 256];
-        let len = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                cn.as_ptr(),
-                v.as_mut_ptr() as *mut libc::c_void,
-                v.len(),
-            )
-        };
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len()) };
         assert!(
             len >= 0,
             "lgetxattr {} {:?}: {}",

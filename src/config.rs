@@ -1,0 +1,145 @@
+//! The daemon's configuration: one serde tree from TOML; unknown keys are
+//! errors; every field has a default that works on a single machine.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Default config file location.
+pub const DEFAULT_PATH: &str = "/etc/streamsnap/config.toml";
+/// Largest config file we read (a typo'd path to a huge file fails fast).
+const MAX_SIZE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory: metadata, snapshots, cache.
+    pub root: PathBuf,
+    /// Unix socket containerd connects to.
+    pub address: PathBuf,
+    /// Registries (`host:port`) reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Bound of the on-disk chunk cache, e.g. "10GiB".
+    pub cache_size: String,
+    /// Bound of the in-memory chunk cache.
+    pub memory_cache_size: String,
+    /// Platform whose manifest is used when an image is an index.
+    pub platform: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/streamsnap"),
+            address: PathBuf::from("/run/streamsnap/streamsnap.sock"),
+            insecure_registries: Vec::new(),
+            cache_size: "10GiB".into(),
+            memory_cache_size: "256MiB".into(),
+            platform: "linux/amd64".into(),
+        }
+    }
+}
+
+/// A config file that cannot be used; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field} = {value:?}: {reason}")]
+    Value {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`; a missing default file means defaults, a missing explicit one is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let md = match std::fs::metadata(&path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        if md.len() > MAX_SIZE {
+            return Err(ConfigError::TooLarge { path });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.size("cache_size", &cfg.cache_size, &path)?;
+        cfg.size("memory_cache_size", &cfg.memory_cache_size, &path)?;
+        Ok(cfg)
+    }
+
+    fn size(&self, field: &'static str, value: &str, path: &Path) -> Result<u64, ConfigError> {
+        value
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|reason| ConfigError::Value {
+                path: path.to_path_buf(),
+                field,
+                value: value.to_string(),
+                reason,
+            })
+    }
+
+    /// `cache_size` in bytes (validated at load).
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_size
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .unwrap_or(10 << 30)
+    }
+
+    pub fn memory_cache_bytes(&self) -> u64 {
+        self.memory_cache_size
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .unwrap_or(256 << 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "root = \"/x\"\ncache_sise = \"1GiB\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("cache_sise") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error_but_the_default_may_be_absent() {
+        assert!(Config::load(Some(Path::new("/nonexistent/streamsnap.toml"))).is_err());
+    }
+
+    #[test]
+    fn fields_default_and_sizes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "insecure_registries = [\"r:5000\"]\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.address, PathBuf::from("/run/streamsnap/streamsnap.sock"));
+        assert_eq!(c.insecure_registries, vec!["r:5000"]);
+        std::fs::write(&p, "cache_size = \"lots\"\n").unwrap();
+        assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("cache_size"));
+    }
+}

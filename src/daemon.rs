@@ -1,0 +1,54 @@
+//! `streamsnap serve`: the snapshotter daemon on a unix socket, until SIGTERM/SIGINT.
+
+use crate::config::Config;
+use crate::image_mount::{self, StateDir};
+use crate::registry::{DockerConfig, Platform, Registry, RegistryOptions};
+use crate::snapshotter::remote::RemoteLayers;
+use crate::snapshotter::service::{Service, SnapshotsServer};
+use crate::snapshotter::Snapshots;
+use anyhow::Context as _;
+use std::future::Future;
+use std::sync::Arc;
+use tracing::info;
+
+/// Serves until `shutdown` completes, then unmounts what it mounted.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let platform: Platform = config.platform.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let registry = Arc::new(Registry::new(RegistryOptions {
+        insecure: config.insecure_registries.clone(),
+        docker_config: DockerConfig::load_default()?,
+        ..Default::default()
+    })?);
+    let state = StateDir {
+        root: config.root.clone(),
+    };
+    let ctx = image_mount::layer_context(&state, registry, config.cache_bytes(), config.memory_cache_bytes())?;
+    let snapshots = Arc::new(
+        Snapshots::open(&config.root)
+            .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,
+    );
+    let remote = Arc::new(RemoteLayers::new(ctx, platform, tokio::runtime::Handle::current()));
+    remote.remount_all(&snapshots).await;
+
+    if let Some(dir) = config.address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&config.address) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", config.address.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(&config.address)
+        .with_context(|| format!("binding {}", config.address.display()))?;
+    info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshotter");
+    let service = Service::new(Arc::clone(&snapshots), Arc::clone(&remote));
+    tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")?;
+    info!("shutting down");
+    let _ = std::fs::remove_file(&config.address);
+    tokio::task::spawn_blocking(move || remote.release_all()).await?;
+    Ok(())
+}
