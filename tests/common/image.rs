@@ -411,3 +411,30 @@ pub fn build_big_layer_image(dir: &Path, size_mib: u64) -> BigLayerImage {
         after,
     }
 }
+
+/// A runnable image: busybox userland (two layers: userland, then `size_mib`
+/// MiB of incompressible "model weights" start-up never reads), default
+/// command `/bin/sh -c 'cat /etc/greeting'`.
+pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
+    require_tool("umoci");
+    assert!(Path::new("/bin/busybox").exists(), "/bin/busybox missing: apt-get install busybox-static");
+    let layout = dir.join("layout");
+    let img = format!("{}:run", layout.display());
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &img]);
+    let bundle = dir.join("bundle");
+    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
+    let root = bundle.join("rootfs");
+    mkdirs(&root.join("bin"));
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "ls", "echo", "sha256sum", "head", "wc"] {
+        symlink("busybox", &root.join("bin").join(applet));
+    }
+    write_file(&root.join("etc/greeting"), b"hello from streamsnap\n");
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    write_random_file(&root.join("models/weights.bin"), size_mib << 20, 11);
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    umoci(&["config", "--image", &img, "--config.cmd", "/bin/sh", "--config.cmd", "-c", "--config.cmd", "cat /etc/greeting"]);
+    std::fs::remove_dir_all(&bundle).unwrap();
+    OciImage { layout, tag: "run".into() }
+}

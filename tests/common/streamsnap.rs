@@ -121,3 +121,66 @@ impl Drop for MountProcess {
         super::umount_all_under(&self.mountpoint);
     }
 }
+
+/// A running `streamsnap serve` with its own root and socket; SIGTERM on drop.
+pub struct ServeProcess {
+    child: Child,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl ServeProcess {
+    /// Starts `streamsnap serve --root ROOT --address ROOT/streamsnap.sock` and waits for the socket.
+    pub fn start(root: &Path) -> ServeProcess {
+        let socket = root.join("streamsnap.sock");
+        std::fs::create_dir_all(root).unwrap();
+        let mut child = Command::new(binary())
+            .args(["serve", "--root"])
+            .arg(root.join("state"))
+            .arg("--address")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn streamsnap serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        for out in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let l = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    l.lock().unwrap().push_str(&format!("{line}\n"));
+                }
+            });
+        }
+        let mut exited = false;
+        wait_until(Duration::from_secs(60), "streamsnap serve to create its socket", || {
+            exited = matches!(child.try_wait(), Ok(Some(_)));
+            exited || socket.exists()
+        });
+        assert!(!exited, "streamsnap serve exited:\n{}", log.lock().unwrap());
+        ServeProcess { child, root: root.to_path_buf(), socket, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM; panics unless it exits 0.
+    pub fn stop(mut self) -> String {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.log();
+        assert!(status.success(), "streamsnap serve exited with {status}:\n{log}");
+        log
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
