@@ -7,11 +7,20 @@ use common::*;
 fn layers(registry: &Registry, reference: &str) -> (u64, Vec<String>) {
     let m = registry.manifest(reference);
     let layers = m["layers"].as_array().unwrap();
-    (layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(), layers.iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect())
+    (
+        layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
+        layers
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect(),
+    )
 }
 
 fn layer_bytes_served_since(registry: &Registry, digests: &[String], mark: u64) -> u64 {
-    digests.iter().map(|d| registry.bytes_served_for_blob_since(d, mark)).sum()
+    digests
+        .iter()
+        .map(|d| registry.bytes_served_for_blob_since(d, mark))
+        .sum()
 }
 
 struct Env {
@@ -26,8 +35,16 @@ fn start() -> Env {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let serve = ServeProcess::start(&work.path().join("streamsnap"));
-    let containerd = Containerd::start(ContainerdOpts { streamsnap_socket: Some(serve.socket.clone()), ..Default::default() });
-    Env { registry, serve: Some(serve), containerd, work }
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    Env {
+        registry,
+        serve: Some(serve),
+        containerd,
+        work,
+    }
 }
 
 #[test]
@@ -37,12 +54,27 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
     let reference = push(&image, &env.registry, Format::Estargz);
     let (total, digests) = layers(&env.registry, &reference);
     let mark = env.registry.mark();
-    env.containerd.ctr_remote(&["image", "rpull", "--plain-http", "--snapshotter", "streamsnap", &reference]);
-    let out = env.containerd.ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c1"]);
+    env.containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    let out = env
+        .containerd
+        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c1"]);
     assert_eq!(out.trim(), "hello from streamsnap");
     let served = layer_bytes_served_since(&env.registry, &digests, mark);
-    eprintln!("layers {total} bytes; registry served {served} ({:.1}%)", served as f64 * 100.0 / total as f64);
-    assert!(served * 5 < total, "registry served {served} of {total} layer bytes (not lazy)");
+    eprintln!(
+        "layers {total} bytes; registry served {served} ({:.1}%)",
+        served as f64 * 100.0 / total as f64
+    );
+    assert!(
+        served * 5 < total,
+        "registry served {served} of {total} layer bytes (not lazy)"
+    );
     let log = env.serve.as_ref().unwrap().log();
     assert!(log.contains("layer served lazily"), "{log}");
 
@@ -52,18 +84,36 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
     env.serve = Some(ServeProcess::start(&env.work.path().join("streamsnap")));
     // containerd reconnects to the proxy plugin with gRPC's backoff.
     let mut after = String::new();
-    wait_until(std::time::Duration::from_secs(60), "containerd to reconnect to streamsnap", || {
-        match env.containerd.try_ctr(&["snapshots", "--snapshotter", "streamsnap", "ls"]) {
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "containerd to reconnect to streamsnap",
+        || match env
+            .containerd
+            .try_ctr(&["snapshots", "--snapshotter", "streamsnap", "ls"])
+        {
             Ok(out) => {
                 after = out;
                 true
             }
             Err(_) => false,
-        }
-    });
+        },
+    );
     assert_eq!(before, after);
-    let out = env.containerd.ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c2", "/bin/sh", "-c", "cat /etc/greeting; head -c 1000000 /models/weights.bin | wc -c"]);
-    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), vec!["hello", "from", "streamsnap", "1000000"]);
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+        "c2",
+        "/bin/sh",
+        "-c",
+        "cat /etc/greeting; head -c 1000000 /models/weights.bin | wc -c",
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        vec!["hello", "from", "streamsnap", "1000000"]
+    );
 }
 
 #[test]
@@ -71,8 +121,78 @@ fn a_plain_gzip_image_is_unpacked_normally_and_runs() {
     let env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 4);
     let reference = push(&image, &env.registry, Format::Gzip);
-    env.containerd.ctr(&["image", "pull", "--plain-http", "--snapshotter", "streamsnap", &reference]);
-    let out = env.containerd.ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "g1"]);
+    env.containerd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    let out = env
+        .containerd
+        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "g1"]);
     assert_eq!(out.trim(), "hello from streamsnap");
     assert!(!env.serve.as_ref().unwrap().log().contains("layer served lazily"));
+}
+
+fn fuse_mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.contains(dir.to_str().unwrap()) && l.contains(" fuse"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
+    let env = start();
+    let image = build_runnable_image(&env.work.path().join("image"), 16);
+    let reference = push(&image, &env.registry, Format::Estargz);
+    env.containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+        "c1",
+        "/bin/sh",
+        "-c",
+        "cat /models/weights.bin | wc -c",
+    ]);
+    assert_eq!(out.trim(), (16u64 << 20).to_string());
+    let root = &env.serve.as_ref().unwrap().root;
+    let cache = root.join("state/cache");
+    assert!(!fuse_mounts_under(root).is_empty());
+    assert!(std::fs::read_dir(&cache).unwrap().count() > 0, "nothing cached");
+
+    env.containerd.ctr(&["image", "rm", "--sync", &reference]);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "containerd's GC to remove streamsnap's snapshots",
+        || {
+            env.containerd
+                .ctr(&["snapshots", "--snapshotter", "streamsnap", "ls"])
+                .lines()
+                .count()
+                <= 1
+        },
+    );
+    wait_until(std::time::Duration::from_secs(30), "layer mounts to go", || {
+        fuse_mounts_under(root).is_empty()
+    });
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "cache still holds {left:?}");
 }

@@ -155,6 +155,25 @@ impl DiskCache {
         let _ = std::fs::remove_file(self.path(key));
     }
 
+    /// Drops every cached chunk of a layer (its last user is gone).
+    pub fn remove_layer(&self, layer: &Digest) {
+        {
+            let mut lru = self.lru.lock();
+            let keys: Vec<ChunkKey> = lru
+                .entries
+                .iter()
+                .filter(|(k, _)| &k.layer == layer)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some(len) = lru.entries.pop(&k) {
+                    lru.total -= len;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(layer.hex()));
+    }
+
     fn evict_to(&self, target: u64) {
         loop {
             let victim = {
@@ -261,6 +280,23 @@ mod tests {
         }
         let c = DiskCache::open(dir.path(), 25).unwrap();
         assert!(c.total_bytes() <= 25);
+    }
+
+    #[test]
+    fn removing_a_layer_frees_its_chunks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put(&key(1), b"aaaa").unwrap();
+        let other = ChunkKey {
+            layer: Digest::of(b"other"),
+            blob_offset: 1,
+            inner_offset: 0,
+        };
+        c.put(&other, b"bb").unwrap();
+        c.remove_layer(&Digest::of(b"l"));
+        assert!(c.get(&key(1)).is_none());
+        assert_eq!(c.total_bytes(), 2);
+        assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
     }
 
     #[test]

@@ -219,10 +219,17 @@ impl RemoteLayers {
         }
     }
 
-    /// Unmounts the layer behind a removed snapshot.
+    /// Unmounts the layer behind a removed snapshot; the layer's cached
+    /// chunks go too once no snapshot shows it any more.
     pub fn release(&self, id: u64) {
-        if let Some(session) = self.sessions.lock().remove(&id) {
+        let removed = self.sessions.lock().remove(&id);
+        if let Some((session, layer)) = removed {
             drop(session);
+            let still_used = self.sessions.lock().values().any(|(_, l)| l.digest == layer.digest);
+            if !still_used {
+                self.ctx.disk.remove_layer(&layer.digest);
+                info!(layer = %layer.digest, "layer unmounted and its cache released");
+            }
         }
         self.layers.lock().retain(|_, l| l.strong_count() > 0);
     }

@@ -417,7 +417,10 @@ pub fn build_big_layer_image(dir: &Path, size_mib: u64) -> BigLayerImage {
 /// command `/bin/sh -c 'cat /etc/greeting'`.
 pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
     require_tool("umoci");
-    assert!(Path::new("/bin/busybox").exists(), "/bin/busybox missing: apt-get install busybox-static");
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
     let layout = dir.join("layout");
     let img = format!("{}:run", layout.display());
     umoci(&["init", "--layout", layout.to_str().unwrap()]);
@@ -434,7 +437,20 @@ pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
     write_random_file(&root.join("models/weights.bin"), size_mib << 20, 11);
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
-    umoci(&["config", "--image", &img, "--config.cmd", "/bin/sh", "--config.cmd", "-c", "--config.cmd", "cat /etc/greeting"]);
+    umoci(&[
+        "config",
+        "--image",
+        &img,
+        "--config.cmd",
+        "/bin/sh",
+        "--config.cmd",
+        "-c",
+        "--config.cmd",
+        "cat /etc/greeting",
+    ]);
     std::fs::remove_dir_all(&bundle).unwrap();
-    OciImage { layout, tag: "run".into() }
+    OciImage {
+        layout,
+        tag: "run".into(),
+    }
 }

@@ -15,7 +15,9 @@ pub mod tree;
 
 pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage};
 pub use fsutil::write_random_file;
-pub use image::{build_big_layer_image, build_feature_image, build_runnable_image, layer_listings, BigLayerImage, OciImage};
+pub use image::{
+    build_big_layer_image, build_feature_image, build_runnable_image, layer_listings, BigLayerImage, OciImage,
+};
 pub use proxy::{Fault, FaultProxy};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry};

@@ -147,7 +147,10 @@ impl ServeProcess {
             .spawn()
             .expect("spawn streamsnap serve");
         let log = Arc::new(Mutex::new(String::new()));
-        for out in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
             let l = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -161,7 +164,12 @@ impl ServeProcess {
             exited || socket.exists()
         });
         assert!(!exited, "streamsnap serve exited:\n{}", log.lock().unwrap());
-        ServeProcess { child, root: root.to_path_buf(), socket, log }
+        ServeProcess {
+            child,
+            root: root.to_path_buf(),
+            socket,
+            log,
+        }
     }
 
     pub fn log(&self) -> String {
