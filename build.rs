@@ -1,9 +1,14 @@
 //! Compiles `proto/` with protox (pure Rust, no system `protoc`) and
-//! generates tonic/prost code for containerd's snapshotter service.
+//! generates tonic/prost code for containerd's services.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/containerd/services/snapshots/v1/snapshots.proto",
+        "proto/containerd/services/leases/v1/leases.proto",
+        "proto/containerd/services/content/v1/content.proto",
+        "proto/containerd/services/images/v1/images.proto",
+        "proto/containerd/services/diff/v1/diff.proto",
         "proto/containerd/types/mount.proto",
+        "proto/containerd/types/descriptor.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -11,6 +11,7 @@
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
 //! - [`snapshotter`]: containerd's snapshotter semantics, metadata store, gRPC adapter, remote layers.
+//! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
@@ -27,5 +28,6 @@ pub mod index;
 pub mod layer;
 pub mod overlay;
 pub mod proto;
+pub mod pull;
 pub mod registry;
 pub mod snapshotter;

@@ -32,6 +32,22 @@ enum Command {
         #[arg(long = "insecure-registry")]
         insecure_registry: Vec<String>,
     },
+    /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
+    Pull {
+        #[arg(long)]
+        plain_http: bool,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: PathBuf,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: Platform,
+        /// Name containerd knows the snapshotter by.
+        #[arg(long, default_value = "streamsnap")]
+        snapshotter: String,
+        image: String,
+    },
     /// Mount an image read-only at MOUNTPOINT, fetching file contents on first read.
     Mount {
         /// Reach the registry over plain HTTP (loopback registries always are).
@@ -59,6 +75,33 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
+            Command::Pull {
+                plain_http,
+                address,
+                namespace,
+                platform,
+                snapshotter,
+                image,
+            } => {
+                let image: Reference = image.parse()?;
+                let registry = Registry::new(RegistryOptions {
+                    plain_http,
+                    docker_config: DockerConfig::load_default()?,
+                    ..Default::default()
+                })?;
+                let opts = streamsnap::pull::PullOptions {
+                    address,
+                    namespace,
+                    platform,
+                    snapshotter,
+                };
+                let report = streamsnap::pull::pull(&registry, &image, &opts).await?;
+                println!(
+                    "pulled {image}: {} layers served lazily, {} unpacked",
+                    report.lazy_layers, report.unpacked_layers
+                );
+                Ok(())
+            }
             Command::Serve {
                 config,
                 root,

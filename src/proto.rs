@@ -1,5 +1,5 @@
 //! Generated protobuf and gRPC code for containerd's wire contracts.
-//! Nothing outside `snapshotter/` (and the client in `pull`) uses these types.
+//! Nothing outside `snapshotter/` (the server) and `pull` (the containerd client) uses these types.
 #![allow(clippy::all, missing_docs)]
 
 pub mod containerd {
@@ -10,6 +10,26 @@ pub mod containerd {
         pub mod snapshots {
             pub mod v1 {
                 tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+        pub mod leases {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.leases.v1");
+            }
+        }
+        pub mod content {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        pub mod images {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod diff {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.diff.v1");
             }
         }
     }

@@ -196,3 +196,49 @@ fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
         .collect();
     assert!(left.is_empty(), "cache still holds {left:?}");
 }
+
+fn streamsnap_pull(env: &Env, reference: &str) -> String {
+    common::run(
+        std::process::Command::new(common::streamsnap::binary())
+            .args(["pull", "--address"])
+            .arg(env.containerd.socket())
+            .args(["--namespace", env.containerd.namespace(), reference]),
+    )
+}
+
+#[test]
+fn streamsnap_pull_then_ctr_run_works_lazily() {
+    let env = start();
+    let image = build_runnable_image(&env.work.path().join("image"), 32);
+    let reference = push(&image, &env.registry, Format::Estargz);
+    let (total, digests) = layers(&env.registry, &reference);
+    let mark = env.registry.mark();
+    let out = streamsnap_pull(&env, &reference);
+    assert!(
+        out.contains(&format!("{} layers served lazily, 0 unpacked", digests.len())),
+        "{out}"
+    );
+    let run = env
+        .containerd
+        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p1"]);
+    assert_eq!(run.trim(), "hello from streamsnap");
+    let served = layer_bytes_served_since(&env.registry, &digests, mark);
+    assert!(served * 5 < total, "registry served {served} of {total} layer bytes");
+}
+
+#[test]
+fn streamsnap_pull_of_a_plain_gzip_image_unpacks_through_containerd() {
+    let env = start();
+    let image = build_runnable_image(&env.work.path().join("image"), 2);
+    let reference = push(&image, &env.registry, Format::Gzip);
+    let (_, digests) = layers(&env.registry, &reference);
+    let out = streamsnap_pull(&env, &reference);
+    assert!(
+        out.contains(&format!("0 layers served lazily, {} unpacked", digests.len())),
+        "{out}"
+    );
+    let run = env
+        .containerd
+        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p2"]);
+    assert_eq!(run.trim(), "hello from streamsnap");
+}
