@@ -82,7 +82,7 @@ async fn connect(address: &Path) -> Result<Channel, PullError> {
     let path = address.to_path_buf();
     tonic::transport::Endpoint::try_from("http://containerd.sock")
         .map_err(|e| PullError::Connect {
-            address: address.clone(),
+            address: address.to_path_buf(),
             reason: e.to_string(),
         })?
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
@@ -95,7 +95,7 @@ async fn connect(address: &Path) -> Result<Channel, PullError> {
         }))
         .await
         .map_err(|e| PullError::Connect {
-            address: address.clone(),
+            address: address.to_path_buf(),
             reason: e.to_string(),
         })
 }
