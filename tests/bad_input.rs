@@ -219,27 +219,26 @@ fn transient_server_errors_and_rate_limits_are_retried() {
     mount.stop();
 }
 
+/// Mounts through the proxy with docker config credentials alice:s3cret for it.
+fn mount_as_alice(s: &Setup) -> MountProcess {
+    let docker = s.work.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let config = format!(r#"{{"auths":{{"{}":{{"auth":"{ALICE}"}}}}}}"#, s.proxy.addr());
+    std::fs::write(docker.join("config.json"), config).unwrap();
+    let (state, mnt) = (s.work.path().join("state"), s.work.path().join("mnt"));
+    MountProcess::try_start_env(&s.reference, &state, &mnt, &[], &[("DOCKER_CONFIG", &docker)])
+        .unwrap_or_else(|log| panic!("mount failed:\n{log}"))
+}
+
+/// base64 of "alice:s3cret".
+const ALICE: &str = "YWxpY2U6czNjcmV0";
+
 #[test]
 fn basic_auth_from_docker_config_and_redirects_without_credentials() {
     let s = estargz_behind_proxy();
-    // "alice:s3cret"
-    s.proxy.require_basic_auth("YWxpY2U6czNjcmV0");
+    s.proxy.require_basic_auth(ALICE);
     s.proxy.set("/blobs/", Fault::Redirect);
-    let docker = s.work.path().join("docker");
-    std::fs::create_dir_all(&docker).unwrap();
-    std::fs::write(
-        docker.join("config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, s.proxy.addr()),
-    )
-    .unwrap();
-    let mount = MountProcess::try_start_env(
-        &s.reference,
-        &s.work.path().join("state"),
-        &s.work.path().join("mnt"),
-        &[],
-        &[("DOCKER_CONFIG", &docker)],
-    )
-    .unwrap_or_else(|log| panic!("mount failed:\n{log}"));
+    let mount = mount_as_alice(&s);
     let (path, content) = &s.image.after[0];
     assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     let seen = s.proxy.redirected_auth();
@@ -254,23 +253,8 @@ fn basic_auth_from_docker_config_and_redirects_without_credentials() {
 #[test]
 fn bearer_tokens_are_fetched_with_docker_config_credentials_and_refreshed() {
     let s = estargz_behind_proxy();
-    s.proxy
-        .require_bearer("YWxpY2U6czNjcmV0", std::time::Duration::from_secs(10));
-    let docker = s.work.path().join("docker");
-    std::fs::create_dir_all(&docker).unwrap();
-    std::fs::write(
-        docker.join("config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, s.proxy.addr()),
-    )
-    .unwrap();
-    let mount = MountProcess::try_start_env(
-        &s.reference,
-        &s.work.path().join("state"),
-        &s.work.path().join("mnt"),
-        &[],
-        &[("DOCKER_CONFIG", &docker)],
-    )
-    .unwrap_or_else(|log| panic!("mount failed:\n{log}"));
+    s.proxy.require_bearer(ALICE, std::time::Duration::from_secs(10));
+    let mount = mount_as_alice(&s);
     let (path, content) = &s.image.before[0];
     assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     let first = s.proxy.tokens_issued();

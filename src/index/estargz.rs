@@ -55,15 +55,8 @@ where
     Fut: Future<Output = Result<Bytes, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let bad = |reason: String| IndexError::Layer {
-        layer: layer.clone(),
-        reason,
-    };
-    let fetch_err = |what: &str, e: E| IndexError::Fetch {
-        layer: layer.clone(),
-        what: what.to_string(),
-        source: Box::new(e),
-    };
+    let bad = |reason: String| IndexError::layer(layer, reason);
+    let fetch_err = |what: &str, e: E| IndexError::fetch(layer, what, e);
     if size < FOOTER_SIZE {
         return Err(bad(format!("blob of {size} bytes is too small for an eStargz footer")));
     }

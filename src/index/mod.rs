@@ -162,3 +162,22 @@ pub enum IndexError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
+
+impl IndexError {
+    /// The layer as a whole is malformed.
+    pub fn layer(layer: &Digest, reason: impl Into<String>) -> Self {
+        Self::Layer {
+            layer: layer.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Reading `what` of the layer failed.
+    pub fn fetch(layer: &Digest, what: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Fetch {
+            layer: layer.clone(),
+            what: what.into(),
+            source: Box::new(e),
+        }
+    }
+}

@@ -86,15 +86,8 @@ where
     Fut: Future<Output = Result<Bytes, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let bad = |reason: String| IndexError::Layer {
-        layer: layer.clone(),
-        reason,
-    };
-    let fetch_err = |what: &str, e: E| IndexError::Fetch {
-        layer: layer.clone(),
-        what: what.to_string(),
-        source: Box::new(e),
-    };
+    let bad = |reason: String| IndexError::layer(layer, reason);
+    let fetch_err = |what: &str, e: E| IndexError::fetch(layer, what, e);
     let annotated = POSITION_KEYS.iter().find_map(|k| annotations.get(*k));
     let pos = match annotated {
         Some(s) => parse_position(s).ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,

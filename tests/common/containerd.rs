@@ -16,6 +16,14 @@ pub struct ContainerdOpts {
     pub namespace: String,
     /// containerd log level (default "info").
     pub log_level: String,
+    /// With `enable_cri`: CRI's `sandbox_image` (the pod "pause" image); None keeps containerd's default.
+    pub sandbox_image: Option<String>,
+    /// With `enable_cri`: registries (`host:port`) CRI reaches over plain HTTP, as
+    /// `registry.mirrors."HOST".endpoint = ["http://HOST"]` (default none).
+    pub plain_http_registries: Vec<String>,
+    /// With `enable_cri`: CRI's `restrict_oom_score_adj` (cap containers' oom_score_adj at containerd's own),
+    /// needed where even root cannot lower oom_score_adj (this VM: writing -998 fails), default false.
+    pub restrict_oom_score_adj: bool,
 }
 
 impl Default for ContainerdOpts {
@@ -25,6 +33,9 @@ impl Default for ContainerdOpts {
             enable_cri: false,
             namespace: "streamsnap-test".into(),
             log_level: "info".into(),
+            sandbox_image: None,
+            plain_http_registries: Vec::new(),
+            restrict_oom_score_adj: false,
         }
     }
 }
@@ -70,8 +81,19 @@ impl Containerd {
         );
         if opts.enable_cri {
             cfg += "[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n";
+            if let Some(img) = &opts.sandbox_image {
+                cfg += &format!("  sandbox_image = \"{img}\"\n");
+            }
+            if opts.restrict_oom_score_adj {
+                cfg += "  restrict_oom_score_adj = true\n";
+            }
             if opts.streamsnap_socket.is_some() {
                 cfg += "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"streamsnap\"\n  disable_snapshot_annotations = false\n";
+            }
+            for host in &opts.plain_http_registries {
+                cfg += &format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n  endpoint = [\"http://{host}\"]\n"
+                );
             }
         }
         if let Some(s) = &opts.streamsnap_socket {

@@ -454,3 +454,38 @@ pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
         tag: "run".into(),
     }
 }
+
+/// A pod "pause" image for CRI sandboxes: one busybox layer, default command
+/// `/bin/sleep 3600` (containerd kills a sandbox with SIGKILL, so no signal handling is needed).
+pub fn build_pause_image(dir: &Path) -> OciImage {
+    require_tool("umoci");
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+    let layout = dir.join("layout");
+    let img = format!("{}:pause", layout.display());
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &img]);
+    let bundle = dir.join("bundle");
+    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
+    let root = bundle.join("rootfs");
+    mkdirs(&root.join("bin"));
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    symlink("busybox", &root.join("bin/sleep"));
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    umoci(&[
+        "config",
+        "--image",
+        &img,
+        "--config.cmd",
+        "/bin/sleep",
+        "--config.cmd",
+        "3600",
+    ]);
+    std::fs::remove_dir_all(&bundle).unwrap();
+    OciImage {
+        layout,
+        tag: "pause".into(),
+    }
+}
