@@ -1,0 +1,61 @@
+//! `streamsnap serve` configuration: the file is read, flags override it,
+//! unknown keys are refused with a message naming the file and the key.
+mod common;
+use common::*;
+use std::process::Command;
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("streamsnap.toml");
+    std::fs::write(&config, "root = \"/tmp/x\"\ncache_sise = \"1GiB\"\n").unwrap();
+    let out = run_output(
+        Command::new(common::streamsnap::binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cache_sise") && err.contains("streamsnap.toml"), "{err}");
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("streamsnap.toml");
+    let from_file = dir.path().join("file.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "root = \"{}\"\naddress = \"{}\"\n",
+            dir.path().join("root").display(),
+            from_file.display()
+        ),
+    )
+    .unwrap();
+    let flag = dir.path().join("flag.sock");
+    let mut child = Command::new(common::streamsnap::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--address")
+        .arg(&flag)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the socket named by --address",
+        || flag.exists(),
+    );
+    assert!(!from_file.exists());
+    assert!(
+        dir.path().join("root/metadata.redb").exists(),
+        "root from the file is used"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(!flag.exists(), "socket removed on shutdown");
+}
