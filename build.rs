@@ -18,5 +18,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    // Our own minimal subset of the Kubernetes CRI v1 API (package runtime.v1),
+    // client only: the tests drive containerd's CRI plugin with it.
+    let cri = "proto/k8s/cri/v1/api.proto";
+    println!("cargo:rerun-if-changed={cri}");
+    let fds = protox::compile([cri], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(fds)?;
     Ok(())
 }

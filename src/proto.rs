@@ -34,3 +34,8 @@ pub mod containerd {
         }
     }
 }
+
+/// Minimal Kubernetes CRI v1 client (`proto/k8s/cri/v1/api.proto`), used by the tests.
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
