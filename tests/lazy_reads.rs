@@ -249,3 +249,40 @@ fn sixteen_threads_reading_random_offsets_get_right_bytes_and_each_chunk_once() 
     );
     mount.stop();
 }
+
+#[test]
+fn sequential_readers_get_chunks_fetched_ahead_and_single_reads_do_not() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (big, reference, digest) = estargz_image(&registry, &work.path().join("image"), 96);
+    let expected = random_bytes(big.big_size as usize, 42);
+    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    let f = std::fs::File::open(mount.mountpoint.join("big.bin")).unwrap();
+    // One small read at the start: at most the chunk that holds it (eStargz chunks are 4 MiB).
+    let mark = registry.mark();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == expected[..4096]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let single = registry.bytes_served_for_blob_since(&digest, mark);
+    assert!(single <= 5 * MIB, "a single 4 KiB read fetched {single} bytes");
+    // A sequential scan of 12 MiB: the following chunks are fetched before they are asked for.
+    let mark = registry.mark();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..12u64 {
+        f.read_exact_at(&mut buf, i * MIB).unwrap();
+        assert!(buf == expected[(i * MIB) as usize..((i + 1) * MIB) as usize]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let scanned = registry.bytes_served_for_blob_since(&digest, mark);
+    assert!(
+        scanned >= 24 * MIB,
+        "only {scanned} bytes fetched for a 12 MiB sequential scan: no read-ahead"
+    );
+    assert!(
+        scanned <= 12 * MIB + 32 * MIB + 8 * MIB,
+        "read-ahead fetched {scanned} bytes, past its 32 MiB bound"
+    );
+    mount.stop();
+}

@@ -23,6 +23,8 @@ use tracing::warn;
 const MAX_REQUEST: u64 = 16 << 20;
 /// Gap between chunks still worth fetching in one request.
 const MAX_GAP: u64 = 64 << 10;
+/// How far ahead of a sequential reader chunks are fetched.
+const READ_AHEAD: u64 = 32 << 20;
 
 /// A read that cannot be served with verified bytes.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub struct Fetcher {
     disk: Arc<DiskCache>,
     mem: Arc<MemCache>,
     inflight: Mutex<HashMap<ChunkId, ChunkFuture>>,
+    /// Per file: (last chunk read, chunks already asked for up to), to spot sequential readers.
+    sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
 }
 
@@ -77,6 +81,7 @@ impl Fetcher {
             disk,
             mem,
             inflight: Mutex::default(),
+            sequential: Mutex::default(),
             stats: FetchStats::default(),
         })
     }
@@ -103,6 +108,7 @@ impl Fetcher {
         if let BlobSource::Local(_) = &self.source {
             return self.read_local(ids, offset, end).await;
         }
+        self.read_ahead(node, ids.clone());
         let parts = self.chunks(ids.clone()).await?;
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
@@ -116,6 +122,40 @@ impl Fetcher {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         pieces.for_each(|p| out.extend_from_slice(&p));
         Ok(out.freeze())
+    }
+
+    /// A reader that continues where its last read ended gets the following
+    /// chunks (up to `READ_AHEAD` bytes) fetched in the background, so a
+    /// sequential scan of a large file keeps several requests in flight.
+    fn read_ahead(self: &Arc<Self>, node: NodeId, ids: Range<ChunkId>) {
+        let Some(n) = self.index.node(node) else { return };
+        let file_end = n.first_chunk + n.chunk_count;
+        let ahead = {
+            let mut seq = self.sequential.lock();
+            // A first read is not yet a pattern: partial reads of big files stay cheap.
+            let (sequential, asked) = match seq.get(&node) {
+                Some(&(last, asked)) => (ids.start == last || ids.start == last + 1, asked),
+                None => (false, 0),
+            };
+            let mut end = ids.end;
+            let mut bytes = 0;
+            while sequential && end < file_end && bytes < READ_AHEAD {
+                bytes += self.index.chunks[end as usize].len;
+                end += 1;
+            }
+            let from = ids.end.max(asked);
+            seq.insert(node, (ids.end - 1, end.max(asked)));
+            if seq.len() > 4096 {
+                seq.clear(); // bounded: forgetting only costs read-ahead
+            }
+            from..end
+        };
+        if !ahead.is_empty() {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = this.chunks(ahead).await;
+            });
+        }
     }
 
     /// Layers downloaded whole are plain local files: read the range directly.
