@@ -3,26 +3,6 @@
 mod common;
 use common::*;
 
-/// Sum of the manifest's layer sizes and their digests.
-fn layers(registry: &Registry, reference: &str) -> (u64, Vec<String>) {
-    let m = registry.manifest(reference);
-    let layers = m["layers"].as_array().unwrap();
-    (
-        layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
-        layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect(),
-    )
-}
-
-fn layer_bytes_served_since(registry: &Registry, digests: &[String], mark: u64) -> u64 {
-    digests
-        .iter()
-        .map(|d| registry.bytes_served_for_blob_since(d, mark))
-        .sum()
-}
-
 struct Env {
     registry: Registry,
     serve: Option<ServeProcess>,
@@ -52,7 +32,7 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
     let mut env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 64);
     let reference = push(&image, &env.registry, Format::Estargz);
-    let (total, digests) = layers(&env.registry, &reference);
+    let (total, digests) = env.registry.layers(&reference);
     let mark = env.registry.mark();
     env.containerd.ctr_remote(&[
         "image",
@@ -66,7 +46,7 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
         .containerd
         .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c1"]);
     assert_eq!(out.trim(), "hello from streamsnap");
-    let served = layer_bytes_served_since(&env.registry, &digests, mark);
+    let served = env.registry.layer_bytes_served_since(&digests, mark);
     eprintln!(
         "layers {total} bytes; registry served {served} ({:.1}%)",
         served as f64 * 100.0 / total as f64
@@ -211,7 +191,7 @@ fn streamsnap_pull_then_ctr_run_works_lazily() {
     let env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 32);
     let reference = push(&image, &env.registry, Format::Estargz);
-    let (total, digests) = layers(&env.registry, &reference);
+    let (total, digests) = env.registry.layers(&reference);
     let mark = env.registry.mark();
     let out = streamsnap_pull(&env, &reference);
     assert!(
@@ -222,7 +202,7 @@ fn streamsnap_pull_then_ctr_run_works_lazily() {
         .containerd
         .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p1"]);
     assert_eq!(run.trim(), "hello from streamsnap");
-    let served = layer_bytes_served_since(&env.registry, &digests, mark);
+    let served = env.registry.layer_bytes_served_since(&digests, mark);
     assert!(served * 5 < total, "registry served {served} of {total} layer bytes");
 }
 
@@ -231,7 +211,7 @@ fn streamsnap_pull_of_a_plain_gzip_image_unpacks_through_containerd() {
     let env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 2);
     let reference = push(&image, &env.registry, Format::Gzip);
-    let (_, digests) = layers(&env.registry, &reference);
+    let (_, digests) = env.registry.layers(&reference);
     let out = streamsnap_pull(&env, &reference);
     assert!(
         out.contains(&format!("0 layers served lazily, {} unpacked", digests.len())),

@@ -23,26 +23,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// Every CRI call must answer within this (a pull of a lazy image takes well under a second).
 const RPC_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Sum of the manifest's layer sizes and their digests.
-fn layers(registry: &Registry, reference: &str) -> (u64, Vec<String>) {
-    let m = registry.manifest(reference);
-    let layers = m["layers"].as_array().unwrap();
-    (
-        layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(),
-        layers
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect(),
-    )
-}
-
-fn layer_bytes_served_since(registry: &Registry, digests: &[String], mark: u64) -> u64 {
-    digests
-        .iter()
-        .map(|d| registry.bytes_served_for_blob_since(d, mark))
-        .sum()
-}
-
 /// A blocking CRI client over containerd's gRPC unix socket (which serves CRI too).
 struct Cri {
     rt: tokio::runtime::Runtime,
@@ -187,7 +167,7 @@ fn cri_pull_of_an_estargz_image_is_lazy_and_a_pod_container_from_it_runs() {
     assert_eq!(version.runtime_api_version, "v1", "{version:?}");
 
     // PullImage through CRI: containerd passes the cri.* labels, streamsnap mounts the layers remotely.
-    let (total, digests) = layers(&registry, &reference);
+    let (total, digests) = registry.layers(&reference);
     let mark = registry.mark();
     let pulled = cri.call(
         "PullImage",
@@ -200,7 +180,7 @@ fn cri_pull_of_an_estargz_image_is_lazy_and_a_pod_container_from_it_runs() {
         }),
     );
     assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
-    let served = layer_bytes_served_since(&registry, &digests, mark);
+    let served = registry.layer_bytes_served_since(&digests, mark);
     eprintln!(
         "layers {total} bytes; registry served {served} ({:.1}%) for the CRI pull",
         served as f64 * 100.0 / total as f64
@@ -278,7 +258,7 @@ fn cri_pull_of_an_estargz_image_is_lazy_and_a_pod_container_from_it_runs() {
     // CRI log format: `<RFC3339 time> stdout F hello from streamsnap`.
     assert!(output.contains("stdout F hello from streamsnap"), "{output}");
     // Running the container read a few files on demand, never the 64 MiB of weights.
-    let served = layer_bytes_served_since(&registry, &digests, mark);
+    let served = registry.layer_bytes_served_since(&digests, mark);
     eprintln!(
         "registry served {served} layer bytes ({:.1}%) by the time the container exited",
         served as f64 * 100.0 / total as f64

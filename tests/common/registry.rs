@@ -159,6 +159,22 @@ impl Registry {
             .sum()
     }
 
+    /// Sum of an image's layer sizes, and the layer digests, from its manifest.
+    pub fn layers(&self, reference: &str) -> (u64, Vec<String>) {
+        let m = self.manifest(reference);
+        let layers = m["layers"].as_array().unwrap();
+        let digests = layers
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect();
+        (layers.iter().map(|l| l["size"].as_u64().unwrap()).sum(), digests)
+    }
+
+    /// Body bytes written for GETs of any of these blobs since `mark`.
+    pub fn layer_bytes_served_since(&self, digests: &[String], mark: u64) -> u64 {
+        digests.iter().map(|d| self.bytes_served_for_blob_since(d, mark)).sum()
+    }
+
     /// Fetches the OCI/Docker manifest for `repo:tag` or `repo@digest` (refs may include the host) via curl.
     pub fn manifest(&self, reference: &str) -> serde_json::Value {
         let r = reference
