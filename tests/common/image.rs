@@ -412,17 +412,16 @@ pub fn build_big_layer_image(dir: &Path, size_mib: u64) -> BigLayerImage {
     }
 }
 
-/// A runnable image: busybox userland (two layers: userland, then `size_mib`
-/// MiB of incompressible "model weights" start-up never reads), default
-/// command `/bin/sh -c 'cat /etc/greeting'`.
-pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
+/// A new single-tag layout with a bundle whose rootfs holds static busybox and
+/// these applets; returns (image "LAYOUT:TAG", bundle dir).
+fn busybox_bundle(dir: &Path, tag: &str, applets: &[&str]) -> (String, std::path::PathBuf) {
     require_tool("umoci");
     assert!(
         Path::new("/bin/busybox").exists(),
         "/bin/busybox missing: apt-get install busybox-static"
     );
     let layout = dir.join("layout");
-    let img = format!("{}:run", layout.display());
+    let img = format!("{}:{tag}", layout.display());
     umoci(&["init", "--layout", layout.to_str().unwrap()]);
     umoci(&["new", "--image", &img]);
     let bundle = dir.join("bundle");
@@ -430,62 +429,44 @@ pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
     let root = bundle.join("rootfs");
     mkdirs(&root.join("bin"));
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "ls", "echo", "sha256sum", "head", "wc"] {
+    for applet in applets {
         symlink("busybox", &root.join("bin").join(applet));
     }
+    (img, bundle)
+}
+
+/// Sets the image's default command and drops the bundle.
+fn finish_with_cmd(dir: &Path, img: &str, bundle: &Path, tag: &str, cmd: &[&str]) -> OciImage {
+    let mut args = vec!["config", "--image", img];
+    for c in cmd {
+        args.extend(["--config.cmd", c]);
+    }
+    umoci(&args);
+    std::fs::remove_dir_all(bundle).unwrap();
+    OciImage {
+        layout: dir.join("layout"),
+        tag: tag.into(),
+    }
+}
+
+/// A runnable image: busybox userland in one layer, then `size_mib` MiB of
+/// incompressible "model weights" start-up never reads in a second; default
+/// command `/bin/sh -c 'cat /etc/greeting'`.
+pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
+    let (img, bundle) = busybox_bundle(dir, "run", &["sh", "cat", "ls", "echo", "sha256sum", "head", "wc"]);
+    let root = bundle.join("rootfs");
     write_file(&root.join("etc/greeting"), b"hello from streamsnap\n");
-    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    // --refresh-bundle: the next repack then holds only what changed since.
+    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
     write_random_file(&root.join("models/weights.bin"), size_mib << 20, 11);
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
-    umoci(&[
-        "config",
-        "--image",
-        &img,
-        "--config.cmd",
-        "/bin/sh",
-        "--config.cmd",
-        "-c",
-        "--config.cmd",
-        "cat /etc/greeting",
-    ]);
-    std::fs::remove_dir_all(&bundle).unwrap();
-    OciImage {
-        layout,
-        tag: "run".into(),
-    }
+    finish_with_cmd(dir, &img, &bundle, "run", &["/bin/sh", "-c", "cat /etc/greeting"])
 }
 
 /// A pod "pause" image for CRI sandboxes: one busybox layer, default command
 /// `/bin/sleep 3600` (containerd kills a sandbox with SIGKILL, so no signal handling is needed).
 pub fn build_pause_image(dir: &Path) -> OciImage {
-    require_tool("umoci");
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox missing: apt-get install busybox-static"
-    );
-    let layout = dir.join("layout");
-    let img = format!("{}:pause", layout.display());
-    umoci(&["init", "--layout", layout.to_str().unwrap()]);
-    umoci(&["new", "--image", &img]);
-    let bundle = dir.join("bundle");
-    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
-    let root = bundle.join("rootfs");
-    mkdirs(&root.join("bin"));
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    symlink("busybox", &root.join("bin/sleep"));
+    let (img, bundle) = busybox_bundle(dir, "pause", &["sleep"]);
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
-    umoci(&[
-        "config",
-        "--image",
-        &img,
-        "--config.cmd",
-        "/bin/sleep",
-        "--config.cmd",
-        "3600",
-    ]);
-    std::fs::remove_dir_all(&bundle).unwrap();
-    OciImage {
-        layout,
-        tag: "pause".into(),
-    }
+    finish_with_cmd(dir, &img, &bundle, "pause", &["/bin/sleep", "3600"])
 }
