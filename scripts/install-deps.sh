@@ -4,6 +4,10 @@
 set -euo pipefail
 packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr
           golang-go golang-github-containerd-containerd-dev busybox-static tar)
+# The start-up benchmark also builds a Debian userland, shapes a link and plots.
+if [ "${1:-}" = "--bench" ]; then
+  packages+=(debootstrap gnuplot-nox iputils-ping)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,8 @@ pub struct Config {
     pub memory_cache_size: String,
     /// Platform whose manifest is used when an image is an index.
     pub platform: String,
+    /// Serve Prometheus metrics on this TCP address (e.g. "127.0.0.1:9580"); off when unset.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -35,6 +37,7 @@ impl Default for Config {
             cache_size: "10GiB".into(),
             memory_cache_size: "256MiB".into(),
             platform: "linux/amd64".into(),
+            metrics_address: None,
         }
     }
 }

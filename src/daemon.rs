@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::image_mount::{self, StateDir};
+use crate::metrics::Metrics;
 use crate::registry::{DockerConfig, Platform, Registry, RegistryOptions};
 use crate::snapshotter::remote::RemoteLayers;
 use crate::snapshotter::service::{Service, SnapshotsServer};
@@ -22,7 +23,26 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let state = StateDir {
         root: config.root.clone(),
     };
-    let ctx = image_mount::layer_context(&state, registry, config.cache_bytes(), config.memory_cache_bytes())?;
+    let metrics = Metrics::new();
+    let _metrics_server = match config.metrics_address {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(&metrics),
+            ))))
+        }
+        None => None,
+    };
+    let ctx = image_mount::layer_context(
+        &state,
+        registry,
+        config.cache_bytes(),
+        config.memory_cache_bytes(),
+        metrics,
+    )?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)
             .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,
@@ -51,4 +71,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = std::fs::remove_file(&config.address);
     tokio::task::spawn_blocking(move || remote.release_all()).await?;
     Ok(())
+}
+
+/// Stops a background task when the daemon returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -4,6 +4,7 @@
 use crate::cache::{DiskCache, MemCache};
 use crate::fs::LayerFs;
 use crate::layer::{self, Layer, LayerContext};
+use crate::metrics::Metrics;
 use crate::overlay;
 use crate::registry::{Platform, Reference, Registry};
 use std::path::{Path, PathBuf};
@@ -33,8 +34,10 @@ pub fn layer_context(
     registry: Arc<Registry>,
     cache_size: u64,
     mem_size: u64,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
+        metrics,
         registry,
         disk: Arc::new(DiskCache::open(&state.cache(), cache_size)?),
         mem: Arc::new(MemCache::new(mem_size)),

@@ -14,6 +14,7 @@
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
 //! - [`config`]: the daemon's TOML configuration.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
 
@@ -26,6 +27,7 @@ pub mod fs;
 pub mod image_mount;
 pub mod index;
 pub mod layer;
+pub mod metrics;
 pub mod overlay;
 pub mod proto;
 pub mod pull;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use streamsnap::image_mount::{self, StateDir};
+use streamsnap::metrics::Metrics;
 use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, RegistryOptions};
 use tracing::info;
 
@@ -31,6 +32,9 @@ enum Command {
         /// Registry reached over plain HTTP (repeatable; adds to the config file's list).
         #[arg(long = "insecure-registry")]
         insecure_registry: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (overrides the config file).
+        #[arg(long)]
+        metrics_address: Option<std::net::SocketAddr>,
     },
     /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
     Pull {
@@ -107,6 +111,7 @@ fn main() -> anyhow::Result<()> {
                 root,
                 address,
                 insecure_registry,
+                metrics_address,
             } => {
                 let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
                 if let Some(r) = root {
@@ -116,6 +121,9 @@ fn main() -> anyhow::Result<()> {
                     cfg.address = a;
                 }
                 cfg.insecure_registries.extend(insecure_registry);
+                if metrics_address.is_some() {
+                    cfg.metrics_address = metrics_address;
+                }
                 streamsnap::daemon::serve(cfg, async {
                     if let Err(e) = wait_for_signal().await {
                         tracing::error!(error = %e, "signal handling failed");
@@ -138,7 +146,7 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })?);
                 let state = StateDir { root: state_dir };
-                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20)?;
+                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20, Metrics::new())?;
                 let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
                     .await
                     .with_context(|| format!("mounting {image}"))?;

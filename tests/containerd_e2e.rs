@@ -11,10 +11,15 @@ struct Env {
 }
 
 fn start() -> Env {
+    start_with(&[])
+}
+
+/// Registry, `streamsnap serve EXTRA…` and a containerd using it.
+fn start_with(extra: &[&str]) -> Env {
     require_root();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::start(&work.path().join("streamsnap"));
+    let serve = ServeProcess::start_with(&work.path().join("streamsnap"), extra);
     let containerd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),
         ..Default::default()
@@ -221,4 +226,59 @@ fn streamsnap_pull_of_a_plain_gzip_image_unpacks_through_containerd() {
         .containerd
         .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p2"]);
     assert_eq!(run.trim(), "hello from streamsnap");
+}
+
+/// One sample's value from an OpenMetrics exposition, 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_count_fetches_lookups_reads_and_layer_mounts() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = start_with(&["--metrics-address", &addr]);
+    let image = build_runnable_image(&env.work.path().join("image"), 8);
+    let reference = push(&image, &env.registry, Format::Estargz);
+    let (_, digests) = env.registry.layers(&reference);
+    let mark = env.registry.mark();
+    let scrape = || run(std::process::Command::new("curl").args(["-sSf", &format!("http://{addr}/metrics")]));
+    env.containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    for name in ["m1", "m2"] {
+        let out = env
+            .containerd
+            .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, name]);
+        assert_eq!(out.trim(), "hello from streamsnap");
+        // So that the second container's reads reach streamsnap, not the page cache.
+        run_sh("echo 3 > /proc/sys/vm/drop_caches");
+    }
+    let text = scrape();
+    let on_demand = sample(&text, "streamsnap_fetched_bytes_total{cause=\"on_demand\"}");
+    let served = env.registry.layer_bytes_served_since(&digests, mark) as f64;
+    assert!(
+        on_demand > 0.0 && on_demand <= served,
+        "on-demand {on_demand}, registry served {served}:\n{text}"
+    );
+    assert_eq!(
+        sample(&text, "streamsnap_layer_mount_seconds_count"),
+        digests.len() as f64,
+        "{text}"
+    );
+    assert!(sample(&text, "streamsnap_fuse_read_seconds_count") > 0.0, "{text}");
+    assert!(
+        sample(&text, "streamsnap_chunk_lookups_total{result=\"miss\"}") > 0.0,
+        "{text}"
+    );
+    // The second container found what the first one fetched.
+    let hits = sample(&text, "streamsnap_chunk_lookups_total{result=\"memory_hit\"}")
+        + sample(&text, "streamsnap_chunk_lookups_total{result=\"disk_hit\"}");
+    assert!(hits > 0.0, "{text}");
 }

@@ -2,7 +2,7 @@
 //! chunk (concurrent readers share it), neighbouring missing chunks coalesced
 //! into one range request, decoding and verification off the async workers.
 
-mod decode;
+pub mod decode;
 mod source;
 
 pub use source::BlobSource;
@@ -10,6 +10,7 @@ pub use source::BlobSource;
 use crate::cache::{ChunkKey, DiskCache, MemCache};
 use crate::digest::Digest;
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
+use crate::metrics::{Cause, Lookup, Metrics};
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
@@ -52,6 +53,7 @@ pub struct FetchStats {
 }
 
 type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+type Answer = tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>;
 
 /// Serves file bytes of one layer.
 pub struct Fetcher {
@@ -64,6 +66,7 @@ pub struct Fetcher {
     /// Per file: (last chunk read, chunks already asked for up to), to spot sequential readers.
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
+    metrics: Arc<Metrics>,
 }
 
 impl Fetcher {
@@ -73,6 +76,7 @@ impl Fetcher {
         source: BlobSource,
         disk: Arc<DiskCache>,
         mem: Arc<MemCache>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             layer,
@@ -83,7 +87,12 @@ impl Fetcher {
             inflight: Mutex::default(),
             sequential: Mutex::default(),
             stats: FetchStats::default(),
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn layer(&self) -> &Digest {
@@ -109,7 +118,7 @@ impl Fetcher {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
-        let parts = self.chunks(ids.clone()).await?;
+        let parts = self.chunks(ids.clone(), Cause::OnDemand).await?;
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -153,7 +162,7 @@ impl Fetcher {
         if !ahead.is_empty() {
             let this = Arc::clone(self);
             tokio::spawn(async move {
-                let _ = this.chunks(ahead).await;
+                let _ = this.chunks(ahead, Cause::ReadAhead).await;
             });
         }
     }
@@ -175,14 +184,17 @@ impl Fetcher {
     }
 
     /// Decoded, verified bytes of each chunk in `ids`, in order.
-    pub async fn chunks(self: &Arc<Self>, ids: Range<ChunkId>) -> Result<Vec<Bytes>, FetchError> {
+    /// `cause` is what fetched bytes are counted as.
+    pub async fn chunks(self: &Arc<Self>, ids: Range<ChunkId>, cause: Cause) -> Result<Vec<Bytes>, FetchError> {
         let mut futures = Vec::with_capacity(ids.len());
         let mut mine = Vec::new();
+        let mut mem_hits = 0;
         {
             let mut inflight = self.inflight.lock();
             for id in ids {
                 if let Some(b) = self.mem.get(&self.key(id)) {
                     self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
+                    mem_hits += 1;
                     futures.push(futures::future::ready(Ok(b)).boxed().shared());
                     continue;
                 }
@@ -210,11 +222,14 @@ impl Fetcher {
                 mine.push((id, tx));
             }
         }
+        if cause == Cause::OnDemand {
+            self.metrics.lookups(Lookup::MemoryHit, mem_hits);
+        }
         if !mine.is_empty() {
             // A task of its own: the fetch finishes (and fills the caches) even
             // if the reader that started it goes away.
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.load(mine).await });
+            tokio::spawn(async move { this.load(mine, cause).await });
         }
         futures::future::try_join_all(futures).await
     }
@@ -228,12 +243,7 @@ impl Fetcher {
         }
     }
 
-    fn finish(
-        &self,
-        id: ChunkId,
-        tx: tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
-        result: Result<Bytes, FetchError>,
-    ) {
+    fn finish(&self, id: ChunkId, tx: Answer, result: Result<Bytes, FetchError>) {
         if let Ok(b) = &result {
             self.mem.put(self.key(id), b.clone());
         }
@@ -242,9 +252,10 @@ impl Fetcher {
     }
 
     /// Loads chunks this task owns: disk cache, then coalesced range requests.
-    async fn load(self: Arc<Self>, mine: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
+    async fn load(self: Arc<Self>, mine: Vec<(ChunkId, Answer)>, cause: Cause) {
         let this = Arc::clone(&self);
         let ids: Vec<ChunkId> = mine.iter().map(|(id, _)| *id).collect();
+        let ids_len = ids.len();
         let from_disk = tokio::task::spawn_blocking(move || {
             ids.iter()
                 .map(|&id| {
@@ -273,13 +284,17 @@ impl Fetcher {
                 None => missing.push((id, tx)),
             }
         }
+        if cause == Cause::OnDemand {
+            self.metrics.lookups(Lookup::DiskHit, (ids_len - missing.len()) as u64);
+            self.metrics.lookups(Lookup::Miss, missing.len() as u64);
+        }
         let runs = coalesce(&self.index.chunks, missing);
-        futures::future::join_all(runs.into_iter().map(|run| self.clone().fetch_run(run))).await;
+        futures::future::join_all(runs.into_iter().map(|run| self.clone().fetch_run(run, cause))).await;
     }
 
     /// One range request for a run of chunks; each is decoded and verified,
     /// and a run with a bad chunk is fetched once more before failing.
-    async fn fetch_run(self: Arc<Self>, run: Vec<(ChunkId, tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>)>) {
+    async fn fetch_run(self: Arc<Self>, run: Vec<(ChunkId, Answer)>, cause: Cause) {
         let chunks = &self.index.chunks;
         let start = chunks[run[0].0 as usize].blob_offset;
         let end = run
@@ -299,6 +314,7 @@ impl Fetcher {
             };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.metrics.fetched(cause, data.len() as u64);
             let this = Arc::clone(&self);
             let ids: Vec<ChunkId> = run.iter().map(|(id, _)| *id).collect();
             results = tokio::task::spawn_blocking(move || {

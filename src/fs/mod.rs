@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{error, warn};
 
 /// Kernel cache lifetime for entries and attributes: layers never change.
@@ -136,8 +136,11 @@ impl Filesystem for LayerFs {
             Err(e) => return reply.error(e),
         };
         let fetcher = Arc::clone(&self.fetcher);
+        let started = Instant::now();
         self.runtime.spawn(async move {
-            match fetcher.read(id, offset, size).await {
+            let result = fetcher.read(id, offset, size).await;
+            fetcher.metrics().fuse_read(started.elapsed());
+            match result {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     // Unverifiable or unreachable data is never handed out.

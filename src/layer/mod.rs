@@ -7,6 +7,7 @@ use crate::cache::{DiskCache, MemCache};
 use crate::digest::Digest;
 use crate::fetch::{BlobSource, Fetcher};
 use crate::index::{self, IndexError, LayerIndex};
+use crate::metrics::Metrics;
 use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub struct LayerContext {
     pub mem: Arc<MemCache>,
     /// Where downloaded layers are kept (decompressed tar per digest).
     pub layers_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A layer ready to mount.
@@ -189,6 +191,7 @@ pub async fn open(
         source,
         Arc::clone(&ctx.disk),
         Arc::clone(&ctx.mem),
+        Arc::clone(&ctx.metrics),
     );
     Ok(Layer {
         digest: layer,

@@ -143,6 +143,7 @@ impl RemoteLayers {
         if snapshots.stat(&target.name).is_ok() {
             return Err(SnapshotError::AlreadyExists(format!("target snapshot {}", target.name)));
         }
+        let started = std::time::Instant::now();
         let resolved = self.resolve(target).await?;
         let layer = self.open_layer(&target.image, &resolved, &target.layer).await?;
         let mut labels = labels.clone();
@@ -169,10 +170,13 @@ impl RemoteLayers {
                 mounted_id = Some(id);
                 this.mount(&layer, id, fs)
             });
-            if result.is_err() {
+            match &result {
+                Ok(()) => this.ctx.metrics.layer_mounted(started.elapsed()),
                 // The record was not stored: undo the mount.
-                if let Some(id) = mounted_id {
-                    this.release(id);
+                Err(_) => {
+                    if let Some(id) = mounted_id {
+                        this.release(id);
+                    }
                 }
             }
             result

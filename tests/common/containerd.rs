@@ -193,7 +193,8 @@ impl Containerd {
         }
     }
 
-    fn command(&self, tool: &str, args: &[&str]) -> Command {
+    /// `TOOL --address SOCK --namespace NS ARGS…`, for callers that stream the output themselves.
+    pub fn command(&self, tool: &str, args: &[&str]) -> Command {
         let mut c = Command::new(tool);
         c.arg("--address")
             .arg(&self.socket)

@@ -105,7 +105,7 @@ pub fn check_tars_well_formed(image: &OciImage) {
     }
 }
 
-fn umoci(args: &[&str]) -> String {
+pub fn umoci(args: &[&str]) -> String {
     run(Command::new("umoci").args(args))
 }
 
@@ -436,7 +436,7 @@ fn busybox_bundle(dir: &Path, tag: &str, applets: &[&str]) -> (String, std::path
 }
 
 /// Sets the image's default command and drops the bundle.
-fn finish_with_cmd(dir: &Path, img: &str, bundle: &Path, tag: &str, cmd: &[&str]) -> OciImage {
+pub fn finish_with_cmd(dir: &Path, img: &str, bundle: &Path, tag: &str, cmd: &[&str]) -> OciImage {
     let mut args = vec!["config", "--image", img];
     for c in cmd {
         args.extend(["--config.cmd", c]);

@@ -10,9 +10,20 @@ use std::time::{Duration, Instant};
 /// A running docker-registry with filesystem storage in a TempDir; killed on Drop.
 pub struct Registry {
     child: Child,
-    port: u16,
+    addr: String,
     log_path: PathBuf,
+    storage: PathBuf,
     dir: tempfile::TempDir,
+}
+
+/// Where and how `Registry::start_with` runs the registry.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOpts {
+    /// Run inside this network namespace (`ip netns exec`), listening on 127.0.0.1:5000 there;
+    /// the caller makes it reachable (the start-up benchmark puts a delaying relay in front).
+    pub netns: Option<String>,
+    /// Keep blobs here instead of in the TempDir, so pushed images survive the process.
+    pub storage: Option<PathBuf>,
 }
 
 /// One GET of a blob as seen in the registry log ("response completed" line).
@@ -31,15 +42,28 @@ pub struct BlobRequest {
 impl Registry {
     /// Starts `docker-registry serve` on a free 127.0.0.1 port and waits until `GET /v2/` answers.
     pub fn start() -> Registry {
+        Self::start_with(RegistryOpts::default())
+    }
+
+    /// Like `start`, in a network namespace and/or with persistent storage.
+    pub fn start_with(opts: RegistryOpts) -> Registry {
         require_tool("docker-registry");
         require_tool("curl");
         let dir = tempfile::Builder::new().prefix("registry-").tempdir().expect("tempdir");
-        let storage = dir.path().join("storage");
+        let storage = opts.storage.clone().unwrap_or_else(|| dir.path().join("storage"));
         std::fs::create_dir_all(&storage).unwrap();
         let log_path = dir.path().join("registry.log");
         let mut last_err = String::new();
+        let wrap = |program: &str| {
+            let mut c = Command::new(if opts.netns.is_some() { "ip" } else { program });
+            if let Some(ns) = &opts.netns {
+                c.args(["netns", "exec", ns, program]);
+            }
+            c
+        };
         for _attempt in 0..5 {
-            let port = free_port();
+            // A fresh namespace has every port free.
+            let port = if opts.netns.is_some() { 5000 } else { free_port() };
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,
@@ -53,7 +77,7 @@ impl Registry {
             )
             .unwrap();
             let log = File::create(&log_path).unwrap();
-            let mut child = Command::new("docker-registry")
+            let mut child = wrap("docker-registry")
                 .arg("serve")
                 .arg(&config)
                 .stdin(Stdio::null())
@@ -71,14 +95,15 @@ impl Registry {
                     );
                     break;
                 }
-                let out = Command::new("curl")
+                let out = wrap("curl")
                     .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
                     .output();
                 if matches!(&out, Ok(o) if o.stdout == b"200") {
                     return Registry {
                         child,
-                        port,
+                        addr: format!("127.0.0.1:{port}"),
                         log_path,
+                        storage,
                         dir,
                     };
                 }
@@ -95,9 +120,14 @@ impl Registry {
         panic!("could not start docker-registry (port races?): {last_err}");
     }
 
-    /// "127.0.0.1:PORT", the host part of image references pushed here.
+    /// "HOST:PORT", the host part of image references pushed here.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.addr.clone()
+    }
+
+    /// Makes clients use `addr` (a relay in front of a registry in a network namespace).
+    pub fn set_addr(&mut self, addr: String) {
+        self.addr = addr;
     }
 
     /// Path of the registry's combined stdout/stderr log file.
@@ -107,7 +137,7 @@ impl Registry {
 
     /// Directory holding the registry's filesystem storage.
     pub fn storage_dir(&self) -> PathBuf {
-        self.dir.path().join("storage")
+        self.storage.clone()
     }
 
     /// Current log offset; pass it to `*_since` to measure what happened after this point.
@@ -119,6 +149,15 @@ impl Registry {
     /// All blob GETs logged since `mark` (waits briefly for the log to stop growing first).
     pub fn blob_requests_since(&self, mark: u64) -> Vec<BlobRequest> {
         self.settle();
+        self.logged_since(mark)
+    }
+
+    /// Body bytes of blob GETs completed since `mark`, read at once (responses still running are not counted).
+    pub fn bytes_logged_since(&self, mark: u64) -> u64 {
+        self.logged_since(mark).iter().map(|r| r.bytes).sum()
+    }
+
+    fn logged_since(&self, mark: u64) -> Vec<BlobRequest> {
         let mut f = File::open(&self.log_path).expect("open registry log");
         f.seek(SeekFrom::Start(mark)).unwrap();
         let mut buf = Vec::new();
@@ -192,6 +231,26 @@ impl Registry {
             &url,
         ]));
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("manifest at {url} is not JSON ({e}): {body}"))
+    }
+
+    /// Whether `repo:tag` (refs may include the host) has a manifest here.
+    pub fn has_manifest(&self, reference: &str) -> bool {
+        let r = reference
+            .strip_prefix(&format!("{}/", self.addr()))
+            .unwrap_or(reference);
+        let (repo, tag) = r.rsplit_once(':').unwrap_or((r, "latest"));
+        let url = format!("http://{}/v2/{}/manifests/{}", self.addr(), repo, tag);
+        let code = run(Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+            &url,
+        ]));
+        code == "200"
     }
 
     /// Waits (max ~3 s) until the log file stops growing, since the registry logs right after a response ends.

@@ -133,6 +133,11 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `streamsnap serve --root ROOT --address ROOT/streamsnap.sock` and waits for the socket.
     pub fn start(root: &Path) -> ServeProcess {
+        Self::start_with(root, &[])
+    }
+
+    /// Like `start`, with extra `serve` flags.
+    pub fn start_with(root: &Path, extra: &[&str]) -> ServeProcess {
         let socket = root.join("streamsnap.sock");
         std::fs::create_dir_all(root).unwrap();
         let mut child = Command::new(binary())
@@ -140,6 +145,7 @@ impl ServeProcess {
             .arg(root.join("state"))
             .arg("--address")
             .arg(&socket)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,184 @@
+//! Start-up benchmark: how soon a fresh node's model server is `ready` and
+//! `serving`, overlayfs full pull vs streamsnap lazy pull vs the raw transfer,
+//! side by side in one run. Run as root: `bash benches/startup/run.sh [OPTIONS]`.
+//!
+//! Options: --rate MBIT (default 1000) --rtt MS (default 2) --unshaped (registry
+//! on loopback, no shaping) --runs N (default 3) --weights-mib N (default 2048)
+//! --libs-mib N (default 512) --work DIR (image and registry cache, default
+//! /var/tmp/streamsnap-bench) --out DIR (default target/startup-bench).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+mod image;
+mod net;
+mod report;
+mod scenario;
+
+use common::{push_all, Format, Registry, RegistryOpts};
+use scenario::{Scenario, Target};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+struct Options {
+    shape: Option<net::Shape>,
+    runs: usize,
+    sizes: image::Sizes,
+    work: PathBuf,
+    out: PathBuf,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        shape: Some(net::Shape {
+            rate_mbit: 1000,
+            rtt: Duration::from_millis(2),
+        }),
+        runs: 3,
+        sizes: image::Sizes {
+            weights_mib: 2048,
+            libs_mib: 512,
+        },
+        work: PathBuf::from("/var/tmp/streamsnap-bench"),
+        out: PathBuf::from("target/startup-bench"),
+    };
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
+    while let Some(a) = args.next() {
+        let mut val = |what: &str| args.next().unwrap_or_else(|| panic!("{a} needs {what}"));
+        let num = |v: String| -> u64 { v.parse().unwrap_or_else(|_| panic!("{a}: not a number: {v}")) };
+        match a.as_str() {
+            "--rate" => o.shape.as_mut().expect("--rate with --unshaped").rate_mbit = num(val("Mbit/s")),
+            "--rtt" => {
+                let ms: f64 = val("milliseconds").parse().expect("--rtt: milliseconds");
+                o.shape.as_mut().expect("--rtt with --unshaped").rtt = Duration::from_secs_f64(ms / 1e3);
+            }
+            "--unshaped" => o.shape = None,
+            "--runs" => o.runs = num(val("a count")) as usize,
+            "--weights-mib" => o.sizes.weights_mib = num(val("MiB")),
+            "--libs-mib" => o.sizes.libs_mib = num(val("MiB")),
+            "--work" => o.work = val("a directory").into(),
+            "--out" => o.out = val("a directory").into(),
+            other => panic!("unknown option {other}; see benches/startup/main.rs"),
+        }
+    }
+    o
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = mem
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0");
+    let kernel = common::run(std::process::Command::new("uname").arg("-r"));
+    format!(
+        "{} cores ({model}), {:.0} GiB RAM, kernel {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        mem.parse::<f64>().unwrap_or(0.0) / 1048576.0,
+        kernel.trim()
+    )
+}
+
+fn main() {
+    common::require_root();
+    let o = options();
+    std::fs::create_dir_all(&o.work).unwrap();
+    std::fs::create_dir_all(&o.out).unwrap();
+    let image = image::build(&o.work, o.sizes);
+    let link = o.shape.map(net::Link::create);
+    let mut registry = Registry::start_with(RegistryOpts {
+        netns: link.as_ref().map(|_| net::NETNS.to_string()),
+        storage: Some(o.work.join("registry")),
+    });
+    if let Some(l) = &link {
+        l.start_relay(5000);
+        registry.set_addr(format!("{}:{}", net::REGISTRY_IP, net::RELAY_PORT));
+    }
+    let base = format!("{}/streamsnap/serve:serve", registry.addr());
+    let (gzip_ref, estargz_ref) = (format!("{base}-gzip"), format!("{base}-estargz"));
+    if !registry.has_manifest(&gzip_ref) || !registry.has_manifest(&estargz_ref) {
+        eprintln!("[bench] pushing the image as gzip and eStargz (once)");
+        push_all(&image, &registry, &[Format::Gzip, Format::Estargz]);
+    }
+    let mut layer_bytes = BTreeMap::new();
+    layer_bytes.insert(Scenario::Curl, registry.layers(&gzip_ref).0);
+    layer_bytes.insert(Scenario::Overlay, registry.layers(&gzip_ref).0);
+    layer_bytes.insert(Scenario::Streamsnap, registry.layers(&estargz_ref).0);
+    let target = Target {
+        registry: &registry,
+        link: link.as_ref(),
+        gzip_ref,
+        estargz_ref,
+    };
+    let link_desc = link_check(&target);
+    eprintln!("[bench] link: {link_desc}");
+    let mut results = report::Results::new();
+    let order = [Scenario::Curl, Scenario::Overlay, Scenario::Streamsnap];
+    for run in 0..o.runs {
+        for s in order {
+            let sample = scenario::run_once(s, &target, run, run + 1 == o.runs);
+            eprintln!("[bench] run {} {}: {sample:?}", run + 1, s.label());
+            results.entry(s).or_default().push(sample);
+        }
+    }
+    let label = match o.shape {
+        Some(s) => format!("{}mbit-{}ms", s.rate_mbit, s.rtt.as_secs_f64() * 1e3),
+        None => "unshaped".into(),
+    };
+    let title = format!(
+        "start-up, {} MiB weights + {} MiB libs, {}",
+        o.sizes.weights_mib, o.sizes.libs_mib, link_desc
+    );
+    let png = o.out.join(format!("startup-{label}.png"));
+    report::plot(&results, &title, &png);
+    let md = format!(
+        "### Start-up, {label}\n\nMachine: {}. Link: {link_desc}. Image: Debian + python3, {} MiB of weights in {} files, \
+         {} MiB of libraries; layer bytes gzip {} / eStargz {}.\n\n{}\n{}{}\nPlot: `{}`\n",
+        machine(),
+        o.sizes.weights_mib,
+        image::WEIGHT_FILES,
+        o.sizes.libs_mib,
+        layer_bytes[&Scenario::Overlay],
+        layer_bytes[&Scenario::Streamsnap],
+        report::table(&results, &layer_bytes),
+        report::ratios(&results),
+        report::warm(&results),
+        png.display()
+    );
+    std::fs::write(o.out.join(format!("startup-{label}.md")), &md).unwrap();
+    println!("{md}");
+}
+
+/// Measures the link actually built: ping RTT (veth alone) and time to first byte through the relay.
+fn link_check(t: &Target) -> String {
+    let Some(link) = t.link else {
+        return "unshaped loopback".into();
+    };
+    let url = format!("http://{}/v2/", t.registry.addr());
+    // On a real link a new connection's first byte takes 2 RTT: handshake, then request and response.
+    let out = common::run(std::process::Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{time_starttransfer}",
+        &url,
+    ]));
+    let first_byte_ms = out.trim().parse::<f64>().unwrap_or(f64::NAN) * 1e3;
+    format!(
+        "{} (measured: ping {:.2} ms on the veth, first byte of a new HTTP connection {:.2} ms through the relay)",
+        link.shape,
+        link.ping_ms(),
+        first_byte_ms
+    )
+}

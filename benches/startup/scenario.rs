@@ -1,0 +1,198 @@
+//! One timed run of each way to start the server: containerd's overlayfs full
+//! pull, streamsnap's lazy pull, and the raw transfer of every layer blob.
+use crate::common::{run, umount_all_under, Containerd, ContainerdOpts, Registry, ServeProcess};
+use crate::net::Link;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scenario {
+    Curl,
+    Overlay,
+    Streamsnap,
+}
+
+impl Scenario {
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::Curl => "raw curl of all layer blobs",
+            Scenario::Overlay => "overlayfs full pull (gzip)",
+            Scenario::Streamsnap => "streamsnap lazy pull (eStargz)",
+        }
+    }
+}
+
+/// What one run measured; times count from the pull's start.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub ready: Option<Duration>,
+    pub serving: Duration,
+    pub bytes_before_ready: Option<u64>,
+    pub bytes_total: u64,
+    /// (bytes, seconds) of a warm read of one weight file, page caches dropped first.
+    pub warm_read: Option<(u64, f64)>,
+}
+
+/// The registry and what the runs pull from it.
+pub struct Target<'a> {
+    pub registry: &'a Registry,
+    pub link: Option<&'a Link>,
+    pub gzip_ref: String,
+    pub estargz_ref: String,
+}
+
+impl Target<'_> {
+    /// Received bytes: on the wire when shaped, else blob bytes the registry logged.
+    fn counter(&self) -> impl Fn() -> u64 + '_ {
+        let mark = self.registry.mark();
+        let rx0 = self.link.map(|l| l.rx_bytes()).unwrap_or(0);
+        move || match self.link {
+            Some(l) => l.rx_bytes() - rx0,
+            None => self.registry.bytes_logged_since(mark),
+        }
+    }
+}
+
+pub fn drop_caches() {
+    run(std::process::Command::new("sh").args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"]));
+}
+
+pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
+    match s {
+        Scenario::Curl => curl(t),
+        Scenario::Overlay => overlay(t, id, warm),
+        Scenario::Streamsnap => streamsnap(t, id, warm),
+    }
+}
+
+fn curl(t: &Target) -> Sample {
+    let (_, digests) = t.registry.layers(&t.gzip_ref);
+    let repo = t.gzip_ref.split_once('/').unwrap().1.rsplit_once(':').unwrap().0;
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sSf", "-Z", "--parallel-max", "8"]);
+    for d in &digests {
+        cmd.arg("-o")
+            .arg("/dev/null")
+            .arg(format!("http://{}/v2/{repo}/blobs/{d}", t.registry.addr()));
+    }
+    drop_caches();
+    let mark = t.registry.mark();
+    let t0 = Instant::now();
+    run(&mut cmd);
+    let serving = t0.elapsed();
+    Sample {
+        ready: None,
+        serving,
+        bytes_before_ready: None,
+        bytes_total: t.registry.bytes_served_since(mark),
+        warm_read: None,
+    }
+}
+
+fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
+    let ctd = Containerd::start(ContainerdOpts::default());
+    drop_caches();
+    let mark = t.registry.mark();
+    let bytes = t.counter();
+    let t0 = Instant::now();
+    ctd.ctr(&["images", "pull", "--plain-http", &t.gzip_ref]);
+    let (ready, serving, before) = watch(&ctd, &[], &t.gzip_ref, &format!("overlay-{id}"), t0, &bytes);
+    let warm_read = warm.then(|| warm_read(&ctd, &[], &t.gzip_ref, id));
+    Sample {
+        ready: Some(ready),
+        serving,
+        bytes_before_ready: Some(before),
+        bytes_total: t.registry.bytes_served_since(mark),
+        warm_read,
+    }
+}
+
+fn streamsnap(t: &Target, id: usize, warm: bool) -> Sample {
+    let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
+    let serve = ServeProcess::start_with(root.path(), &["--insecure-registry", &t.registry.addr()]);
+    let ctd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    drop_caches();
+    let mark = t.registry.mark();
+    let bytes = t.counter();
+    let t0 = Instant::now();
+    let snap = ["--snapshotter", "streamsnap"];
+    ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[&t.estargz_ref]].concat());
+    let (ready, serving, before) = watch(&ctd, &snap, &t.estargz_ref, &format!("lazy-{id}"), t0, &bytes);
+    let warm_read = warm.then(|| warm_read(&ctd, &snap, &t.estargz_ref, id));
+    let total = t.registry.bytes_served_since(mark);
+    drop(ctd);
+    drop(serve);
+    umount_all_under(root.path());
+    Sample {
+        ready: Some(ready),
+        serving,
+        bytes_before_ready: Some(before),
+        bytes_total: total,
+        warm_read,
+    }
+}
+
+/// Runs the server container and timestamps its `ready` and `serving` lines;
+/// returns (ready, serving, bytes received at ready).
+fn watch(
+    ctd: &Containerd,
+    snap: &[&str],
+    image: &str,
+    name: &str,
+    t0: Instant,
+    bytes: &dyn Fn() -> u64,
+) -> (Duration, Duration, u64) {
+    let args = [&["run", "--rm"][..], snap, &[image, name]].concat();
+    let mut child = ctd
+        .command("ctr", &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ctr run");
+    let mut ready = None;
+    let mut serving = None;
+    let mut output = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        let at = t0.elapsed();
+        if line == "ready" && ready.is_none() {
+            ready = Some((at, bytes()));
+        } else if line.starts_with("serving") {
+            serving = Some(at);
+        }
+        output += &line;
+        output.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    match (ready, serving) {
+        (Some((r, b)), Some(s)) if out.status.success() => (r, s, b),
+        _ => panic!(
+            "container {name} did not serve ({}):\n{output}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Reads the first weight file in a second container after dropping page caches.
+fn warm_read(ctd: &Containerd, snap: &[&str], image: &str, id: usize) -> (u64, f64) {
+    drop_caches();
+    let name = format!("warm-{id}");
+    let args = [
+        &["run", "--rm"][..],
+        snap,
+        &[image, &name, "python3", "/app/read.py", "/models/weights-0.bin"],
+    ]
+    .concat();
+    let out = ctd.ctr(&args);
+    let mut it = out.split_whitespace();
+    let parsed = (|| Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?)))();
+    parsed.unwrap_or_else(|| panic!("warm read printed {out:?}"))
+}

@@ -1,0 +1,238 @@
+//! Prometheus metrics: what was fetched and why, how reads were served, how
+//! long FUSE reads and layer mounts took. Served on `--metrics-address`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Why bytes were fetched from the registry.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Cause {
+    /// A reader is waiting for them.
+    OnDemand,
+    /// A sequential reader will want them next.
+    ReadAhead,
+    /// Prefetch hints (landmarks, recorded profiles).
+    Prefetch,
+    /// Filling the rest of the layer at the lowest priority.
+    Background,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::OnDemand => "on_demand",
+            Cause::ReadAhead => "read_ahead",
+            Cause::Prefetch => "prefetch",
+            Cause::Background => "background",
+        }
+    }
+}
+
+impl EncodeLabelValue for Cause {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Where a chunk wanted by a read was found.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Lookup {
+    MemoryHit,
+    DiskHit,
+    /// Not cached: fetched (or joined a fetch already in flight).
+    Miss,
+}
+
+impl EncodeLabelValue for Lookup {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Lookup::MemoryHit => "memory_hit",
+            Lookup::DiskHit => "disk_hit",
+            Lookup::Miss => "miss",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: Cause,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    result: Lookup,
+}
+
+/// The daemon's metrics; cheap to update whether or not they are served.
+pub struct Metrics {
+    registry: Registry,
+    fetched_bytes: Family<CauseLabels, Counter>,
+    fetch_requests: Family<CauseLabels, Counter>,
+    chunk_lookups: Family<LookupLabels, Counter>,
+    fuse_read_seconds: Histogram,
+    layer_mount_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("streamsnap");
+        let fetched_bytes = Family::<CauseLabels, Counter>::default();
+        let fetch_requests = Family::<CauseLabels, Counter>::default();
+        let chunk_lookups = Family::<LookupLabels, Counter>::default();
+        // 20 µs .. ~40 s: a page-cache-speed read to a stalled registry.
+        let fuse_read_seconds = Histogram::new(exponential_buckets(20e-6, 2.0, 22));
+        let layer_mount_seconds = Histogram::new(exponential_buckets(1e-3, 2.0, 18));
+        registry.register(
+            "fetched_bytes",
+            "Compressed layer bytes received from registries, by cause",
+            fetched_bytes.clone(),
+        );
+        registry.register(
+            "fetch_requests",
+            "Range requests made to registries, by cause",
+            fetch_requests.clone(),
+        );
+        registry.register(
+            "chunk_lookups",
+            "Chunks wanted by reads, by where they were found",
+            chunk_lookups.clone(),
+        );
+        registry.register(
+            "fuse_read_seconds",
+            "Time from a FUSE read request to its reply",
+            fuse_read_seconds.clone(),
+        );
+        registry.register(
+            "layer_mount_seconds",
+            "Time to open (index) and mount one layer",
+            layer_mount_seconds.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            fetched_bytes,
+            fetch_requests,
+            chunk_lookups,
+            fuse_read_seconds,
+            layer_mount_seconds,
+        })
+    }
+
+    pub fn fetched(&self, cause: Cause, bytes: u64) {
+        let l = CauseLabels { cause };
+        self.fetched_bytes.get_or_create(&l).inc_by(bytes);
+        self.fetch_requests.get_or_create(&l).inc();
+    }
+
+    pub fn lookups(&self, result: Lookup, chunks: u64) {
+        if chunks > 0 {
+            self.chunk_lookups
+                .get_or_create(&LookupLabels { result })
+                .inc_by(chunks);
+        }
+    }
+
+    pub fn fuse_read(&self, took: Duration) {
+        self.fuse_read_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn layer_mounted(&self, took: Duration) {
+        self.layer_mount_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Bytes fetched for `cause` so far.
+    pub fn fetched_total(&self, cause: Cause) -> u64 {
+        self.fetched_bytes.get_or_create(&CauseLabels { cause }).get()
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    info!(address = ?listener.local_addr().ok(), "serving metrics");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "metrics listener");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                warn!(%peer, error = %e, "metrics connection");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+/// Binds `addr` (so a bad address fails the daemon at start, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_causes_and_results() {
+        let m = Metrics::new();
+        m.fetched(Cause::OnDemand, 100);
+        m.lookups(Lookup::DiskHit, 2);
+        m.fuse_read(Duration::from_micros(300));
+        let text = m.encode();
+        assert!(
+            text.contains("streamsnap_fetched_bytes_total{cause=\"on_demand\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamsnap_chunk_lookups_total{result=\"disk_hit\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("streamsnap_fuse_read_seconds_count 1"), "{text}");
+    }
+}
