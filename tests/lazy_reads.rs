@@ -286,3 +286,51 @@ fn sequential_readers_get_chunks_fetched_ahead_and_single_reads_do_not() {
     );
     mount.stop();
 }
+
+#[test]
+fn a_fully_read_file_becomes_one_cache_file_the_kernel_reads_directly() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let (big, reference, digest) = estargz_image(&registry, &work.path().join("image"), 24);
+    let state = work.path().join("state");
+    let expected = random_bytes(big.big_size as usize, 42);
+    let layer_cache = state.join("cache").join(digest.strip_prefix("sha256:").unwrap());
+    let whole_files = || -> Vec<std::path::PathBuf> {
+        walk(&layer_cache)
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("file-"))
+            .collect()
+    };
+    let mount = MountProcess::start(&reference, &state, &work.path().join("mnt"), &[]);
+    assert!(
+        read_file(&mount.mountpoint.join("big.bin")) == expected,
+        "cold read differs"
+    );
+    wait_until(std::time::Duration::from_secs(20), "a whole-file cache entry", || {
+        whole_files().len() == 1
+    });
+    let whole = &whole_files()[0];
+    assert_eq!(whole.metadata().unwrap().len(), big.big_size);
+    assert!(
+        dir_bytes(&layer_cache) < big.big_size + big.big_size / 4,
+        "the file's chunk entries should be gone"
+    );
+    // Across a remount, with page caches dropped: the kernel reads the cache file itself.
+    mount.stop();
+    run_sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+    let mark = registry.mark();
+    let mount = MountProcess::start(&reference, &state, &work.path().join("mnt"), &[]);
+    let before_toc = registry.bytes_served_for_blob_since(&digest, mark);
+    assert!(
+        read_file(&mount.mountpoint.join("big.bin")) == expected,
+        "warm read differs"
+    );
+    assert_eq!(
+        registry.bytes_served_for_blob_since(&digest, mark),
+        before_toc,
+        "warm read fetched content"
+    );
+    let log = mount.stop();
+    assert!(log.contains("opened in passthrough mode"), "{log}");
+}

@@ -5,12 +5,17 @@
 //! whatever index form produced them. Files are written to a temporary name
 //! and renamed, so a crash never leaves a partial chunk under a real name;
 //! the fetcher verifies digests on every disk read anyway.
+//!
+//! A file whose chunks are all cached can be turned into one whole-file entry
+//! (`file-<node>`): the kernel then reads it directly (FUSE passthrough), and
+//! its chunk entries go, so nothing is stored twice.
 
 use crate::digest::Digest;
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Identity of one decoded chunk.
@@ -36,8 +41,38 @@ impl ChunkKey {
     }
 }
 
+/// What one cache file holds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Entry {
+    Chunk(ChunkKey),
+    /// The whole decoded content of file node `node` of `layer`.
+    File {
+        layer: Digest,
+        node: u32,
+    },
+}
+
+impl Entry {
+    fn layer(&self) -> &Digest {
+        match self {
+            Entry::Chunk(k) => &k.layer,
+            Entry::File { layer, .. } => layer,
+        }
+    }
+
+    fn parse(layer: &Digest, name: &str) -> Option<Self> {
+        match name.strip_prefix("file-") {
+            Some(n) => Some(Entry::File {
+                layer: layer.clone(),
+                node: n.parse().ok()?,
+            }),
+            None => ChunkKey::parse(layer, name).map(Entry::Chunk),
+        }
+    }
+}
+
 struct Lru {
-    entries: LruCache<ChunkKey, u64>,
+    entries: LruCache<Entry, u64>,
     total: u64,
 }
 
@@ -75,7 +110,7 @@ impl DiskCache {
             for f in std::fs::read_dir(layer_dir.path()).map_err(|e| err(&layer_dir.path(), e))? {
                 let f = f.map_err(|e| err(&layer_dir.path(), e))?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                match ChunkKey::parse(&layer, &name) {
+                match Entry::parse(&layer, &name) {
                     Some(key) => {
                         let md = f.metadata().map_err(|e| err(&f.path(), e))?;
                         found.push((md.modified().ok(), key, md.len()));
@@ -105,64 +140,127 @@ impl DiskCache {
         Ok(cache)
     }
 
-    fn path(&self, key: &ChunkKey) -> PathBuf {
-        self.dir.join(key.layer.hex()).join(key.file_name())
+    fn path(&self, e: &Entry) -> PathBuf {
+        let dir = self.dir.join(e.layer().hex());
+        match e {
+            Entry::Chunk(k) => dir.join(k.file_name()),
+            Entry::File { node, .. } => dir.join(format!("file-{node}")),
+        }
     }
 
     /// Reads a chunk (blocking); `None` when absent.
     pub fn get(&self, key: &ChunkKey) -> Option<Vec<u8>> {
-        self.lru.lock().entries.get(key)?;
-        match std::fs::read(self.path(key)) {
+        let e = Entry::Chunk(key.clone());
+        self.lru.lock().entries.get(&e)?;
+        match std::fs::read(self.path(&e)) {
             Ok(data) => Some(data),
             Err(_) => {
-                self.forget(key);
+                self.forget(&e);
                 None
             }
         }
     }
 
+    /// Whether a chunk is stored (without counting as a use).
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.lru.lock().entries.contains(&Entry::Chunk(key.clone()))
+    }
+
     /// Stores a chunk (blocking), evicting least recently used ones to stay under the limit.
     pub fn put(&self, key: &ChunkKey, data: &[u8]) -> io::Result<()> {
-        let len = data.len() as u64;
+        self.store(Entry::Chunk(key.clone()), data.len() as u64, |f| f.write_all(data))
+    }
+
+    /// Writes an entry of `len` bytes through a temporary file and makes room for it.
+    fn store(&self, e: Entry, len: u64, write: impl FnOnce(&mut std::fs::File) -> io::Result<()>) -> io::Result<()> {
         if len > self.limit {
             return Ok(()); // larger than the whole cache: serve it, don't keep it
         }
         self.evict_to(self.limit - len);
-        let path = self.path(key);
-        let dir = path.parent().expect("chunk path has a parent");
+        let path = self.path(&e);
+        let dir = path.parent().expect("cache path has a parent");
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".tmp-{}-{:?}", key.file_name(), std::thread::current().id()));
-        std::fs::write(&tmp, data)?;
+        let name = path.file_name().expect("cache path has a name").to_string_lossy();
+        let tmp = dir.join(format!(".tmp-{name}-{:?}", std::thread::current().id()));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| write(&mut f));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
         std::fs::rename(&tmp, &path)?;
         let mut lru = self.lru.lock();
-        if let Some(old) = lru.entries.put(key.clone(), len) {
+        if let Some(old) = lru.entries.put(e, len) {
             lru.total -= old;
         }
         lru.total += len;
         Ok(())
     }
 
-    fn forget(&self, key: &ChunkKey) {
+    /// Stores the whole content of file `node` of `layer` (`len` bytes, written by `write`).
+    pub fn put_file(
+        &self,
+        layer: &Digest,
+        node: u32,
+        len: u64,
+        write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let e = Entry::File {
+            layer: layer.clone(),
+            node,
+        };
+        self.store(e, len, write)
+    }
+
+    /// The whole-file entry of `node`, if there is one (counts as a use).
+    pub fn file(&self, layer: &Digest, node: u32) -> Option<PathBuf> {
+        let e = Entry::File {
+            layer: layer.clone(),
+            node,
+        };
+        self.lru.lock().entries.get(&e)?;
+        Some(self.path(&e))
+    }
+
+    /// `len` bytes at `offset` of a whole-file entry; `None` when absent or short.
+    pub fn read_file(&self, layer: &Digest, node: u32, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let path = self.file(layer, node)?;
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(path).ok()?.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
+    fn forget(&self, e: &Entry) {
         let mut lru = self.lru.lock();
-        if let Some(len) = lru.entries.pop(key) {
+        if let Some(len) = lru.entries.pop(e) {
             lru.total -= len;
         }
     }
 
-    /// Drops a corrupt chunk.
+    /// Drops a chunk (corrupt, or now held by a whole-file entry).
     pub fn remove(&self, key: &ChunkKey) {
-        self.forget(key);
-        let _ = std::fs::remove_file(self.path(key));
+        let e = Entry::Chunk(key.clone());
+        self.forget(&e);
+        let _ = std::fs::remove_file(self.path(&e));
+    }
+
+    /// Drops a whole-file entry (its content failed verification).
+    pub fn remove_file(&self, layer: &Digest, node: u32) {
+        let e = Entry::File {
+            layer: layer.clone(),
+            node,
+        };
+        self.forget(&e);
+        let _ = std::fs::remove_file(self.path(&e));
     }
 
     /// Drops every cached chunk of a layer (its last user is gone).
     pub fn remove_layer(&self, layer: &Digest) {
         {
             let mut lru = self.lru.lock();
-            let keys: Vec<ChunkKey> = lru
+            let keys: Vec<Entry> = lru
                 .entries
                 .iter()
-                .filter(|(k, _)| &k.layer == layer)
+                .filter(|(k, _)| k.layer() == layer)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in keys {
@@ -297,6 +395,20 @@ mod tests {
         assert!(c.get(&key(1)).is_none());
         assert_eq!(c.total_bytes(), 2);
         assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
+    }
+
+    #[test]
+    fn a_whole_file_entry_is_counted_survives_reopen_and_serves_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put_file(&layer, 7, 10, |f| f.write_all(b"0123456789")).unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert_eq!(c.total_bytes(), 10);
+        assert_eq!(c.read_file(&layer, 7, 3, 4).as_deref(), Some(&b"3456"[..]));
+        assert!(c.read_file(&layer, 7, 8, 4).is_none(), "a short read is no answer");
+        c.remove_file(&layer, 7);
+        assert!(c.file(&layer, 7).is_none() && c.total_bytes() == 0);
     }
 
     #[test]

@@ -14,8 +14,10 @@ use crate::metrics::{Cause, Lookup, Metrics};
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tracing::warn;
@@ -26,6 +28,9 @@ const MAX_REQUEST: u64 = 16 << 20;
 const MAX_GAP: u64 = 64 << 10;
 /// How far ahead of a sequential reader chunks are fetched.
 const READ_AHEAD: u64 = 32 << 20;
+/// Smallest file worth a whole-file cache entry (kernel passthrough); smaller
+/// ones are served from the page cache after one read anyway.
+const WHOLE_FILE_MIN: u64 = 1 << 20;
 
 /// A read that cannot be served with verified bytes.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -65,6 +70,8 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<ChunkId, ChunkFuture>>,
     /// Per file: (last chunk read, chunks already asked for up to), to spot sequential readers.
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
+    /// Files being turned into whole-file cache entries.
+    assembling: Mutex<HashSet<NodeId>>,
     pub stats: FetchStats,
     metrics: Arc<Metrics>,
 }
@@ -86,6 +93,7 @@ impl Fetcher {
             mem,
             inflight: Mutex::default(),
             sequential: Mutex::default(),
+            assembling: Mutex::default(),
             stats: FetchStats::default(),
             metrics,
         })
@@ -118,7 +126,10 @@ impl Fetcher {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
-        let parts = self.chunks(ids.clone(), Cause::OnDemand).await?;
+        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await?;
+        if end == n.size {
+            self.complete_file(node);
+        }
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -162,9 +173,55 @@ impl Fetcher {
         if !ahead.is_empty() {
             let this = Arc::clone(self);
             tokio::spawn(async move {
-                let _ = this.chunks(ahead, Cause::ReadAhead).await;
+                let _ = this.chunks(Some(node), ahead, Cause::ReadAhead).await;
             });
         }
+    }
+
+    /// The whole-file cache entry of `node`, for the kernel to read directly.
+    pub fn cached_file(&self, node: NodeId) -> Option<PathBuf> {
+        match self.source {
+            BlobSource::Local(_) => None,
+            _ => self.disk.file(&self.layer, node),
+        }
+    }
+
+    /// Once every chunk of a large file is cached, joins them (verified again)
+    /// into one whole-file entry and drops the chunk entries, in the background.
+    fn complete_file(self: &Arc<Self>, node: NodeId) {
+        let Some(n) = self.index.node(node) else { return };
+        let ids = n.first_chunk..n.first_chunk + n.chunk_count;
+        if n.size < WHOLE_FILE_MIN
+            || self.disk.file(&self.layer, node).is_some()
+            || !ids.clone().all(|id| self.disk.contains(&self.key(id)))
+            || !self.assembling.lock().insert(node)
+        {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let size = this.index.node(node).map_or(0, |n| n.size);
+            let result = this.disk.put_file(&this.layer, node, size, |f| {
+                for id in ids.clone() {
+                    let c = &this.index.chunks[id as usize];
+                    let data = this
+                        .disk
+                        .get(&this.key(id))
+                        .ok_or_else(|| std::io::Error::other("chunk evicted"))?;
+                    decode::verify(c, &data).map_err(std::io::Error::other)?;
+                    f.write_all_at(&data, c.file_offset)?;
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) if this.disk.file(&this.layer, node).is_some() => {
+                    ids.for_each(|id| this.disk.remove(&this.key(id)));
+                }
+                Ok(()) => {} // larger than the whole cache
+                Err(e) => warn!(layer = %this.layer, node, error = %e, "cannot make a whole-file cache entry"),
+            }
+            this.assembling.lock().remove(&node);
+        });
     }
 
     /// Layers downloaded whole are plain local files: read the range directly.
@@ -184,8 +241,14 @@ impl Fetcher {
     }
 
     /// Decoded, verified bytes of each chunk in `ids`, in order.
+    /// `node` is the file they belong to (its whole-file entry may hold them);
     /// `cause` is what fetched bytes are counted as.
-    pub async fn chunks(self: &Arc<Self>, ids: Range<ChunkId>, cause: Cause) -> Result<Vec<Bytes>, FetchError> {
+    pub async fn chunks(
+        self: &Arc<Self>,
+        node: Option<NodeId>,
+        ids: Range<ChunkId>,
+        cause: Cause,
+    ) -> Result<Vec<Bytes>, FetchError> {
         let mut futures = Vec::with_capacity(ids.len());
         let mut mine = Vec::new();
         let mut mem_hits = 0;
@@ -229,7 +292,7 @@ impl Fetcher {
             // A task of its own: the fetch finishes (and fills the caches) even
             // if the reader that started it goes away.
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.load(mine, cause).await });
+            tokio::spawn(async move { this.load(node, mine, cause).await });
         }
         futures::future::try_join_all(futures).await
     }
@@ -252,7 +315,7 @@ impl Fetcher {
     }
 
     /// Loads chunks this task owns: disk cache, then coalesced range requests.
-    async fn load(self: Arc<Self>, mine: Vec<(ChunkId, Answer)>, cause: Cause) {
+    async fn load(self: Arc<Self>, node: Option<NodeId>, mine: Vec<(ChunkId, Answer)>, cause: Cause) {
         let this = Arc::clone(&self);
         let ids: Vec<ChunkId> = mine.iter().map(|(id, _)| *id).collect();
         let ids_len = ids.len();
@@ -260,12 +323,21 @@ impl Fetcher {
             ids.iter()
                 .map(|&id| {
                     let key = this.key(id);
-                    let data = this.disk.get(&key)?;
-                    match decode::verify(&this.index.chunks[id as usize], &data) {
+                    let c = &this.index.chunks[id as usize];
+                    let whole = || this.disk.read_file(&this.layer, node?, c.file_offset, c.len);
+                    let (data, from_chunk) = match this.disk.get(&key) {
+                        Some(d) => (d, true),
+                        None => (whole()?, false),
+                    };
+                    match decode::verify(c, &data) {
                         Ok(()) => Some(Bytes::from(data)),
                         Err(reason) => {
-                            warn!(layer = %this.layer, offset = key.blob_offset, %reason, "dropping corrupt cached chunk");
-                            this.disk.remove(&key);
+                            warn!(layer = %this.layer, offset = key.blob_offset, %reason, "dropping corrupt cached data");
+                            match (from_chunk, node) {
+                                (true, _) => this.disk.remove(&key),
+                                (false, Some(n)) => this.disk.remove_file(&this.layer, n),
+                                (false, None) => {}
+                            }
                             None
                         }
                     }
@@ -289,12 +361,13 @@ impl Fetcher {
             self.metrics.lookups(Lookup::Miss, missing.len() as u64);
         }
         let runs = coalesce(&self.index.chunks, missing);
-        futures::future::join_all(runs.into_iter().map(|run| self.clone().fetch_run(run, cause))).await;
+        futures::future::join_all(runs.into_iter().map(|run| self.clone().fetch_run(node, run, cause))).await;
     }
 
     /// One range request for a run of chunks; each is decoded and verified,
-    /// and a run with a bad chunk is fetched once more before failing.
-    async fn fetch_run(self: Arc<Self>, run: Vec<(ChunkId, Answer)>, cause: Cause) {
+    /// and a run with a bad chunk is fetched once more before failing. Readers
+    /// get their answers first; the disk cache is written after.
+    async fn fetch_run(self: Arc<Self>, node: Option<NodeId>, run: Vec<(ChunkId, Answer)>, cause: Cause) {
         let chunks = &self.index.chunks;
         let start = chunks[run[0].0 as usize].blob_offset;
         let end = run
@@ -330,9 +403,6 @@ impl Fetcher {
                                 offset: c.blob_offset,
                                 reason,
                             })?;
-                        if let Err(e) = this.disk.put(&this.key(id), &decoded) {
-                            warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
-                        }
                         Ok(decoded)
                     })
                     .collect()
@@ -353,6 +423,7 @@ impl Fetcher {
                 warn!(layer = %self.layer, offset = start, len = end - start, "chunk failed verification, fetching once more");
             }
         }
+        let mut keep = Vec::with_capacity(run.len());
         for (i, (id, tx)) in run.into_iter().enumerate() {
             let r = results.get(i).cloned().unwrap_or_else(|| {
                 Err(FetchError::Corrupt {
@@ -361,10 +432,23 @@ impl Fetcher {
                     reason: "no result".into(),
                 })
             });
-            if let Err(e) = &r {
-                warn!(error = %e, "chunk read failed");
+            match &r {
+                Ok(b) => keep.push((id, b.clone())),
+                Err(e) => warn!(error = %e, "chunk read failed"),
             }
             self.finish(id, tx, r);
+        }
+        let this = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || {
+            for (id, data) in keep {
+                if let Err(e) = this.disk.put(&this.key(id), &data) {
+                    warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
+                }
+            }
+        })
+        .await;
+        if let Some(n) = node {
+            self.complete_file(n);
         }
     }
 }

@@ -2,33 +2,51 @@
 //! expects of an unpacked layer. Metadata comes from memory; reads are handed
 //! to the async runtime and answered when their chunks arrive, so no FUSE
 //! thread ever waits on the network. Layers are immutable: the kernel may
-//! cache attributes, entries and pages for as long as it likes.
+//! cache attributes, entries and pages for as long as it likes. A file whose
+//! whole content is cached is opened in passthrough mode: the kernel reads the
+//! cache file itself, at local-disk speed.
 
 mod attr;
 
 use crate::fetch::Fetcher;
 use crate::index::{Kind, LayerIndex, NodeId};
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// Kernel cache lifetime for entries and attributes: layers never change.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Largest read the kernel may send (and read-ahead it may do).
 const MAX_READ: u32 = 1 << 20;
 
+/// File handles: how an open file is served.
+const FH_FUSE: FileHandle = FileHandle(0);
+const FH_PASSTHROUGH: FileHandle = FileHandle(1);
+
+/// Open files per node. The kernel refuses passthrough for an inode that is
+/// also open through FUSE's page cache, so a node is served one way at a time.
+#[derive(Default)]
+struct OpenFiles {
+    fuse: HashMap<NodeId, u32>,
+    passthrough: HashMap<NodeId, (BackingId, u32)>,
+}
+
 /// The FUSE side of one layer.
 pub struct LayerFs {
     fetcher: Arc<Fetcher>,
     index: Arc<LayerIndex>,
     runtime: tokio::runtime::Handle,
+    passthrough: bool,
+    open: Mutex<OpenFiles>,
 }
 
 impl LayerFs {
@@ -38,6 +56,36 @@ impl LayerFs {
             fetcher,
             index,
             runtime,
+            passthrough: false,
+            open: Mutex::default(),
+        }
+    }
+
+    /// Opens `id` in passthrough mode if its whole content is cached and no FUSE-mode handle is open.
+    fn open_passthrough(&self, id: NodeId, reply: ReplyOpen) -> Result<(), ReplyOpen> {
+        let mut open = self.open.lock();
+        if let Some((backing, count)) = open.passthrough.get_mut(&id) {
+            *count += 1;
+            reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), backing);
+            return Ok(());
+        }
+        if !self.passthrough || open.fuse.contains_key(&id) {
+            return Err(reply);
+        }
+        let Some(path) = self.fetcher.cached_file(id) else {
+            return Err(reply);
+        };
+        match std::fs::File::open(&path).and_then(|f| reply.open_backing(&f)) {
+            Ok(backing) => {
+                reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &backing);
+                open.passthrough.insert(id, (backing, 1));
+                info!(layer = %self.fetcher.layer(), node = id, "file fully cached: opened in passthrough mode");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(layer = %self.fetcher.layer(), node = id, path = %path.display(), error = %e, "passthrough open failed, serving through FUSE");
+                Err(reply)
+            }
         }
     }
 
@@ -82,6 +130,13 @@ impl Filesystem for LayerFs {
             | fuser::InitFlags::FUSE_PARALLEL_DIROPS
             | fuser::InitFlags::FUSE_MAX_PAGES;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        // Depth 1: backing files live on a plain filesystem, and overlayfs can still stack on this one.
+        if config.capabilities().contains(fuser::InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough = true;
+        }
         Ok(())
     }
 
@@ -114,9 +169,13 @@ impl Filesystem for LayerFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.node_of(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+        let id = match self.node_of(ino) {
+            Ok(id) => id,
+            Err(e) => return reply.error(e),
+        };
+        if let Err(reply) = self.open_passthrough(id, reply) {
+            *self.open.lock().fuse.entry(id).or_default() += 1;
+            reply.opened(FH_FUSE, FopenFlags::FOPEN_KEEP_CACHE);
         }
     }
 
@@ -158,13 +217,29 @@ impl Filesystem for LayerFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
+        if let Ok(id) = self.node_of(ino) {
+            let mut open = self.open.lock();
+            if fh == FH_PASSTHROUGH {
+                if let Some((_, count)) = open.passthrough.get_mut(&id) {
+                    *count -= 1;
+                    if *count == 0 {
+                        open.passthrough.remove(&id); // closes the backing id
+                    }
+                }
+            } else if let Some(count) = open.fuse.get_mut(&id) {
+                *count -= 1;
+                if *count == 0 {
+                    open.fuse.remove(&id);
+                }
+            }
+        }
         reply.ok();
     }
 
