@@ -6,17 +6,21 @@
 //! and renamed, so a crash never leaves a partial chunk under a real name;
 //! the fetcher verifies digests on every disk read anyway.
 //!
-//! A file whose chunks are all cached can be turned into one whole-file entry
-//! (`file-<node>`): the kernel then reads it directly (FUSE passthrough), and
-//! its chunk entries go, so nothing is stored twice.
+//! Chunks of large files are written straight into one sparse file per file
+//! node (`partial-<node>`, at their file offsets); when the last chunk lands it
+//! is renamed `file-<node>`, a whole-file entry the kernel can read directly
+//! (FUSE passthrough). No second copy, no assembly pass. Partial files are
+//! dropped on restart (which chunks they hold is kept in memory only).
 
 use crate::digest::Digest;
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Identity of one decoded chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -50,13 +54,18 @@ enum Entry {
         layer: Digest,
         node: u32,
     },
+    /// Some chunks of file node `node`, at their offsets in a sparse file.
+    Partial {
+        layer: Digest,
+        node: u32,
+    },
 }
 
 impl Entry {
     fn layer(&self) -> &Digest {
         match self {
             Entry::Chunk(k) => &k.layer,
-            Entry::File { layer, .. } => layer,
+            Entry::File { layer, .. } | Entry::Partial { layer, .. } => layer,
         }
     }
 
@@ -71,9 +80,28 @@ impl Entry {
     }
 }
 
+/// Where a chunk of a large file goes: file node, its size and chunk count, the chunk's index and offset in it.
+#[derive(Clone, Copy, Debug)]
+pub struct FileSlot {
+    pub node: u32,
+    pub file_size: u64,
+    pub chunk_count: u32,
+    pub chunk_index: u32,
+    pub file_offset: u64,
+}
+
+/// A file entry still being filled.
+struct Partial {
+    file: Arc<std::fs::File>,
+    present: Vec<bool>,
+    missing: u32,
+    bytes: u64,
+}
+
 struct Lru {
     entries: LruCache<Entry, u64>,
     total: u64,
+    partials: HashMap<(Digest, u32), Partial>,
 }
 
 /// On-disk chunk store bounded to `limit` bytes.
@@ -127,6 +155,7 @@ impl DiskCache {
             lru: Mutex::new(Lru {
                 entries: LruCache::unbounded(),
                 total: 0,
+                partials: HashMap::new(),
             }),
         };
         {
@@ -145,6 +174,7 @@ impl DiskCache {
         match e {
             Entry::Chunk(k) => dir.join(k.file_name()),
             Entry::File { node, .. } => dir.join(format!("file-{node}")),
+            Entry::Partial { node, .. } => dir.join(format!("partial-{node}")),
         }
     }
 
@@ -159,11 +189,6 @@ impl DiskCache {
                 None
             }
         }
-    }
-
-    /// Whether a chunk is stored (without counting as a use).
-    pub fn contains(&self, key: &ChunkKey) -> bool {
-        self.lru.lock().entries.contains(&Entry::Chunk(key.clone()))
     }
 
     /// Stores a chunk (blocking), evicting least recently used ones to stay under the limit.
@@ -196,22 +221,105 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Stores the whole content of file `node` of `layer` (`len` bytes, written by `write`).
-    pub fn put_file(
-        &self,
-        layer: &Digest,
-        node: u32,
-        len: u64,
-        write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let e = Entry::File {
+    /// Stores a chunk of a large file inside that file's entry; the entry
+    /// becomes a whole-file entry when its last chunk is stored.
+    pub fn put_in_file(&self, layer: &Digest, slot: FileSlot, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        if slot.file_size > self.limit || self.file(layer, slot.node).is_some() {
+            return Ok(()); // never fits whole, or already complete
+        }
+        self.evict_to(self.limit.saturating_sub(len));
+        let id = (layer.clone(), slot.node);
+        let partial = Entry::Partial {
             layer: layer.clone(),
-            node,
+            node: slot.node,
         };
-        self.store(e, len, write)
+        let file = {
+            let mut lru = self.lru.lock();
+            match lru.partials.get(&id) {
+                Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => return Ok(()),
+                Some(p) => Arc::clone(&p.file),
+                None => {
+                    let path = self.path(&partial);
+                    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
+                    let f = std::fs::File::options()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .read(true)
+                        .open(&path)?;
+                    f.set_len(slot.file_size)?;
+                    let f = Arc::new(f);
+                    lru.partials.insert(
+                        id.clone(),
+                        Partial {
+                            file: Arc::clone(&f),
+                            present: vec![false; slot.chunk_count as usize],
+                            missing: slot.chunk_count,
+                            bytes: 0,
+                        },
+                    );
+                    lru.entries.put(partial.clone(), 0);
+                    f
+                }
+            }
+        };
+        file.write_all_at(data, slot.file_offset)?;
+        let mut lru = self.lru.lock();
+        let lru = &mut *lru;
+        // Evicted meanwhile (or replaced): the write went to a dropped file.
+        let Some(p) = lru.partials.get_mut(&id).filter(|p| Arc::ptr_eq(&p.file, &file)) else {
+            return Ok(());
+        };
+        let Some(bit) = p.present.get_mut(slot.chunk_index as usize).filter(|b| !**b) else {
+            return Ok(());
+        };
+        *bit = true;
+        p.missing -= 1;
+        p.bytes += len;
+        lru.total += len;
+        if let Some(n) = lru.entries.get_mut(&partial) {
+            *n += len;
+        }
+        if p.missing == 0 {
+            let bytes = p.bytes;
+            lru.partials.remove(&id);
+            lru.entries.pop(&partial);
+            lru.total -= bytes;
+            let whole = Entry::File {
+                layer: layer.clone(),
+                node: slot.node,
+            };
+            std::fs::rename(self.path(&partial), self.path(&whole))?;
+            lru.total += slot.file_size;
+            lru.entries.put(whole, slot.file_size);
+        }
+        Ok(())
     }
 
-    /// The whole-file entry of `node`, if there is one (counts as a use).
+    /// A chunk stored by `put_in_file`; `None` when absent.
+    pub fn get_in_file(&self, layer: &Digest, slot: FileSlot, len: u64) -> Option<Vec<u8>> {
+        let file = {
+            let mut lru = self.lru.lock();
+            match lru.partials.get(&(layer.clone(), slot.node)) {
+                Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => Arc::clone(&p.file),
+                Some(_) => return None,
+                None => {
+                    let whole = Entry::File {
+                        layer: layer.clone(),
+                        node: slot.node,
+                    };
+                    lru.entries.get(&whole)?;
+                    Arc::new(std::fs::File::open(self.path(&whole)).ok()?)
+                }
+            }
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, slot.file_offset).ok()?;
+        Some(buf)
+    }
+
+    /// The whole-file entry of `node`, if complete (counts as a use).
     pub fn file(&self, layer: &Digest, node: u32) -> Option<PathBuf> {
         let e = Entry::File {
             layer: layer.clone(),
@@ -221,12 +329,29 @@ impl DiskCache {
         Some(self.path(&e))
     }
 
-    /// `len` bytes at `offset` of a whole-file entry; `None` when absent or short.
-    pub fn read_file(&self, layer: &Digest, node: u32, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let path = self.file(layer, node)?;
-        let mut buf = vec![0u8; len as usize];
-        std::fs::File::open(path).ok()?.read_exact_at(&mut buf, offset).ok()?;
-        Some(buf)
+    /// Drops what holds a chunk of a large file (it failed verification).
+    pub fn remove_in_file(&self, layer: &Digest, slot: FileSlot) {
+        let id = (layer.clone(), slot.node);
+        {
+            let mut lru = self.lru.lock();
+            if let Some(bit) = lru
+                .partials
+                .get_mut(&id)
+                .and_then(|p| p.present.get_mut(slot.chunk_index as usize))
+            {
+                if *bit {
+                    *bit = false;
+                    lru.partials.get_mut(&id).expect("just seen").missing += 1;
+                }
+                return;
+            }
+        }
+        let e = Entry::File {
+            layer: layer.clone(),
+            node: slot.node,
+        };
+        self.forget(&e);
+        let _ = std::fs::remove_file(self.path(&e));
     }
 
     fn forget(&self, e: &Entry) {
@@ -234,21 +359,14 @@ impl DiskCache {
         if let Some(len) = lru.entries.pop(e) {
             lru.total -= len;
         }
+        if let Entry::Partial { layer, node } = e {
+            lru.partials.remove(&(layer.clone(), *node));
+        }
     }
 
     /// Drops a chunk (corrupt, or now held by a whole-file entry).
     pub fn remove(&self, key: &ChunkKey) {
         let e = Entry::Chunk(key.clone());
-        self.forget(&e);
-        let _ = std::fs::remove_file(self.path(&e));
-    }
-
-    /// Drops a whole-file entry (its content failed verification).
-    pub fn remove_file(&self, layer: &Digest, node: u32) {
-        let e = Entry::File {
-            layer: layer.clone(),
-            node,
-        };
         self.forget(&e);
         let _ = std::fs::remove_file(self.path(&e));
     }
@@ -268,6 +386,7 @@ impl DiskCache {
                     lru.total -= len;
                 }
             }
+            lru.partials.retain(|(l, _), _| l != layer);
         }
         let _ = std::fs::remove_dir_all(self.dir.join(layer.hex()));
     }
@@ -283,6 +402,9 @@ impl DiskCache {
                     return;
                 };
                 lru.total -= len;
+                if let Entry::Partial { layer, node } = &key {
+                    lru.partials.remove(&(layer.clone(), *node));
+                }
                 key
             };
             let _ = std::fs::remove_file(self.path(&victim));
@@ -397,18 +519,48 @@ mod tests {
         assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
     }
 
+    fn slot(chunk_index: u32) -> FileSlot {
+        FileSlot {
+            node: 7,
+            file_size: 10,
+            chunk_count: 2,
+            chunk_index,
+            file_offset: chunk_index as u64 * 5,
+        }
+    }
+
     #[test]
-    fn a_whole_file_entry_is_counted_survives_reopen_and_serves_ranges() {
+    fn chunks_of_a_file_fill_one_entry_that_becomes_whole_with_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let layer = Digest::of(b"l");
         let c = DiskCache::open(dir.path(), 100).unwrap();
-        c.put_file(&layer, 7, 10, |f| f.write_all(b"0123456789")).unwrap();
-        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put_in_file(&layer, slot(1), b"56789").unwrap();
+        assert!(c.file(&layer, 7).is_none());
+        assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none(), "a hole is no answer");
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        let whole = c.file(&layer, 7).expect("whole after the last chunk");
+        assert_eq!(std::fs::read(whole).unwrap(), b"0123456789");
         assert_eq!(c.total_bytes(), 10);
-        assert_eq!(c.read_file(&layer, 7, 3, 4).as_deref(), Some(&b"3456"[..]));
-        assert!(c.read_file(&layer, 7, 8, 4).is_none(), "a short read is no answer");
-        c.remove_file(&layer, 7);
-        assert!(c.file(&layer, 7).is_none() && c.total_bytes() == 0);
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
+        assert_eq!(c.total_bytes(), 10);
+    }
+
+    #[test]
+    fn a_partial_file_entry_is_dropped_on_restart_and_by_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 12).unwrap();
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        assert_eq!(c.total_bytes(), 5);
+        c.put(&key(1), &[0u8; 10]).unwrap(); // needs the partial's room
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
+        assert!(c.total_bytes() <= 12);
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
+        assert!(!dir.path().join(layer.hex()).join("partial-7").exists());
     }
 
     #[test]

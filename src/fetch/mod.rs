@@ -7,16 +7,15 @@ mod source;
 
 pub use source::BlobSource;
 
-use crate::cache::{ChunkKey, DiskCache, MemCache};
+use crate::cache::{ChunkKey, DiskCache, FileSlot, MemCache};
 use crate::digest::Digest;
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
 use crate::metrics::{Cause, Lookup, Metrics};
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,8 +69,6 @@ pub struct Fetcher {
     inflight: Mutex<HashMap<ChunkId, ChunkFuture>>,
     /// Per file: (last chunk read, chunks already asked for up to), to spot sequential readers.
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
-    /// Files being turned into whole-file cache entries.
-    assembling: Mutex<HashSet<NodeId>>,
     pub stats: FetchStats,
     metrics: Arc<Metrics>,
 }
@@ -93,7 +90,6 @@ impl Fetcher {
             mem,
             inflight: Mutex::default(),
             sequential: Mutex::default(),
-            assembling: Mutex::default(),
             stats: FetchStats::default(),
             metrics,
         })
@@ -127,9 +123,6 @@ impl Fetcher {
         }
         self.read_ahead(node, ids.clone());
         let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await?;
-        if end == n.size {
-            self.complete_file(node);
-        }
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -186,42 +179,19 @@ impl Fetcher {
         }
     }
 
-    /// Once every chunk of a large file is cached, joins them (verified again)
-    /// into one whole-file entry and drops the chunk entries, in the background.
-    fn complete_file(self: &Arc<Self>, node: NodeId) {
-        let Some(n) = self.index.node(node) else { return };
-        let ids = n.first_chunk..n.first_chunk + n.chunk_count;
-        if n.size < WHOLE_FILE_MIN
-            || self.disk.file(&self.layer, node).is_some()
-            || !ids.clone().all(|id| self.disk.contains(&self.key(id)))
-            || !self.assembling.lock().insert(node)
-        {
-            return;
-        }
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let size = this.index.node(node).map_or(0, |n| n.size);
-            let result = this.disk.put_file(&this.layer, node, size, |f| {
-                for id in ids.clone() {
-                    let c = &this.index.chunks[id as usize];
-                    let data = this
-                        .disk
-                        .get(&this.key(id))
-                        .ok_or_else(|| std::io::Error::other("chunk evicted"))?;
-                    decode::verify(c, &data).map_err(std::io::Error::other)?;
-                    f.write_all_at(&data, c.file_offset)?;
-                }
-                Ok(())
-            });
-            match result {
-                Ok(()) if this.disk.file(&this.layer, node).is_some() => {
-                    ids.for_each(|id| this.disk.remove(&this.key(id)));
-                }
-                Ok(()) => {} // larger than the whole cache
-                Err(e) => warn!(layer = %this.layer, node, error = %e, "cannot make a whole-file cache entry"),
-            }
-            this.assembling.lock().remove(&node);
-        });
+    /// Where the disk cache keeps chunk `id` of `node`: inside the node's file
+    /// entry when the file is large (so it can become a passthrough file).
+    fn slot(&self, node: Option<NodeId>, id: ChunkId) -> Option<FileSlot> {
+        let node = node?;
+        let n = self.index.node(node)?;
+        let own = (n.first_chunk..n.first_chunk + n.chunk_count).contains(&id);
+        (n.size >= WHOLE_FILE_MIN && own).then(|| FileSlot {
+            node,
+            file_size: n.size,
+            chunk_count: n.chunk_count,
+            chunk_index: id - n.first_chunk,
+            file_offset: self.index.chunks[id as usize].file_offset,
+        })
     }
 
     /// Layers downloaded whole are plain local files: read the range directly.
@@ -324,19 +294,18 @@ impl Fetcher {
                 .map(|&id| {
                     let key = this.key(id);
                     let c = &this.index.chunks[id as usize];
-                    let whole = || this.disk.read_file(&this.layer, node?, c.file_offset, c.len);
-                    let (data, from_chunk) = match this.disk.get(&key) {
-                        Some(d) => (d, true),
-                        None => (whole()?, false),
+                    let slot = this.slot(node, id);
+                    let data = match slot {
+                        Some(slot) => this.disk.get_in_file(&this.layer, slot, c.len)?,
+                        None => this.disk.get(&key)?,
                     };
                     match decode::verify(c, &data) {
                         Ok(()) => Some(Bytes::from(data)),
                         Err(reason) => {
-                            warn!(layer = %this.layer, offset = key.blob_offset, %reason, "dropping corrupt cached data");
-                            match (from_chunk, node) {
-                                (true, _) => this.disk.remove(&key),
-                                (false, Some(n)) => this.disk.remove_file(&this.layer, n),
-                                (false, None) => {}
+                            warn!(layer = %this.layer, offset = key.blob_offset, %reason, "dropping corrupt cached chunk");
+                            match slot {
+                                Some(slot) => this.disk.remove_in_file(&this.layer, slot),
+                                None => this.disk.remove(&key),
                             }
                             None
                         }
@@ -441,15 +410,16 @@ impl Fetcher {
         let this = Arc::clone(&self);
         let _ = tokio::task::spawn_blocking(move || {
             for (id, data) in keep {
-                if let Err(e) = this.disk.put(&this.key(id), &data) {
+                let stored = match this.slot(node, id) {
+                    Some(slot) => this.disk.put_in_file(&this.layer, slot, &data),
+                    None => this.disk.put(&this.key(id), &data),
+                };
+                if let Err(e) = stored {
                     warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
                 }
             }
         })
         .await;
-        if let Some(n) = node {
-            self.complete_file(n);
-        }
     }
 }
 
