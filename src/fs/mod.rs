@@ -27,6 +27,9 @@ use tracing::{error, info, warn};
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Largest read the kernel may send (and read-ahead it may do).
 const MAX_READ: u32 = 1 << 20;
+/// Read-ahead window for the mount's backing device: FUSE_INIT can only lower
+/// the kernel's 128 KiB default, so it is raised through sysfs after mounting.
+const READ_AHEAD_KB: u32 = 4096;
 
 /// File handles: how an open file is served.
 const FH_FUSE: FileHandle = FileHandle(0);
@@ -62,8 +65,7 @@ impl LayerFs {
     }
 
     /// Opens `id` in passthrough mode if its whole content is cached and no FUSE-mode handle is open.
-    fn open_passthrough(&self, id: NodeId, reply: ReplyOpen) -> Result<(), ReplyOpen> {
-        let mut open = self.open.lock();
+    fn open_passthrough(&self, open: &mut OpenFiles, id: NodeId, reply: ReplyOpen) -> Result<(), ReplyOpen> {
         if let Some((backing, count)) = open.passthrough.get_mut(&id) {
             *count += 1;
             reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), backing);
@@ -117,7 +119,9 @@ impl LayerFs {
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
         config.clone_fd = true;
-        fuser::spawn_mount(self, mountpoint, &config)
+        let session = fuser::spawn_mount(self, mountpoint, &config)?;
+        raise_read_ahead(mountpoint);
+        Ok(session)
     }
 }
 
@@ -173,8 +177,10 @@ impl Filesystem for LayerFs {
             Ok(id) => id,
             Err(e) => return reply.error(e),
         };
-        if let Err(reply) = self.open_passthrough(id, reply) {
-            *self.open.lock().fuse.entry(id).or_default() += 1;
+        // One decision under one lock: a node is never open both ways at once.
+        let mut open = self.open.lock();
+        if let Err(reply) = self.open_passthrough(&mut open, id, reply) {
+            *open.fuse.entry(id).or_default() += 1;
             reply.opened(FH_FUSE, FopenFlags::FOPEN_KEEP_CACHE);
         }
     }
@@ -333,5 +339,20 @@ fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(data);
+    }
+}
+
+/// Sets the mount's read-ahead to `READ_AHEAD_KB`: sequential readers then keep
+/// several 1 MiB FUSE reads in flight instead of one 128 KiB read at a time.
+/// Best effort: without it reads are slower, never wrong.
+fn raise_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(md) => md.dev(),
+        Err(e) => return warn!(mountpoint = %mountpoint.display(), error = %e, "cannot stat the new mount"),
+    };
+    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    if let Err(e) = std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
+        warn!(mountpoint = %mountpoint.display(), knob, error = %e, "cannot raise read-ahead");
     }
 }
