@@ -13,7 +13,8 @@ pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, String> {
             }
             Ok(raw.clone())
         }
-        Encoding::Gzip => read_prefix(flate2::read::MultiGzDecoder::new(&raw[..]), c, "gzip"),
+        // bufread: inflate straight from the fetched bytes, no intermediate buffer copy.
+        Encoding::Gzip => read_prefix(flate2::bufread::MultiGzDecoder::new(&raw[..]), c, "gzip"),
         Encoding::Zstd => {
             let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(|e| format!("zstd: {e}"))?;
             read_prefix(d, c, "zstd")
