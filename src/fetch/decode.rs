@@ -32,19 +32,21 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
             return Err(format!("{what} stream ends before inner offset {}", c.inner_offset));
         }
     }
-    let mut out = Vec::with_capacity(c.len as usize);
+    // Page-aligned output, so the disk cache can write it with O_DIRECT.
+    let mut out: Vec<u8> = Vec::with_capacity(c.len as usize + PAGE);
+    let pad = out.as_ptr().align_offset(PAGE);
+    out.resize(pad, 0);
     r.take(c.len)
         .read_to_end(&mut out)
         .map_err(|e| format!("{what} stream: {e}"))?;
-    if out.len() as u64 != c.len {
-        return Err(format!(
-            "{what} stream holds {} bytes, chunk needs {}",
-            out.len(),
-            c.len
-        ));
+    let got = out.len() - pad;
+    if got as u64 != c.len {
+        return Err(format!("{what} stream holds {got} bytes, chunk needs {}", c.len));
     }
-    Ok(Bytes::from(out))
+    Ok(Bytes::from(out).slice(pad..))
 }
+
+const PAGE: usize = 4096;
 
 /// Checks decoded bytes against the chunk's digest (when the format has one).
 pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), String> {

@@ -1,0 +1,555 @@
+//! The on-disk cache under the state dir: bounded by size (one LRU over all
+//! entries), survives restarts. Files are written to a temporary name and
+//! renamed, so a crash never leaves a partial chunk under a real name; the
+//! fetcher verifies digests on every disk read anyway.
+//!
+//! Chunks of large files are written straight into one sparse file per file
+//! node (`partial-<node>`, at their file offsets); when the last chunk lands it
+//! is renamed `file-<node>`, a whole-file entry the kernel can read directly
+//! (FUSE passthrough). No second copy, no assembly pass. Partial files are
+//! dropped on restart (which chunks they hold is kept in memory only).
+
+use super::ChunkKey;
+use crate::digest::Digest;
+use lru::LruCache;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What one cache file holds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Entry {
+    Chunk(ChunkKey),
+    /// The whole decoded content of file node `node` of `layer`.
+    File {
+        layer: Digest,
+        node: u32,
+    },
+    /// Some chunks of file node `node`, at their offsets in a sparse file.
+    Partial {
+        layer: Digest,
+        node: u32,
+    },
+}
+
+impl Entry {
+    fn layer(&self) -> &Digest {
+        match self {
+            Entry::Chunk(k) => &k.layer,
+            Entry::File { layer, .. } | Entry::Partial { layer, .. } => layer,
+        }
+    }
+
+    fn parse(layer: &Digest, name: &str) -> Option<Self> {
+        match name.strip_prefix("file-") {
+            Some(n) => Some(Entry::File {
+                layer: layer.clone(),
+                node: n.parse().ok()?,
+            }),
+            None => ChunkKey::parse(layer, name).map(Entry::Chunk),
+        }
+    }
+}
+
+/// Where a chunk of a large file goes: file node, its size and chunk count, the chunk's index and offset in it.
+#[derive(Clone, Copy, Debug)]
+pub struct FileSlot {
+    pub node: u32,
+    pub file_size: u64,
+    pub chunk_count: u32,
+    pub chunk_index: u32,
+    pub file_offset: u64,
+}
+
+/// A file entry still being filled.
+struct Partial {
+    file: Arc<std::fs::File>,
+    /// The same file opened with O_DIRECT (when the filesystem allows it).
+    direct: Option<Arc<std::fs::File>>,
+    present: Vec<bool>,
+    missing: u32,
+    bytes: u64,
+}
+
+struct Lru {
+    entries: LruCache<Entry, u64>,
+    total: u64,
+    partials: HashMap<(Digest, u32), Partial>,
+}
+
+/// On-disk chunk store bounded to `limit` bytes.
+pub struct DiskCache {
+    dir: PathBuf,
+    limit: u64,
+    lru: Mutex<Lru>,
+}
+
+/// A cache directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("chunk cache {path}: {source}")]
+pub struct CacheError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache at `dir`, indexing what a previous run left,
+    /// oldest first, and trimming it to `limit`.
+    pub fn open(dir: &Path, limit: u64) -> Result<Self, CacheError> {
+        let err = |path: &Path, source| CacheError {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        let mut found = Vec::new();
+        for layer_dir in std::fs::read_dir(dir).map_err(|e| err(dir, e))? {
+            let layer_dir = layer_dir.map_err(|e| err(dir, e))?;
+            let Ok(layer) = format!("sha256:{}", layer_dir.file_name().to_string_lossy()).parse::<Digest>() else {
+                continue;
+            };
+            for f in std::fs::read_dir(layer_dir.path()).map_err(|e| err(&layer_dir.path(), e))? {
+                let f = f.map_err(|e| err(&layer_dir.path(), e))?;
+                let name = f.file_name().to_string_lossy().into_owned();
+                match Entry::parse(&layer, &name) {
+                    Some(key) => {
+                        let md = f.metadata().map_err(|e| err(&f.path(), e))?;
+                        found.push((md.modified().ok(), key, md.len()));
+                    }
+                    // Leftover temporary files of an interrupted write.
+                    None => drop(std::fs::remove_file(f.path())),
+                }
+            }
+        }
+        found.sort_by_key(|(t, _, _)| *t);
+        let cache = Self {
+            dir: dir.to_path_buf(),
+            limit,
+            lru: Mutex::new(Lru {
+                entries: LruCache::unbounded(),
+                total: 0,
+                partials: HashMap::new(),
+            }),
+        };
+        {
+            let mut lru = cache.lru.lock();
+            for (_, key, len) in found {
+                lru.total += len;
+                lru.entries.put(key, len);
+            }
+        }
+        cache.evict_to(limit);
+        Ok(cache)
+    }
+
+    fn path(&self, e: &Entry) -> PathBuf {
+        let dir = self.dir.join(e.layer().hex());
+        match e {
+            Entry::Chunk(k) => dir.join(k.file_name()),
+            Entry::File { node, .. } => dir.join(format!("file-{node}")),
+            Entry::Partial { node, .. } => dir.join(format!("partial-{node}")),
+        }
+    }
+
+    /// Reads a chunk (blocking); `None` when absent.
+    pub fn get(&self, key: &ChunkKey) -> Option<Vec<u8>> {
+        let e = Entry::Chunk(key.clone());
+        self.lru.lock().entries.get(&e)?;
+        match std::fs::read(self.path(&e)) {
+            Ok(data) => Some(data),
+            Err(_) => {
+                self.forget(&e);
+                None
+            }
+        }
+    }
+
+    /// Stores a chunk (blocking), evicting least recently used ones to stay under the limit.
+    pub fn put(&self, key: &ChunkKey, data: &[u8]) -> io::Result<()> {
+        self.store(Entry::Chunk(key.clone()), data.len() as u64, |f| f.write_all(data))
+    }
+
+    /// Writes an entry of `len` bytes through a temporary file and makes room for it.
+    fn store(&self, e: Entry, len: u64, write: impl FnOnce(&mut std::fs::File) -> io::Result<()>) -> io::Result<()> {
+        if len > self.limit {
+            return Ok(()); // larger than the whole cache: serve it, don't keep it
+        }
+        self.evict_to(self.limit - len);
+        let path = self.path(&e);
+        let dir = path.parent().expect("cache path has a parent");
+        std::fs::create_dir_all(dir)?;
+        let name = path.file_name().expect("cache path has a name").to_string_lossy();
+        let tmp = dir.join(format!(".tmp-{name}-{:?}", std::thread::current().id()));
+        let written = std::fs::File::create(&tmp).and_then(|mut f| write(&mut f));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
+        std::fs::rename(&tmp, &path)?;
+        let mut lru = self.lru.lock();
+        if let Some(old) = lru.entries.put(e, len) {
+            lru.total -= old;
+        }
+        lru.total += len;
+        Ok(())
+    }
+
+    /// Stores a chunk of a large file inside that file's entry; the entry
+    /// becomes a whole-file entry when its last chunk is stored.
+    pub fn put_in_file(&self, layer: &Digest, slot: FileSlot, data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        if slot.file_size > self.limit || self.file(layer, slot.node).is_some() {
+            return Ok(()); // never fits whole, or already complete
+        }
+        self.evict_to(self.limit.saturating_sub(len));
+        let id = (layer.clone(), slot.node);
+        let partial = Entry::Partial {
+            layer: layer.clone(),
+            node: slot.node,
+        };
+        let (file, direct) = {
+            let mut lru = self.lru.lock();
+            match lru.partials.get(&id) {
+                Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => return Ok(()),
+                Some(p) => (Arc::clone(&p.file), p.direct.clone()),
+                None => {
+                    let path = self.path(&partial);
+                    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
+                    let f = std::fs::File::options()
+                        .create(true)
+                        .truncate(true)
+                        .write(true)
+                        .read(true)
+                        .open(&path)?;
+                    f.set_len(slot.file_size)?;
+                    let f = Arc::new(f);
+                    let direct = std::fs::File::options()
+                        .write(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(&path)
+                        .ok()
+                        .map(Arc::new);
+                    lru.partials.insert(
+                        id.clone(),
+                        Partial {
+                            file: Arc::clone(&f),
+                            direct: direct.clone(),
+                            present: vec![false; slot.chunk_count as usize],
+                            missing: slot.chunk_count,
+                            bytes: 0,
+                        },
+                    );
+                    lru.entries.put(partial.clone(), 0);
+                    (f, direct)
+                }
+            }
+        };
+        write_at(&file, direct.as_deref(), data, slot.file_offset)?;
+        let mut lru = self.lru.lock();
+        let lru = &mut *lru;
+        // Evicted meanwhile (or replaced): the write went to a dropped file.
+        let Some(p) = lru.partials.get_mut(&id).filter(|p| Arc::ptr_eq(&p.file, &file)) else {
+            return Ok(());
+        };
+        let Some(bit) = p.present.get_mut(slot.chunk_index as usize).filter(|b| !**b) else {
+            return Ok(());
+        };
+        *bit = true;
+        p.missing -= 1;
+        p.bytes += len;
+        lru.total += len;
+        if let Some(n) = lru.entries.get_mut(&partial) {
+            *n += len;
+        }
+        if p.missing == 0 {
+            let bytes = p.bytes;
+            lru.partials.remove(&id);
+            lru.entries.pop(&partial);
+            lru.total -= bytes;
+            let whole = Entry::File {
+                layer: layer.clone(),
+                node: slot.node,
+            };
+            std::fs::rename(self.path(&partial), self.path(&whole))?;
+            lru.total += slot.file_size;
+            lru.entries.put(whole, slot.file_size);
+        }
+        Ok(())
+    }
+
+    /// A chunk stored by `put_in_file`; `None` when absent.
+    pub fn get_in_file(&self, layer: &Digest, slot: FileSlot, len: u64) -> Option<Vec<u8>> {
+        let file = {
+            let mut lru = self.lru.lock();
+            match lru.partials.get(&(layer.clone(), slot.node)) {
+                Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => Arc::clone(&p.file),
+                Some(_) => return None,
+                None => {
+                    let whole = Entry::File {
+                        layer: layer.clone(),
+                        node: slot.node,
+                    };
+                    lru.entries.get(&whole)?;
+                    Arc::new(std::fs::File::open(self.path(&whole)).ok()?)
+                }
+            }
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, slot.file_offset).ok()?;
+        Some(buf)
+    }
+
+    /// The whole-file entry of `node`, if complete (counts as a use).
+    pub fn file(&self, layer: &Digest, node: u32) -> Option<PathBuf> {
+        let e = Entry::File {
+            layer: layer.clone(),
+            node,
+        };
+        self.lru.lock().entries.get(&e)?;
+        Some(self.path(&e))
+    }
+
+    /// Drops what holds a chunk of a large file (it failed verification).
+    pub fn remove_in_file(&self, layer: &Digest, slot: FileSlot) {
+        let id = (layer.clone(), slot.node);
+        {
+            let mut lru = self.lru.lock();
+            if let Some(bit) = lru
+                .partials
+                .get_mut(&id)
+                .and_then(|p| p.present.get_mut(slot.chunk_index as usize))
+            {
+                if *bit {
+                    *bit = false;
+                    lru.partials.get_mut(&id).expect("just seen").missing += 1;
+                }
+                return;
+            }
+        }
+        let e = Entry::File {
+            layer: layer.clone(),
+            node: slot.node,
+        };
+        self.forget(&e);
+        let _ = std::fs::remove_file(self.path(&e));
+    }
+
+    fn forget(&self, e: &Entry) {
+        let mut lru = self.lru.lock();
+        if let Some(len) = lru.entries.pop(e) {
+            lru.total -= len;
+        }
+        if let Entry::Partial { layer, node } = e {
+            lru.partials.remove(&(layer.clone(), *node));
+        }
+    }
+
+    /// Drops a chunk (corrupt, or now held by a whole-file entry).
+    pub fn remove(&self, key: &ChunkKey) {
+        let e = Entry::Chunk(key.clone());
+        self.forget(&e);
+        let _ = std::fs::remove_file(self.path(&e));
+    }
+
+    /// Drops every cached chunk of a layer (its last user is gone).
+    pub fn remove_layer(&self, layer: &Digest) {
+        {
+            let mut lru = self.lru.lock();
+            let keys: Vec<Entry> = lru
+                .entries
+                .iter()
+                .filter(|(k, _)| k.layer() == layer)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some(len) = lru.entries.pop(&k) {
+                    lru.total -= len;
+                }
+            }
+            lru.partials.retain(|(l, _), _| l != layer);
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(layer.hex()));
+    }
+
+    fn evict_to(&self, target: u64) {
+        loop {
+            let victim = {
+                let mut lru = self.lru.lock();
+                if lru.total <= target {
+                    return;
+                }
+                let Some((key, len)) = lru.entries.pop_lru() else {
+                    return;
+                };
+                lru.total -= len;
+                if let Entry::Partial { layer, node } = &key {
+                    lru.partials.remove(&(layer.clone(), *node));
+                }
+                key
+            };
+            let _ = std::fs::remove_file(self.path(&victim));
+        }
+    }
+
+    /// Bytes currently stored.
+    pub fn total_bytes(&self) -> u64 {
+        self.lru.lock().total
+    }
+}
+
+/// Writes `data` at `offset`; its page-aligned part through `direct` (O_DIRECT)
+/// when there is one: the device copies it, not the CPU, which a cold read of
+/// a large file is short of. The unaligned tail goes through the page cache.
+fn write_at(file: &std::fs::File, direct: Option<&std::fs::File>, data: &[u8], offset: u64) -> io::Result<()> {
+    const ALIGN: usize = 4096;
+    let aligned = data.as_ptr() as usize % ALIGN == 0 && offset % ALIGN as u64 == 0;
+    let head = if aligned { data.len() / ALIGN * ALIGN } else { 0 };
+    if let (Some(d), true) = (direct, head > 0) {
+        match d.write_all_at(&data[..head], offset) {
+            Ok(()) => return file.write_all_at(&data[head..], offset + head as u64),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // no O_DIRECT here after all
+            Err(e) => return Err(e),
+        }
+    }
+    file.write_all_at(data, offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key(off: u64) -> ChunkKey {
+        ChunkKey {
+            layer: Digest::of(b"l"),
+            blob_offset: off,
+            inner_offset: 0,
+        }
+    }
+
+    #[test]
+    fn disk_cache_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        DiskCache::open(dir.path(), 100)
+            .unwrap()
+            .put(&key(1), b"hello")
+            .unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert_eq!(c.get(&key(1)).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(c.total_bytes(), 5);
+    }
+
+    #[test]
+    fn disk_cache_evicts_least_recently_used_to_stay_under_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 10).unwrap();
+        c.put(&key(1), b"aaaa").unwrap();
+        c.put(&key(2), b"bbbb").unwrap();
+        assert!(c.get(&key(1)).is_some()); // 1 is now most recent
+        c.put(&key(3), b"cccc").unwrap();
+        assert!(c.get(&key(2)).is_none());
+        assert!(c.get(&key(1)).is_some() && c.get(&key(3)).is_some());
+        assert!(c.total_bytes() <= 10);
+    }
+
+    #[test]
+    fn reopening_with_a_smaller_limit_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        for i in 0..5 {
+            c.put(&key(i), &[0u8; 10]).unwrap();
+        }
+        let c = DiskCache::open(dir.path(), 25).unwrap();
+        assert!(c.total_bytes() <= 25);
+    }
+
+    #[test]
+    fn removing_a_layer_frees_its_chunks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put(&key(1), b"aaaa").unwrap();
+        let other = ChunkKey {
+            layer: Digest::of(b"other"),
+            blob_offset: 1,
+            inner_offset: 0,
+        };
+        c.put(&other, b"bb").unwrap();
+        c.remove_layer(&Digest::of(b"l"));
+        assert!(c.get(&key(1)).is_none());
+        assert_eq!(c.total_bytes(), 2);
+        assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
+    }
+
+    fn slot(chunk_index: u32) -> FileSlot {
+        FileSlot {
+            node: 7,
+            file_size: 10,
+            chunk_count: 2,
+            chunk_index,
+            file_offset: chunk_index as u64 * 5,
+        }
+    }
+
+    #[test]
+    fn chunks_of_a_file_fill_one_entry_that_becomes_whole_with_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put_in_file(&layer, slot(1), b"56789").unwrap();
+        assert!(c.file(&layer, 7).is_none());
+        assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none(), "a hole is no answer");
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        let whole = c.file(&layer, 7).expect("whole after the last chunk");
+        assert_eq!(std::fs::read(whole).unwrap(), b"0123456789");
+        assert_eq!(c.total_bytes(), 10);
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
+        assert_eq!(c.total_bytes(), 10);
+    }
+
+    #[test]
+    fn page_aligned_chunks_written_directly_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        // An aligned 8 KiB + 100-byte chunk, as decode hands them out, then an unaligned one.
+        let mut buf: Vec<u8> = Vec::with_capacity(3 * 4096 + 100);
+        let pad = buf.as_ptr().align_offset(4096);
+        buf.resize(pad, 0);
+        buf.extend((0..2 * 4096 + 100).map(|i| (i % 251) as u8));
+        let first = Bytes::from(buf).slice(pad..);
+        let second = vec![7u8; 50];
+        let slot = |chunk_index, file_offset| FileSlot {
+            node: 1,
+            file_size: 8292 + 50,
+            chunk_count: 2,
+            chunk_index,
+            file_offset,
+        };
+        c.put_in_file(&layer, slot(0, 0), &first).unwrap();
+        c.put_in_file(&layer, slot(1, 8292), &second).unwrap();
+        let whole = std::fs::read(c.file(&layer, 1).unwrap()).unwrap();
+        assert_eq!(&whole[..8292], &first[..]);
+        assert_eq!(&whole[8292..], &second[..]);
+    }
+
+    #[test]
+    fn a_partial_file_entry_is_dropped_on_restart_and_by_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 12).unwrap();
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        assert_eq!(c.total_bytes(), 5);
+        c.put(&key(1), &[0u8; 10]).unwrap(); // needs the partial's room
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
+        assert!(c.total_bytes() <= 12);
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
+        assert!(!dir.path().join(layer.hex()).join("partial-7").exists());
+    }
+}
