@@ -101,7 +101,7 @@ fn main() {
         storage: Some(o.work.join("registry")),
     });
     if let Some(l) = &link {
-        l.start_relay(5000);
+        l.start_relay(common::registry::NETNS_PORT);
         registry.set_addr(format!("{}:{}", net::REGISTRY_IP, net::RELAY_PORT));
     }
     let base = format!("{}/streamsnap/serve:serve", registry.addr());
@@ -135,9 +135,13 @@ fn main() {
         Some(s) => format!("{}mbit-{}ms", s.rate_mbit, s.rtt.as_secs_f64() * 1e3),
         None => "unshaped".into(),
     };
+    let link_name = match o.shape {
+        Some(s) => s.to_string(),
+        None => "unshaped loopback".into(),
+    };
     let title = format!(
-        "start-up, {} MiB weights + {} MiB libs, {}",
-        o.sizes.weights_mib, o.sizes.libs_mib, link_desc
+        "start-up: {} MiB weights + {} MiB libs, {link_name}",
+        o.sizes.weights_mib, o.sizes.libs_mib
     );
     let png = o.out.join(format!("startup-{label}.png"));
     report::plot(&results, &title, &png);

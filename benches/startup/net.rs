@@ -14,7 +14,7 @@ const HOST_IF: &str = "ssbench-h";
 const NS_IF: &str = "ssbench-r";
 pub const HOST_IP: &str = "10.203.0.1";
 pub const REGISTRY_IP: &str = "10.203.0.2";
-/// Where the relay listens; the registry itself listens on 127.0.0.1:5000 inside the namespace.
+/// Where the relay listens; the registry itself listens on the namespace's loopback.
 pub const RELAY_PORT: u16 = 5000;
 
 /// The emulated link between the node and the registry.

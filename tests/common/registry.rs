@@ -16,10 +16,13 @@ pub struct Registry {
     dir: tempfile::TempDir,
 }
 
+/// The registry's port inside a network namespace of its own (every port is free there).
+pub const NETNS_PORT: u16 = 5000;
+
 /// Where and how `Registry::start_with` runs the registry.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOpts {
-    /// Run inside this network namespace (`ip netns exec`), listening on 127.0.0.1:5000 there;
+    /// Run inside this network namespace (`ip netns exec`), listening on 127.0.0.1:NETNS_PORT there;
     /// the caller makes it reachable (the start-up benchmark puts a delaying relay in front).
     pub netns: Option<String>,
     /// Keep blobs here instead of in the TempDir, so pushed images survive the process.
@@ -62,8 +65,7 @@ impl Registry {
             c
         };
         for _attempt in 0..5 {
-            // A fresh namespace has every port free.
-            let port = if opts.netns.is_some() { 5000 } else { free_port() };
+            let port = if opts.netns.is_some() { NETNS_PORT } else { free_port() };
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,
