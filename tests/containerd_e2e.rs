@@ -39,14 +39,7 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
     let reference = push(&image, &env.registry, Format::Estargz);
     let (total, digests) = env.registry.layers(&reference);
     let mark = env.registry.mark();
-    env.containerd.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "streamsnap",
-        &reference,
-    ]);
+    rpull(&env, &reference);
     let out = env
         .containerd
         .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c1"]);
@@ -134,14 +127,7 @@ fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
     let env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 16);
     let reference = push(&image, &env.registry, Format::Estargz);
-    env.containerd.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "streamsnap",
-        &reference,
-    ]);
+    rpull(&env, &reference);
     let out = env.containerd.ctr(&[
         "run",
         "--rm",
@@ -180,6 +166,18 @@ fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "cache still holds {left:?}");
+}
+
+/// `ctr-remote image rpull` with streamsnap's labels, as stargz-snapshotter users do.
+fn rpull(env: &Env, reference: &str) {
+    env.containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        reference,
+    ]);
 }
 
 fn streamsnap_pull(env: &Env, reference: &str) -> String {
@@ -244,14 +242,7 @@ fn metrics_count_fetches_lookups_reads_and_layer_mounts() {
     let (_, digests) = env.registry.layers(&reference);
     let mark = env.registry.mark();
     let scrape = || run(std::process::Command::new("curl").args(["-sSf", &format!("http://{addr}/metrics")]));
-    env.containerd.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "streamsnap",
-        &reference,
-    ]);
+    rpull(&env, &reference);
     for name in ["m1", "m2"] {
         let out = env
             .containerd

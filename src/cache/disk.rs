@@ -419,16 +419,9 @@ fn write_at(file: &std::fs::File, direct: Option<&std::fs::File>, data: &[u8], o
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::key;
     use super::*;
     use bytes::Bytes;
-
-    fn key(off: u64) -> ChunkKey {
-        ChunkKey {
-            layer: Digest::of(b"l"),
-            blob_offset: off,
-            inner_offset: 0,
-        }
-    }
 
     #[test]
     fn disk_cache_survives_reopen() {

@@ -77,7 +77,8 @@ impl MemCache {
 mod tests {
     use super::*;
 
-    fn key(off: u64) -> ChunkKey {
+    /// A chunk key of a test layer.
+    pub(super) fn key(off: u64) -> ChunkKey {
         ChunkKey {
             layer: Digest::of(b"l"),
             blob_offset: off,
