@@ -26,7 +26,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Metrics::new();
     let _metrics_server = match config.metrics_address {
         Some(addr) => {
-            let listener = crate::metrics::bind(addr)
+            // Bound now, so a bad address fails the daemon at start, not later.
+            let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the metrics address {addr}"))?;
             Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(

@@ -11,7 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -207,11 +206,6 @@ fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<
         .header("content-type", ctype)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
-}
-
-/// Binds `addr` (so a bad address fails the daemon at start, not later).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

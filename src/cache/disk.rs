@@ -201,7 +201,11 @@ impl DiskCache {
     /// becomes a whole-file entry when its last chunk is stored.
     pub fn put_in_file(&self, layer: &Digest, slot: FileSlot, data: &[u8]) -> io::Result<()> {
         let len = data.len() as u64;
-        if slot.file_size > self.limit || self.file(layer, slot.node).is_some() {
+        let whole = Entry::File {
+            layer: layer.clone(),
+            node: slot.node,
+        };
+        if slot.file_size > self.limit || self.lru.lock().entries.contains(&whole) {
             return Ok(()); // never fits whole, or already complete
         }
         self.evict_to(self.limit.saturating_sub(len));
@@ -269,10 +273,6 @@ impl DiskCache {
             lru.partials.remove(&id);
             lru.entries.pop(&partial);
             lru.total -= bytes;
-            let whole = Entry::File {
-                layer: layer.clone(),
-                node: slot.node,
-            };
             std::fs::rename(self.path(&partial), self.path(&whole))?;
             lru.total += slot.file_size;
             lru.entries.put(whole, slot.file_size);
@@ -312,26 +312,15 @@ impl DiskCache {
         Some(self.path(&e))
     }
 
-    /// Drops what holds a chunk of a large file (it failed verification).
+    /// Drops the entry that holds a chunk of a large file (the chunk failed
+    /// verification): the partial entry or the whole-file one, whichever it is.
     pub fn remove_in_file(&self, layer: &Digest, slot: FileSlot) {
-        let id = (layer.clone(), slot.node);
-        {
-            let mut lru = self.lru.lock();
-            if let Some(bit) = lru
-                .partials
-                .get_mut(&id)
-                .and_then(|p| p.present.get_mut(slot.chunk_index as usize))
-            {
-                if *bit {
-                    *bit = false;
-                    lru.partials.get_mut(&id).expect("just seen").missing += 1;
-                }
-                return;
-            }
-        }
-        let e = Entry::File {
-            layer: layer.clone(),
-            node: slot.node,
+        let (layer, node) = (layer.clone(), slot.node);
+        let partial = self.lru.lock().partials.contains_key(&(layer.clone(), node));
+        let e = if partial {
+            Entry::Partial { layer, node }
+        } else {
+            Entry::File { layer, node }
         };
         self.forget(&e);
         let _ = std::fs::remove_file(self.path(&e));
@@ -528,6 +517,22 @@ mod tests {
         let whole = std::fs::read(c.file(&layer, 1).unwrap()).unwrap();
         assert_eq!(&whole[..8292], &first[..]);
         assert_eq!(&whole[8292..], &second[..]);
+    }
+
+    #[test]
+    fn a_corrupt_chunk_drops_its_partial_entry_and_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = Digest::of(b"l");
+        let c = DiskCache::open(dir.path(), 100).unwrap();
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        c.remove_in_file(&layer, slot(0));
+        assert_eq!(c.total_bytes(), 0);
+        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
+        c.put_in_file(&layer, slot(0), b"01234").unwrap();
+        c.put_in_file(&layer, slot(1), b"56789").unwrap();
+        assert_eq!(c.total_bytes(), 10);
+        c.remove_in_file(&layer, slot(1));
+        assert!(c.file(&layer, 7).is_none() && c.total_bytes() == 0);
     }
 
     #[test]
