@@ -1,7 +1,7 @@
 //! Turning a chunk's stored bytes into its file bytes, and checking them.
 
 use crate::index::{Chunk, Encoding};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::io::Read;
 
 /// Decodes `raw` (exactly the chunk's blob extent) to the chunk's `len` bytes.
@@ -19,6 +19,8 @@ pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, String> {
             let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(|e| format!("zstd: {e}"))?;
             read_prefix(d, c, "zstd")
         }
+        // Spans decode as a whole (the fetcher's span path), never per chunk.
+        Encoding::Span(n) => Err(format!("span {n} chunk decoded outside its span")),
     }
 }
 
@@ -44,6 +46,15 @@ fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String>
         return Err(format!("{what} stream holds {got} bytes, chunk needs {}", c.len));
     }
     Ok(Bytes::from(out).slice(pad..))
+}
+
+/// `len` zero bytes starting on a page boundary (for O_DIRECT cache writes).
+pub fn aligned_buffer(len: usize) -> BytesMut {
+    let mut v = BytesMut::zeroed(len + PAGE);
+    let pad = v.as_ptr().align_offset(PAGE);
+    let mut out = v.split_off(pad);
+    out.truncate(len);
+    out
 }
 
 const PAGE: usize = 4096;

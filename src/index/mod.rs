@@ -2,10 +2,12 @@
 //! metadata and, per regular file, the chunks that hold its bytes in the blob.
 //!
 //! Sources: [`estargz`] (TOC), [`zstd_chunked`] (TOC), [`tar`] (header walk
-//! over range reads, or over a local file for layers downloaded whole).
+//! over range reads, or over a local file for layers downloaded whole), [`gzip`]
+//! (checkpoint index of an unmodified gzip layer).
 
 mod builder;
 pub mod estargz;
+pub mod gzip;
 pub mod tar;
 pub mod toc;
 pub mod zstd_chunked;
@@ -66,6 +68,8 @@ pub enum Encoding {
     Raw,
     Gzip,
     Zstd,
+    /// A piece of span N of a gzip checkpoint index ([`LayerIndex::spans`]).
+    Span(u32),
 }
 
 /// A piece of one file: `len` bytes at `file_offset`, stored at
@@ -88,6 +92,8 @@ pub struct Chunk {
 pub struct LayerIndex {
     pub nodes: Vec<Node>,
     pub chunks: Vec<Chunk>,
+    /// Spans of a gzip layer served through a checkpoint index.
+    pub spans: Option<std::sync::Arc<gzip::Spans>>,
 }
 
 impl LayerIndex {

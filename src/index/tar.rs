@@ -14,9 +14,47 @@ const WINDOW: u64 = 64 << 10;
 /// Upper bound for PAX and GNU long-name payloads.
 const MAX_META: u64 = 1 << 20;
 
+/// One archive entry as the walk found it.
+pub struct TarEntry {
+    pub path: Vec<u8>,
+    /// Target of a hard link (`None` for every other entry).
+    pub hardlink: Option<Vec<u8>>,
+    /// Metadata; `chunks` is left empty for the caller to fill.
+    pub meta: EntryMeta,
+    /// Where the entry's data starts in the tar stream.
+    pub data_offset: u64,
+}
+
 /// Walks the tar in `[0, size)` via `read(offset, len)` and splits file
 /// contents into `Raw` chunks of at most `chunk_size` bytes.
 pub async fn index_tar<R, Fut, E>(layer: &Digest, size: u64, chunk_size: u64, read: R) -> Result<LayerIndex, IndexError>
+where
+    R: FnMut(u64, u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut builder = TreeBuilder::new(layer.clone());
+    walk_tar(layer, size, read, |mut e| {
+        e.meta.chunks = raw_chunks(e.data_offset, e.meta.size, chunk_size);
+        match &e.hardlink {
+            Some(target) => builder.add_hardlink(&e.path, target, e.meta),
+            None => builder.add(&e.path, e.meta),
+        }
+    })
+    .await?;
+    builder.finish(size)
+}
+
+/// Walks the headers of the tar in `[0, size)`, reading through
+/// `read(offset, len)` at increasing offsets (so a forward-only stream can
+/// serve it), and hands each entry to `on_entry` in archive order.
+/// `size` may be `u64::MAX` when the stream's length is not known yet.
+pub async fn walk_tar<R, Fut, E>(
+    layer: &Digest,
+    size: u64,
+    read: R,
+    mut on_entry: impl FnMut(TarEntry) -> Result<(), IndexError>,
+) -> Result<(), IndexError>
 where
     R: FnMut(u64, u64) -> Fut,
     Fut: Future<Output = Result<Bytes, E>>,
@@ -33,7 +71,6 @@ where
         layer: layer.clone(),
         reason: format!("tar header at offset {at}: {reason}"),
     };
-    let mut builder = TreeBuilder::new(layer.clone());
     let mut pos = 0u64;
     let mut long_name: Option<Vec<u8>> = None;
     let mut long_link: Option<Vec<u8>> = None;
@@ -157,7 +194,6 @@ where
                 } else {
                     0
                 };
-                let chunks = raw_chunks(data_at, file_size, chunk_size);
                 let meta = EntryMeta {
                     kind,
                     mode,
@@ -166,19 +202,21 @@ where
                     size: file_size,
                     mtime,
                     xattrs,
-                    chunks,
+                    chunks: Vec::new(),
                 };
-                if typ.as_byte() == b'1' {
-                    builder.add_hardlink(&path, &link, meta)?;
-                } else {
-                    builder.add(&path, meta)?;
-                }
+                let hardlink = (typ.as_byte() == b'1').then_some(link);
+                on_entry(TarEntry {
+                    path,
+                    hardlink,
+                    meta,
+                    data_offset: data_at,
+                })?;
                 pax.clear();
             }
         }
         pos = next;
     }
-    builder.finish(size)
+    Ok(())
 }
 
 /// Serves small reads from the last fetched window of the blob.
