@@ -26,6 +26,9 @@ pub struct Config {
     pub platform: String,
     /// Serve Prometheus metrics on this TCP address (e.g. "127.0.0.1:9580"); off when unset.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Repositories (`host/path`) holding gzip indexes by layer digest, for
+    /// images whose own repository users cannot write to.
+    pub index_repositories: Vec<String>,
 }
 
 impl Default for Config {
@@ -38,6 +41,7 @@ impl Default for Config {
             memory_cache_size: "256MiB".into(),
             platform: "linux/amd64".into(),
             metrics_address: None,
+            index_repositories: Vec::new(),
         }
     }
 }
@@ -85,7 +89,21 @@ impl Config {
         })?;
         cfg.size("cache_size", &cfg.cache_size, &path)?;
         cfg.size("memory_cache_size", &cfg.memory_cache_size, &path)?;
+        for r in &cfg.index_repositories {
+            r.parse::<crate::registry::Reference>()
+                .map_err(|e| ConfigError::Value {
+                    path: path.clone(),
+                    field: "index_repositories",
+                    value: r.clone(),
+                    reason: e.reason,
+                })?;
+        }
         Ok(cfg)
+    }
+
+    /// `index_repositories` as references (validated at load; bad ones skipped).
+    pub fn index_repos(&self) -> Vec<crate::registry::Reference> {
+        self.index_repositories.iter().filter_map(|r| r.parse().ok()).collect()
     }
 
     fn size(&self, field: &'static str, value: &str, path: &Path) -> Result<u64, ConfigError> {

@@ -43,6 +43,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         config.cache_bytes(),
         config.memory_cache_bytes(),
         metrics,
+        config.index_repos(),
     )?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)

@@ -3,6 +3,7 @@
 
 use crate::cache::{DiskCache, MemCache};
 use crate::fs::LayerFs;
+use crate::layer::gzip_index::IndexStore;
 use crate::layer::{self, Layer, LayerContext};
 use crate::metrics::Metrics;
 use crate::overlay;
@@ -26,6 +27,9 @@ impl StateDir {
     pub fn mounts(&self) -> PathBuf {
         self.root.join("mnt")
     }
+    pub fn indexes(&self) -> PathBuf {
+        self.root.join("indexes")
+    }
 }
 
 /// Shared services for opening layers under one state dir.
@@ -35,8 +39,10 @@ pub fn layer_context(
     cache_size: u64,
     mem_size: u64,
     metrics: Arc<Metrics>,
+    index_repos: Vec<Reference>,
 ) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
+        indexes: Arc::new(IndexStore::new(state.indexes(), index_repos)),
         metrics,
         registry,
         disk: Arc::new(DiskCache::open(&state.cache(), cache_size)?),

@@ -26,6 +26,7 @@ pub mod fetch;
 pub mod fs;
 pub mod image_mount;
 pub mod index;
+pub mod indexer;
 pub mod layer;
 pub mod metrics;
 pub mod overlay;

@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use streamsnap::image_mount::{self, StateDir};
+use streamsnap::indexer::{IndexOptions, LayerOutcome};
+use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
 use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, RegistryOptions};
 use tracing::info;
@@ -35,6 +37,9 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (overrides the config file).
         #[arg(long)]
         metrics_address: Option<std::net::SocketAddr>,
+        /// Repository holding gzip indexes by layer digest (repeatable; adds to the config file's list).
+        #[arg(long = "index-repo")]
+        index_repo: Vec<String>,
     },
     /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
     Pull {
@@ -64,8 +69,34 @@ enum Command {
         cache_size: bytesize::ByteSize,
         #[arg(long, default_value = "linux/amd64")]
         platform: Platform,
+        /// Repository holding gzip indexes by layer digest (repeatable).
+        #[arg(long = "index-repo")]
+        index_repo: Vec<Reference>,
         image: String,
         mountpoint: PathBuf,
+    },
+    /// Build the checkpoint index of each plain gzip layer of IMAGE, so that it
+    /// can be served lazily; keep it in the local index cache, and publish it.
+    Index {
+        #[arg(long)]
+        plain_http: bool,
+        /// Output bytes between inflate checkpoints: a read fetches about this much.
+        #[arg(long, default_value = "4MiB")]
+        span: bytesize::ByteSize,
+        /// Publish the index as an OCI artifact referring to the image (in its repository).
+        #[arg(long)]
+        push: bool,
+        /// Publish in this repository instead, tagged by layer digest.
+        #[arg(long)]
+        index_repo: Option<Reference>,
+        /// Layers smaller than this are not indexed (they are fetched whole).
+        #[arg(long, default_value = "4MiB")]
+        min_layer_size: bytesize::ByteSize,
+        #[arg(long, default_value = "/var/lib/streamsnap")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "linux/amd64")]
+        platform: Platform,
+        image: String,
     },
 }
 
@@ -119,6 +150,7 @@ fn main() -> anyhow::Result<()> {
                 address,
                 insecure_registry,
                 metrics_address,
+                index_repo,
             } => {
                 let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
                 if let Some(r) = root {
@@ -128,6 +160,7 @@ fn main() -> anyhow::Result<()> {
                     cfg.address = a;
                 }
                 cfg.insecure_registries.extend(insecure_registry);
+                cfg.index_repositories.extend(index_repo);
                 if metrics_address.is_some() {
                     cfg.metrics_address = metrics_address;
                 }
@@ -143,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                 state_dir,
                 cache_size,
                 platform,
+                index_repo,
                 image,
                 mountpoint,
             } => {
@@ -153,7 +187,14 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })?);
                 let state = StateDir { root: state_dir };
-                let ctx = image_mount::layer_context(&state, registry, cache_size.as_u64(), 256 << 20, Metrics::new())?;
+                let ctx = image_mount::layer_context(
+                    &state,
+                    registry,
+                    cache_size.as_u64(),
+                    256 << 20,
+                    Metrics::new(),
+                    index_repo,
+                )?;
                 let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
                     .await
                     .with_context(|| format!("mounting {image}"))?;
@@ -161,6 +202,51 @@ fn main() -> anyhow::Result<()> {
                 wait_for_signal().await?;
                 info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
                 drop(mounted);
+                Ok(())
+            }
+            Command::Index {
+                plain_http,
+                span,
+                push,
+                index_repo,
+                min_layer_size,
+                state_dir,
+                platform,
+                image,
+            } => {
+                let image: Reference = image.parse()?;
+                let registry = Registry::new(RegistryOptions {
+                    plain_http,
+                    docker_config: DockerConfig::load_default()?,
+                    ..Default::default()
+                })?;
+                let store = IndexStore::new(StateDir { root: state_dir }.indexes(), Vec::new());
+                let opts = IndexOptions {
+                    span: span.as_u64(),
+                    min_layer_size: min_layer_size.as_u64(),
+                    platform,
+                    push,
+                    index_repo,
+                };
+                let report = streamsnap::indexer::index_image(&registry, &store, &image, &opts).await?;
+                for l in &report.layers {
+                    match l {
+                        LayerOutcome::Indexed {
+                            layer,
+                            layer_size,
+                            index_size,
+                            checkpoints,
+                            entries,
+                        } => println!(
+                            "{layer}: indexed: {entries} entries, {checkpoints} checkpoints, index {index_size} bytes ({:.2}% of {layer_size})",
+                            *index_size as f64 * 100.0 / *layer_size as f64
+                        ),
+                        LayerOutcome::Skipped { layer, reason } => println!("{layer}: skipped: {reason}"),
+                    }
+                }
+                if let Some((repo, digest)) = &report.pushed {
+                    println!("published {digest} to {repo}");
+                }
                 Ok(())
             }
         }

@@ -114,6 +114,54 @@ fn a_plain_gzip_image_is_unpacked_normally_and_runs() {
     assert!(!env.serve.as_ref().unwrap().log().contains("layer served lazily"));
 }
 
+#[test]
+fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
+    let env = start();
+    let image = build_runnable_image(&env.work.path().join("image"), 64);
+    let reference = push(&image, &env.registry, Format::Gzip);
+    // Published next to the image; the daemon's own index cache stays empty.
+    index_image(
+        &reference,
+        &env.work.path().join("indexer"),
+        &["--push", "--min-layer-size", "0"],
+    );
+    let (total, digests) = env.registry.layers(&reference);
+    let mark = env.registry.mark();
+    rpull(&env, &reference);
+    let out = env
+        .containerd
+        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "gi1"]);
+    assert_eq!(out.trim(), "hello from streamsnap");
+    let served = env.registry.layer_bytes_served_since(&digests, mark);
+    eprintln!("layers {total} bytes; registry served {served}");
+    let log = env.serve.as_ref().unwrap().log();
+    assert!(
+        served * 5 < total,
+        "registry served {served} of {total} layer bytes (not lazy)\n{log}"
+    );
+    assert_eq!(
+        log.matches("layer indexed format=GzipIndex").count(),
+        digests.len(),
+        "{log}"
+    );
+    let out = env.containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+        "gi2",
+        "/bin/sh",
+        "-c",
+        "sha256sum /models/weights.bin",
+    ]);
+    // The same bytes as build_runnable_image wrote (64 MiB, seed 11).
+    let expected = env.work.path().join("weights-expected");
+    write_random_file(&expected, 64 << 20, 11);
+    let want = common::tree::file_sha256(&expected);
+    assert_eq!(out.split_whitespace().next(), Some(want.as_str()), "{out}");
+}
+
 fn fuse_mounts_under(dir: &std::path::Path) -> Vec<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     info.lines()

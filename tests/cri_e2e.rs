@@ -140,12 +140,30 @@ fn sandbox_config(log_directory: &Path) -> PodSandboxConfig {
 
 #[test]
 fn cri_pull_of_an_estargz_image_is_lazy_and_a_pod_container_from_it_runs() {
+    pull_lazily_and_run_a_pod(Format::Estargz);
+}
+
+#[test]
+fn cri_pull_of_an_indexed_plain_gzip_image_is_lazy_and_a_pod_container_from_it_runs() {
+    pull_lazily_and_run_a_pod(Format::Gzip);
+}
+
+/// PullImage through CRI is lazy and a pod's container from the image runs;
+/// a plain gzip image is indexed (and the index pushed) first.
+fn pull_lazily_and_run_a_pod(format: Format) {
     require_root();
     let started = Instant::now();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let image = build_runnable_image(&work.path().join("image"), 64);
-    let reference = push(&image, &registry, Format::Estargz);
+    let reference = push(&image, &registry, format);
+    if format == Format::Gzip {
+        index_image(
+            &reference,
+            &work.path().join("indexer"),
+            &["--push", "--min-layer-size", "0"],
+        );
+    }
     let pause = build_pause_image(&work.path().join("pause"));
     let pause_reference = push(&pause, &registry, Format::Gzip);
     let serve = ServeProcess::start(&work.path().join("streamsnap"));

@@ -462,7 +462,10 @@ impl Fetcher {
                     let (from, to) = (c.inner_offset as usize, (c.inner_offset + c.len) as usize);
                     let r = span.clone().and_then(|out| match out.get(from..to) {
                         Some(_) => Ok(out.slice(from..to)),
-                        None => Err(this.corrupt(c.blob_offset, format!("span holds {} bytes, chunk ends at {to}", out.len()))),
+                        None => Err(this.corrupt(
+                            c.blob_offset,
+                            format!("span holds {} bytes, chunk ends at {to}", out.len()),
+                        )),
                     });
                     if let Ok(b) = &r {
                         keep.push((id, b.clone()));
@@ -503,7 +506,12 @@ impl Fetcher {
     }
 
     fn span_key(&self, s: u32) -> ChunkKey {
-        let offset = self.index.spans.as_ref().and_then(|sp| sp.get(s)).map_or(0, |sp| sp.blob_offset);
+        let offset = self
+            .index
+            .spans
+            .as_ref()
+            .and_then(|sp| sp.get(s))
+            .map_or(0, |sp| sp.blob_offset);
         ChunkKey {
             layer: self.layer.clone(),
             blob_offset: offset,
@@ -515,7 +523,10 @@ impl Fetcher {
     /// checkpoint and checks its digest; a bad span is fetched once more.
     async fn fetch_span(self: &Arc<Self>, s: u32, cause: Cause) -> Result<Bytes, FetchError> {
         let spans = Arc::clone(self.index.spans.as_ref().expect("a gzip-indexed layer"));
-        let sp = spans.get(s).cloned().ok_or_else(|| self.corrupt(0, format!("no span {s}")))?;
+        let sp = spans
+            .get(s)
+            .cloned()
+            .ok_or_else(|| self.corrupt(0, format!("no span {s}")))?;
         let mut reason = String::new();
         for attempt in 0..2 {
             let data = self.source.read(&self.layer, sp.blob_offset, sp.blob_len).await?;

@@ -2,6 +2,7 @@
 //! annotations, builds the index and the fetcher that serves its bytes.
 
 mod download;
+pub mod gzip_index;
 
 use crate::cache::{DiskCache, MemCache};
 use crate::digest::Digest;
@@ -26,6 +27,8 @@ pub enum LayerFormat {
     ZstdChunked,
     /// Uncompressed tar walked by range reads.
     Tar,
+    /// Unmodified gzip with a checkpoint index; spans fetched by range.
+    GzipIndex,
     /// Any other layer: downloaded whole, verified, decompressed locally.
     Downloaded,
 }
@@ -38,6 +41,8 @@ pub struct LayerContext {
     /// Where downloaded layers are kept (decompressed tar per digest).
     pub layers_dir: PathBuf,
     pub metrics: Arc<Metrics>,
+    /// Checkpoint indexes of gzip layers.
+    pub indexes: Arc<gzip_index::IndexStore>,
 }
 
 /// A layer ready to mount.
@@ -153,6 +158,8 @@ pub async fn open(
                 .await
                 .map_err(index_err)?;
             (LayerFormat::Estargz, idx, remote)
+        } else if let Some(idx) = ctx.indexes.open(&ctx.registry, image, desc).await {
+            (LayerFormat::GzipIndex, idx, remote)
         } else {
             download().await?
         }

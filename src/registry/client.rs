@@ -54,7 +54,7 @@ pub struct Registry {
 
 /// What a request does to a repository, for token scopes.
 #[derive(Clone, Copy)]
-enum Access {
+pub(super) enum Access {
     Pull,
     Push,
 }
@@ -77,7 +77,7 @@ impl Registry {
         })
     }
 
-    fn base_url(&self, r: &Reference) -> String {
+    pub(super) fn base_url(&self, r: &Reference) -> String {
         let plain = self.opts.plain_http || r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry);
         let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
@@ -345,7 +345,7 @@ impl Registry {
     /// Sends one request with auth, retries and redirects; returns any
     /// response that is not a retryable failure, an auth failure or a 404.
     #[allow(clippy::too_many_arguments)]
-    async fn send(
+    pub(super) async fn send(
         &self,
         op: &'static str,
         repo: &Reference,
@@ -576,7 +576,7 @@ fn snippet(body: &str) -> String {
     s.replace('\n', " ")
 }
 
-async fn expect_success(op: &'static str, url: &str, resp: Response) -> Result<(), RegistryError> {
+pub(super) async fn expect_success(op: &'static str, url: &str, resp: Response) -> Result<(), RegistryError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(());

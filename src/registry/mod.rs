@@ -10,6 +10,7 @@ mod auth;
 mod client;
 mod manifest;
 mod reference;
+pub mod referrers;
 
 pub use auth::{Challenge, Credentials, DockerConfig};
 pub use client::{Registry, RegistryOptions};

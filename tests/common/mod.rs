@@ -21,7 +21,7 @@ pub use image::{
 pub use proxy::{Fault, FaultProxy};
 pub use push::{push, push_all, verify_pushed, Format};
 pub use registry::{BlobRequest, Registry, RegistryOpts};
-pub use streamsnap::{MountProcess, ServeProcess};
+pub use streamsnap::{index_image, MountProcess, ServeProcess};
 pub use tree::{compare_trees, CompareOpts};
 
 use std::path::Path;

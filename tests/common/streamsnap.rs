@@ -198,3 +198,24 @@ impl Drop for ServeProcess {
         terminate(&mut self.child, Duration::from_secs(10));
     }
 }
+
+/// Runs `streamsnap index --state-dir STATE [extra] IMAGE`; panics unless it
+/// succeeds; returns its stdout and log.
+pub fn index_image(image: &str, state_dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(binary())
+        .arg("index")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(extra)
+        .arg(image)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("spawn streamsnap index");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "streamsnap index {image} failed:\n{text}");
+    text
+}

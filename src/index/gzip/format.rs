@@ -163,7 +163,7 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), 
     for e in &meta.entries {
         let has_data = matches!(e.kind, EntryKind::File);
         let end = e.data_offset.checked_add(if has_data { e.size } else { 0 });
-        if !end.is_some_and(|end| end <= meta.uncompressed_size) || (!has_data && e.size != 0) {
+        if end.is_none_or(|end| end > meta.uncompressed_size) || (!has_data && e.size != 0) {
             return Err(format!(
                 "entry {:?}: data {}+{} lies outside the tar stream ({} bytes)",
                 String::from_utf8_lossy(&e.path),

@@ -113,10 +113,12 @@ impl Inflater {
         (self.strm.data_type & 7) as u8
     }
 
+    #[allow(clippy::unnecessary_cast)] // c_ulong: 32 bits on some targets
     pub fn total_in(&self) -> u64 {
         self.strm.total_in as u64
     }
 
+    #[allow(clippy::unnecessary_cast)]
     pub fn total_out(&self) -> u64 {
         self.strm.total_out as u64
     }

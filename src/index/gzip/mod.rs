@@ -73,7 +73,11 @@ impl Spans {
     pub fn decode(&self, id: u32, raw: &[u8]) -> Result<Bytes, String> {
         let s = self.get(id).ok_or_else(|| format!("no span {id}"))?;
         if raw.len() as u64 != s.blob_len {
-            return Err(format!("span {id}: {} bytes where the index says {}", raw.len(), s.blob_len));
+            return Err(format!(
+                "span {id}: {} bytes where the index says {}",
+                raw.len(),
+                s.blob_len
+            ));
         }
         let window = self.window(s).map_err(|e| format!("span {id}: {e}"))?;
         let mut inf = inflate::Inflater::raw()?;
@@ -119,7 +123,11 @@ impl Spans {
             .map_err(|e| format!("reading window from the index file: {e}"))?;
         let w = zstd::bulk::decompress(&z, s.window_len as usize).map_err(|e| format!("window: {e}"))?;
         if w.len() != s.window_len as usize {
-            return Err(format!("window holds {} bytes, the index says {}", w.len(), s.window_len));
+            return Err(format!(
+                "window holds {} bytes, the index says {}",
+                w.len(),
+                s.window_len
+            ));
         }
         Ok(w)
     }
@@ -255,7 +263,9 @@ mod tests {
     fn sample() -> Vec<(&'static str, Vec<u8>)> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let random: Vec<u8> = (0..700_000).map(|_| rng.gen()).collect();
-        let text: Vec<u8> = (0..900_000u32).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let text: Vec<u8> = (0..900_000u32)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
         vec![
             ("etc/small", b"hello".to_vec()),
             ("weights/random.bin", random),
@@ -277,7 +287,9 @@ mod tests {
         let node = index.resolve(path).unwrap();
         let mut out = Vec::new();
         for c in index.file_chunks(node) {
-            let Encoding::Span(s) = c.encoding else { panic!("not a span chunk") };
+            let Encoding::Span(s) = c.encoding else {
+                panic!("not a span chunk")
+            };
             let raw = &gz[c.blob_offset as usize..(c.blob_offset + c.blob_len) as usize];
             let span = spans.decode(s, raw).unwrap();
             out.extend_from_slice(&span[c.inner_offset as usize..(c.inner_offset + c.len) as usize]);
@@ -291,7 +303,10 @@ mod tests {
         let (gz, d) = layer(&files);
         let (f, meta) = stored(&gz, &d, 64 << 10);
         assert!(meta.checkpoints.len() > 10, "{} checkpoints", meta.checkpoints.len());
-        assert!(meta.checkpoints.iter().any(|c| c.bits != 0), "some checkpoint sits inside a byte");
+        assert!(
+            meta.checkpoints.iter().any(|c| c.bits != 0),
+            "some checkpoint sits inside a byte"
+        );
         let index = open(f.path(), &d, gz.len() as u64).unwrap();
         for (path, data) in &files {
             assert!(read_file(&index, &gz, path) == *data, "{path} differs");
