@@ -163,4 +163,16 @@ mod tests {
         std::fs::write(&p, "cache_size = \"lots\"\n").unwrap();
         assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("cache_size"));
     }
+
+    #[test]
+    fn index_repositories_must_be_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "index_repositories = [\"reg:5000/team/indexes\"]\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.index_repos()[0].repository, "team/indexes");
+        std::fs::write(&p, "index_repositories = [\"Not A Repo\"]\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("index_repositories") && e.contains("Not A Repo"), "{e}");
+    }
 }

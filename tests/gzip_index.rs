@@ -141,3 +141,25 @@ fn a_mismatched_or_corrupt_index_is_rejected_and_the_layer_falls_back() {
     assert!(!log.contains(SERVED_BY_INDEX), "{log}");
     assert!(!first.exists() && !last.exists(), "rejected indexes are dropped");
 }
+
+#[test]
+fn wrong_span_bytes_from_the_registry_are_never_handed_out() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let big = build_big_layer_image(&work.path().join("image"), 8);
+    let pushed = push(&big.image, &registry, Format::Gzip);
+    index_image(&pushed, &work.path().join("indexer"), &["--push", "--span", "1MiB"]);
+    let proxy = FaultProxy::start(&registry.addr());
+    let reference = pushed.replacen(&registry.addr(), &proxy.addr(), 1);
+    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    proxy.set("/blobs/", Fault::FlipByte);
+    let (path, content) = &big.after[1];
+    let err = std::fs::read(mount.mountpoint.join(path)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(mount.log().contains("span failed verification"), "{}", mount.log());
+    // Once the registry behaves, the same read succeeds: failures are not cached.
+    proxy.clear();
+    assert!(std::fs::read(mount.mountpoint.join(path)).unwrap() == *content);
+    mount.stop();
+}

@@ -114,6 +114,9 @@ fn main() {
     layer_bytes.insert(Scenario::Curl, registry.layers(&gzip_ref).0);
     layer_bytes.insert(Scenario::Overlay, registry.layers(&gzip_ref).0);
     layer_bytes.insert(Scenario::Streamsnap, registry.layers(&estargz_ref).0);
+    layer_bytes.insert(Scenario::GzipIndex, registry.layers(&gzip_ref).0);
+    let indexing = index_gzip_image(&gzip_ref);
+    eprintln!("[bench] {indexing}");
     let target = Target {
         registry: &registry,
         link: link.as_ref(),
@@ -123,7 +126,12 @@ fn main() {
     let link_desc = link_check(&target);
     eprintln!("[bench] link: {link_desc}");
     let mut results = report::Results::new();
-    let order = [Scenario::Curl, Scenario::Overlay, Scenario::Streamsnap];
+    let order = [
+        Scenario::Curl,
+        Scenario::Overlay,
+        Scenario::Streamsnap,
+        Scenario::GzipIndex,
+    ];
     for run in 0..o.runs {
         for s in order {
             let sample = scenario::run_once(s, &target, run, run + 1 == o.runs);
@@ -147,7 +155,7 @@ fn main() {
     report::plot(&results, &title, &png);
     let md = format!(
         "### Start-up, {label}\n\nMachine: {}. Link: {link_desc}. Image: Debian + python3, {} MiB of weights in {} files, \
-         {} MiB of libraries; layer bytes gzip {} / eStargz {}.\n\n{}\n{}{}\nPlot: `{}`\n",
+         {} MiB of libraries; layer bytes gzip {} / eStargz {}. {indexing}\n\n{}\n{}{}\nPlot: `{}`\n",
         machine(),
         o.sizes.weights_mib,
         image::WEIGHT_FILES,
@@ -161,6 +169,21 @@ fn main() {
     );
     std::fs::write(o.out.join(format!("startup-{label}.md")), &md).unwrap();
     println!("{md}");
+}
+
+/// Indexes the gzip image once (`streamsnap index --push`, through the same
+/// link) and describes what that cost: a one-time step per image, not per node.
+fn index_gzip_image(image: &str) -> String {
+    let state = tempfile::Builder::new().prefix("streamsnap-index-").tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = common::index_image(image, state.path(), &["--push", "--plain-http"]);
+    let secs = t0.elapsed().as_secs_f64();
+    let dir = state.path().join("indexes");
+    let bytes: u64 = std::fs::read_dir(&dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    let layers = out.lines().filter(|l| l.contains(": indexed:")).count();
+    format!("Gzip index (built once with `streamsnap index --push`): {layers} layers in {secs:.1} s, {bytes} bytes.")
 }
 
 /// Measures the link actually built: ping RTT (veth alone) and time to first byte through the relay.

@@ -103,6 +103,18 @@ pub fn ratios(r: &Results) -> String {
         m(Streamsnap, serving),
         m(Curl, serving),
     );
+    line(
+        &mut t,
+        "unmodified gzip + index ÷ eStargz, time to `ready`",
+        m(GzipIndex, ready),
+        m(Streamsnap, ready),
+    );
+    line(
+        &mut t,
+        "unmodified gzip + index ÷ overlayfs, time to `serving`",
+        m(GzipIndex, serving),
+        m(Overlay, serving),
+    );
     t
 }
 
@@ -125,6 +137,9 @@ pub fn warm(r: &Results) -> String {
              streamsnap {l:.0} MB/s, ratio {:.3}",
             l / o
         );
+        if let Some(g) = speed(Scenario::GzipIndex) {
+            let _ = writeln!(t, "- the same through a gzip index: {g:.0} MB/s, ratio {:.3}", g / o);
+        }
     }
     t
 }

@@ -11,6 +11,7 @@ pub enum Scenario {
     Curl,
     Overlay,
     Streamsnap,
+    GzipIndex,
 }
 
 impl Scenario {
@@ -19,6 +20,7 @@ impl Scenario {
             Scenario::Curl => "raw curl of all layer blobs",
             Scenario::Overlay => "overlayfs full pull (gzip)",
             Scenario::Streamsnap => "streamsnap lazy pull (eStargz)",
+            Scenario::GzipIndex => "streamsnap lazy pull (unmodified gzip + index)",
         }
     }
 }
@@ -62,7 +64,8 @@ pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
     match s {
         Scenario::Curl => curl(t),
         Scenario::Overlay => overlay(t, id, warm),
-        Scenario::Streamsnap => streamsnap(t, id, warm),
+        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm),
+        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm),
     }
 }
 
@@ -98,7 +101,7 @@ fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
     let t0 = Instant::now();
     ctd.ctr(&["images", "pull", "--plain-http", &t.gzip_ref]);
     let (ready, serving, before) = watch(&ctd, &[], &t.gzip_ref, &format!("overlay-{id}"), t0, &bytes);
-    let warm_read = warm.then(|| warm_read(&ctd, &[], &t.gzip_ref, id));
+    let warm_read = warm.then(|| warm_read(&ctd, &[], &t.gzip_ref, &id.to_string()));
     Sample {
         ready: Some(ready),
         serving,
@@ -108,7 +111,8 @@ fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
     }
 }
 
-fn streamsnap(t: &Target, id: usize, warm: bool) -> Sample {
+/// A fresh `streamsnap serve` (empty cache and index cache) and containerd; rpull, run.
+fn streamsnap(t: &Target, image: &str, name: &str, warm: bool) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let serve = ServeProcess::start_with(root.path(), &["--insecure-registry", &t.registry.addr()]);
     let ctd = Containerd::start(ContainerdOpts {
@@ -120,9 +124,9 @@ fn streamsnap(t: &Target, id: usize, warm: bool) -> Sample {
     let bytes = t.counter();
     let t0 = Instant::now();
     let snap = ["--snapshotter", "streamsnap"];
-    ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[&t.estargz_ref]].concat());
-    let (ready, serving, before) = watch(&ctd, &snap, &t.estargz_ref, &format!("lazy-{id}"), t0, &bytes);
-    let warm_read = warm.then(|| warm_read(&ctd, &snap, &t.estargz_ref, id));
+    ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
+    let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
+    let warm_read = warm.then(|| warm_read(&ctd, &snap, image, name));
     let total = t.registry.bytes_served_since(mark);
     drop(ctd);
     drop(serve);
@@ -182,7 +186,7 @@ fn watch(
 }
 
 /// Reads the first weight file in a second container after dropping page caches.
-fn warm_read(ctd: &Containerd, snap: &[&str], image: &str, id: usize) -> (u64, f64) {
+fn warm_read(ctd: &Containerd, snap: &[&str], image: &str, id: &str) -> (u64, f64) {
     drop_caches();
     let name = format!("warm-{id}");
     let args = [

@@ -11,12 +11,15 @@ use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// `artifactType` of index artifacts, and media type of their blobs.
 pub const ARTIFACT_TYPE: &str = "application/vnd.streamsnap.gzip-index.v1";
 /// Annotation on each blob naming the layer it indexes.
 pub const LAYER_ANNOTATION: &str = "io.streamsnap.gzip-index.layer";
+/// How long "this image has no index artifact" is believed.
+const RECHECK_AFTER: Duration = Duration::from_secs(60);
 /// An index larger than this share of its layer (plus 1 MiB) is not fetched.
 const MAX_INDEX_SHARE: u64 = 20;
 
@@ -25,12 +28,15 @@ pub fn repo_tag(layer: &Digest) -> String {
     format!("gzindex-sha256-{}", layer.hex())
 }
 
+/// Index blobs by the layer they index.
+type IndexBlobs = Arc<HashMap<Digest, ArtifactLayer>>;
+
 /// Finds, fetches and opens gzip indexes.
 pub struct IndexStore {
     dir: PathBuf,
     repos: Vec<Reference>,
-    /// Index blobs referring to each image manifest, by layer.
-    by_image: tokio::sync::Mutex<HashMap<Digest, Arc<HashMap<Digest, ArtifactLayer>>>>,
+    /// Index blobs referring to each image manifest, by layer, and when asked.
+    by_image: tokio::sync::Mutex<HashMap<Digest, (Instant, IndexBlobs)>>,
 }
 
 impl IndexStore {
@@ -146,9 +152,11 @@ impl IndexStore {
         registry: &Registry,
         image: &Reference,
         manifest: &Digest,
-    ) -> Result<Arc<HashMap<Digest, ArtifactLayer>>, RegistryError> {
+    ) -> Result<IndexBlobs, RegistryError> {
         let mut cache = self.by_image.lock().await;
-        if let Some(m) = cache.get(manifest) {
+        // An image found without indexes is asked again later: it may have been indexed since.
+        cache.retain(|_, (at, m)| !m.is_empty() || at.elapsed() < RECHECK_AFTER);
+        if let Some((_, m)) = cache.get(manifest) {
             return Ok(Arc::clone(m));
         }
         let mut found = HashMap::new();
@@ -166,7 +174,7 @@ impl IndexStore {
             }
         }
         let found = Arc::new(found);
-        cache.insert(manifest.clone(), Arc::clone(&found));
+        cache.insert(manifest.clone(), (Instant::now(), Arc::clone(&found)));
         Ok(found)
     }
 }
