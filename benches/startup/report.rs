@@ -151,7 +151,7 @@ pub fn plot(r: &Results, title: &str, png: &Path) {
     for (s, samples) in r {
         let (rm, rl, rh) = secs(samples, ready).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
         let (sm, sl, sh) = secs(samples, serving).unwrap();
-        let _ = writeln!(d, "\"{}\" {rm} {rl} {rh} {sm} {sl} {sh}", s.label());
+        let _ = writeln!(d, "\"{}\" {rm} {rl} {rh} {sm} {sl} {sh}", s.short());
     }
     std::fs::write(&dat, d).unwrap();
     let script = format!(

@@ -15,6 +15,16 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// For the plot's axis.
+    pub fn short(self) -> &'static str {
+        match self {
+            Scenario::Curl => "curl (floor)",
+            Scenario::Overlay => "overlayfs",
+            Scenario::Streamsnap => "streamsnap eStargz",
+            Scenario::GzipIndex => "streamsnap gzip+index",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Scenario::Curl => "raw curl of all layer blobs",
