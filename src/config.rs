@@ -29,6 +29,9 @@ pub struct Config {
     /// Repositories (`host/path`) holding gzip indexes by layer digest, for
     /// images whose own repository users cannot write to.
     pub index_repositories: Vec<String>,
+    /// Longest wait, in seconds, for a layer's landmark files (eStargz
+    /// `.prefetch.landmark`) before the layer is reported mounted; 0 disables.
+    pub prefetch_timeout_secs: f64,
 }
 
 impl Default for Config {
@@ -42,6 +45,7 @@ impl Default for Config {
             platform: "linux/amd64".into(),
             metrics_address: None,
             index_repositories: Vec::new(),
+            prefetch_timeout_secs: 10.0,
         }
     }
 }
@@ -99,6 +103,11 @@ impl Config {
                 })?;
         }
         Ok(cfg)
+    }
+
+    /// `prefetch_timeout_secs` as a duration (negative or NaN: none).
+    pub fn prefetch_timeout(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.prefetch_timeout_secs).unwrap_or_default()
     }
 
     /// `index_repositories` as references (validated at load; bad ones skipped).

@@ -44,6 +44,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         config.memory_cache_bytes(),
         metrics,
         config.index_repos(),
+        config.prefetch_timeout(),
     )?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)

@@ -40,8 +40,10 @@ pub fn layer_context(
     mem_size: u64,
     metrics: Arc<Metrics>,
     index_repos: Vec<Reference>,
+    prefetch_timeout: std::time::Duration,
 ) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
+        prefetch_timeout,
         indexes: Arc::new(IndexStore::new(state.indexes(), index_repos)),
         metrics,
         registry,

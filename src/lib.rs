@@ -30,6 +30,7 @@ pub mod indexer;
 pub mod layer;
 pub mod metrics;
 pub mod overlay;
+pub mod prefetch;
 pub mod proto;
 pub mod pull;
 pub mod registry;

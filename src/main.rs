@@ -72,6 +72,9 @@ enum Command {
         /// Repository holding gzip indexes by layer digest (repeatable).
         #[arg(long = "index-repo")]
         index_repo: Vec<Reference>,
+        /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
+        #[arg(long, default_value_t = 10.0)]
+        prefetch_timeout: f64,
         image: String,
         mountpoint: PathBuf,
     },
@@ -177,6 +180,7 @@ fn main() -> anyhow::Result<()> {
                 cache_size,
                 platform,
                 index_repo,
+                prefetch_timeout,
                 image,
                 mountpoint,
             } => {
@@ -194,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                     256 << 20,
                     Metrics::new(),
                     index_repo,
+                    std::time::Duration::try_from_secs_f64(prefetch_timeout).unwrap_or_default(),
                 )?;
                 let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
                     .await

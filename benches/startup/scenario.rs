@@ -136,7 +136,10 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool) -> Sample {
     let snap = ["--snapshotter", "streamsnap"];
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
-    let warm_read = warm.then(|| warm_read(&ctd, &snap, image, name));
+    let warm_read = warm.then(|| {
+        settle(&root.path().join("state/cache"));
+        warm_read(&ctd, &snap, image, name)
+    });
     let total = t.registry.bytes_served_since(mark);
     drop(ctd);
     drop(serve);
@@ -193,6 +196,34 @@ fn watch(
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// Waits until the daemon's cache stops growing (its disk writes trail the
+/// reads they serve), so that the warm read measures a cache at rest.
+fn settle(cache: &std::path::Path) {
+    let size = || {
+        let out = run(std::process::Command::new("du")
+            .args(["-s", "--block-size=1"])
+            .arg(cache));
+        out.split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    let mut last = size();
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = size();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    eprintln!(
+        "[bench] cache settled at {last} bytes after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 /// Reads the first weight file in a second container after dropping page caches.

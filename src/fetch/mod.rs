@@ -186,7 +186,7 @@ impl Fetcher {
     /// Where the disk cache keeps chunk `id` of `node`: inside the node's file
     /// entry when the file is large (so it can become a passthrough file).
     fn slot(&self, node: Option<NodeId>, id: ChunkId) -> Option<FileSlot> {
-        let node = node?;
+        let node = node.or_else(|| self.index.node_of_chunk(id))?;
         let n = self.index.node(node)?;
         let own = (n.first_chunk..n.first_chunk + n.chunk_count).contains(&id);
         (n.size >= WHOLE_FILE_MIN && own).then(|| FileSlot {
@@ -215,15 +215,16 @@ impl Fetcher {
     }
 
     /// Decoded, verified bytes of each chunk in `ids`, in order.
-    /// `node` is the file they belong to (its whole-file entry may hold them);
+    /// `node` is the file they belong to (its whole-file entry may hold them;
+    /// `None`: each chunk's own file);
     /// `cause` is what fetched bytes are counted as.
     pub async fn chunks(
         self: &Arc<Self>,
         node: Option<NodeId>,
-        ids: Range<ChunkId>,
+        ids: impl IntoIterator<Item = ChunkId>,
         cause: Cause,
     ) -> Result<Vec<Bytes>, FetchError> {
-        let mut futures = Vec::with_capacity(ids.len());
+        let mut futures = Vec::new();
         let mut mine = Vec::new();
         let mut mem_hits = 0;
         {

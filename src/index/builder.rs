@@ -440,4 +440,20 @@ mod tests {
         assert_eq!(idx.node(0).unwrap().nlink, 3);
         assert_eq!(idx.node(idx.resolve("a/b").unwrap()).unwrap().nlink, 2);
     }
+
+    #[test]
+    fn every_chunk_maps_back_to_the_file_that_owns_it() {
+        let mut b = TreeBuilder::new(layer());
+        b.add(b"d/one", file(10, 0)).unwrap();
+        b.add(b"d/empty", file(0, 0)).unwrap();
+        b.add(b"e/two", file(10, 10)).unwrap();
+        b.add(b"three", file(10, 20)).unwrap();
+        let idx = b.finish(30).unwrap();
+        for path in ["d/one", "e/two", "three"] {
+            let node = idx.resolve(path).unwrap();
+            let id = idx.node(node).unwrap().first_chunk;
+            assert_eq!(idx.node_of_chunk(id), Some(node), "{path}");
+        }
+        assert_eq!(idx.node_of_chunk(3), None);
+    }
 }

@@ -94,6 +94,8 @@ pub struct LayerIndex {
     pub chunks: Vec<Chunk>,
     /// Spans of a gzip layer served through a checkpoint index.
     pub spans: Option<std::sync::Arc<gzip::Spans>>,
+    /// Files the layer marks as read at start-up (eStargz landmark), in layer order.
+    pub prefetch: Vec<NodeId>,
 }
 
 impl LayerIndex {
@@ -141,6 +143,14 @@ impl LayerIndex {
         path.split('/')
             .filter(|c| !c.is_empty())
             .try_fold(0, |dir, name| self.lookup(dir, name.as_bytes()))
+    }
+
+    /// The regular file holding chunk `id` (files own contiguous chunk ranges,
+    /// in node order).
+    pub fn node_of_chunk(&self, id: ChunkId) -> Option<NodeId> {
+        let i = self.nodes.partition_point(|n| n.first_chunk <= id).checked_sub(1)?;
+        let n = &self.nodes[i];
+        (id < n.first_chunk + n.chunk_count).then_some(i as NodeId)
     }
 
     /// Total decoded bytes of all files.

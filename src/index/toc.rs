@@ -39,7 +39,9 @@ pub struct TocEntry {
 }
 
 /// Names that belong to the format, not the image; hidden from the mount.
-pub const ARTEFACTS: [&str; 3] = ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"];
+pub const ARTEFACTS: [&str; 3] = ["stargz.index.json", PREFETCH_LANDMARK, ".no.prefetch.landmark"];
+/// eStargz: the files before this entry are what start-up reads.
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 
 /// Builds the index. `payload_end` is where the last chunk's compressed bytes
 /// end (the TOC's offset) when entries carry no `endOffset`.
@@ -71,6 +73,10 @@ pub fn build(
             .ok_or_else(|| err(e, format!("chunk offset {} is at or past the TOC", e.offset)))
     };
     let mut builder = TreeBuilder::new(layer.clone());
+    // Regular files in layer order until a landmark says whether they are the
+    // start-up set (`.prefetch.landmark`) or there is none (`.no.prefetch.landmark`).
+    let mut before_landmark: Vec<String> = Vec::new();
+    let mut landmark: Option<bool> = None;
     // Entries of one file: its "reg" entry followed by its "chunk" entries.
     let mut pending: Option<(TocEntry, EntryMeta)> = None;
     let flush = |b: &mut TreeBuilder, p: Option<(TocEntry, EntryMeta)>| -> Result<(), IndexError> {
@@ -94,7 +100,13 @@ pub fn build(
         flush(&mut builder, pending.take())?;
         let trimmed = e.name.trim_start_matches("./").trim_end_matches('/');
         if ARTEFACTS.contains(&trimmed) {
+            if landmark.is_none() && trimmed != ARTEFACTS[0] {
+                landmark = Some(trimmed == PREFETCH_LANDMARK);
+            }
             continue;
+        }
+        if landmark.is_none() && e.kind == "reg" {
+            before_landmark.push(trimmed.to_string());
         }
         let mtime = match &e.modtime {
             Some(t) if !t.is_empty() => parse_rfc3339(t).ok_or_else(|| err(e, format!("invalid modtime {t:?}")))?,
@@ -146,7 +158,11 @@ pub fn build(
         }
     }
     flush(&mut builder, pending.take())?;
-    builder.finish(blob_size)
+    let mut index = builder.finish(blob_size)?;
+    if landmark == Some(true) {
+        index.prefetch = before_landmark.iter().filter_map(|p| index.resolve(p)).collect();
+    }
+    Ok(index)
 }
 
 fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: u64) -> Result<Chunk, IndexError> {

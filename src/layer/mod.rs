@@ -43,6 +43,8 @@ pub struct LayerContext {
     pub metrics: Arc<Metrics>,
     /// Checkpoint indexes of gzip layers.
     pub indexes: Arc<gzip_index::IndexStore>,
+    /// Longest wait for landmark files before a layer counts as mounted (0: no prefetch).
+    pub prefetch_timeout: std::time::Duration,
 }
 
 /// A layer ready to mount.
@@ -200,6 +202,9 @@ pub async fn open(
         Arc::clone(&ctx.mem),
         Arc::clone(&ctx.metrics),
     );
+    if !fetcher.index().prefetch.is_empty() {
+        crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
+    }
     Ok(Layer {
         digest: layer,
         format,
