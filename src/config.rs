@@ -32,6 +32,12 @@ pub struct Config {
     /// Longest wait, in seconds, for a layer's landmark files (eStargz
     /// `.prefetch.landmark`) before the layer is reported mounted; 0 disables.
     pub prefetch_timeout_secs: f64,
+    /// Fetch the rest of every mounted layer into the cache in the background.
+    pub background_fill: bool,
+    /// Seconds after a layer is mounted before its background fill starts.
+    pub background_fill_delay_secs: f64,
+    /// Bandwidth cap of background fill per second, e.g. "100MiB" (unset: none).
+    pub background_fill_rate: Option<String>,
 }
 
 impl Default for Config {
@@ -46,6 +52,9 @@ impl Default for Config {
             metrics_address: None,
             index_repositories: Vec::new(),
             prefetch_timeout_secs: 10.0,
+            background_fill: false,
+            background_fill_delay_secs: 5.0,
+            background_fill_rate: None,
         }
     }
 }
@@ -93,6 +102,9 @@ impl Config {
         })?;
         cfg.size("cache_size", &cfg.cache_size, &path)?;
         cfg.size("memory_cache_size", &cfg.memory_cache_size, &path)?;
+        if let Some(r) = &cfg.background_fill_rate {
+            cfg.size("background_fill_rate", r, &path)?;
+        }
         for r in &cfg.index_repositories {
             r.parse::<crate::registry::Reference>()
                 .map_err(|e| ConfigError::Value {
@@ -108,6 +120,30 @@ impl Config {
     /// `prefetch_timeout_secs` as a duration (negative or NaN: none).
     pub fn prefetch_timeout(&self) -> std::time::Duration {
         std::time::Duration::try_from_secs_f64(self.prefetch_timeout_secs).unwrap_or_default()
+    }
+
+    /// How layers are served, from this config.
+    pub fn layer_options(&self) -> crate::image_mount::LayerOptions {
+        crate::image_mount::LayerOptions {
+            cache_size: self.cache_bytes(),
+            mem_size: self.memory_cache_bytes(),
+            index_repos: self.index_repos(),
+            prefetch_timeout: self.prefetch_timeout(),
+            fill: self.fill(),
+        }
+    }
+
+    /// The background fill settings (validated at load).
+    pub fn fill(&self) -> crate::prefetch::background::FillConfig {
+        crate::prefetch::background::FillConfig {
+            enabled: self.background_fill,
+            delay: std::time::Duration::try_from_secs_f64(self.background_fill_delay_secs).unwrap_or_default(),
+            rate: self
+                .background_fill_rate
+                .as_deref()
+                .and_then(|r| r.parse::<bytesize::ByteSize>().ok())
+                .map(|b| b.as_u64()),
+        }
     }
 
     /// `index_repositories` as references (validated at load; bad ones skipped).

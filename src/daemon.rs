@@ -37,15 +37,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         }
         None => None,
     };
-    let ctx = image_mount::layer_context(
-        &state,
-        registry,
-        config.cache_bytes(),
-        config.memory_cache_bytes(),
-        metrics,
-        config.index_repos(),
-        config.prefetch_timeout(),
-    )?;
+    let ctx = image_mount::layer_context(&state, registry, metrics, config.layer_options())?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)
             .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,

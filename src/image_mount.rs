@@ -7,6 +7,7 @@ use crate::layer::gzip_index::IndexStore;
 use crate::layer::{self, Layer, LayerContext};
 use crate::metrics::Metrics;
 use crate::overlay;
+use crate::prefetch::background::FillConfig;
 use crate::registry::{Platform, Reference, Registry};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,23 +33,47 @@ impl StateDir {
     }
 }
 
+/// How layers are served on this node.
+#[derive(Clone, Debug)]
+pub struct LayerOptions {
+    /// Bound of the on-disk chunk cache.
+    pub cache_size: u64,
+    /// Bound of the in-memory chunk cache.
+    pub mem_size: u64,
+    /// Repositories holding gzip indexes by layer digest.
+    pub index_repos: Vec<Reference>,
+    /// Longest wait for landmark files before a layer counts as mounted.
+    pub prefetch_timeout: std::time::Duration,
+    pub fill: FillConfig,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        Self {
+            cache_size: 10 << 30,
+            mem_size: 256 << 20,
+            index_repos: Vec::new(),
+            prefetch_timeout: std::time::Duration::from_secs(10),
+            fill: FillConfig::default(),
+        }
+    }
+}
+
 /// Shared services for opening layers under one state dir.
 pub fn layer_context(
     state: &StateDir,
     registry: Arc<Registry>,
-    cache_size: u64,
-    mem_size: u64,
     metrics: Arc<Metrics>,
-    index_repos: Vec<Reference>,
-    prefetch_timeout: std::time::Duration,
+    opts: LayerOptions,
 ) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
-        prefetch_timeout,
-        indexes: Arc::new(IndexStore::new(state.indexes(), index_repos)),
+        prefetch_timeout: opts.prefetch_timeout,
+        fill: opts.fill,
+        indexes: Arc::new(IndexStore::new(state.indexes(), opts.index_repos)),
         metrics,
         registry,
-        disk: Arc::new(DiskCache::open(&state.cache(), cache_size)?),
-        mem: Arc::new(MemCache::new(mem_size)),
+        disk: Arc::new(DiskCache::open(&state.cache(), opts.cache_size)?),
+        mem: Arc::new(MemCache::new(opts.mem_size)),
         layers_dir: state.layers(),
     })
 }

@@ -40,6 +40,8 @@ enum Command {
         /// Repository holding gzip indexes by layer digest (repeatable; adds to the config file's list).
         #[arg(long = "index-repo")]
         index_repo: Vec<String>,
+        #[command(flatten)]
+        fill: FillArgs,
     },
     /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
     Pull {
@@ -75,6 +77,8 @@ enum Command {
         /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
         #[arg(long, default_value_t = 10.0)]
         prefetch_timeout: f64,
+        #[command(flatten)]
+        fill: FillArgs,
         image: String,
         mountpoint: PathBuf,
     },
@@ -101,6 +105,32 @@ enum Command {
         platform: Platform,
         image: String,
     },
+}
+
+/// Background fill flags (`serve`: override the config file).
+#[derive(clap::Args)]
+struct FillArgs {
+    /// Fetch the rest of every mounted layer into the cache in the background.
+    #[arg(long)]
+    background_fill: bool,
+    /// Seconds after a layer is mounted before its fill starts.
+    #[arg(long)]
+    background_fill_delay: Option<f64>,
+    /// Bandwidth cap of the fill per second, e.g. 100MiB.
+    #[arg(long)]
+    background_fill_rate: Option<bytesize::ByteSize>,
+}
+
+impl FillArgs {
+    fn apply(self, cfg: &mut streamsnap::config::Config) {
+        cfg.background_fill |= self.background_fill;
+        if let Some(d) = self.background_fill_delay {
+            cfg.background_fill_delay_secs = d;
+        }
+        if let Some(r) = self.background_fill_rate {
+            cfg.background_fill_rate = Some(r.to_string());
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,6 +184,7 @@ fn main() -> anyhow::Result<()> {
                 insecure_registry,
                 metrics_address,
                 index_repo,
+                fill,
             } => {
                 let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
                 if let Some(r) = root {
@@ -164,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 cfg.insecure_registries.extend(insecure_registry);
                 cfg.index_repositories.extend(index_repo);
+                fill.apply(&mut cfg);
                 if metrics_address.is_some() {
                     cfg.metrics_address = metrics_address;
                 }
@@ -181,9 +213,12 @@ fn main() -> anyhow::Result<()> {
                 platform,
                 index_repo,
                 prefetch_timeout,
+                fill,
                 image,
                 mountpoint,
             } => {
+                let mut cfg = streamsnap::config::Config::default();
+                fill.apply(&mut cfg);
                 let image: Reference = image.parse()?;
                 let registry = Arc::new(Registry::new(RegistryOptions {
                     plain_http,
@@ -191,15 +226,14 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 })?);
                 let state = StateDir { root: state_dir };
-                let ctx = image_mount::layer_context(
-                    &state,
-                    registry,
-                    cache_size.as_u64(),
-                    256 << 20,
-                    Metrics::new(),
-                    index_repo,
-                    std::time::Duration::try_from_secs_f64(prefetch_timeout).unwrap_or_default(),
-                )?;
+                let opts = image_mount::LayerOptions {
+                    cache_size: cache_size.as_u64(),
+                    index_repos: index_repo,
+                    prefetch_timeout: std::time::Duration::try_from_secs_f64(prefetch_timeout).unwrap_or_default(),
+                    fill: cfg.fill(),
+                    ..Default::default()
+                };
+                let ctx = image_mount::layer_context(&state, registry, Metrics::new(), opts)?;
                 let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
                     .await
                     .with_context(|| format!("mounting {image}"))?;

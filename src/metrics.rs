@@ -8,6 +8,7 @@ use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
@@ -82,6 +83,8 @@ pub struct Metrics {
     chunk_lookups: Family<LookupLabels, Counter>,
     fuse_read_seconds: Histogram,
     layer_mount_seconds: Histogram,
+    /// Reads waiting on the registry now, every layer together (background work yields to them).
+    reads_waiting: Gauge,
 }
 
 impl Metrics {
@@ -118,6 +121,12 @@ impl Metrics {
             "Time to open (index) and mount one layer",
             layer_mount_seconds.clone(),
         );
+        let reads_waiting = Gauge::default();
+        registry.register(
+            "reads_waiting",
+            "Reads waiting for chunks from the registry now",
+            reads_waiting.clone(),
+        );
         Arc::new(Self {
             registry,
             fetched_bytes,
@@ -125,7 +134,22 @@ impl Metrics {
             chunk_lookups,
             fuse_read_seconds,
             layer_mount_seconds,
+            reads_waiting,
         })
+    }
+
+    /// A read starts (`true`) or stops (`false`) waiting for chunks.
+    pub fn read_waiting(&self, waiting: bool) {
+        if waiting {
+            self.reads_waiting.inc();
+        } else {
+            self.reads_waiting.dec();
+        }
+    }
+
+    /// Are any reads waiting on the registry?
+    pub fn reads_waiting(&self) -> bool {
+        self.reads_waiting.get() > 0
     }
 
     pub fn fetched(&self, cause: Cause, bytes: u64) {

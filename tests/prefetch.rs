@@ -63,3 +63,99 @@ fn no_prefetch_landmark_means_no_prefetch() {
     assert!(registry.layer_bytes_served_since(&layers, mark) > 0);
     mount.stop();
 }
+
+/// Waits until `log()` holds `needle` `count` times (or panics with the log).
+fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while log().matches(needle).count() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {count}x {needle:?} in:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn background_fill_completes_the_layers_and_the_container_runs_without_the_registry() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_runnable_image(&work.path().join("image"), 32);
+    let reference = push(&image, &registry, Format::Estargz);
+    let (_, layers) = registry.layers(&reference);
+    let serve = ServeProcess::start_with(
+        &work.path().join("streamsnap"),
+        &["--background-fill", "--background-fill-delay", "0"],
+    );
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    let out = containerd.ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "bf1"]);
+    assert_eq!(out.trim(), "hello from streamsnap");
+    wait_for_log(|| serve.log(), "background fill complete", layers.len());
+    // The registry goes away: every byte of the image is on the node.
+    drop(registry);
+    let out = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+        "bf2",
+        "/bin/sh",
+        "-c",
+        "sha256sum /models/weights.bin; ls -R / | wc -l",
+    ]);
+    let expected = work.path().join("weights-expected");
+    write_random_file(&expected, 32 << 20, 11);
+    let want = common::tree::file_sha256(&expected);
+    assert_eq!(
+        out.split_whitespace().next(),
+        Some(want.as_str()),
+        "{out}\n{}",
+        serve.log()
+    );
+    assert!(!serve.log().contains("chunk read failed"), "{}", serve.log());
+}
+
+#[test]
+fn background_fill_stops_instead_of_thrashing_a_cache_smaller_than_the_layer() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_runnable_image(&work.path().join("image"), 32);
+    let reference = push(&image, &registry, Format::Estargz);
+    let (_, layers) = registry.layers(&reference);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &[
+            "--cache-size",
+            "8MiB",
+            "--background-fill",
+            "--background-fill-delay",
+            "0",
+        ],
+    );
+    wait_for_log(|| mount.log(), "background fill", layers.len());
+    let log = mount.log();
+    assert!(log.contains("background fill stopped"), "{log}");
+    // The weights layer was never fetched beyond what fits.
+    let weights = layers.last().unwrap();
+    assert!(registry.bytes_served_for_blob(weights) < 8 << 20, "{log}");
+    let greeting = std::fs::read_to_string(mount.mountpoint.join("etc/greeting")).unwrap();
+    assert_eq!(greeting, "hello from streamsnap\n");
+    mount.stop();
+}

@@ -78,6 +78,10 @@ struct Lru {
     entries: LruCache<Entry, u64>,
     total: u64,
     partials: HashMap<(Digest, u32), Partial>,
+    /// Layers mounted now (with their mount counts): evicted last.
+    in_use: HashMap<Digest, usize>,
+    /// Entries of mounted layers evicted so far (the bound is below their working set).
+    evicted_in_use: u64,
 }
 
 /// On-disk chunk store bounded to `limit` bytes.
@@ -132,6 +136,8 @@ impl DiskCache {
                 entries: LruCache::unbounded(),
                 total: 0,
                 partials: HashMap::new(),
+                in_use: HashMap::new(),
+                evicted_in_use: 0,
             }),
         };
         {
@@ -363,6 +369,8 @@ impl DiskCache {
         let _ = std::fs::remove_dir_all(self.dir.join(layer.hex()));
     }
 
+    /// Evicts least recently used entries down to `target` bytes: those of
+    /// layers no mount uses first, then (counted) those of mounted layers.
     fn evict_to(&self, target: u64) {
         loop {
             let victim = {
@@ -370,8 +378,24 @@ impl DiskCache {
                 if lru.total <= target {
                     return;
                 }
-                let Some((key, len)) = lru.entries.pop_lru() else {
-                    return;
+                let unused = lru
+                    .entries
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| !lru.in_use.contains_key(k.layer()))
+                    .map(|(k, _)| k.clone());
+                let (key, len) = match unused {
+                    Some(k) => {
+                        let len = lru.entries.pop(&k).expect("entry just seen");
+                        (k, len)
+                    }
+                    None => match lru.entries.pop_lru() {
+                        Some(kv) => {
+                            lru.evicted_in_use += 1;
+                            kv
+                        }
+                        None => return,
+                    },
                 };
                 lru.total -= len;
                 if let Entry::Partial { layer, node } = &key {
@@ -381,6 +405,58 @@ impl DiskCache {
             };
             let _ = std::fs::remove_file(self.path(&victim));
         }
+    }
+
+    /// A layer is mounted (once more): its entries are evicted last.
+    pub fn pin(&self, layer: &Digest) {
+        *self.lru.lock().in_use.entry(layer.clone()).or_default() += 1;
+    }
+
+    /// One mount of the layer is gone.
+    pub fn unpin(&self, layer: &Digest) {
+        let mut lru = self.lru.lock();
+        if let Some(n) = lru.in_use.get_mut(layer) {
+            *n -= 1;
+            if *n == 0 {
+                lru.in_use.remove(layer);
+            }
+        }
+    }
+
+    /// Bytes held for mounted layers other than `layer`.
+    pub fn mounted_bytes_except(&self, layer: &Digest) -> u64 {
+        let lru = self.lru.lock();
+        lru.entries
+            .iter()
+            .filter(|(k, _)| k.layer() != layer && lru.in_use.contains_key(k.layer()))
+            .map(|(_, len)| *len)
+            .sum()
+    }
+
+    /// Entries of mounted layers evicted since the cache opened.
+    pub fn evictions_in_use(&self) -> u64 {
+        self.lru.lock().evicted_in_use
+    }
+
+    /// Is the chunk cached (without counting as a use)?
+    pub fn has(&self, key: &ChunkKey) -> bool {
+        self.lru.lock().entries.contains(&Entry::Chunk(key.clone()))
+    }
+
+    /// Is this chunk of a large file cached, in its partial or whole-file entry?
+    pub fn has_in_file(&self, layer: &Digest, slot: FileSlot) -> bool {
+        let lru = self.lru.lock();
+        match lru.partials.get(&(layer.clone(), slot.node)) {
+            Some(p) => p.present.get(slot.chunk_index as usize) == Some(&true),
+            None => lru.entries.contains(&Entry::File {
+                layer: layer.clone(),
+                node: slot.node,
+            }),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     /// Bytes currently stored.
@@ -407,147 +483,4 @@ fn write_at(file: &std::fs::File, direct: Option<&std::fs::File>, data: &[u8], o
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::tests::key;
-    use super::*;
-    use bytes::Bytes;
-
-    #[test]
-    fn disk_cache_survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        DiskCache::open(dir.path(), 100)
-            .unwrap()
-            .put(&key(1), b"hello")
-            .unwrap();
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        assert_eq!(c.get(&key(1)).as_deref(), Some(&b"hello"[..]));
-        assert_eq!(c.total_bytes(), 5);
-    }
-
-    #[test]
-    fn disk_cache_evicts_least_recently_used_to_stay_under_its_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 10).unwrap();
-        c.put(&key(1), b"aaaa").unwrap();
-        c.put(&key(2), b"bbbb").unwrap();
-        assert!(c.get(&key(1)).is_some()); // 1 is now most recent
-        c.put(&key(3), b"cccc").unwrap();
-        assert!(c.get(&key(2)).is_none());
-        assert!(c.get(&key(1)).is_some() && c.get(&key(3)).is_some());
-        assert!(c.total_bytes() <= 10);
-    }
-
-    #[test]
-    fn reopening_with_a_smaller_limit_trims() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        for i in 0..5 {
-            c.put(&key(i), &[0u8; 10]).unwrap();
-        }
-        let c = DiskCache::open(dir.path(), 25).unwrap();
-        assert!(c.total_bytes() <= 25);
-    }
-
-    #[test]
-    fn removing_a_layer_frees_its_chunks_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        c.put(&key(1), b"aaaa").unwrap();
-        let other = ChunkKey {
-            layer: Digest::of(b"other"),
-            blob_offset: 1,
-            inner_offset: 0,
-        };
-        c.put(&other, b"bb").unwrap();
-        c.remove_layer(&Digest::of(b"l"));
-        assert!(c.get(&key(1)).is_none());
-        assert_eq!(c.total_bytes(), 2);
-        assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
-    }
-
-    fn slot(chunk_index: u32) -> FileSlot {
-        FileSlot {
-            node: 7,
-            file_size: 10,
-            chunk_count: 2,
-            chunk_index,
-            file_offset: chunk_index as u64 * 5,
-        }
-    }
-
-    #[test]
-    fn chunks_of_a_file_fill_one_entry_that_becomes_whole_with_the_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let layer = Digest::of(b"l");
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        c.put_in_file(&layer, slot(1), b"56789").unwrap();
-        assert!(c.file(&layer, 7).is_none());
-        assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
-        assert!(c.get_in_file(&layer, slot(0), 5).is_none(), "a hole is no answer");
-        c.put_in_file(&layer, slot(0), b"01234").unwrap();
-        let whole = c.file(&layer, 7).expect("whole after the last chunk");
-        assert_eq!(std::fs::read(whole).unwrap(), b"0123456789");
-        assert_eq!(c.total_bytes(), 10);
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
-        assert_eq!(c.total_bytes(), 10);
-    }
-
-    #[test]
-    fn page_aligned_chunks_written_directly_read_back_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let layer = Digest::of(b"l");
-        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
-        // An aligned 8 KiB + 100-byte chunk, as decode hands them out, then an unaligned one.
-        let mut buf: Vec<u8> = Vec::with_capacity(3 * 4096 + 100);
-        let pad = buf.as_ptr().align_offset(4096);
-        buf.resize(pad, 0);
-        buf.extend((0..2 * 4096 + 100).map(|i| (i % 251) as u8));
-        let first = Bytes::from(buf).slice(pad..);
-        let second = vec![7u8; 50];
-        let slot = |chunk_index, file_offset| FileSlot {
-            node: 1,
-            file_size: 8292 + 50,
-            chunk_count: 2,
-            chunk_index,
-            file_offset,
-        };
-        c.put_in_file(&layer, slot(0, 0), &first).unwrap();
-        c.put_in_file(&layer, slot(1, 8292), &second).unwrap();
-        let whole = std::fs::read(c.file(&layer, 1).unwrap()).unwrap();
-        assert_eq!(&whole[..8292], &first[..]);
-        assert_eq!(&whole[8292..], &second[..]);
-    }
-
-    #[test]
-    fn a_corrupt_chunk_drops_its_partial_entry_and_its_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let layer = Digest::of(b"l");
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        c.put_in_file(&layer, slot(0), b"01234").unwrap();
-        c.remove_in_file(&layer, slot(0));
-        assert_eq!(c.total_bytes(), 0);
-        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
-        c.put_in_file(&layer, slot(0), b"01234").unwrap();
-        c.put_in_file(&layer, slot(1), b"56789").unwrap();
-        assert_eq!(c.total_bytes(), 10);
-        c.remove_in_file(&layer, slot(1));
-        assert!(c.file(&layer, 7).is_none() && c.total_bytes() == 0);
-    }
-
-    #[test]
-    fn a_partial_file_entry_is_dropped_on_restart_and_by_eviction() {
-        let dir = tempfile::tempdir().unwrap();
-        let layer = Digest::of(b"l");
-        let c = DiskCache::open(dir.path(), 12).unwrap();
-        c.put_in_file(&layer, slot(0), b"01234").unwrap();
-        assert_eq!(c.total_bytes(), 5);
-        c.put(&key(1), &[0u8; 10]).unwrap(); // needs the partial's room
-        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
-        assert!(c.total_bytes() <= 12);
-        c.put_in_file(&layer, slot(0), b"01234").unwrap();
-        let c = DiskCache::open(dir.path(), 100).unwrap();
-        assert!(c.get_in_file(&layer, slot(0), 5).is_none());
-        assert!(!dir.path().join(layer.hex()).join("partial-7").exists());
-    }
-}
+mod tests;

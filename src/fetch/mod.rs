@@ -85,6 +85,7 @@ impl Fetcher {
         mem: Arc<MemCache>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        disk.pin(&layer);
         Arc::new(Self {
             layer,
             index,
@@ -126,7 +127,10 @@ impl Fetcher {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
-        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await?;
+        self.metrics.read_waiting(true);
+        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await;
+        self.metrics.read_waiting(false);
+        let parts = parts?;
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -173,6 +177,22 @@ impl Fetcher {
                 let _ = this.chunks(Some(node), ahead, Cause::ReadAhead).await;
             });
         }
+    }
+
+    /// Is chunk `id` in the disk cache? (Cheap: nothing is read.)
+    pub fn is_cached(&self, id: ChunkId) -> bool {
+        match self.slot(None, id) {
+            Some(slot) => self.disk.has_in_file(&self.layer, slot),
+            None => self.disk.has(&self.key(id)),
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self.source, BlobSource::Local(_))
+    }
+
+    pub fn disk(&self) -> &Arc<DiskCache> {
+        &self.disk
     }
 
     /// The whole-file cache entry of `node`, for the kernel to read directly.
@@ -444,6 +464,12 @@ impl Fetcher {
             offset,
             reason,
         }
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.disk.unpin(&self.layer);
     }
 }
 

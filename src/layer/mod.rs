@@ -45,6 +45,8 @@ pub struct LayerContext {
     pub indexes: Arc<gzip_index::IndexStore>,
     /// Longest wait for landmark files before a layer counts as mounted (0: no prefetch).
     pub prefetch_timeout: std::time::Duration,
+    /// Background fill of mounted layers.
+    pub fill: crate::prefetch::background::FillConfig,
 }
 
 /// A layer ready to mount.
@@ -205,6 +207,8 @@ pub async fn open(
     if !fetcher.index().prefetch.is_empty() {
         crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
     }
+    // Runs while the layer is mounted (it holds the fetcher weakly).
+    drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone()));
     Ok(Layer {
         digest: layer,
         format,

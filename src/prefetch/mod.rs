@@ -1,8 +1,11 @@
-//! Prefetch hints: what start-up is known to read, fetched before it asks.
+//! Prefetch hints: what start-up is known to read, fetched before it asks;
+//! and [`background`] fill of the rest.
 //! Landmarks: an eStargz layer may put the files start-up reads first and
 //! mark their end with `.prefetch.landmark` (`.no.prefetch.landmark`: no such
 //! set); those files are fetched, in layer order, before the layer is
 //! reported mounted, for at most a configured time.
+
+pub mod background;
 
 use crate::fetch::Fetcher;
 use crate::metrics::Cause;

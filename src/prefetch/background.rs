@@ -1,0 +1,161 @@
+//! Background fill: once a layer is mounted (and a short delay has passed),
+//! the rest of it is fetched into the disk cache at the lowest priority, so
+//! that within minutes the node no longer needs the registry. It yields to
+//! every on-demand read, keeps under a bandwidth cap, and stops rather than
+//! thrash when the cache bound cannot hold the layer next to the other
+//! mounted layers' data.
+
+use crate::fetch::Fetcher;
+use crate::index::ChunkId;
+use crate::metrics::Cause;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Blob bytes asked for at once.
+const BATCH: u64 = 8 << 20;
+/// Longest wait for the fill's last cache writes.
+const WRITES_LAND: Duration = Duration::from_secs(30);
+/// How often a fill waiting for on-demand reads looks again.
+const YIELD: Duration = Duration::from_millis(20);
+
+/// Per-node settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FillConfig {
+    pub enabled: bool,
+    /// Wait this long after the mount before starting.
+    pub delay: Duration,
+    /// Blob bytes per second at most (`None`: as fast as the link allows).
+    pub rate: Option<u64>,
+}
+
+impl Default for FillConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            delay: Duration::from_secs(5),
+            rate: None,
+        }
+    }
+}
+
+/// How a fill ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillEnd {
+    /// Every chunk is in the disk cache, each verified when it was fetched;
+    /// `chunks` and `bytes` were fetched by the fill itself.
+    Complete { chunks: usize, bytes: u64 },
+    /// The layer was unmounted first.
+    Unmounted,
+    /// The cache bound is below what the mounted layers need.
+    CacheTooSmall,
+    /// The registry failed; on-demand reads still work as before.
+    Failed(String),
+}
+
+/// Starts filling the layer behind `fetcher` (held weakly: unmounting the
+/// layer ends the fill).
+pub fn spawn(fetcher: &Arc<Fetcher>, cfg: FillConfig) -> Option<tokio::task::JoinHandle<FillEnd>> {
+    if !cfg.enabled || fetcher.is_local() {
+        return None;
+    }
+    let weak = Arc::downgrade(fetcher);
+    Some(tokio::spawn(async move {
+        let end = fill(weak.clone(), &cfg).await;
+        let layer = weak.upgrade().map(|f| f.layer().to_string()).unwrap_or_default();
+        match &end {
+            FillEnd::Complete { chunks, bytes } => info!(%layer, chunks, bytes, "background fill complete"),
+            FillEnd::Unmounted => {}
+            FillEnd::CacheTooSmall => {
+                warn!(%layer, "background fill stopped: the cache bound is below what the mounted layers need")
+            }
+            FillEnd::Failed(e) => warn!(%layer, error = %e, "background fill stopped"),
+        }
+        end
+    }))
+}
+
+async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig) -> FillEnd {
+    tokio::time::sleep(cfg.delay).await;
+    let (ids, evictions_at_start) = {
+        let Some(f) = weak.upgrade() else {
+            return FillEnd::Unmounted;
+        };
+        let index = f.index();
+        let mut ids: Vec<ChunkId> = (0..index.chunks.len() as ChunkId).collect();
+        ids.sort_by_key(|&id| {
+            (
+                index.chunks[id as usize].blob_offset,
+                index.chunks[id as usize].inner_offset,
+            )
+        });
+        // Data of unmounted layers gives way; that of other mounted layers does not.
+        let room = f
+            .disk()
+            .limit()
+            .saturating_sub(f.disk().mounted_bytes_except(f.layer()));
+        if index.content_bytes() > room {
+            return FillEnd::CacheTooSmall;
+        }
+        (ids, f.disk().evictions_in_use())
+    };
+    let started = Instant::now();
+    let (mut chunks, mut fetched) = (0usize, 0u64);
+    let mut pos = 0;
+    while pos < ids.len() {
+        let Some(f) = weak.upgrade() else {
+            return FillEnd::Unmounted;
+        };
+        if f.disk().evictions_in_use() > evictions_at_start {
+            return FillEnd::CacheTooSmall;
+        }
+        // The next batch of chunks not yet cached, in blob order.
+        let index = f.index();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while pos < ids.len() && bytes < BATCH {
+            let id = ids[pos];
+            pos += 1;
+            if !f.is_cached(id) {
+                bytes += index.chunks[id as usize].blob_len;
+                batch.push(id);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        // On-demand reads of any layer go first.
+        while f.metrics().reads_waiting() {
+            tokio::time::sleep(YIELD).await;
+        }
+        let n = batch.len();
+        if let Err(e) = f.chunks(None, batch, Cause::Background).await {
+            return FillEnd::Failed(e.to_string());
+        }
+        drop(f);
+        chunks += n;
+        fetched += bytes;
+        if let Some(rate) = cfg.rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    // Readers (and this fill) get chunks before the disk cache has written
+    // them: give the last writes time to land before checking.
+    let deadline = Instant::now() + WRITES_LAND;
+    loop {
+        let Some(f) = weak.upgrade() else {
+            return FillEnd::Unmounted;
+        };
+        if ids.iter().all(|&id| f.is_cached(id)) {
+            return FillEnd::Complete { chunks, bytes: fetched };
+        }
+        if Instant::now() > deadline || f.disk().evictions_in_use() > evictions_at_start {
+            return FillEnd::CacheTooSmall;
+        }
+        drop(f);
+        tokio::time::sleep(YIELD * 5).await;
+    }
+}
