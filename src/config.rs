@@ -38,6 +38,12 @@ pub struct Config {
     pub background_fill_delay_secs: f64,
     /// Bandwidth cap of background fill per second, e.g. "100MiB" (unset: none).
     pub background_fill_rate: Option<String>,
+    /// Seconds without reads that end the recording of an image's start-up profile.
+    pub profile_quiet_secs: f64,
+    /// Publish each recorded profile next to its image (referrers / fallback tag).
+    pub profile_push: bool,
+    /// Replay known start-up profiles when layers are mounted.
+    pub profile_replay: bool,
 }
 
 impl Default for Config {
@@ -55,6 +61,9 @@ impl Default for Config {
             background_fill: false,
             background_fill_delay_secs: 5.0,
             background_fill_rate: None,
+            profile_quiet_secs: 5.0,
+            profile_push: false,
+            profile_replay: true,
         }
     }
 }
@@ -130,6 +139,10 @@ impl Config {
             index_repos: self.index_repos(),
             prefetch_timeout: self.prefetch_timeout(),
             fill: self.fill(),
+            profile_quiet: std::time::Duration::try_from_secs_f64(self.profile_quiet_secs)
+                .unwrap_or(std::time::Duration::from_secs(5)),
+            profile_push: self.profile_push,
+            profile_replay: self.profile_replay,
         }
     }
 

@@ -8,6 +8,7 @@ use crate::layer::{self, Layer, LayerContext};
 use crate::metrics::Metrics;
 use crate::overlay;
 use crate::prefetch::background::FillConfig;
+use crate::prefetch::profile::Profiles;
 use crate::registry::{Platform, Reference, Registry};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,9 @@ impl StateDir {
     pub fn indexes(&self) -> PathBuf {
         self.root.join("indexes")
     }
+    pub fn profiles(&self) -> PathBuf {
+        self.root.join("profiles")
+    }
 }
 
 /// How layers are served on this node.
@@ -45,6 +49,12 @@ pub struct LayerOptions {
     /// Longest wait for landmark files before a layer counts as mounted.
     pub prefetch_timeout: std::time::Duration,
     pub fill: FillConfig,
+    /// Reads quiet for this long end a start-up profile recording.
+    pub profile_quiet: std::time::Duration,
+    /// Publish profiles next to their images as soon as they are recorded.
+    pub profile_push: bool,
+    /// Replay known profiles (off: record only).
+    pub profile_replay: bool,
 }
 
 impl Default for LayerOptions {
@@ -55,6 +65,9 @@ impl Default for LayerOptions {
             index_repos: Vec::new(),
             prefetch_timeout: std::time::Duration::from_secs(10),
             fill: FillConfig::default(),
+            profile_quiet: std::time::Duration::from_secs(5),
+            profile_push: false,
+            profile_replay: true,
         }
     }
 }
@@ -67,6 +80,15 @@ pub fn layer_context(
     opts: LayerOptions,
 ) -> anyhow::Result<LayerContext> {
     Ok(LayerContext {
+        profiles: Arc::new(
+            Profiles::new(
+                state.profiles(),
+                opts.profile_quiet,
+                opts.profile_push,
+                opts.index_repos.clone(),
+            )
+            .replaying(opts.profile_replay),
+        ),
         prefetch_timeout: opts.prefetch_timeout,
         fill: opts.fill,
         indexes: Arc::new(IndexStore::new(state.indexes(), opts.index_repos)),

@@ -8,6 +8,7 @@ use streamsnap::image_mount::{self, StateDir};
 use streamsnap::indexer::{IndexOptions, LayerOutcome};
 use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
+use streamsnap::prefetch::profile::Profiles;
 use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, RegistryOptions};
 use tracing::info;
 
@@ -42,6 +43,15 @@ enum Command {
         index_repo: Vec<String>,
         #[command(flatten)]
         fill: FillArgs,
+        /// Publish each recorded start-up profile next to its image.
+        #[arg(long)]
+        profile_push: bool,
+        /// Seconds without reads that end a start-up profile recording (overrides the config file).
+        #[arg(long)]
+        profile_quiet: Option<f64>,
+        /// Do not replay start-up profiles (still record them).
+        #[arg(long)]
+        no_profile_replay: bool,
     },
     /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
     Pull {
@@ -82,6 +92,11 @@ enum Command {
         image: String,
         mountpoint: PathBuf,
     },
+    /// Show or publish the recorded start-up profile of an image.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
     /// Build the checkpoint index of each plain gzip layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index {
@@ -105,6 +120,31 @@ enum Command {
         platform: Platform,
         image: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ProfileAction {
+    /// Print the profile: the reads start-up made, in order.
+    Show(ProfileArgs),
+    /// Publish it as an OCI artifact referring to the image (or in --repo, tagged by manifest digest).
+    Push {
+        #[command(flatten)]
+        args: ProfileArgs,
+        #[arg(long)]
+        repo: Option<Reference>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    #[arg(long)]
+    plain_http: bool,
+    /// State directory holding the profile (the daemon's root or the mount's state dir).
+    #[arg(long, default_value = "/var/lib/streamsnap")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "linux/amd64")]
+    platform: Platform,
+    image: String,
 }
 
 /// Background fill flags (`serve`: override the config file).
@@ -185,6 +225,9 @@ fn main() -> anyhow::Result<()> {
                 metrics_address,
                 index_repo,
                 fill,
+                profile_push,
+                profile_quiet,
+                no_profile_replay,
             } => {
                 let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
                 if let Some(r) = root {
@@ -196,6 +239,11 @@ fn main() -> anyhow::Result<()> {
                 cfg.insecure_registries.extend(insecure_registry);
                 cfg.index_repositories.extend(index_repo);
                 fill.apply(&mut cfg);
+                cfg.profile_push |= profile_push;
+                cfg.profile_replay &= !no_profile_replay;
+                if let Some(q) = profile_quiet {
+                    cfg.profile_quiet_secs = q;
+                }
                 if metrics_address.is_some() {
                     cfg.metrics_address = metrics_address;
                 }
@@ -241,6 +289,37 @@ fn main() -> anyhow::Result<()> {
                 wait_for_signal().await?;
                 info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
                 drop(mounted);
+                Ok(())
+            }
+            Command::Profile { action } => {
+                let (args, repo, push) = match action {
+                    ProfileAction::Show(a) => (a, None, false),
+                    ProfileAction::Push { args, repo } => (args, repo, true),
+                };
+                let image: Reference = args.image.parse()?;
+                let registry = Registry::new(RegistryOptions {
+                    plain_http: args.plain_http,
+                    docker_config: DockerConfig::load_default()?,
+                    ..Default::default()
+                })?;
+                let resolved = registry.resolve(&image, &args.platform).await?;
+                let profiles = Profiles::new(
+                    StateDir { root: args.state_dir }.profiles(),
+                    std::time::Duration::ZERO,
+                    false,
+                    Vec::new(),
+                );
+                if push {
+                    let d = profiles.push(&registry, &resolved.reference, repo.as_ref()).await?;
+                    println!("published {d}");
+                } else {
+                    let path = profiles.path(&resolved.manifest_digest);
+                    let p = streamsnap::prefetch::profile::read_file(&path).map_err(anyhow::Error::msg)?;
+                    println!("start-up profile of {} ({} reads)", p.image, p.reads.len());
+                    for r in &p.reads {
+                        println!("{} /{} {}+{}", r.layer, r.path, r.offset, r.len);
+                    }
+                }
                 Ok(())
             }
             Command::Index {

@@ -159,3 +159,109 @@ fn background_fill_stops_instead_of_thrashing_a_cache_smaller_than_the_layer() {
     assert_eq!(greeting, "hello from streamsnap\n");
     mount.stop();
 }
+
+/// One sample's value from a daemon's metrics, 0 if absent.
+fn metric(addr: &str, name: &str) -> f64 {
+    let text = common::run(std::process::Command::new("curl").args(["-sSf", &format!("http://{addr}/metrics")]));
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+const ON_DEMAND: &str = "streamsnap_fetched_bytes_total{cause=\"on_demand\"}";
+const PREFETCH: &str = "streamsnap_fetched_bytes_total{cause=\"prefetch\"}";
+/// What the container does at start-up: a few files, and the head of the weights.
+const START_UP: &str = "cat /etc/greeting; head -c 3000000 /models/weights.bin | wc -c";
+
+/// `streamsnap serve` (state under `dir`) with metrics, and a containerd using it.
+fn node(dir: &std::path::Path, extra: &[&str]) -> (ServeProcess, Containerd, String) {
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let mut args = vec!["--metrics-address", addr.as_str(), "--profile-quiet", "2"];
+    args.extend(extra);
+    let serve = ServeProcess::start_with(dir, &args);
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    (serve, containerd, addr)
+}
+
+fn start_up(containerd: &Containerd, reference: &str, name: &str) -> String {
+    containerd.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        reference,
+    ]);
+    containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "streamsnap",
+        reference,
+        name,
+        "/bin/sh",
+        "-c",
+        START_UP,
+    ])
+}
+
+#[test]
+fn a_profile_recorded_pushed_and_replayed_serves_start_up_from_cache() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_runnable_image(&work.path().join("image"), 64);
+    let reference = push(&image, &registry, Format::Estargz);
+
+    // First node: records the start-up, then the profile is published.
+    let first = work.path().join("first");
+    let (serve, containerd, addr) = node(&first, &[]);
+    let out = start_up(&containerd, &reference, "p1");
+    assert!(
+        out.contains("hello from streamsnap") && out.contains("3000000"),
+        "{out}"
+    );
+    assert!(metric(&addr, ON_DEMAND) > 0.0);
+    wait_for_log(|| serve.log(), "start-up profile recorded", 1);
+    let show = common::run(
+        std::process::Command::new(common::streamsnap::binary())
+            .args(["profile", "show", "--state-dir"])
+            .arg(first.join("state"))
+            .arg(&reference),
+    );
+    assert!(
+        show.contains("/etc/greeting") && show.contains("/models/weights.bin 0+"),
+        "{show}"
+    );
+    common::run(
+        std::process::Command::new(common::streamsnap::binary())
+            .args(["profile", "push", "--state-dir"])
+            .arg(first.join("state"))
+            .arg(&reference),
+    );
+    drop(containerd);
+    serve.stop();
+
+    // Second node, empty cache: the profile comes from the registry and is
+    // replayed before the container starts; none of its reads wait on the registry.
+    let (serve, containerd, addr) = node(&work.path().join("second"), &[]);
+    let out = start_up(&containerd, &reference, "p2");
+    assert!(
+        out.contains("hello from streamsnap") && out.contains("3000000"),
+        "{out}"
+    );
+    let log = serve.log();
+    assert!(
+        log.contains("start-up profile fetched") && log.contains("start-up profile replayed"),
+        "{log}"
+    );
+    assert!(metric(&addr, PREFETCH) > 0.0, "{log}");
+    assert_eq!(
+        metric(&addr, ON_DEMAND),
+        0.0,
+        "start-up reads were fetched on demand:\n{log}"
+    );
+}

@@ -115,6 +115,7 @@ fn main() {
     layer_bytes.insert(Scenario::Overlay, registry.layers(&gzip_ref).0);
     layer_bytes.insert(Scenario::Streamsnap, registry.layers(&estargz_ref).0);
     layer_bytes.insert(Scenario::GzipIndex, registry.layers(&gzip_ref).0);
+    layer_bytes.insert(Scenario::Profile, registry.layers(&estargz_ref).0);
     let indexing = index_gzip_image(&gzip_ref);
     eprintln!("[bench] {indexing}");
     let target = Target {
@@ -125,6 +126,8 @@ fn main() {
     };
     let link_desc = link_check(&target);
     eprintln!("[bench] link: {link_desc}");
+    let startup_bytes = scenario::record_profile(&target);
+    eprintln!("[bench] start-up profile recorded and pushed: start-up read {startup_bytes} bytes");
     let mut results = report::Results::new();
     let order = [
         Scenario::Curl,
@@ -163,7 +166,7 @@ fn main() {
         layer_bytes[&Scenario::Overlay],
         layer_bytes[&Scenario::Streamsnap],
         report::table(&results, &layer_bytes),
-        report::ratios(&results),
+        report::ratios(&results) + &report::profile(&results, startup_bytes),
         report::warm(&results),
         png.display()
     );

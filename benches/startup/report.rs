@@ -118,6 +118,28 @@ pub fn ratios(r: &Results) -> String {
     t
 }
 
+/// The profile scenario against cold streamsnap and against what start-up reads.
+pub fn profile(r: &Results, startup_bytes: u64) -> String {
+    let mut t = String::new();
+    let m = |s, f: fn(&Sample) -> Option<f64>| median(r, s, f);
+    if let (Some(p), Some(c)) = (m(Scenario::Profile, ready), m(Scenario::Streamsnap, ready)) {
+        let _ = writeln!(
+            t,
+            "- streamsnap + profile ÷ streamsnap cold, time to `ready`: {:.3}",
+            p / c
+        );
+    }
+    let before = |x: &Sample| x.bytes_before_ready.map(|b| b as f64);
+    if let Some(b) = m(Scenario::Profile, before) {
+        let _ = writeln!(
+            t,
+            "- streamsnap + profile, received before `ready` ÷ file bytes start-up read ({startup_bytes}): {:.3}",
+            b / startup_bytes as f64
+        );
+    }
+    t
+}
+
 /// Warm reads of one weight file, MB/s, per scenario that measured one.
 pub fn warm(r: &Results) -> String {
     let mut t = String::new();

@@ -12,6 +12,7 @@ pub enum Scenario {
     Overlay,
     Streamsnap,
     GzipIndex,
+    Profile,
 }
 
 impl Scenario {
@@ -22,6 +23,7 @@ impl Scenario {
             Scenario::Overlay => "overlayfs",
             Scenario::Streamsnap => "streamsnap eStargz",
             Scenario::GzipIndex => "streamsnap gzip+index",
+            Scenario::Profile => "streamsnap + profile",
         }
     }
 
@@ -31,6 +33,7 @@ impl Scenario {
             Scenario::Overlay => "overlayfs full pull (gzip)",
             Scenario::Streamsnap => "streamsnap lazy pull (eStargz)",
             Scenario::GzipIndex => "streamsnap lazy pull (unmodified gzip + index)",
+            Scenario::Profile => "streamsnap lazy pull (eStargz) + start-up profile",
         }
     }
 }
@@ -74,8 +77,10 @@ pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
     match s {
         Scenario::Curl => curl(t),
         Scenario::Overlay => overlay(t, id, warm),
-        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm),
-        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm),
+        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, COLD),
+        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, COLD),
+        // The profile recorded by `record_profile` is found next to the image and replayed.
+        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, &[]),
     }
 }
 
@@ -121,10 +126,15 @@ fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
     }
 }
 
-/// A fresh `streamsnap serve` (empty cache and index cache) and containerd; rpull, run.
-fn streamsnap(t: &Target, image: &str, name: &str, warm: bool) -> Sample {
+/// Cold runs ignore the published start-up profile.
+const COLD: &[&str] = &["--no-profile-replay"];
+
+/// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run.
+fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
-    let serve = ServeProcess::start_with(root.path(), &["--insecure-registry", &t.registry.addr()]);
+    let addr = t.registry.addr();
+    let args = [&["--insecure-registry", addr.as_str()][..], flags].concat();
+    let serve = ServeProcess::start_with(root.path(), &args);
     let ctd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),
         ..Default::default()
@@ -151,6 +161,79 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool) -> Sample {
         bytes_total: total,
         warm_read,
     }
+}
+
+/// Records the image's start-up profile once, as a first node would: the
+/// server runs until it prints `ready` and is then stopped; the profile
+/// (reads until they went quiet) is pushed next to the eStargz image.
+/// Returns the file bytes start-up read, as the profile lists them.
+pub fn record_profile(t: &Target) -> u64 {
+    let root = tempfile::Builder::new().prefix("streamsnap-record-").tempdir().unwrap();
+    let addr = t.registry.addr();
+    let serve = ServeProcess::start_with(
+        root.path(),
+        &[
+            "--insecure-registry",
+            &addr,
+            "--profile-quiet",
+            "2",
+            "--no-profile-replay",
+        ],
+    );
+    let ctd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    let snap = ["--snapshotter", "streamsnap"];
+    ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[&t.estargz_ref]].concat());
+    let mut child = ctd
+        .command(
+            "ctr",
+            &[&["run", "--rm"][..], &snap, &[&t.estargz_ref, "record"]].concat(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ctr run");
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l == "ready");
+    assert!(ready, "the recording run never printed ready");
+    let _ = ctd.try_ctr(&["task", "kill", "-s", "SIGKILL", "record"]);
+    let _ = child.wait();
+    let t0 = Instant::now();
+    while !serve.log().contains("start-up profile recorded") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no profile recorded:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let dir = root.path().join("state/profiles");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("a profile")
+        .path();
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let bytes = profile["reads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["len"].as_u64().unwrap_or(0))
+        .sum();
+    run(std::process::Command::new(crate::common::streamsnap::binary())
+        .args(["profile", "push", "--plain-http", "--state-dir"])
+        .arg(root.path().join("state"))
+        .arg(&t.estargz_ref));
+    drop(ctd);
+    drop(serve);
+    umount_all_under(root.path());
+    bytes
 }
 
 /// Runs the server container and timestamps its `ready` and `serving` lines;

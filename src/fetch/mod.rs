@@ -12,6 +12,7 @@ use crate::cache::{ChunkKey, DiskCache, FileSlot, MemCache};
 use crate::digest::Digest;
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
 use crate::metrics::{Cause, Lookup, Metrics};
+use crate::prefetch::profile::Recorder;
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
@@ -74,6 +75,8 @@ pub struct Fetcher {
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
     metrics: Arc<Metrics>,
+    /// Records reads into the image's start-up profile while one is recorded.
+    recorder: std::sync::OnceLock<Arc<Recorder>>,
 }
 
 impl Fetcher {
@@ -97,6 +100,7 @@ impl Fetcher {
             sequential: Mutex::default(),
             stats: FetchStats::default(),
             metrics,
+            recorder: std::sync::OnceLock::new(),
         })
     }
 
@@ -121,6 +125,9 @@ impl Fetcher {
         let end = offset.saturating_add(size as u64).min(n.size);
         if offset >= end {
             return Ok(Bytes::new());
+        }
+        if let Some(r) = self.recorder.get() {
+            r.record(&self.layer, node, offset, end - offset);
         }
         let ids = self.index.chunks_for_range(node, offset, end - offset);
         if let BlobSource::Local(_) = &self.source {
@@ -177,6 +184,11 @@ impl Fetcher {
                 let _ = this.chunks(Some(node), ahead, Cause::ReadAhead).await;
             });
         }
+    }
+
+    /// Records this layer's reads into a start-up profile (the first recorder stays).
+    pub fn set_recorder(&self, recorder: Arc<Recorder>) {
+        let _ = self.recorder.set(recorder);
     }
 
     /// Is chunk `id` in the disk cache? (Cheap: nothing is read.)

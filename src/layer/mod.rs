@@ -47,6 +47,8 @@ pub struct LayerContext {
     pub prefetch_timeout: std::time::Duration,
     /// Background fill of mounted layers.
     pub fill: crate::prefetch::background::FillConfig,
+    /// Start-up profiles: recorded, replayed.
+    pub profiles: Arc<crate::prefetch::profile::Profiles>,
 }
 
 /// A layer ready to mount.
@@ -206,6 +208,11 @@ pub async fn open(
     );
     if !fetcher.index().prefetch.is_empty() {
         crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
+    }
+    if format != LayerFormat::Downloaded {
+        ctx.profiles
+            .on_layer_open(&ctx.registry, image, &fetcher, ctx.prefetch_timeout)
+            .await;
     }
     // Runs while the layer is mounted (it holds the fetcher weakly).
     drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone()));

@@ -6,6 +6,7 @@
 //! reported mounted, for at most a configured time.
 
 pub mod background;
+pub mod profile;
 
 use crate::fetch::Fetcher;
 use crate::metrics::Cause;
