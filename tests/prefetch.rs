@@ -216,16 +216,16 @@ fn a_profile_recorded_pushed_and_replayed_serves_start_up_from_cache() {
     let image = build_runnable_image(&work.path().join("image"), 64);
     let reference = push(&image, &registry, Format::Estargz);
 
-    // First node: records the start-up, then the profile is published.
+    // First node: records the start-up and publishes the profile by itself.
     let first = work.path().join("first");
-    let (serve, containerd, addr) = node(&first, &[]);
+    let (serve, containerd, addr) = node(&first, &["--profile-push"]);
     let out = start_up(&containerd, &reference, "p1");
     assert!(
         out.contains("hello from streamsnap") && out.contains("3000000"),
         "{out}"
     );
     assert!(metric(&addr, ON_DEMAND) > 0.0);
-    wait_for_log(|| serve.log(), "start-up profile recorded", 1);
+    wait_for_log(|| serve.log(), "start-up profile published", 1);
     let show = common::run(
         std::process::Command::new(common::streamsnap::binary())
             .args(["profile", "show", "--state-dir"])
