@@ -199,11 +199,7 @@ fn main() -> anyhow::Result<()> {
                 image,
             } => {
                 let image: Reference = image.parse()?;
-                let registry = Registry::new(RegistryOptions {
-                    plain_http,
-                    docker_config: DockerConfig::load_default()?,
-                    ..Default::default()
-                })?;
+                let registry = registry_client(plain_http)?;
                 let opts = streamsnap::pull::PullOptions {
                     address,
                     namespace,
@@ -268,11 +264,7 @@ fn main() -> anyhow::Result<()> {
                 let mut cfg = streamsnap::config::Config::default();
                 fill.apply(&mut cfg);
                 let image: Reference = image.parse()?;
-                let registry = Arc::new(Registry::new(RegistryOptions {
-                    plain_http,
-                    docker_config: DockerConfig::load_default()?,
-                    ..Default::default()
-                })?);
+                let registry = Arc::new(registry_client(plain_http)?);
                 let state = StateDir { root: state_dir };
                 let opts = image_mount::LayerOptions {
                     cache_size: cache_size.as_u64(),
@@ -297,11 +289,7 @@ fn main() -> anyhow::Result<()> {
                     ProfileAction::Push { args, repo } => (args, repo, true),
                 };
                 let image: Reference = args.image.parse()?;
-                let registry = Registry::new(RegistryOptions {
-                    plain_http: args.plain_http,
-                    docker_config: DockerConfig::load_default()?,
-                    ..Default::default()
-                })?;
+                let registry = registry_client(args.plain_http)?;
                 let resolved = registry.resolve(&image, &args.platform).await?;
                 let profiles = Profiles::new(
                     StateDir { root: args.state_dir }.profiles(),
@@ -333,11 +321,7 @@ fn main() -> anyhow::Result<()> {
                 image,
             } => {
                 let image: Reference = image.parse()?;
-                let registry = Registry::new(RegistryOptions {
-                    plain_http,
-                    docker_config: DockerConfig::load_default()?,
-                    ..Default::default()
-                })?;
+                let registry = registry_client(plain_http)?;
                 let store = IndexStore::new(StateDir { root: state_dir }.indexes(), Vec::new());
                 let opts = IndexOptions {
                     span: span.as_u64(),
@@ -369,6 +353,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The registry client of one-shot commands (docker's credentials).
+fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
+    Ok(Registry::new(RegistryOptions {
+        plain_http,
+        docker_config: DockerConfig::load_default()?,
+        ..Default::default()
+    })?)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

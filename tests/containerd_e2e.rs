@@ -216,16 +216,8 @@ fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
     assert!(left.is_empty(), "cache still holds {left:?}");
 }
 
-/// `ctr-remote image rpull` with streamsnap's labels, as stargz-snapshotter users do.
 fn rpull(env: &Env, reference: &str) {
-    env.containerd.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "streamsnap",
-        reference,
-    ]);
+    env.containerd.rpull(reference);
 }
 
 fn streamsnap_pull(env: &Env, reference: &str) -> String {

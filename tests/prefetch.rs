@@ -64,6 +64,18 @@ fn no_prefetch_landmark_means_no_prefetch() {
     mount.stop();
 }
 
+/// A registry holding the runnable image (`weights_mib` of weights) as
+/// eStargz: (registry, work dir, reference, layer digests).
+fn runnable_estargz(weights_mib: u64) -> (Registry, tempfile::TempDir, String, Vec<String>) {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_runnable_image(&work.path().join("image"), weights_mib);
+    let reference = push(&image, &registry, Format::Estargz);
+    let (_, layers) = registry.layers(&reference);
+    (registry, work, reference, layers)
+}
+
 /// Waits until `log()` holds `needle` `count` times (or panics with the log).
 fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -79,12 +91,7 @@ fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
 
 #[test]
 fn background_fill_completes_the_layers_and_the_container_runs_without_the_registry() {
-    require_root();
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let image = build_runnable_image(&work.path().join("image"), 32);
-    let reference = push(&image, &registry, Format::Estargz);
-    let (_, layers) = registry.layers(&reference);
+    let (registry, work, reference, layers) = runnable_estargz(32);
     let serve = ServeProcess::start_with(
         &work.path().join("streamsnap"),
         &["--background-fill", "--background-fill-delay", "0"],
@@ -131,12 +138,7 @@ fn background_fill_completes_the_layers_and_the_container_runs_without_the_regis
 
 #[test]
 fn background_fill_stops_instead_of_thrashing_a_cache_smaller_than_the_layer() {
-    require_root();
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let image = build_runnable_image(&work.path().join("image"), 32);
-    let reference = push(&image, &registry, Format::Estargz);
-    let (_, layers) = registry.layers(&reference);
+    let (registry, work, reference, layers) = runnable_estargz(32);
     let mount = MountProcess::start(
         &reference,
         &work.path().join("state"),
@@ -187,14 +189,7 @@ fn node(dir: &std::path::Path, extra: &[&str]) -> (ServeProcess, Containerd, Str
 }
 
 fn start_up(containerd: &Containerd, reference: &str, name: &str) -> String {
-    containerd.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "streamsnap",
-        reference,
-    ]);
+    containerd.rpull(reference);
     containerd.ctr(&[
         "run",
         "--rm",
@@ -210,11 +205,7 @@ fn start_up(containerd: &Containerd, reference: &str, name: &str) -> String {
 
 #[test]
 fn a_profile_recorded_pushed_and_replayed_serves_start_up_from_cache() {
-    require_root();
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let image = build_runnable_image(&work.path().join("image"), 64);
-    let reference = push(&image, &registry, Format::Estargz);
+    let (_registry, work, reference, _) = runnable_estargz(64);
 
     // First node: records the start-up and publishes the profile by itself.
     let first = work.path().join("first");

@@ -134,6 +134,7 @@ fn main() {
         Scenario::Overlay,
         Scenario::Streamsnap,
         Scenario::GzipIndex,
+        Scenario::Profile,
     ];
     for run in 0..o.runs {
         for s in order {

@@ -178,6 +178,7 @@ pub fn plot(r: &Results, title: &str, png: &Path) {
     std::fs::write(&dat, d).unwrap();
     let script = format!(
         "set terminal pngcairo size 1000,560 noenhanced\nset output '{png}'\nset title '{title}'\n\
+         set xlabel 'eStargz, gzip + index, eStargz + profile: streamsnap lazy pulls'\n\
          set ylabel 'seconds from pull start (log scale)'\nset logscale y\nset yrange [0.1:*]\nset grid ytics\n\
          set style data histograms\nset style histogram errorbars gap 2 lw 1\nset style fill solid 0.6 border -1\n\
          set key top left\n\

@@ -21,9 +21,9 @@ impl Scenario {
         match self {
             Scenario::Curl => "curl (floor)",
             Scenario::Overlay => "overlayfs",
-            Scenario::Streamsnap => "streamsnap eStargz",
-            Scenario::GzipIndex => "streamsnap gzip+index",
-            Scenario::Profile => "streamsnap + profile",
+            Scenario::Streamsnap => "eStargz",
+            Scenario::GzipIndex => "gzip + index",
+            Scenario::Profile => "eStargz + profile",
         }
     }
 

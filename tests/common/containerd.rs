@@ -183,6 +183,18 @@ impl Containerd {
         self.tool("ctr-remote", args)
     }
 
+    /// `ctr-remote image rpull` with streamsnap's labels, as stargz-snapshotter users do.
+    pub fn rpull(&self, reference: &str) -> String {
+        self.ctr_remote(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "streamsnap",
+            reference,
+        ])
+    }
+
     /// Like `ctr` but returns Err(stderr) instead of panicking (for tests expecting failure).
     pub fn try_ctr(&self, args: &[&str]) -> Result<String, String> {
         let out = run_output(&mut self.command("ctr", args));
