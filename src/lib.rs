@@ -3,7 +3,10 @@
 //!
 //! # Layout
 //! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push).
-//! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar).
+//! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar,
+//!   gzip with a checkpoint index).
+//! - [`indexer`]: `streamsnap index`, checkpoint indexes of gzip layers built and published.
+//! - [`prefetch`]: landmarks, start-up profiles (recorded, published, replayed), background fill.
 //! - [`fetch`]: chunk reads for a layer: dedup in flight, coalescing, verification.
 //! - [`cache`]: bounded on-disk chunk store and in-memory LRU.
 //! - [`layer`]: chooses the index form for a layer and builds its fetcher.
