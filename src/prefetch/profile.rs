@@ -104,7 +104,7 @@ impl Recorder {
     }
 }
 
-/// One path per node of a layer (the first found, breadth first).
+/// One path per node of a layer (hard links: the first one found).
 fn node_paths(index: &LayerIndex) -> HashMap<NodeId, String> {
     let mut out = HashMap::new();
     let mut queue = vec![(0 as NodeId, String::new())];
