@@ -5,6 +5,7 @@
 use crate::digest::Digest;
 use crate::index::{self, gzip, IndexError};
 use crate::layer::gzip_index::{repo_tag, IndexStore, ARTIFACT_TYPE, LAYER_ANNOTATION};
+use crate::layer::{has_estargz_footer, is_gzip, ESTARGZ_TOC_DIGEST};
 use crate::registry::referrers::{ArtifactBlob, Subject};
 use crate::registry::{LayerDescriptor, Platform, Reference, Registry, RegistryError, ResolvedImage};
 use bytes::Bytes;
@@ -175,17 +176,17 @@ async fn index_layer(
         })
     };
     let mt = desc.media_type.as_str();
-    if !(mt.ends_with("+gzip") || mt.ends_with(".tar.gzip")) {
+    if !is_gzip(mt) {
         return skipped("not a gzip layer");
     }
     if desc.size < opts.min_layer_size {
         return skipped("under the minimum size: fetched whole");
     }
-    if desc
-        .annotations
-        .contains_key("containerd.io/snapshot/stargz/toc.digest")
-        || is_estargz(registry, image, desc).await
-    {
+    let estargz = desc.annotations.contains_key(ESTARGZ_TOC_DIGEST)
+        || has_estargz_footer(registry, &image.reference, desc)
+            .await
+            .unwrap_or(false);
+    if estargz {
         return skipped("eStargz: served from its own TOC");
     }
     let started = std::time::Instant::now();
@@ -251,20 +252,6 @@ async fn index_layer(
         checkpoints: meta.checkpoints.len(),
         entries: meta.entries.len(),
     })
-}
-
-async fn is_estargz(registry: &Registry, image: &ResolvedImage, desc: &LayerDescriptor) -> bool {
-    let n = index::estargz::FOOTER_SIZE;
-    if desc.size < n {
-        return false;
-    }
-    match registry
-        .read_blob_range(&image.reference, &desc.digest, desc.size - n, n)
-        .await
-    {
-        Ok(tail) => index::estargz::parse_footer(&tail).is_some(),
-        Err(_) => false,
-    }
 }
 
 /// The layer's bytes as they arrive, for the blocking indexer.

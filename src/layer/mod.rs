@@ -101,9 +101,11 @@ pub enum Fallback {
     Refuse,
 }
 
-const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Descriptor annotation of eStargz layers.
+pub const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 
-fn is_gzip(media_type: &str) -> bool {
+/// A gzip-compressed tar layer (OCI or Docker media type).
+pub fn is_gzip(media_type: &str) -> bool {
     media_type.ends_with("+gzip") || media_type.ends_with(".tar.gzip")
 }
 
@@ -158,7 +160,14 @@ pub async fn open(
             })?),
             None => None,
         };
-        let lazy = toc_digest.is_some() || probe_estargz(ctx, image, desc).await?;
+        let lazy = toc_digest.is_some()
+            || has_estargz_footer(&ctx.registry, image, desc)
+                .await
+                .map_err(|source| LayerError::Registry {
+                    image: image.to_string(),
+                    layer: desc.digest.clone(),
+                    source,
+                })?;
         if lazy {
             let idx = index::estargz::index_estargz(&layer, desc.size, toc_digest.as_ref(), read)
                 .await
@@ -224,19 +233,15 @@ pub async fn open(
 }
 
 /// Does a gzip layer end in an eStargz footer? (One 51-byte range read.)
-async fn probe_estargz(ctx: &LayerContext, image: &Reference, desc: &LayerDescriptor) -> Result<bool, LayerError> {
-    if desc.size < index::estargz::FOOTER_SIZE {
+pub async fn has_estargz_footer(
+    registry: &Registry,
+    image: &Reference,
+    desc: &LayerDescriptor,
+) -> Result<bool, RegistryError> {
+    let n = index::estargz::FOOTER_SIZE;
+    if desc.size < n {
         return Ok(false);
     }
-    let n = index::estargz::FOOTER_SIZE;
-    let tail = ctx
-        .registry
-        .read_blob_range(image, &desc.digest, desc.size - n, n)
-        .await
-        .map_err(|source| LayerError::Registry {
-            image: image.to_string(),
-            layer: desc.digest.clone(),
-            source,
-        })?;
+    let tail = registry.read_blob_range(image, &desc.digest, desc.size - n, n).await?;
     Ok(index::estargz::parse_footer(&tail).is_some())
 }
