@@ -2,7 +2,7 @@
 //! read-only by overlayfs at the user's mount point.
 
 use crate::cache::{DiskCache, MemCache};
-use crate::fs::LayerFs;
+use crate::fs::{LayerFs, MountedLayer};
 use crate::layer::gzip_index::IndexStore;
 use crate::layer::{self, Layer, LayerContext};
 use crate::metrics::Metrics;
@@ -92,10 +92,12 @@ pub fn layer_context(
         prefetch_timeout: opts.prefetch_timeout,
         fill: opts.fill,
         indexes: Arc::new(IndexStore::new(state.indexes(), opts.index_repos)),
-        metrics,
+        fetch: crate::fetch::Services::new(
+            Arc::new(DiskCache::open(&state.cache(), opts.cache_size)?),
+            Arc::new(MemCache::new(opts.mem_size)),
+            metrics,
+        ),
         registry,
-        disk: Arc::new(DiskCache::open(&state.cache(), opts.cache_size)?),
-        mem: Arc::new(MemCache::new(opts.mem_size)),
         layers_dir: state.layers(),
     })
 }
@@ -105,7 +107,7 @@ pub struct MountedImage {
     target: PathBuf,
     overlay_mounted: bool,
     pub layers: Vec<Layer>,
-    sessions: Vec<(PathBuf, fuser::BackgroundSession)>,
+    sessions: Vec<(PathBuf, MountedLayer)>,
 }
 
 impl MountedImage {

@@ -7,7 +7,9 @@
 //!   gzip with a checkpoint index).
 //! - [`indexer`]: `streamsnap index`, checkpoint indexes of gzip layers built and published.
 //! - [`prefetch`]: landmarks, start-up profiles (recorded, published, replayed), background fill.
-//! - [`fetch`]: chunk reads for a layer: dedup in flight, coalescing, verification.
+//! - [`fetch`]: chunk reads for a layer: dedup in flight, coalescing, verification, the
+//!   node's request scheduler (priorities), the range-source and read-observer seams.
+//! - [`flight`]: single flight: one computation in flight per key, results optionally kept.
 //! - [`cache`]: bounded on-disk chunk store and in-memory LRU.
 //! - [`layer`]: chooses the index form for a layer and builds its fetcher.
 //! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
@@ -26,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod digest;
 pub mod fetch;
+pub mod flight;
 pub mod fs;
 pub mod image_mount;
 pub mod index;

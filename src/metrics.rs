@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// Why bytes were fetched from the registry.
+/// Why bytes were fetched from the registry; variants in priority order.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Cause {
     /// A reader is waiting for them.
@@ -83,7 +83,7 @@ pub struct Metrics {
     chunk_lookups: Family<LookupLabels, Counter>,
     fuse_read_seconds: Histogram,
     layer_mount_seconds: Histogram,
-    /// Reads waiting on the registry now, every layer together (background work yields to them).
+    /// On-demand range requests waiting for admission or on the registry now, every layer together.
     reads_waiting: Gauge,
 }
 
@@ -124,7 +124,7 @@ impl Metrics {
         let reads_waiting = Gauge::default();
         registry.register(
             "reads_waiting",
-            "Reads waiting for chunks from the registry now",
+            "On-demand range requests waiting for admission or on the registry now",
             reads_waiting.clone(),
         );
         Arc::new(Self {
@@ -138,13 +138,9 @@ impl Metrics {
         })
     }
 
-    /// A read starts (`true`) or stops (`false`) waiting for chunks.
-    pub fn read_waiting(&self, waiting: bool) {
-        if waiting {
-            self.reads_waiting.inc();
-        } else {
-            self.reads_waiting.dec();
-        }
+    /// On-demand range requests waiting for admission or on the registry now (set by the scheduler).
+    pub fn set_reads_waiting(&self, n: i64) {
+        self.reads_waiting.set(n);
     }
 
     /// Are any reads waiting on the registry?

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// What one cache file holds.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -64,24 +64,134 @@ pub struct FileSlot {
     pub file_offset: u64,
 }
 
-/// A file entry still being filled.
+/// The open files of a partial entry: plain, and O_DIRECT when the filesystem allows.
+type PartialFiles = (Arc<std::fs::File>, Option<Arc<std::fs::File>>);
+
+/// A file entry still being filled. Its files are created by the first
+/// writer, outside the cache's lock (concurrent writers of the same entry
+/// wait on this cell only).
 struct Partial {
-    file: Arc<std::fs::File>,
-    /// The same file opened with O_DIRECT (when the filesystem allows it).
-    direct: Option<Arc<std::fs::File>>,
+    files: Arc<OnceLock<Result<PartialFiles, String>>>,
     present: Vec<bool>,
     missing: u32,
     bytes: u64,
 }
 
+/// The cache's bookkeeping; every operation on it is O(1) or O(log n) but
+/// pinning and unpinning a layer, which move that layer's entries.
 struct Lru {
-    entries: LruCache<Entry, u64>,
+    /// Entries of layers no mount uses: evicted first.
+    idle: LruCache<Entry, u64>,
+    /// Entries of mounted layers: evicted only when no idle entry is left.
+    pinned: LruCache<Entry, u64>,
     total: u64,
+    by_layer: HashMap<Digest, u64>,
     partials: HashMap<(Digest, u32), Partial>,
-    /// Layers mounted now (with their mount counts): evicted last.
+    /// Layers mounted now (with their mount counts).
     in_use: HashMap<Digest, usize>,
     /// Entries of mounted layers evicted so far (the bound is below their working set).
     evicted_in_use: u64,
+}
+
+impl Lru {
+    fn new() -> Self {
+        Self {
+            idle: LruCache::unbounded(),
+            pinned: LruCache::unbounded(),
+            total: 0,
+            by_layer: HashMap::new(),
+            partials: HashMap::new(),
+            in_use: HashMap::new(),
+            evicted_in_use: 0,
+        }
+    }
+
+    fn list(&mut self, layer: &Digest) -> &mut LruCache<Entry, u64> {
+        match self.in_use.contains_key(layer) {
+            true => &mut self.pinned,
+            false => &mut self.idle,
+        }
+    }
+
+    fn count(&mut self, layer: &Digest, add: u64, sub: u64) {
+        self.total = (self.total + add).saturating_sub(sub);
+        let n = self.by_layer.entry(layer.clone()).or_default();
+        *n = (*n + add).saturating_sub(sub);
+        if *n == 0 {
+            self.by_layer.remove(layer);
+        }
+    }
+
+    /// Adds (or replaces) an entry as the most recently used.
+    fn insert(&mut self, e: Entry, len: u64) {
+        let layer = e.layer().clone();
+        self.remove(&e);
+        self.list(&layer).put(e, len);
+        self.count(&layer, len, 0);
+    }
+
+    fn remove(&mut self, e: &Entry) -> Option<u64> {
+        let len = self.idle.pop(e).or_else(|| self.pinned.pop(e))?;
+        self.count(&e.layer().clone(), 0, len);
+        if let Entry::Partial { layer, node } = e {
+            self.partials.remove(&(layer.clone(), *node));
+        }
+        Some(len)
+    }
+
+    /// Marks a use; false when absent.
+    fn touch(&mut self, e: &Entry) -> bool {
+        let layer = e.layer().clone();
+        self.list(&layer).get(e).is_some()
+    }
+
+    fn contains(&self, e: &Entry) -> bool {
+        self.idle.contains(e) || self.pinned.contains(e)
+    }
+
+    fn grow(&mut self, e: &Entry, len: u64) {
+        let layer = e.layer().clone();
+        if let Some(n) = self.list(&layer).peek_mut(e) {
+            *n += len;
+            self.count(&layer, len, 0);
+        }
+    }
+
+    /// The least recently used entry of an unmounted layer, else (counted) of a mounted one.
+    fn pop_victim(&mut self) -> Option<Entry> {
+        let (e, len) = match self.idle.pop_lru() {
+            Some(v) => v,
+            None => {
+                let v = self.pinned.pop_lru()?;
+                self.evicted_in_use += 1;
+                v
+            }
+        };
+        self.count(&e.layer().clone(), 0, len);
+        if let Entry::Partial { layer, node } = &e {
+            self.partials.remove(&(layer.clone(), *node));
+        }
+        Some(e)
+    }
+
+    /// Moves a layer's entries between the lists (pin and unpin), oldest first.
+    fn move_layer(&mut self, layer: &Digest, to_pinned: bool) {
+        let (from, to) = match to_pinned {
+            true => (&mut self.idle, &mut self.pinned),
+            false => (&mut self.pinned, &mut self.idle),
+        };
+        let keys: Vec<Entry> = from
+            .iter()
+            .rev()
+            .filter(|(k, _)| k.layer() == layer)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(len) = from.pop(&k) {
+                to.put(k, len);
+            }
+        }
+    }
 }
 
 /// On-disk chunk store bounded to `limit` bytes.
@@ -129,24 +239,15 @@ impl DiskCache {
             }
         }
         found.sort_by_key(|(t, _, _)| *t);
+        let mut lru = Lru::new();
+        for (_, key, len) in found {
+            lru.insert(key, len);
+        }
         let cache = Self {
             dir: dir.to_path_buf(),
             limit,
-            lru: Mutex::new(Lru {
-                entries: LruCache::unbounded(),
-                total: 0,
-                partials: HashMap::new(),
-                in_use: HashMap::new(),
-                evicted_in_use: 0,
-            }),
+            lru: Mutex::new(lru),
         };
-        {
-            let mut lru = cache.lru.lock();
-            for (_, key, len) in found {
-                lru.total += len;
-                lru.entries.put(key, len);
-            }
-        }
         cache.evict_to(limit);
         Ok(cache)
     }
@@ -163,7 +264,9 @@ impl DiskCache {
     /// Reads a chunk (blocking); `None` when absent.
     pub fn get(&self, key: &ChunkKey) -> Option<Vec<u8>> {
         let e = Entry::Chunk(key.clone());
-        self.lru.lock().entries.get(&e)?;
+        if !self.lru.lock().touch(&e) {
+            return None;
+        }
         match std::fs::read(self.path(&e)) {
             Ok(data) => Some(data),
             Err(_) => {
@@ -195,11 +298,7 @@ impl DiskCache {
             return Err(err);
         }
         std::fs::rename(&tmp, &path)?;
-        let mut lru = self.lru.lock();
-        if let Some(old) = lru.entries.put(e, len) {
-            lru.total -= old;
-        }
-        lru.total += len;
+        self.lru.lock().insert(e, len);
         Ok(())
     }
 
@@ -211,7 +310,7 @@ impl DiskCache {
             layer: layer.clone(),
             node: slot.node,
         };
-        if slot.file_size > self.limit || self.lru.lock().entries.contains(&whole) {
+        if slot.file_size > self.limit || self.lru.lock().contains(&whole) {
             return Ok(()); // never fits whole, or already complete
         }
         self.evict_to(self.limit.saturating_sub(len));
@@ -220,90 +319,86 @@ impl DiskCache {
             layer: layer.clone(),
             node: slot.node,
         };
-        let (file, direct) = {
+        let cell = {
             let mut lru = self.lru.lock();
             match lru.partials.get(&id) {
                 Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => return Ok(()),
-                Some(p) => (Arc::clone(&p.file), p.direct.clone()),
+                Some(p) => Arc::clone(&p.files),
                 None => {
-                    let path = self.path(&partial);
-                    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
-                    let f = std::fs::File::options()
-                        .create(true)
-                        .truncate(true)
-                        .write(true)
-                        .read(true)
-                        .open(&path)?;
-                    f.set_len(slot.file_size)?;
-                    let f = Arc::new(f);
-                    let direct = std::fs::File::options()
-                        .write(true)
-                        .custom_flags(libc::O_DIRECT)
-                        .open(&path)
-                        .ok()
-                        .map(Arc::new);
+                    let cell = Arc::new(OnceLock::new());
+                    lru.insert(partial.clone(), 0);
                     lru.partials.insert(
                         id.clone(),
                         Partial {
-                            file: Arc::clone(&f),
-                            direct: direct.clone(),
+                            files: Arc::clone(&cell),
                             present: vec![false; slot.chunk_count as usize],
                             missing: slot.chunk_count,
                             bytes: 0,
                         },
                     );
-                    lru.entries.put(partial.clone(), 0);
-                    (f, direct)
+                    cell
                 }
             }
         };
+        let path = self.path(&partial);
+        let (file, direct) = match cell.get_or_init(|| create_partial(&path, slot.file_size).map_err(|e| e.to_string()))
+        {
+            Ok(files) => files.clone(),
+            Err(e) => {
+                self.forget(&partial);
+                return Err(io::Error::other(format!("creating {}: {e}", path.display())));
+            }
+        };
         write_at(&file, direct.as_deref(), data, slot.file_offset)?;
-        let mut lru = self.lru.lock();
-        let lru = &mut *lru;
-        // Evicted meanwhile (or replaced): the write went to a dropped file.
-        let Some(p) = lru.partials.get_mut(&id).filter(|p| Arc::ptr_eq(&p.file, &file)) else {
-            return Ok(());
-        };
-        let Some(bit) = p.present.get_mut(slot.chunk_index as usize).filter(|b| !**b) else {
-            return Ok(());
-        };
-        *bit = true;
-        p.missing -= 1;
-        p.bytes += len;
-        lru.total += len;
-        if let Some(n) = lru.entries.get_mut(&partial) {
-            *n += len;
+        {
+            let mut lru = self.lru.lock();
+            // Evicted meanwhile (or replaced): the write went to a dropped file.
+            let Some(p) = lru.partials.get_mut(&id).filter(|p| Arc::ptr_eq(&p.files, &cell)) else {
+                return Ok(());
+            };
+            let Some(bit) = p.present.get_mut(slot.chunk_index as usize).filter(|b| !**b) else {
+                return Ok(());
+            };
+            *bit = true;
+            p.missing -= 1;
+            p.bytes += len;
+            let complete = p.missing == 0;
+            lru.grow(&partial, len);
+            if !complete {
+                return Ok(());
+            }
+            // Out of the books while it is renamed: nothing evicts or serves it meanwhile.
+            lru.remove(&partial);
         }
-        if p.missing == 0 {
-            let bytes = p.bytes;
-            lru.partials.remove(&id);
-            lru.entries.pop(&partial);
-            lru.total -= bytes;
-            std::fs::rename(self.path(&partial), self.path(&whole))?;
-            lru.total += slot.file_size;
-            lru.entries.put(whole, slot.file_size);
-        }
+        std::fs::rename(&path, self.path(&whole))?;
+        self.lru.lock().insert(whole, slot.file_size);
         Ok(())
     }
 
     /// A chunk stored by `put_in_file`; `None` when absent.
     pub fn get_in_file(&self, layer: &Digest, slot: FileSlot, len: u64) -> Option<Vec<u8>> {
-        let file = {
+        let whole = Entry::File {
+            layer: layer.clone(),
+            node: slot.node,
+        };
+        let held = {
             let mut lru = self.lru.lock();
-            match lru.partials.get(&(layer.clone(), slot.node)) {
-                Some(p) if p.present.get(slot.chunk_index as usize) == Some(&true) => Arc::clone(&p.file),
-                Some(_) => return None,
-                None => {
-                    let whole = Entry::File {
-                        layer: layer.clone(),
-                        node: slot.node,
-                    };
-                    lru.entries.get(&whole)?;
-                    Arc::new(std::fs::File::open(self.path(&whole)).ok()?)
-                }
+            let partial = lru
+                .partials
+                .get(&(layer.clone(), slot.node))
+                .map(|p| (p.present.get(slot.chunk_index as usize) == Some(&true)).then(|| Arc::clone(&p.files)));
+            match partial {
+                Some(Some(cell)) => Some(cell),
+                Some(None) => return None,
+                None if lru.touch(&whole) => None,
+                None => return None,
             }
         };
-        let mut buf = vec![0u8; len as usize];
+        let file = match held {
+            Some(cell) => Arc::clone(&cell.get()?.as_ref().ok()?.0),
+            None => Arc::new(std::fs::File::open(self.path(&whole)).ok()?),
+        };
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, slot.file_offset).ok()?;
         Some(buf)
     }
@@ -314,8 +409,7 @@ impl DiskCache {
             layer: layer.clone(),
             node,
         };
-        self.lru.lock().entries.get(&e)?;
-        Some(self.path(&e))
+        self.lru.lock().touch(&e).then(|| self.path(&e))
     }
 
     /// Drops the entry that holds a chunk of a large file (the chunk failed
@@ -333,13 +427,7 @@ impl DiskCache {
     }
 
     fn forget(&self, e: &Entry) {
-        let mut lru = self.lru.lock();
-        if let Some(len) = lru.entries.pop(e) {
-            lru.total -= len;
-        }
-        if let Entry::Partial { layer, node } = e {
-            lru.partials.remove(&(layer.clone(), *node));
-        }
+        self.lru.lock().remove(e);
     }
 
     /// Drops a chunk (corrupt, or now held by a whole-file entry).
@@ -354,15 +442,14 @@ impl DiskCache {
         {
             let mut lru = self.lru.lock();
             let keys: Vec<Entry> = lru
-                .entries
+                .idle
                 .iter()
+                .chain(lru.pinned.iter())
                 .filter(|(k, _)| k.layer() == layer)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in keys {
-                if let Some(len) = lru.entries.pop(&k) {
-                    lru.total -= len;
-                }
+                lru.remove(&k);
             }
             lru.partials.retain(|(l, _), _| l != layer);
         }
@@ -378,30 +465,10 @@ impl DiskCache {
                 if lru.total <= target {
                     return;
                 }
-                let unused = lru
-                    .entries
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| !lru.in_use.contains_key(k.layer()))
-                    .map(|(k, _)| k.clone());
-                let (key, len) = match unused {
-                    Some(k) => {
-                        let len = lru.entries.pop(&k).expect("entry just seen");
-                        (k, len)
-                    }
-                    None => match lru.entries.pop_lru() {
-                        Some(kv) => {
-                            lru.evicted_in_use += 1;
-                            kv
-                        }
-                        None => return,
-                    },
-                };
-                lru.total -= len;
-                if let Entry::Partial { layer, node } = &key {
-                    lru.partials.remove(&(layer.clone(), *node));
+                match lru.pop_victim() {
+                    Some(v) => v,
+                    None => return,
                 }
-                key
             };
             let _ = std::fs::remove_file(self.path(&victim));
         }
@@ -409,27 +476,32 @@ impl DiskCache {
 
     /// A layer is mounted (once more): its entries are evicted last.
     pub fn pin(&self, layer: &Digest) {
-        *self.lru.lock().in_use.entry(layer.clone()).or_default() += 1;
+        let mut lru = self.lru.lock();
+        let n = lru.in_use.entry(layer.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            lru.move_layer(layer, true);
+        }
     }
 
     /// One mount of the layer is gone.
     pub fn unpin(&self, layer: &Digest) {
         let mut lru = self.lru.lock();
-        if let Some(n) = lru.in_use.get_mut(layer) {
-            *n -= 1;
-            if *n == 0 {
-                lru.in_use.remove(layer);
-            }
+        let Some(n) = lru.in_use.get_mut(layer) else { return };
+        *n -= 1;
+        if *n == 0 {
+            lru.in_use.remove(layer);
+            lru.move_layer(layer, false);
         }
     }
 
     /// Bytes held for mounted layers other than `layer`.
     pub fn mounted_bytes_except(&self, layer: &Digest) -> u64 {
         let lru = self.lru.lock();
-        lru.entries
-            .iter()
-            .filter(|(k, _)| k.layer() != layer && lru.in_use.contains_key(k.layer()))
-            .map(|(_, len)| *len)
+        lru.in_use
+            .keys()
+            .filter(|l| *l != layer)
+            .map(|l| lru.by_layer.get(l).copied().unwrap_or(0))
             .sum()
     }
 
@@ -440,7 +512,7 @@ impl DiskCache {
 
     /// Is the chunk cached (without counting as a use)?
     pub fn has(&self, key: &ChunkKey) -> bool {
-        self.lru.lock().entries.contains(&Entry::Chunk(key.clone()))
+        self.lru.lock().contains(&Entry::Chunk(key.clone()))
     }
 
     /// Is this chunk of a large file cached, in its partial or whole-file entry?
@@ -448,7 +520,7 @@ impl DiskCache {
         let lru = self.lru.lock();
         match lru.partials.get(&(layer.clone(), slot.node)) {
             Some(p) => p.present.get(slot.chunk_index as usize) == Some(&true),
-            None => lru.entries.contains(&Entry::File {
+            None => lru.contains(&Entry::File {
                 layer: layer.clone(),
                 node: slot.node,
             }),
@@ -463,6 +535,25 @@ impl DiskCache {
     pub fn total_bytes(&self) -> u64 {
         self.lru.lock().total
     }
+}
+
+/// Creates a sparse partial entry of `size` bytes and opens it twice: plainly and with O_DIRECT.
+fn create_partial(path: &Path, size: u64) -> io::Result<PartialFiles> {
+    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .read(true)
+        .open(path)?;
+    f.set_len(size)?;
+    let direct = std::fs::File::options()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+        .map(Arc::new);
+    Ok((Arc::new(f), direct))
 }
 
 /// Writes `data` at `offset`; its page-aligned part through `direct` (O_DIRECT)

@@ -1,20 +1,34 @@
-//! Chunk fetching for one layer: caches first, one in-flight request per
-//! chunk (concurrent readers share it), neighbouring missing chunks coalesced
-//! into one range request, decoding and verification off the async workers.
+//! Chunk fetching for one layer: caches first, one flight per chunk
+//! (concurrent readers share it), neighbouring missing chunks coalesced into
+//! one range request admitted by the node's [`Scheduler`] at the urgency of
+//! its cause, decoding and verification on the blocking pool.
+//!
+//! Submodules: `source` (the [`RangeSource`] seam: registry, local file),
+//! `sched` (priorities), `observe` (the [`ReadObserver`] seam), `spans`
+//! (gzip-indexed layers), `decode` (chunk bytes to file bytes), `testing`
+//! (an in-process source that injects faults).
 
 pub mod decode;
+mod observe;
+mod sched;
 mod source;
 mod spans;
+pub mod testing;
+#[cfg(test)]
+mod tests;
 
-pub use source::BlobSource;
+pub use observe::ReadObserver;
+pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
+pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
 
 use crate::cache::{ChunkKey, DiskCache, FileSlot, MemCache};
 use crate::digest::Digest;
+use crate::flight::{Abandoned, Claim, Flights, Lead};
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
 use crate::metrics::{Cause, Lookup, Metrics};
-use crate::prefetch::profile::Recorder;
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::FutureExt;
+use observe::ObserverSlot;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -24,7 +38,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 /// Largest single range request when coalescing chunks.
-const MAX_REQUEST: u64 = 16 << 20;
+pub const MAX_REQUEST: u64 = 16 << 20;
 /// Gap between chunks still worth fetching in one request.
 const MAX_GAP: u64 = 64 << 10;
 /// How far ahead of a sequential reader chunks are fetched.
@@ -36,17 +50,32 @@ const WHOLE_FILE_MIN: u64 = 1 << 20;
 /// A read that cannot be served with verified bytes.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("layer {layer}: fetching blob bytes {offset}+{len}: {message}")]
+    #[error("layer {layer}: fetching blob bytes {offset}+{len}: {source}")]
     Source {
         layer: Digest,
         offset: u64,
         len: u64,
-        message: String,
+        #[source]
+        source: Arc<SourceError>,
     },
     #[error("layer {layer}: chunk at blob offset {offset}: {reason}")]
     Corrupt { layer: Digest, offset: u64, reason: String },
     #[error("layer {layer}: no such file node {node}")]
     NoNode { layer: Digest, node: NodeId },
+    #[error("layer {layer}: chunk at blob offset {offset}: {source}")]
+    Abandoned {
+        layer: Digest,
+        offset: u64,
+        #[source]
+        source: Abandoned,
+    },
+}
+
+impl FetchError {
+    /// The layer's blob is gone from its source: retrying will not help.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FetchError::Source { source, .. } if source.is_not_found())
+    }
 }
 
 /// Counters for tests, logs and metrics.
@@ -58,54 +87,64 @@ pub struct FetchStats {
     pub chunks_from_memory: AtomicU64,
 }
 
-type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
-type Answer = tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>;
+/// What every fetcher of the node shares.
+#[derive(Clone)]
+pub struct Services {
+    pub disk: Arc<DiskCache>,
+    pub mem: Arc<MemCache>,
+    pub scheduler: Arc<Scheduler>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Services {
+    pub fn new(disk: Arc<DiskCache>, mem: Arc<MemCache>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            disk,
+            mem,
+            scheduler: Scheduler::new(Arc::clone(&metrics)),
+            metrics,
+        }
+    }
+}
+
+type Fetched = Result<Bytes, FetchError>;
+/// Flights of chunks or spans; joiners get the urgency to raise.
+type FetchFlights<K> = Flights<K, Fetched, Arc<Urgency>>;
+type ChunkLead = Lead<ChunkId, Fetched, Arc<Urgency>>;
 
 /// Serves file bytes of one layer.
 pub struct Fetcher {
     layer: Digest,
     index: Arc<LayerIndex>,
-    source: BlobSource,
-    disk: Arc<DiskCache>,
-    mem: Arc<MemCache>,
-    inflight: Mutex<HashMap<ChunkId, ChunkFuture>>,
+    source: Arc<dyn RangeSource>,
+    node: Services,
+    chunk_flights: FetchFlights<ChunkId>,
     /// Spans being fetched (gzip-indexed layers), shared by their chunks.
-    span_inflight: Mutex<HashMap<u32, ChunkFuture>>,
+    span_flights: FetchFlights<u32>,
     /// Per file: (last chunk read, chunks already asked for up to), to spot sequential readers.
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
-    metrics: Arc<Metrics>,
-    /// Records reads into the image's start-up profile while one is recorded.
-    recorder: std::sync::OnceLock<Arc<Recorder>>,
+    observer: ObserverSlot,
 }
 
 impl Fetcher {
-    pub fn new(
-        layer: Digest,
-        index: Arc<LayerIndex>,
-        source: BlobSource,
-        disk: Arc<DiskCache>,
-        mem: Arc<MemCache>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
-        disk.pin(&layer);
+    pub fn new(layer: Digest, index: Arc<LayerIndex>, source: Arc<dyn RangeSource>, node: &Services) -> Arc<Self> {
+        node.disk.pin(&layer);
         Arc::new(Self {
             layer,
             index,
             source,
-            disk,
-            mem,
-            inflight: Mutex::default(),
-            span_inflight: Mutex::default(),
+            node: node.clone(),
+            chunk_flights: Flights::new(),
+            span_flights: Flights::new(),
             sequential: Mutex::default(),
             stats: FetchStats::default(),
-            metrics,
-            recorder: std::sync::OnceLock::new(),
+            observer: ObserverSlot::default(),
         })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.node.metrics
     }
 
     pub fn layer(&self) -> &Digest {
@@ -114,6 +153,16 @@ impl Fetcher {
 
     pub fn index(&self) -> &Arc<LayerIndex> {
         &self.index
+    }
+
+    /// Tells `observer` of every read from now on (replacing any other).
+    pub fn attach(&self, observer: Arc<dyn ReadObserver>) {
+        self.observer.attach(observer);
+    }
+
+    /// Stops telling `observer` (if it is the one attached).
+    pub fn detach(&self, observer: &Arc<dyn ReadObserver>) {
+        self.observer.detach(observer);
     }
 
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
@@ -126,18 +175,13 @@ impl Fetcher {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        if let Some(r) = self.recorder.get() {
-            r.record(&self.layer, node, offset, end - offset);
-        }
+        self.observer.notify(&self.layer, node, offset, end - offset);
         let ids = self.index.chunks_for_range(node, offset, end - offset);
-        if let BlobSource::Local(_) = &self.source {
+        if self.source.is_local() {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
-        self.metrics.read_waiting(true);
-        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await;
-        self.metrics.read_waiting(false);
-        let parts = parts?;
+        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await?;
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -186,32 +230,27 @@ impl Fetcher {
         }
     }
 
-    /// Records this layer's reads into a start-up profile (the first recorder stays).
-    pub fn set_recorder(&self, recorder: Arc<Recorder>) {
-        let _ = self.recorder.set(recorder);
-    }
-
     /// Is chunk `id` in the disk cache? (Cheap: nothing is read.)
     pub fn is_cached(&self, id: ChunkId) -> bool {
         match self.slot(None, id) {
-            Some(slot) => self.disk.has_in_file(&self.layer, slot),
-            None => self.disk.has(&self.key(id)),
+            Some(slot) => self.node.disk.has_in_file(&self.layer, slot),
+            None => self.node.disk.has(&self.key(id)),
         }
     }
 
     pub fn is_local(&self) -> bool {
-        matches!(self.source, BlobSource::Local(_))
+        self.source.is_local()
     }
 
     pub fn disk(&self) -> &Arc<DiskCache> {
-        &self.disk
+        &self.node.disk
     }
 
     /// The whole-file cache entry of `node`, for the kernel to read directly.
     pub fn cached_file(&self, node: NodeId) -> Option<PathBuf> {
-        match self.source {
-            BlobSource::Local(_) => None,
-            _ => self.disk.file(&self.layer, node),
+        match self.source.is_local() {
+            true => None,
+            false => self.node.disk.file(&self.layer, node),
         }
     }
 
@@ -238,70 +277,90 @@ impl Fetcher {
             let from = offset.max(c.file_offset);
             let to = end.min(c.file_offset + c.len);
             let data = self
-                .source
-                .read(&self.layer, c.blob_offset + (from - c.file_offset), to - from)
+                .read_source(c.blob_offset + (from - c.file_offset), to - from)
                 .await?;
             out.extend_from_slice(&data);
         }
         Ok(out.freeze())
     }
 
+    /// Exactly `len` bytes at `offset` of the blob, or a source error.
+    async fn read_source(&self, offset: u64, len: u64) -> Result<Bytes, FetchError> {
+        let err = |source| FetchError::Source {
+            layer: self.layer.clone(),
+            offset,
+            len,
+            source: Arc::new(source),
+        };
+        let data = self.source.read(offset, len).await.map_err(err)?;
+        if data.len() as u64 != len {
+            return Err(err(SourceError::Short { got: data.len() as u64 }));
+        }
+        Ok(data)
+    }
+
+    /// A remote range read, admitted by the scheduler at `urgency`, counted as `cause`.
+    async fn fetch_range(&self, offset: u64, len: u64, urgency: &Arc<Urgency>, cause: Cause) -> Fetched {
+        let _permit = self.node.scheduler.admit(urgency, len).await;
+        let data = self.read_source(offset, len).await?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+        self.node.metrics.fetched(cause, len);
+        Ok(data)
+    }
+
     /// Decoded, verified bytes of each chunk in `ids`, in order.
     /// `node` is the file they belong to (its whole-file entry may hold them;
-    /// `None`: each chunk's own file);
-    /// `cause` is what fetched bytes are counted as.
+    /// `None`: each chunk's own file); `cause` is what fetched bytes are
+    /// counted as, and how urgently they are fetched.
     pub async fn chunks(
         self: &Arc<Self>,
         node: Option<NodeId>,
         ids: impl IntoIterator<Item = ChunkId>,
         cause: Cause,
     ) -> Result<Vec<Bytes>, FetchError> {
-        let mut futures = Vec::new();
+        let urgency = Urgency::new(cause);
+        let mut waits = Vec::new();
+        let mut wanted = Vec::new();
         let mut mine = Vec::new();
         let mut mem_hits = 0;
-        {
-            let mut inflight = self.inflight.lock();
-            for id in ids {
-                if let Some(b) = self.mem.get(&self.key(id)) {
-                    self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
-                    mem_hits += 1;
-                    futures.push(futures::future::ready(Ok(b)).boxed().shared());
-                    continue;
+        for id in ids {
+            wanted.push(id);
+            if let Some(b) = self.node.mem.get(&self.key(id)) {
+                self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
+                mem_hits += 1;
+                waits.push(futures::future::ready(Some(Ok(b))).boxed().shared());
+                continue;
+            }
+            match self.chunk_flights.claim(&id, || Arc::clone(&urgency)) {
+                Claim::Done(v) => waits.push(futures::future::ready(Some(v)).boxed().shared()),
+                Claim::Joined(flight, theirs) => {
+                    if theirs.raise(cause) {
+                        self.node.scheduler.raised();
+                    }
+                    waits.push(flight);
                 }
-                if let Some(f) = inflight.get(&id) {
-                    futures.push(f.clone());
-                    continue;
+                Claim::Lead(lead) => {
+                    waits.push(lead.flight());
+                    mine.push(lead);
                 }
-                let (tx, rx) = tokio::sync::oneshot::channel::<Result<Bytes, FetchError>>();
-                let layer = self.layer.clone();
-                let offset = self.index.chunks[id as usize].blob_offset;
-                let fut = async move {
-                    rx.await.unwrap_or_else(|_| {
-                        Err(FetchError::Source {
-                            layer,
-                            offset,
-                            len: 0,
-                            message: "fetch task ended without an answer".into(),
-                        })
-                    })
-                }
-                .boxed()
-                .shared();
-                inflight.insert(id, fut.clone());
-                futures.push(fut);
-                mine.push((id, tx));
             }
         }
         if cause == Cause::OnDemand {
-            self.metrics.lookups(Lookup::MemoryHit, mem_hits);
+            self.node.metrics.lookups(Lookup::MemoryHit, mem_hits);
         }
         if !mine.is_empty() {
             // A task of its own: the fetch finishes (and fills the caches) even
             // if the reader that started it goes away.
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.load(node, mine, cause).await });
+            tokio::spawn(async move { this.load(node, mine, cause, urgency).await });
         }
-        futures::future::try_join_all(futures).await
+        let answers = futures::future::join_all(waits).await;
+        answers
+            .into_iter()
+            .zip(wanted)
+            .map(|(a, id)| a.unwrap_or_else(|| Err(self.abandoned(self.index.chunks[id as usize].blob_offset))))
+            .collect()
     }
 
     fn key(&self, id: ChunkId) -> ChunkKey {
@@ -313,119 +372,109 @@ impl Fetcher {
         }
     }
 
-    fn finish(&self, id: ChunkId, tx: Answer, result: Result<Bytes, FetchError>) {
+    /// Answers a chunk's flight (keeping good bytes in memory).
+    fn finish(&self, lead: ChunkLead, result: Fetched) {
         if let Ok(b) = &result {
-            self.mem.put(self.key(id), b.clone());
+            self.node.mem.put(self.key(*lead.key()), b.clone());
         }
-        self.inflight.lock().remove(&id);
-        let _ = tx.send(result);
+        lead.finish(result);
     }
 
-    /// Loads chunks this task owns: disk cache, then coalesced range requests.
-    async fn load(self: Arc<Self>, node: Option<NodeId>, mine: Vec<(ChunkId, Answer)>, cause: Cause) {
+    /// Loads chunks this task leads: disk cache, then coalesced range requests.
+    async fn load(self: Arc<Self>, node: Option<NodeId>, mine: Vec<ChunkLead>, cause: Cause, urgency: Arc<Urgency>) {
         let this = Arc::clone(&self);
-        let ids: Vec<ChunkId> = mine.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<ChunkId> = mine.iter().map(|l| *l.key()).collect();
         let ids_len = ids.len();
-        let from_disk = tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .map(|&id| {
-                    let key = this.key(id);
-                    let c = &this.index.chunks[id as usize];
-                    let slot = this.slot(node, id);
-                    let data = match slot {
-                        Some(slot) => this.disk.get_in_file(&this.layer, slot, c.len)?,
-                        None => this.disk.get(&key)?,
-                    };
-                    match decode::verify(c, &data) {
-                        Ok(()) => Some(Bytes::from(data)),
-                        Err(reason) => {
-                            warn!(layer = %this.layer, offset = key.blob_offset, %reason, "dropping corrupt cached chunk");
-                            match slot {
-                                Some(slot) => this.disk.remove_in_file(&this.layer, slot),
-                                None => this.disk.remove(&key),
-                            }
-                            None
-                        }
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let from_disk =
+            tokio::task::spawn_blocking(move || ids.iter().map(|&id| this.cached_chunk(node, id)).collect::<Vec<_>>())
+                .await
+                .unwrap_or_default();
         let mut missing = Vec::new();
-        for (i, (id, tx)) in mine.into_iter().enumerate() {
+        for (i, lead) in mine.into_iter().enumerate() {
             match from_disk.get(i).cloned().flatten() {
                 Some(b) => {
                     self.stats.chunks_from_disk.fetch_add(1, Ordering::Relaxed);
-                    self.finish(id, tx, Ok(b));
+                    self.finish(lead, Ok(b));
                 }
-                None => missing.push((id, tx)),
+                None => missing.push(lead),
             }
         }
         if cause == Cause::OnDemand {
-            self.metrics.lookups(Lookup::DiskHit, (ids_len - missing.len()) as u64);
-            self.metrics.lookups(Lookup::Miss, missing.len() as u64);
+            self.node
+                .metrics
+                .lookups(Lookup::DiskHit, (ids_len - missing.len()) as u64);
+            self.node.metrics.lookups(Lookup::Miss, missing.len() as u64);
         }
         if self.index.spans.is_some() {
-            return self.load_spans(node, missing, cause).await;
+            return self.load_spans(node, missing, cause, urgency).await;
         }
-        let runs = coalesce(&self.index.chunks, missing);
-        futures::future::join_all(runs.into_iter().map(|run| self.clone().fetch_run(node, run, cause))).await;
+        let runs = coalesce(&self.index.chunks, missing, |l| *l.key());
+        futures::future::join_all(
+            runs.into_iter()
+                .map(|run| self.clone().fetch_run(node, run, cause, Arc::clone(&urgency))),
+        )
+        .await;
+    }
+
+    /// A chunk from the disk cache, verified (blocking); a corrupt one is dropped.
+    fn cached_chunk(&self, node: Option<NodeId>, id: ChunkId) -> Option<Bytes> {
+        let key = self.key(id);
+        let c = &self.index.chunks[id as usize];
+        let slot = self.slot(node, id);
+        let data = match slot {
+            Some(slot) => self.node.disk.get_in_file(&self.layer, slot, c.len)?,
+            None => self.node.disk.get(&key)?,
+        };
+        match decode::verify(c, &data) {
+            Ok(()) => Some(Bytes::from(data)),
+            Err(reason) => {
+                warn!(layer = %self.layer, offset = key.blob_offset, %reason, "dropping corrupt cached chunk");
+                match slot {
+                    Some(slot) => self.node.disk.remove_in_file(&self.layer, slot),
+                    None => self.node.disk.remove(&key),
+                }
+                None
+            }
+        }
     }
 
     /// One range request for a run of chunks; each is decoded and verified,
     /// and a run with a bad chunk is fetched once more before failing. Readers
     /// get their answers first; the disk cache is written after.
-    async fn fetch_run(self: Arc<Self>, node: Option<NodeId>, run: Vec<(ChunkId, Answer)>, cause: Cause) {
+    async fn fetch_run(
+        self: Arc<Self>,
+        node: Option<NodeId>,
+        run: Vec<ChunkLead>,
+        cause: Cause,
+        urgency: Arc<Urgency>,
+    ) {
         let chunks = &self.index.chunks;
-        let start = chunks[run[0].0 as usize].blob_offset;
+        let start = chunks[*run[0].key() as usize].blob_offset;
         let end = run
             .iter()
-            .map(|(id, _)| chunks[*id as usize].blob_offset + chunks[*id as usize].blob_len)
+            .map(|l| chunks[*l.key() as usize].blob_offset + chunks[*l.key() as usize].blob_len)
             .max()
             .unwrap_or(start);
-        let mut results: Vec<Result<Bytes, FetchError>> = Vec::new();
+        let mut results: Vec<Fetched> = Vec::new();
         for attempt in 0..2 {
-            results.clear();
-            let data = match self.source.read(&self.layer, start, end - start).await {
+            let data = match self.fetch_range(start, end - start, &urgency, cause).await {
                 Ok(d) => d,
                 Err(e) => {
                     results = run.iter().map(|_| Err(e.clone())).collect();
                     break;
                 }
             };
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            self.metrics.fetched(cause, data.len() as u64);
             let this = Arc::clone(&self);
-            let ids: Vec<ChunkId> = run.iter().map(|(id, _)| *id).collect();
-            results = tokio::task::spawn_blocking(move || {
-                ids.iter()
-                    .map(|&id| {
-                        let c = &this.index.chunks[id as usize];
-                        let raw =
-                            data.slice((c.blob_offset - start) as usize..(c.blob_offset + c.blob_len - start) as usize);
-                        let decoded = decode::decode(c, &raw)
-                            .and_then(|d| decode::verify(c, &d).map(|()| d))
-                            .map_err(|reason| FetchError::Corrupt {
-                                layer: this.layer.clone(),
-                                offset: c.blob_offset,
-                                reason,
-                            })?;
-                        Ok(decoded)
-                    })
-                    .collect()
-            })
-            .await
-            .unwrap_or_else(|e| {
-                vec![Err(FetchError::Corrupt {
-                    layer: self.layer.clone(),
-                    offset: start,
-                    reason: format!("decoder panicked: {e}"),
-                })]
-            });
-            let corrupt = results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. })));
-            if !corrupt {
+            let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
+            results =
+                tokio::task::spawn_blocking(move || ids.iter().map(|&id| this.decode_in(&data, start, id)).collect())
+                    .await
+                    .unwrap_or_else(|e| {
+                        run.iter()
+                            .map(|_| Err(self.corrupt(start, format!("decoder panicked: {e}"))))
+                            .collect()
+                    });
+            if !results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. }))) {
                 break;
             }
             if attempt == 0 {
@@ -433,21 +482,24 @@ impl Fetcher {
             }
         }
         let mut keep = Vec::with_capacity(run.len());
-        for (i, (id, tx)) in run.into_iter().enumerate() {
-            let r = results.get(i).cloned().unwrap_or_else(|| {
-                Err(FetchError::Corrupt {
-                    layer: self.layer.clone(),
-                    offset: start,
-                    reason: "no result".into(),
-                })
-            });
+        for (lead, r) in run.into_iter().zip(results) {
             match &r {
-                Ok(b) => keep.push((id, b.clone())),
+                Ok(b) => keep.push((*lead.key(), b.clone())),
                 Err(e) => warn!(error = %e, "chunk read failed"),
             }
-            self.finish(id, tx, r);
+            self.finish(lead, r);
         }
         self.store(node, keep).await;
+    }
+
+    /// Chunk `id` decoded and verified from `data`, the blob bytes from `start`.
+    fn decode_in(&self, data: &Bytes, start: u64, id: ChunkId) -> Fetched {
+        let c = &self.index.chunks[id as usize];
+        let from = (c.blob_offset - start) as usize;
+        let raw = data.slice(from..from + c.blob_len as usize);
+        decode::decode(c, &raw)
+            .and_then(|d| decode::verify(c, &d).map(|()| d))
+            .map_err(|reason| self.corrupt(c.blob_offset, reason))
     }
 
     /// Writes fetched chunks to the disk cache (after their readers have them).
@@ -459,8 +511,8 @@ impl Fetcher {
         let _ = tokio::task::spawn_blocking(move || {
             for (id, data) in keep {
                 let stored = match this.slot(node, id) {
-                    Some(slot) => this.disk.put_in_file(&this.layer, slot, &data),
-                    None => this.disk.put(&this.key(id), &data),
+                    Some(slot) => this.node.disk.put_in_file(&this.layer, slot, &data),
+                    None => this.node.disk.put(&this.key(id), &data),
                 };
                 if let Err(e) = stored {
                     warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
@@ -477,70 +529,41 @@ impl Fetcher {
             reason,
         }
     }
+
+    fn abandoned(&self, offset: u64) -> FetchError {
+        FetchError::Abandoned {
+            layer: self.layer.clone(),
+            offset,
+            source: Abandoned,
+        }
+    }
 }
 
 impl Drop for Fetcher {
     fn drop(&mut self) {
-        self.disk.unpin(&self.layer);
+        self.node.disk.unpin(&self.layer);
     }
 }
 
-/// Groups chunks (in id order) into runs that one range request can serve.
-fn coalesce<T>(chunks: &[Chunk], mut ids: Vec<(ChunkId, T)>) -> Vec<Vec<(ChunkId, T)>> {
-    ids.sort_by_key(|(id, _)| chunks[*id as usize].blob_offset);
-    let mut runs: Vec<Vec<(ChunkId, T)>> = Vec::new();
+/// Groups chunks (in blob order) into runs that one range request can serve.
+fn coalesce<T>(chunks: &[Chunk], mut items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<Vec<T>> {
+    items.sort_by_key(|t| chunks[id(t) as usize].blob_offset);
+    let mut runs: Vec<Vec<T>> = Vec::new();
     let mut run_start = 0;
     let mut run_end = 0;
-    for (id, t) in ids {
-        let c = &chunks[id as usize];
-        let extends = match runs.last() {
-            Some(_) => {
-                c.blob_offset <= run_end + MAX_GAP
-                    && (c.blob_offset + c.blob_len).max(run_end) - run_start <= MAX_REQUEST
-            }
-            None => false,
-        };
+    for t in items {
+        let c = &chunks[id(&t) as usize];
+        let extends = !runs.is_empty()
+            && c.blob_offset <= run_end + MAX_GAP
+            && (c.blob_offset + c.blob_len).max(run_end) - run_start <= MAX_REQUEST;
         if extends {
             run_end = run_end.max(c.blob_offset + c.blob_len);
-            runs.last_mut().expect("a run").push((id, t));
+            runs.last_mut().expect("a run").push(t);
         } else {
             run_start = c.blob_offset;
             run_end = c.blob_offset + c.blob_len;
-            runs.push(vec![(id, t)]);
+            runs.push(vec![t]);
         }
     }
     runs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::index::Encoding;
-
-    fn chunk(blob_offset: u64, blob_len: u64) -> Chunk {
-        Chunk {
-            file_offset: 0,
-            len: blob_len,
-            blob_offset,
-            blob_len,
-            inner_offset: 0,
-            encoding: Encoding::Raw,
-            digest: None,
-        }
-    }
-
-    #[test]
-    fn neighbours_coalesce_and_distant_chunks_do_not() {
-        let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
-        let runs = coalesce(&chunks, vec![(0, ()), (1, ()), (2, ())]);
-        let ids: Vec<Vec<ChunkId>> = runs.iter().map(|r| r.iter().map(|(i, _)| *i).collect()).collect();
-        assert_eq!(ids, vec![vec![0, 1], vec![2]]);
-    }
-
-    #[test]
-    fn runs_stay_under_the_request_limit() {
-        let chunks: Vec<Chunk> = (0..8).map(|i| chunk(i * (4 << 20), 4 << 20)).collect();
-        let runs = coalesce(&chunks, (0..8).map(|i| (i, ())).collect());
-        assert_eq!(runs.len(), 2);
-    }
 }

@@ -1,43 +1,104 @@
-//! Where a layer's bytes come from: the registry (range reads) or a local
-//! file (layers downloaded whole and verified against their digest).
+//! Where a layer's bytes come from: the seam between the fetcher and the
+//! network. The registry (range reads) and a local file (a layer downloaded
+//! whole and verified against its digest) are the two real sources;
+//! [`super::testing`] has an in-process one that injects faults.
 
-use super::FetchError;
 use crate::digest::Digest;
-use crate::registry::{Reference, Registry};
+use crate::registry::{Reference, Registry, RegistryError};
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(Clone)]
-pub enum BlobSource {
-    Registry { registry: Arc<Registry>, repo: Reference },
-    Local(Arc<std::fs::File>),
+/// Range reads of one layer blob.
+pub trait RangeSource: Send + Sync {
+    /// `len` bytes at `offset` of the blob (the fetcher checks the length).
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>>;
+
+    /// The bytes are on this node already: no caching, read-ahead or scheduling.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
-impl BlobSource {
-    /// Exactly `len` bytes at `offset` of the layer's blob.
-    pub async fn read(&self, layer: &Digest, offset: u64, len: u64) -> Result<Bytes, FetchError> {
-        let err = |message: String| FetchError::Source {
-            layer: layer.clone(),
-            offset,
-            len,
-            message,
-        };
-        match self {
-            BlobSource::Registry { registry, repo } => registry
-                .read_blob_range(repo, layer, offset, len)
-                .await
-                .map_err(|e| err(e.to_string())),
-            BlobSource::Local(file) => {
-                let file = Arc::clone(file);
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| err(e.to_string()))?
-                .map_err(|e| err(e.to_string()))
-            }
+/// A range read that failed; keeps the cause so callers can tell "not
+/// found" from "try again".
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the source answered {got} bytes")]
+    Short { got: u64 },
+    /// A fault injected by a test source.
+    #[error("injected fault: {0}")]
+    Injected(String),
+    #[error("the source is gone: {0}")]
+    NotFound(String),
+}
+
+impl SourceError {
+    /// The blob (or its repository) does not exist there: retrying will not help.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Registry(RegistryError::NotFound { .. }) | SourceError::NotFound(_)
+        )
+    }
+}
+
+/// A blob in a registry repository.
+pub struct RegistrySource {
+    pub registry: Arc<Registry>,
+    pub repo: Reference,
+    pub digest: Digest,
+}
+
+impl RangeSource for RegistrySource {
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        async move {
+            Ok(self
+                .registry
+                .read_blob_range(&self.repo, &self.digest, offset, len)
+                .await?)
         }
+        .boxed()
+    }
+}
+
+/// A layer kept on local disk.
+pub struct FileSource {
+    pub path: PathBuf,
+    pub file: Arc<std::fs::File>,
+}
+
+impl RangeSource for FileSource {
+    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        let (file, path) = (Arc::clone(&self.file), self.path.clone());
+        async move {
+            let io = |source| SourceError::Io {
+                path: path.clone(),
+                source,
+            };
+            let len = usize::try_from(len).map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .map_err(io)
+        }
+        .boxed()
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }

@@ -1,15 +1,13 @@
 //! Chunks of gzip-indexed layers: each is a slice of its span's output, so
-//! they are loaded by span (one shared fetch, one inflate, one digest check
+//! they are loaded by span (one shared flight, one inflate, one digest check
 //! per span, the output kept in the memory cache for the span's other files).
 
-use super::{Answer, FetchError, Fetcher};
+use super::{ChunkLead, FetchError, Fetched, Fetcher, Urgency};
 use crate::cache::ChunkKey;
+use crate::flight::Claim;
 use crate::index::{ChunkId, Encoding, NodeId};
 use crate::metrics::Cause;
-use bytes::Bytes;
-use futures::future::FutureExt;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::warn;
 
@@ -22,27 +20,28 @@ impl Fetcher {
     pub(super) async fn load_spans(
         self: Arc<Self>,
         node: Option<NodeId>,
-        missing: Vec<(ChunkId, Answer)>,
+        missing: Vec<ChunkLead>,
         cause: Cause,
+        urgency: Arc<Urgency>,
     ) {
-        let mut by_span: BTreeMap<u32, Vec<(ChunkId, Answer)>> = BTreeMap::new();
-        for (id, tx) in missing {
-            let c = &self.index.chunks[id as usize];
+        let mut by_span: BTreeMap<u32, Vec<ChunkLead>> = BTreeMap::new();
+        for lead in missing {
+            let c = &self.index.chunks[*lead.key() as usize];
             match c.encoding {
-                Encoding::Span(s) => by_span.entry(s).or_default().push((id, tx)),
+                Encoding::Span(s) => by_span.entry(s).or_default().push(lead),
                 _ => {
                     let e = self.corrupt(c.blob_offset, "not a span chunk in a gzip-indexed layer".into());
-                    self.finish(id, tx, Err(e));
+                    self.finish(lead, Err(e));
                 }
             }
         }
         let groups = by_span.into_iter().map(|(s, group)| {
-            let this = Arc::clone(&self);
+            let (this, urgency) = (Arc::clone(&self), Arc::clone(&urgency));
             async move {
-                let span = this.span(s, cause).await;
-                let mut keep = Vec::with_capacity(group.len());
-                for (id, tx) in group {
-                    let c = &this.index.chunks[id as usize];
+                let span = this.span(s, cause, urgency).await;
+                let mut keep: Vec<(ChunkId, _)> = Vec::with_capacity(group.len());
+                for lead in group {
+                    let c = &this.index.chunks[*lead.key() as usize];
                     let (from, to) = (c.inner_offset as usize, (c.inner_offset + c.len) as usize);
                     let r = span.clone().and_then(|out| match out.get(from..to) {
                         Some(_) => Ok(out.slice(from..to)),
@@ -52,9 +51,9 @@ impl Fetcher {
                         )),
                     });
                     if let Ok(b) = &r {
-                        keep.push((id, b.clone()));
+                        keep.push((*lead.key(), b.clone()));
                     }
-                    this.finish(id, tx, r);
+                    this.finish(lead, r);
                 }
                 this.store(node, keep).await;
             }
@@ -62,31 +61,35 @@ impl Fetcher {
         futures::future::join_all(groups).await;
     }
 
-    /// The verified output of span `s`: memory cache, else one shared fetch.
-    async fn span(self: &Arc<Self>, s: u32, cause: Cause) -> Result<Bytes, FetchError> {
+    /// The verified output of span `s`: memory cache, else one shared flight.
+    async fn span(self: &Arc<Self>, s: u32, cause: Cause, urgency: Arc<Urgency>) -> Fetched {
         let key = self.span_key(s);
-        if let Some(b) = self.mem.get(&key) {
+        if let Some(b) = self.node.mem.get(&key) {
             return Ok(b);
         }
-        let fut = self
-            .span_inflight
-            .lock()
-            .entry(s)
-            .or_insert_with(|| {
-                let this = Arc::clone(self);
-                async move {
-                    let r = this.fetch_span(s, cause).await;
-                    if let Ok(b) = &r {
-                        this.mem.put(this.span_key(s), b.clone());
-                    }
-                    this.span_inflight.lock().remove(&s);
-                    r
+        let flight = match self.span_flights.claim(&s, || Arc::clone(&urgency)) {
+            Claim::Done(v) => return v,
+            Claim::Joined(flight, theirs) => {
+                if theirs.raise(cause) {
+                    self.node.scheduler.raised();
                 }
-                .boxed()
-                .shared()
-            })
-            .clone();
-        fut.await
+                flight
+            }
+            Claim::Lead(lead) => {
+                let flight = lead.flight();
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    let r = this.fetch_span(s, cause, &urgency).await;
+                    if let Ok(b) = &r {
+                        this.node.mem.put(this.span_key(s), b.clone());
+                    }
+                    lead.finish(r);
+                });
+                flight
+            }
+        };
+        let offset = self.span_key(s).blob_offset;
+        flight.await.unwrap_or_else(|| Err(self.abandoned(offset)))
     }
 
     fn span_key(&self, s: u32) -> ChunkKey {
@@ -105,7 +108,7 @@ impl Fetcher {
 
     /// Fetches span `s` with one range request, inflates it from its
     /// checkpoint and checks its digest; a bad span is fetched once more.
-    async fn fetch_span(self: &Arc<Self>, s: u32, cause: Cause) -> Result<Bytes, FetchError> {
+    async fn fetch_span(self: &Arc<Self>, s: u32, cause: Cause, urgency: &Arc<Urgency>) -> Fetched {
         let Some(spans) = self.index.spans.clone() else {
             return Err(self.corrupt(0, "layer has no gzip index spans".into()));
         };
@@ -115,10 +118,7 @@ impl Fetcher {
             .ok_or_else(|| self.corrupt(0, format!("no span {s}")))?;
         let mut reason = String::new();
         for attempt in 0..2 {
-            let data = self.source.read(&self.layer, sp.blob_offset, sp.blob_len).await?;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            self.metrics.fetched(cause, data.len() as u64);
+            let data = self.fetch_range(sp.blob_offset, sp.blob_len, urgency, cause).await?;
             let spans = Arc::clone(&spans);
             match tokio::task::spawn_blocking(move || spans.decode(s, &data)).await {
                 Ok(Ok(out)) => return Ok(out),
@@ -129,6 +129,10 @@ impl Fetcher {
                 warn!(layer = %self.layer, span = s, %reason, "span failed verification, fetching once more");
             }
         }
-        Err(self.corrupt(sp.blob_offset, reason))
+        Err(FetchError::Corrupt {
+            layer: self.layer.clone(),
+            offset: sp.blob_offset,
+            reason,
+        })
     }
 }

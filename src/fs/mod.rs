@@ -104,8 +104,8 @@ impl LayerFs {
         attr::file_attr(id, &self.index.nodes[id as usize])
     }
 
-    /// Mounts this layer read-only at `mountpoint`; unmounted when the session is dropped.
-    pub fn mount(self, mountpoint: &Path, name: &str) -> std::io::Result<fuser::BackgroundSession> {
+    /// Mounts this layer read-only at `mountpoint`; unmounted when the result is dropped.
+    pub fn mount(self, mountpoint: &Path, name: &str) -> std::io::Result<MountedLayer> {
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::RO,
@@ -121,8 +121,13 @@ impl LayerFs {
         config.clone_fd = true;
         let session = fuser::spawn_mount(self, mountpoint, &config)?;
         raise_read_ahead(mountpoint);
-        Ok(session)
+        Ok(MountedLayer { _session: session })
     }
+}
+
+/// A layer's FUSE mount, served by its own threads; dropping it unmounts.
+pub struct MountedLayer {
+    _session: fuser::BackgroundSession,
 }
 
 impl Filesystem for LayerFs {

@@ -3,12 +3,11 @@
 
 use super::{LayerContext, LayerError, LayerFormat};
 use crate::digest::Digest;
-use crate::fetch::BlobSource;
+use crate::fetch::{FileSource, RangeSource};
 use crate::index::{self, LayerIndex};
 use crate::registry::{LayerDescriptor, Reference};
 use sha2::Digest as _;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -18,7 +17,7 @@ pub async fn open_downloaded(
     ctx: &LayerContext,
     image: &Reference,
     desc: &LayerDescriptor,
-) -> Result<(LayerFormat, LayerIndex, BlobSource), LayerError> {
+) -> Result<(LayerFormat, LayerIndex, Arc<dyn RangeSource>), LayerError> {
     let layer = desc.digest.clone();
     let other = |reason: String| LayerError::Other {
         image: image.to_string(),
@@ -43,17 +42,10 @@ pub async fn open_downloaded(
     let file =
         Arc::new(std::fs::File::open(&tar_path).map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?);
     let size = file.metadata().map_err(|e| other(e.to_string()))?.len();
-    let f = Arc::clone(&file);
-    let read = move |offset: u64, len: u64| {
-        let f = Arc::clone(&f);
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, offset).map(|()| bytes::Bytes::from(buf))
-            })
-            .await
-            .map_err(std::io::Error::other)?
-        }
+    let source = Arc::new(FileSource { path: tar_path, file });
+    let read = |offset: u64, len: u64| {
+        let source = Arc::clone(&source);
+        async move { source.read(offset, len).await }
     };
     let idx = index::tar::index_tar(&layer, size, super::TAR_CHUNK_SIZE, read)
         .await
@@ -61,7 +53,7 @@ pub async fn open_downloaded(
             image: image.to_string(),
             source,
         })?;
-    Ok((LayerFormat::Downloaded, idx, BlobSource::Local(file)))
+    Ok((LayerFormat::Downloaded, idx, source))
 }
 
 /// Streams the blob to `path`, hashing as it goes; fails on a digest or size mismatch.

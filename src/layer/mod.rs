@@ -4,11 +4,9 @@
 mod download;
 pub mod gzip_index;
 
-use crate::cache::{DiskCache, MemCache};
 use crate::digest::Digest;
-use crate::fetch::{BlobSource, Fetcher};
+use crate::fetch::{self, Fetcher, RangeSource, RegistrySource};
 use crate::index::{self, IndexError, LayerIndex};
-use crate::metrics::Metrics;
 use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,11 +34,10 @@ pub enum LayerFormat {
 /// What everything that opens layers shares.
 pub struct LayerContext {
     pub registry: Arc<Registry>,
-    pub disk: Arc<DiskCache>,
-    pub mem: Arc<MemCache>,
+    /// Caches, request scheduler and metrics every fetcher of the node shares.
+    pub fetch: fetch::Services,
     /// Where downloaded layers are kept (decompressed tar per digest).
     pub layers_dir: PathBuf,
-    pub metrics: Arc<Metrics>,
     /// Checkpoint indexes of gzip layers.
     pub indexes: Arc<gzip_index::IndexStore>,
     /// Longest wait for landmark files before a layer counts as mounted (0: no prefetch).
@@ -128,10 +125,11 @@ pub async fn open(
     let started = Instant::now();
     let name = image.to_string();
     let layer = desc.digest.clone();
-    let remote = BlobSource::Registry {
+    let remote: Arc<dyn RangeSource> = Arc::new(RegistrySource {
         registry: Arc::clone(&ctx.registry),
         repo: image.clone(),
-    };
+        digest: desc.digest.clone(),
+    });
     let read = |offset: u64, len: u64| {
         let (registry, repo, digest) = (Arc::clone(&ctx.registry), image.clone(), desc.digest.clone());
         async move { registry.read_blob_range(&repo, &digest, offset, len).await }
@@ -207,14 +205,7 @@ pub async fn open(
         ms = started.elapsed().as_millis() as u64,
         "layer indexed"
     );
-    let fetcher = Fetcher::new(
-        layer.clone(),
-        index,
-        source,
-        Arc::clone(&ctx.disk),
-        Arc::clone(&ctx.mem),
-        Arc::clone(&ctx.metrics),
-    );
+    let fetcher = Fetcher::new(layer.clone(), index, source, &ctx.fetch);
     if !fetcher.index().prefetch.is_empty() {
         crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
     }

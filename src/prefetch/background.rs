@@ -1,9 +1,9 @@
 //! Background fill: once a layer is mounted (and a short delay has passed),
-//! the rest of it is fetched into the disk cache at the lowest priority, so
-//! that within minutes the node no longer needs the registry. It yields to
-//! every on-demand read, keeps under a bandwidth cap, and stops rather than
-//! thrash when the cache bound cannot hold the layer next to the other
-//! mounted layers' data.
+//! the rest of it is fetched into the disk cache at `background` priority, so
+//! that within minutes the node no longer needs the registry. The fetch
+//! scheduler starts its requests only when nothing more urgent is in flight;
+//! the fill keeps under a bandwidth cap, and stops rather than thrash when the
+//! cache bound cannot hold the layer next to the other mounted layers' data.
 
 use crate::fetch::Fetcher;
 use crate::index::ChunkId;
@@ -16,8 +16,8 @@ use tracing::{info, warn};
 const BATCH: u64 = 8 << 20;
 /// Longest wait for the fill's last cache writes.
 const WRITES_LAND: Duration = Duration::from_secs(30);
-/// How often a fill waiting for on-demand reads looks again.
-const YIELD: Duration = Duration::from_millis(20);
+/// How often a fill waiting for its last cache writes looks again.
+const WRITES_POLL: Duration = Duration::from_millis(100);
 
 /// Per-node settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,10 +124,6 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig) -> FillEnd {
         if batch.is_empty() {
             continue;
         }
-        // On-demand reads of any layer go first.
-        while f.metrics().reads_waiting() {
-            tokio::time::sleep(YIELD).await;
-        }
         let n = batch.len();
         if let Err(e) = f.chunks(None, batch, Cause::Background).await {
             return FillEnd::Failed(e.to_string());
@@ -156,6 +152,6 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig) -> FillEnd {
             return FillEnd::CacheTooSmall;
         }
         drop(f);
-        tokio::time::sleep(YIELD * 5).await;
+        tokio::time::sleep(WRITES_POLL).await;
     }
 }

@@ -6,7 +6,8 @@
 //! container asks.
 
 use crate::digest::Digest;
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, ReadObserver};
+use crate::flight::Flights;
 use crate::index::{ChunkId, LayerIndex, NodeId};
 use crate::metrics::Cause;
 use crate::registry::referrers::{ArtifactBlob, Subject};
@@ -16,8 +17,9 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -54,17 +56,24 @@ pub fn repo_tag(image: &Digest) -> String {
     format!("profile-sha256-{}", image.hex())
 }
 
-/// Records the reads of one image until they go quiet.
+/// How long "no profile is published for this image" is believed.
+const RECHECK_AFTER: Duration = Duration::from_secs(60);
+/// Images whose registry lookups are remembered.
+const LOOKUPS_KEPT: usize = 256;
+
+/// Records the reads of one image until they go quiet: attached to the
+/// fetcher of each of the image's layers as it opens, detached when done.
 pub struct Recorder {
     image: Digest,
     reads: Mutex<Vec<(Digest, NodeId, u64, u64)>>,
     indexes: Mutex<HashMap<Digest, Arc<LayerIndex>>>,
     last_read: Mutex<Option<Instant>>,
+    fetchers: Mutex<Vec<Weak<Fetcher>>>,
 }
 
-impl Recorder {
-    /// A read served to a container (called by the fetcher).
-    pub fn record(&self, layer: &Digest, node: NodeId, offset: u64, len: u64) {
+impl ReadObserver for Recorder {
+    /// A read served to a container.
+    fn read(&self, layer: &Digest, node: NodeId, offset: u64, len: u64) {
         let mut reads = self.reads.lock();
         // A read continuing the previous one of the same file extends it.
         if let Some((l, n, o, ln)) = reads.last_mut() {
@@ -76,6 +85,16 @@ impl Recorder {
         }
         reads.push((layer.clone(), node, offset, len));
         *self.last_read.lock() = Some(Instant::now());
+    }
+}
+
+impl Recorder {
+    /// Stops recording: no fetcher tells this recorder of reads any more.
+    fn detach(self: &Arc<Self>) {
+        let me: Arc<dyn ReadObserver> = Arc::clone(self) as Arc<dyn ReadObserver>;
+        for f in self.fetchers.lock().drain(..).filter_map(|f| f.upgrade()) {
+            f.detach(&me);
+        }
     }
 
     fn to_profile(&self) -> Profile {
@@ -134,6 +153,8 @@ pub struct Profiles {
     /// Repositories searched for profiles (tag per image manifest).
     repos: Vec<Reference>,
     recorders: Mutex<HashMap<Digest, Arc<Recorder>>>,
+    /// Registry lookups by image manifest: one per image however many layers open.
+    lookups: Flights<Digest, Option<Arc<Profile>>>,
     replay: bool,
 }
 
@@ -145,6 +166,9 @@ impl Profiles {
             auto_push,
             repos,
             recorders: Mutex::default(),
+            lookups: Flights::caching(NonZeroUsize::new(LOOKUPS_KEPT).expect("non-zero"), |found| {
+                found.is_none().then_some(RECHECK_AFTER)
+            }),
             replay: true,
         }
     }
@@ -194,8 +218,13 @@ impl Profiles {
     ) {
         let Some(manifest) = image.digest.clone() else { return };
         let profile = match self.load(&manifest) {
-            Some(p) => Some(p),
-            None if self.replay => self.fetch(registry, image, &manifest).await,
+            Some(p) => Some(Arc::new(p)),
+            None if self.replay => {
+                let (this, registry, image, m) =
+                    (Arc::clone(self), Arc::clone(registry), image.clone(), manifest.clone());
+                let lookup = move || async move { this.fetch(&registry, &image, &m).await.map(Arc::new) };
+                self.lookups.run(manifest.clone(), lookup).await.ok().flatten()
+            }
             None => None,
         };
         match profile {
@@ -214,7 +243,7 @@ impl Profiles {
     ) {
         let (recorder, new) = {
             let mut recorders = self.recorders.lock();
-            match recorders.get(manifest) {
+            let (recorder, new) = match recorders.get(manifest) {
                 Some(r) => (Arc::clone(r), false),
                 None => {
                     let r = Arc::new(Recorder {
@@ -222,17 +251,22 @@ impl Profiles {
                         reads: Mutex::default(),
                         indexes: Mutex::default(),
                         last_read: Mutex::default(),
+                        fetchers: Mutex::default(),
                     });
                     recorders.insert(manifest.clone(), Arc::clone(&r));
                     (r, true)
                 }
-            }
+            };
+            // Attached under the map's lock: a recording that ends takes it
+            // out of the map first, so it detaches from every fetcher it got.
+            recorder
+                .indexes
+                .lock()
+                .insert(fetcher.layer().clone(), Arc::clone(fetcher.index()));
+            recorder.fetchers.lock().push(Arc::downgrade(fetcher));
+            fetcher.attach(Arc::clone(&recorder) as Arc<dyn ReadObserver>);
+            (recorder, new)
         };
-        recorder
-            .indexes
-            .lock()
-            .insert(fetcher.layer().clone(), Arc::clone(fetcher.index()));
-        fetcher.set_recorder(Arc::clone(&recorder));
         if new {
             info!(image = %image, "recording the start-up profile");
             let (this, registry, image) = (Arc::clone(self), Arc::clone(registry), image.clone());
@@ -250,12 +284,14 @@ impl Profiles {
                 Some(t) if t.elapsed() >= self.quiet => break,
                 None if started.elapsed() > MAX_IDLE_RECORDING => {
                     self.recorders.lock().remove(&recorder.image);
+                    recorder.detach();
                     return;
                 }
                 _ => {}
             }
         }
         self.recorders.lock().remove(&recorder.image);
+        recorder.detach();
         let profile = recorder.to_profile();
         let bytes: u64 = profile.reads.iter().map(|r| r.len).sum();
         if let Err(e) = self.store(&profile) {

@@ -61,7 +61,7 @@ pub struct Mount {
 }
 
 /// Failures, by the gRPC code containerd expects for each.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone)]
 pub enum SnapshotError {
     #[error("{0}: not found")]
     NotFound(String),
@@ -73,6 +73,9 @@ pub enum SnapshotError {
     InvalidArgument(String),
     #[error("{0}")]
     Internal(String),
+    /// A layer that cannot be served lazily.
+    #[error(transparent)]
+    Remote(std::sync::Arc<remote::RemoteError>),
 }
 
 /// Largest label key plus value, as containerd's metadata store allows.
@@ -107,6 +110,8 @@ pub struct Snapshots {
     store: Store,
     /// Overlayfs knows `index=off` (then we pass it, as containerd does).
     index_off: bool,
+    /// Ids reserved for remote snapshots being mounted (cleanup leaves them alone).
+    reserved: parking_lot::Mutex<HashSet<u64>>,
 }
 
 impl Snapshots {
@@ -118,6 +123,7 @@ impl Snapshots {
             root: root.to_path_buf(),
             store,
             index_off,
+            reserved: Default::default(),
         })
     }
 
@@ -311,37 +317,42 @@ impl Snapshots {
         Ok(())
     }
 
-    /// Records a committed snapshot whose files are a lazily served layer;
-    /// `mount` is called with the new snapshot's fs path to mount it there.
+    /// Reserves an id (and an empty `fs` dir) for a committed snapshot
+    /// `name` whose files will be a lazily served layer: checks that `name`
+    /// is free and `parent` committed. The caller mounts the layer at
+    /// [`Self::fs_path`], outside any transaction, then calls
+    /// [`Self::commit_remote`] (or [`Self::release_reserved`] on failure).
+    pub fn reserve_remote(&self, name: &str, parent: &str) -> Result<u64, SnapshotError> {
+        let id = self.store.write(|tx| {
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
+            }
+            remote_parent(tx, parent)?;
+            tx.next_id()
+        })?;
+        self.reserved.lock().insert(id);
+        if let Err(e) = make_dir(&self.fs_path(id)) {
+            self.release_reserved(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Records the committed snapshot reserved as `id`, its layer mounted.
     pub fn commit_remote(
         &self,
         name: &str,
         parent: &str,
+        id: u64,
         labels: BTreeMap<String, String>,
         remote: RemoteLayer,
-        mount: impl FnOnce(&Path) -> Result<(), SnapshotError>,
     ) -> Result<(), SnapshotError> {
         validate_labels(&labels)?;
-        self.store.write(|tx| {
+        let result = self.store.write(|tx| {
             if tx.get(name)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
             }
-            let parent = match parent {
-                "" => None,
-                p => match tx.get(p)? {
-                    Some(r) if r.kind == Kind::Committed => Some(p.to_string()),
-                    Some(_) => {
-                        return Err(SnapshotError::InvalidArgument(format!(
-                            "parent {p} is not a committed snapshot"
-                        )))
-                    }
-                    None => return Err(SnapshotError::NotFound(format!("parent snapshot {p}"))),
-                },
-            };
-            let id = tx.next_id()?;
-            let fs = self.fs_path(id);
-            make_dir(&fs)?;
-            mount(&fs)?;
+            let parent = remote_parent(tx, parent)?;
             let now = now_ns();
             tx.put(
                 name,
@@ -357,7 +368,15 @@ impl Snapshots {
                     remote: Some(remote),
                 },
             )
-        })
+        });
+        self.reserved.lock().remove(&id);
+        result
+    }
+
+    /// Gives up a reserved id: its directory goes (its mount must be gone).
+    pub fn release_reserved(&self, id: u64) {
+        self.reserved.lock().remove(&id);
+        self.forget_dir(id);
     }
 
     /// Removes a snapshot without children; returns its record so the caller can
@@ -448,7 +467,8 @@ impl Snapshots {
 
     /// Removes snapshot directories no record refers to (left by crashes or removals).
     pub fn cleanup(&self) -> Result<(), SnapshotError> {
-        let live: HashSet<String> = self.store.all()?.into_iter().map(|(_, r)| r.id.to_string()).collect();
+        let mut live: HashSet<String> = self.store.all()?.into_iter().map(|(_, r)| r.id.to_string()).collect();
+        live.extend(self.reserved.lock().iter().map(|id| id.to_string()));
         let dir = self.root.join("snapshots");
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err("reading", &dir, e))? {
             let entry = entry.map_err(|e| io_err("reading", &dir, e))?;
@@ -462,6 +482,20 @@ impl Snapshots {
             }
         }
         Ok(())
+    }
+}
+
+/// The parent of a remote snapshot: none, or a committed snapshot.
+fn remote_parent(tx: &store::Txn<'_>, parent: &str) -> Result<Option<String>, SnapshotError> {
+    match parent {
+        "" => Ok(None),
+        p => match tx.get(p)? {
+            Some(r) if r.kind == Kind::Committed => Ok(Some(p.to_string())),
+            Some(_) => Err(SnapshotError::InvalidArgument(format!(
+                "parent {p} is not a committed snapshot"
+            ))),
+            None => Err(SnapshotError::NotFound(format!("parent snapshot {p}"))),
+        },
     }
 }
 

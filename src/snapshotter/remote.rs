@@ -3,14 +3,17 @@
 //! committed target snapshot, so containerd skips download and unpack.
 
 use super::{RemoteLayer, SnapshotError, Snapshots};
-use crate::digest::Digest;
-use crate::fs::LayerFs;
-use crate::layer::{self, Fallback, Layer, LayerContext};
-use crate::registry::{Platform, Reference, ResolvedImage};
+use crate::digest::{Digest, DigestError};
+use crate::flight::{Abandoned, Flights};
+use crate::fs::{LayerFs, MountedLayer};
+use crate::layer::{self, Fallback, Layer, LayerContext, LayerError};
+use crate::registry::{Platform, Reference, ReferenceError, RegistryError, ResolvedImage};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 use tracing::{info, warn};
 
 /// Name of the committed snapshot containerd wants (the layer's chain id).
@@ -36,15 +39,75 @@ pub struct Target {
     pub manifest: Option<Digest>,
 }
 
+/// How long a resolved manifest is believed (by digest it never changes; by tag it may).
+const MANIFEST_KEPT_FOR: Duration = Duration::from_secs(600);
+/// Resolved images remembered.
+const MANIFESTS_KEPT: usize = 256;
+
+/// Why a layer cannot be served lazily (containerd then unpacks it).
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("resolving image {image}: {source}")]
+    Resolve {
+        image: String,
+        #[source]
+        source: Arc<RegistryError>,
+    },
+    #[error("image {image}: layer {layer} is not in its manifest")]
+    NotInManifest { image: String, layer: Digest },
+    #[error(transparent)]
+    Layer(#[from] Box<LayerError>),
+    #[error("mounting layer {layer} at {path}: {source}")]
+    Mount {
+        layer: Digest,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {name}: stored layer record is unreadable: {reason}")]
+    BadRecord { name: String, reason: String },
+    #[error("layer {layer}: {source}")]
+    Abandoned {
+        layer: Digest,
+        #[source]
+        source: Abandoned,
+    },
+}
+
+impl RemoteError {
+    /// The image or layer is not in the registry (as opposed to a failure that may pass).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            RemoteError::Resolve { source, .. } => matches!(**source, RegistryError::NotFound { .. }),
+            RemoteError::NotInManifest { .. } => true,
+            RemoteError::Layer(e) => matches!(
+                **e,
+                LayerError::Registry {
+                    source: RegistryError::NotFound { .. },
+                    ..
+                }
+            ),
+            _ => false,
+        }
+    }
+}
+
+type Opened = Result<Arc<Layer>, Arc<RemoteError>>;
+type Resolved = Result<ResolvedImage, Arc<RegistryError>>;
+
 /// Lazily mounted layers, by snapshot id, and the layers behind them.
 pub struct RemoteLayers {
     ctx: LayerContext,
     platform: Platform,
     runtime: tokio::runtime::Handle,
-    /// Mount sessions by snapshot id, each with the layer it serves.
-    sessions: Mutex<HashMap<u64, (fuser::BackgroundSession, Arc<Layer>)>>,
+    /// Mounts by snapshot id, each with the layer it serves.
+    mounts: Mutex<HashMap<u64, (MountedLayer, Arc<Layer>)>>,
+    /// Open layers, shared by every snapshot that shows them.
     layers: Mutex<HashMap<Digest, Weak<Layer>>>,
-    manifests: tokio::sync::Mutex<HashMap<String, ResolvedImage>>,
+    /// Layer opens under way: one per digest however many Prepares ask.
+    opening: Flights<Digest, Opened>,
+    /// Resolved images by reference (with manifest digest when known).
+    manifests: Flights<String, Resolved>,
 }
 
 impl RemoteLayers {
@@ -53,9 +116,12 @@ impl RemoteLayers {
             ctx,
             platform,
             runtime,
-            sessions: Mutex::default(),
+            mounts: Mutex::default(),
             layers: Mutex::default(),
-            manifests: Default::default(),
+            opening: Flights::new(),
+            manifests: Flights::caching(NonZeroUsize::new(MANIFESTS_KEPT).expect("non-zero"), |r| {
+                r.is_ok().then_some(MANIFEST_KEPT_FOR)
+            }),
         }
     }
 
@@ -73,35 +139,46 @@ impl RemoteLayers {
         })
     }
 
-    async fn resolve(&self, target: &Target) -> Result<ResolvedImage, SnapshotError> {
+    /// The image's manifest, resolved once and shared; resolved again when
+    /// the kept one does not list the layer (a tag that moved).
+    async fn resolve(self: &Arc<Self>, target: &Target) -> Result<ResolvedImage, RemoteError> {
         let image = match &target.manifest {
             Some(d) => target.image.with_digest(d.clone()),
             None => target.image.clone(),
         };
         let key = image.to_string();
-        let mut cache = self.manifests.lock().await;
-        if let Some(r) = cache.get(&key) {
-            if r.layers.iter().any(|l| l.digest == target.layer) {
-                return Ok(r.clone());
+        let mut retried = false;
+        loop {
+            let (this, img) = (Arc::clone(self), image.clone());
+            let resolve =
+                move || async move { this.ctx.registry.resolve(&img, &this.platform).await.map_err(Arc::new) };
+            let resolved = self
+                .manifests
+                .run(key.clone(), resolve)
+                .await
+                .map_err(|source| RemoteError::Abandoned {
+                    layer: target.layer.clone(),
+                    source,
+                })?
+                .map_err(|source| RemoteError::Resolve {
+                    image: key.clone(),
+                    source,
+                })?;
+            if retried || resolved.layers.iter().any(|l| l.digest == target.layer) {
+                return Ok(resolved);
             }
+            self.manifests.forget(&key);
+            retried = true;
         }
-        let resolved = self
-            .ctx
-            .registry
-            .resolve(&image, &self.platform)
-            .await
-            .map_err(|e| SnapshotError::Internal(e.to_string()))?;
-        cache.insert(key, resolved.clone());
-        Ok(resolved)
     }
 
-    /// One open layer per digest, shared by every snapshot that shows it.
+    /// One open layer per digest, shared by every snapshot that shows it;
+    /// concurrent Prepares of the same layer share one open.
     async fn open_layer(
-        &self,
-        image: &Reference,
+        self: &Arc<Self>,
         resolved: &ResolvedImage,
         digest: &Digest,
-    ) -> Result<Arc<Layer>, SnapshotError> {
+    ) -> Result<Arc<Layer>, RemoteError> {
         if let Some(l) = self.layers.lock().get(digest).and_then(Weak::upgrade) {
             return Ok(l);
         }
@@ -109,30 +186,59 @@ impl RemoteLayers {
             .layers
             .iter()
             .find(|l| &l.digest == digest)
-            .ok_or_else(|| SnapshotError::NotFound(format!("layer {digest} in the manifest of {image}")))?;
-        let layer = layer::open(&self.ctx, &resolved.reference, desc, Fallback::Refuse)
-            .await
-            .map_err(|e| SnapshotError::Internal(e.to_string()))?;
-        let layer = Arc::new(layer);
-        self.layers.lock().insert(digest.clone(), Arc::downgrade(&layer));
-        Ok(layer)
+            .cloned()
+            .ok_or_else(|| RemoteError::NotInManifest {
+                image: resolved.reference.to_string(),
+                layer: digest.clone(),
+            })?;
+        let (this, image, d) = (Arc::clone(self), resolved.reference.clone(), digest.clone());
+        let open = move || async move {
+            let layer = Arc::new(
+                layer::open(&this.ctx, &image, &desc, Fallback::Refuse)
+                    .await
+                    .map_err(|e| Arc::new(Box::new(e).into()))?,
+            );
+            this.layers.lock().insert(d, Arc::downgrade(&layer));
+            Ok(layer)
+        };
+        match self.opening.run(digest.clone(), open).await {
+            Ok(opened) => opened.map_err(|e| match Arc::try_unwrap(e) {
+                Ok(e) => e,
+                // Shared by concurrent Prepares: each gets the message.
+                Err(e) => RemoteError::Layer(Box::new(LayerError::Other {
+                    image: resolved.reference.to_string(),
+                    layer: digest.clone(),
+                    reason: e.to_string(),
+                })),
+            }),
+            Err(source) => Err(RemoteError::Abandoned {
+                layer: digest.clone(),
+                source,
+            }),
+        }
     }
 
-    fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path) -> Result<(), SnapshotError> {
+    /// FUSE-mounts `layer` at `at` (blocking: the kernel answers FUSE_INIT first).
+    fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path) -> Result<(), RemoteError> {
         if crate::overlay::is_mountpoint(at) {
             // A mount left by a daemon that died: its FUSE connection is gone.
             let _ = crate::overlay::unmount(at, true);
         }
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), self.runtime.clone());
-        let session = fs.mount(at, &layer.digest.hex()[..12]).map_err(|e| {
-            SnapshotError::Internal(format!("mounting layer {} at {}: {e}", layer.digest, at.display()))
-        })?;
-        self.sessions.lock().insert(id, (session, Arc::clone(layer)));
+        let mounted = fs
+            .mount(at, &layer.digest.hex()[..12])
+            .map_err(|source| RemoteError::Mount {
+                layer: layer.digest.clone(),
+                path: at.to_path_buf(),
+                source,
+            })?;
+        self.mounts.lock().insert(id, (mounted, Arc::clone(layer)));
         Ok(())
     }
 
-    /// Serves `target` lazily as a committed snapshot; any error means
-    /// "let containerd unpack it" except AlreadyExists.
+    /// Serves `target` lazily as a committed snapshot: an id is reserved,
+    /// the layer mounted outside any transaction, then the record committed.
+    /// Any error means "let containerd unpack it" except AlreadyExists.
     pub async fn prepare_lazy(
         self: &Arc<Self>,
         snapshots: &Arc<Snapshots>,
@@ -144,11 +250,11 @@ impl RemoteLayers {
             return Err(SnapshotError::AlreadyExists(format!("target snapshot {}", target.name)));
         }
         let started = std::time::Instant::now();
-        let resolved = self.resolve(target).await?;
-        let layer = self.open_layer(&target.image, &resolved, &target.layer).await?;
+        let resolved = self.resolve(target).await.map_err(remote)?;
+        let layer = self.open_layer(&resolved, &target.layer).await.map_err(remote)?;
         let mut labels = labels.clone();
         labels.insert(REMOTE_LABEL.into(), "remote snapshot".into());
-        let remote = RemoteLayer {
+        let record = RemoteLayer {
             image: resolved.reference.to_string(),
             layer: target.layer.to_string(),
         };
@@ -159,30 +265,23 @@ impl RemoteLayers {
             parent.to_string(),
         );
         tokio::task::spawn_blocking(move || {
-            let mut mounted_id = None;
-            let result = snaps.commit_remote(&name, &parent, labels, remote, |fs| {
-                let id = fs
-                    .parent()
-                    .and_then(|d| d.file_name())
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-                mounted_id = Some(id);
-                this.mount(&layer, id, fs)
-            });
-            match &result {
-                Ok(()) => this.ctx.metrics.layer_mounted(started.elapsed()),
-                // The record was not stored: undo the mount.
+            let id = snaps.reserve_remote(&name, &parent)?;
+            let committed = this
+                .mount(&layer, id, &snaps.fs_path(id))
+                .map_err(remote)
+                .and_then(|()| snaps.commit_remote(&name, &parent, id, labels, record));
+            match &committed {
+                Ok(()) => this.ctx.fetch.metrics.layer_mounted(started.elapsed()),
+                // Not recorded (or not mounted): undo.
                 Err(_) => {
-                    if let Some(id) = mounted_id {
-                        this.release(id);
-                    }
+                    this.release(id);
+                    snaps.release_reserved(id);
                 }
             }
-            result
+            committed
         })
         .await
-        .map_err(|e| SnapshotError::Internal(e.to_string()))?
+        .map_err(|e| SnapshotError::Internal(format!("preparing {}: {e}", target.name)))?
     }
 
     /// Mounts again every lazily served snapshot in the store (after a restart).
@@ -192,16 +291,14 @@ impl RemoteLayers {
             Err(e) => return warn!(error = %e, "cannot list snapshots to re-mount"),
         };
         for (name, rec) in records {
-            let Some(remote) = rec.remote.clone() else { continue };
+            let Some(stored) = rec.remote.clone() else { continue };
             let result = async {
-                let image: Reference = remote
-                    .image
-                    .parse()
-                    .map_err(|e: crate::registry::ReferenceError| SnapshotError::Internal(e.to_string()))?;
-                let digest: Digest = remote
-                    .layer
-                    .parse()
-                    .map_err(|e: crate::digest::DigestError| SnapshotError::Internal(e.to_string()))?;
+                let bad = |reason: String| RemoteError::BadRecord {
+                    name: name.clone(),
+                    reason,
+                };
+                let image: Reference = stored.image.parse().map_err(|e: ReferenceError| bad(e.to_string()))?;
+                let digest: Digest = stored.layer.parse().map_err(|e: DigestError| bad(e.to_string()))?;
                 let target = Target {
                     name: name.clone(),
                     image: image.clone(),
@@ -209,16 +306,16 @@ impl RemoteLayers {
                     manifest: image.digest.clone(),
                 };
                 let resolved = self.resolve(&target).await?;
-                let layer = self.open_layer(&image, &resolved, &digest).await?;
+                let layer = self.open_layer(&resolved, &digest).await?;
                 let (this, fs) = (Arc::clone(self), snapshots.fs_path(rec.id));
                 tokio::task::spawn_blocking(move || this.mount(&layer, rec.id, &fs))
                     .await
-                    .map_err(|e| SnapshotError::Internal(e.to_string()))?
+                    .map_err(|e| bad(format!("mount task: {e}")))?
             }
             .await;
             match result {
-                Ok(()) => info!(snapshot = %name, layer = %remote.layer, "re-mounted lazy layer"),
-                Err(e) => warn!(snapshot = %name, layer = %remote.layer, error = %e, "cannot re-mount lazy layer"),
+                Ok(()) => info!(snapshot = %name, layer = %stored.layer, "re-mounted lazy layer"),
+                Err(e) => warn!(snapshot = %name, layer = %stored.layer, error = %e, "cannot re-mount lazy layer"),
             }
         }
     }
@@ -226,12 +323,12 @@ impl RemoteLayers {
     /// Unmounts the layer behind a removed snapshot; the layer's cached
     /// chunks go too once no snapshot shows it any more.
     pub fn release(&self, id: u64) {
-        let removed = self.sessions.lock().remove(&id);
-        if let Some((session, layer)) = removed {
-            drop(session);
-            let still_used = self.sessions.lock().values().any(|(_, l)| l.digest == layer.digest);
+        let removed = self.mounts.lock().remove(&id);
+        if let Some((mounted, layer)) = removed {
+            drop(mounted);
+            let still_used = self.mounts.lock().values().any(|(_, l)| l.digest == layer.digest);
             if !still_used {
-                self.ctx.disk.remove_layer(&layer.digest);
+                self.ctx.fetch.disk.remove_layer(&layer.digest);
                 info!(layer = %layer.digest, "layer unmounted and its cache released");
             }
         }
@@ -240,7 +337,11 @@ impl RemoteLayers {
 
     /// Unmounts everything (shutdown).
     pub fn release_all(&self) {
-        let sessions: Vec<_> = self.sessions.lock().drain().collect();
-        drop(sessions);
+        let mounts: Vec<_> = self.mounts.lock().drain().collect();
+        drop(mounts);
     }
+}
+
+fn remote(e: RemoteError) -> SnapshotError {
+    SnapshotError::Remote(Arc::new(e))
 }

@@ -46,6 +46,8 @@ pub fn to_status(e: SnapshotError) -> Status {
         SnapshotError::FailedPrecondition(m) => Status::failed_precondition(m),
         SnapshotError::InvalidArgument(m) => Status::invalid_argument(m),
         SnapshotError::Internal(m) => Status::internal(m),
+        SnapshotError::Remote(e) if e.is_not_found() => Status::not_found(e.to_string()),
+        SnapshotError::Remote(e) => Status::internal(e.to_string()),
     }
 }
 

@@ -1,0 +1,228 @@
+//! The fetcher against an in-process source: what reaches the source, what
+//! readers get when it fails, and how priorities order the work.
+
+use super::testing::{services, tar_blob, tar_fetcher, Fault, TestSource};
+use super::*;
+use std::time::Duration;
+
+/// Chunk size of the test layers.
+const CHUNK: u64 = 64 << 10;
+
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+struct TestLayer {
+    fetcher: Arc<Fetcher>,
+    source: Arc<TestSource>,
+    files: Vec<(&'static str, Vec<u8>)>,
+    _cache: tempfile::TempDir,
+}
+
+impl TestLayer {
+    async fn new(verified: bool) -> Self {
+        let files = vec![
+            ("a.bin", content(4 * CHUNK as usize, 1)),
+            ("b.bin", content(4 * CHUNK as usize, 2)),
+            ("small.txt", b"hello".to_vec()),
+        ];
+        let blob = tar_blob(&files);
+        let source = Arc::new(TestSource::new(blob.clone()));
+        let cache = tempfile::tempdir().unwrap();
+        let node = services(cache.path(), 1 << 30);
+        let fetcher = tar_fetcher(
+            &blob,
+            Arc::clone(&source) as Arc<dyn RangeSource>,
+            &node,
+            CHUNK,
+            verified,
+        )
+        .await;
+        Self {
+            fetcher,
+            source,
+            files,
+            _cache: cache,
+        }
+    }
+
+    fn node(&self, path: &str) -> NodeId {
+        self.fetcher.index().resolve(path).expect("test file")
+    }
+
+    fn expected(&self, path: &str) -> &[u8] {
+        &self.files.iter().find(|(p, _)| *p == path).expect("test file").1
+    }
+
+    async fn read_all(&self, path: &str) -> Result<Bytes, FetchError> {
+        self.fetcher.read(self.node(path), 0, 1 << 30).await
+    }
+}
+
+#[tokio::test]
+async fn a_read_returns_the_files_bytes() {
+    let l = TestLayer::new(true).await;
+    assert_eq!(&l.read_all("a.bin").await.unwrap()[..], l.expected("a.bin"));
+    let mid = l.fetcher.read(l.node("b.bin"), CHUNK - 10, 20).await.unwrap();
+    assert_eq!(&mid[..], &l.expected("b.bin")[CHUNK as usize - 10..CHUNK as usize + 10]);
+}
+
+#[tokio::test]
+async fn neighbouring_chunks_coalesce_into_one_request() {
+    let l = TestLayer::new(false).await;
+    l.read_all("a.bin").await.unwrap();
+    assert_eq!(l.source.requests().len(), 1, "{:?}", l.source.requests());
+}
+
+#[tokio::test]
+async fn concurrent_reads_of_one_chunk_make_one_request() {
+    let l = TestLayer::new(false).await;
+    let node = l.node("small.txt");
+    let reads = (0..8).map(|_| l.fetcher.read(node, 0, 5));
+    for r in futures::future::join_all(reads).await {
+        assert_eq!(&r.unwrap()[..], b"hello");
+    }
+    assert_eq!(l.source.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cached_chunk_needs_no_request() {
+    let l = TestLayer::new(true).await;
+    l.read_all("small.txt").await.unwrap();
+    let before = l.source.requests().len();
+    l.read_all("small.txt").await.unwrap();
+    assert_eq!(l.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_transient_failure_fails_the_read_and_the_next_read_fetches_again() {
+    let l = TestLayer::new(true).await;
+    l.source.fail_next(Fault::Error);
+    let e = l.read_all("small.txt").await.unwrap_err();
+    assert!(matches!(e, FetchError::Source { .. }) && !e.is_not_found(), "{e}");
+    assert!(
+        e.to_string().contains(&l.fetcher.layer().to_string()),
+        "names the layer: {e}"
+    );
+    assert_eq!(&l.read_all("small.txt").await.unwrap()[..], b"hello");
+}
+
+#[tokio::test]
+async fn a_missing_blob_is_told_apart_from_a_transient_failure() {
+    let l = TestLayer::new(true).await;
+    l.source.fail_next(Fault::NotFound);
+    let e = l.read_all("small.txt").await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn a_short_body_is_an_error_never_short_bytes() {
+    let l = TestLayer::new(false).await;
+    l.source.fail_next(Fault::Short(100));
+    let e = l.read_all("a.bin").await.unwrap_err();
+    assert!(e.to_string().contains("answered 100 bytes"), "{e}");
+}
+
+#[tokio::test]
+async fn wrong_bytes_are_fetched_once_more_and_the_reader_gets_the_right_ones() {
+    let l = TestLayer::new(true).await;
+    l.source.fail_next(Fault::WrongBytes);
+    assert_eq!(&l.read_all("a.bin").await.unwrap()[..], l.expected("a.bin"));
+    assert_eq!(l.source.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn wrong_bytes_twice_fail_the_read() {
+    let l = TestLayer::new(true).await;
+    l.source.fail_next(Fault::WrongBytes);
+    l.source.fail_next(Fault::WrongBytes);
+    let e = l.read_all("a.bin").await.unwrap_err();
+    assert!(matches!(e, FetchError::Corrupt { .. }), "{e}");
+    assert!(l.fetcher.disk().total_bytes() == 0, "nothing unverified is cached");
+}
+
+#[tokio::test]
+async fn a_stalled_low_priority_request_does_not_hold_up_an_on_demand_read() {
+    let l = TestLayer::new(true).await;
+    l.source.fail_next(Fault::Stall(Duration::from_secs(60)));
+    let (f, a) = (
+        Arc::clone(&l.fetcher),
+        l.fetcher.index().chunks_for_range(l.node("a.bin"), 0, u64::MAX),
+    );
+    let stalled = tokio::spawn(async move { f.chunks(None, a, Cause::Prefetch).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let read = tokio::time::timeout(Duration::from_secs(10), l.read_all("b.bin")).await;
+    assert_eq!(&read.expect("not held up").unwrap()[..], l.expected("b.bin"));
+    assert!(!stalled.is_finished());
+    stalled.abort();
+}
+
+#[tokio::test]
+async fn a_read_that_joins_a_background_fetch_raises_its_priority() {
+    let l = TestLayer::new(true).await;
+    // An on-demand request in flight keeps background requests out...
+    l.source.fail_next(Fault::Stall(Duration::from_secs(60)));
+    let (f, a) = (Arc::clone(&l.fetcher), l.node("a.bin"));
+    let stalled = tokio::spawn(async move { f.read(a, 0, 10).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = l.fetcher.index().chunks_for_range(l.node("b.bin"), 0, u64::MAX);
+    let f = Arc::clone(&l.fetcher);
+    let background = tokio::spawn(async move { f.chunks(None, b, Cause::Background).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(l.source.requests().len(), 1, "background waits");
+    // ...until a reader wants its chunks: then they are on-demand.
+    let read = tokio::time::timeout(Duration::from_secs(10), l.read_all("b.bin")).await;
+    assert_eq!(&read.expect("raised").unwrap()[..], l.expected("b.bin"));
+    assert!(tokio::time::timeout(Duration::from_secs(10), background).await.is_ok());
+    stalled.abort();
+}
+
+#[tokio::test]
+async fn an_attached_observer_sees_reads_until_it_is_detached() {
+    #[derive(Default)]
+    struct Seen(parking_lot::Mutex<Vec<(NodeId, u64, u64)>>);
+    impl ReadObserver for Seen {
+        fn read(&self, _: &Digest, node: NodeId, offset: u64, len: u64) {
+            self.0.lock().push((node, offset, len));
+        }
+    }
+    let l = TestLayer::new(false).await;
+    let seen = Arc::new(Seen::default());
+    let observer: Arc<dyn ReadObserver> = Arc::clone(&seen) as Arc<dyn ReadObserver>;
+    l.fetcher.attach(Arc::clone(&observer));
+    let node = l.node("small.txt");
+    l.fetcher.read(node, 1, 3).await.unwrap();
+    l.fetcher.detach(&observer);
+    l.fetcher.read(node, 0, 5).await.unwrap();
+    assert_eq!(*seen.0.lock(), vec![(node, 1, 3)]);
+}
+
+#[tokio::test]
+async fn a_read_past_the_end_of_a_file_is_empty() {
+    let l = TestLayer::new(false).await;
+    assert!(l.fetcher.read(l.node("small.txt"), 5, 10).await.unwrap().is_empty());
+    assert!(l.source.requests().is_empty());
+}
+
+#[test]
+fn neighbours_coalesce_and_distant_chunks_do_not() {
+    let chunk = |blob_offset, blob_len| Chunk {
+        file_offset: 0,
+        len: blob_len,
+        blob_offset,
+        blob_len,
+        inner_offset: 0,
+        encoding: crate::index::Encoding::Raw,
+        digest: None,
+    };
+    let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
+    assert_eq!(coalesce(&chunks, vec![0, 1, 2], |i| *i), vec![vec![0, 1], vec![2]]);
+    let big: Vec<Chunk> = (0..8).map(|i| chunk(i * (4 << 20), 4 << 20)).collect();
+    assert_eq!(
+        coalesce(&big, (0..8).collect(), |i| *i).len(),
+        2,
+        "runs stay under the request limit"
+    );
+}
