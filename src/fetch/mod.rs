@@ -165,6 +165,11 @@ impl Fetcher {
         self.observer.detach(observer);
     }
 
+    /// Is an observer attached?
+    pub fn is_observed(&self) -> bool {
+        self.observer.is_attached()
+    }
+
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
     pub async fn read(self: &Arc<Self>, node: NodeId, offset: u64, size: u32) -> Result<Bytes, FetchError> {
         let n = self.index.node(node).ok_or_else(|| FetchError::NoNode {

@@ -35,6 +35,10 @@ impl ObserverSlot {
         }
     }
 
+    pub(super) fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
     pub(super) fn notify(&self, layer: &Digest, node: NodeId, offset: u64, len: u64) {
         if !self.attached.load(Ordering::Acquire) {
             return;

@@ -34,7 +34,7 @@ pub struct Link {
 }
 
 /// Bytes a request sends before letting another one use the link.
-const LINK_PIECE: u64 = 64 << 10;
+const LINK_PIECE: u64 = 256 << 10;
 
 /// A blob served from memory, with faults on demand.
 pub struct TestSource {

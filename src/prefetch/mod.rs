@@ -7,6 +7,8 @@
 
 pub mod background;
 pub mod profile;
+#[cfg(test)]
+mod tests;
 
 use crate::fetch::Fetcher;
 use crate::metrics::Cause;

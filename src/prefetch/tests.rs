@@ -1,0 +1,160 @@
+//! Prefetch hints and background fill against an in-process source.
+
+use super::background::{self, FillConfig, FillEnd};
+use super::profile::{self, Profile, ProfileRead, Profiles};
+use crate::digest::Digest;
+use crate::fetch::testing::{services, tar_blob, tar_fetcher, TestSource};
+use crate::fetch::{Fetcher, RangeSource};
+use crate::registry::{Reference, Registry, RegistryOptions};
+use std::sync::Arc;
+use std::time::Duration;
+
+const CHUNK: u64 = 64 << 10;
+
+struct Fixture {
+    fetcher: Arc<Fetcher>,
+    source: Arc<TestSource>,
+    cache: tempfile::TempDir,
+}
+
+async fn fixture(cache_size: u64) -> Fixture {
+    let files = vec![
+        ("etc/greeting", b"hello".to_vec()),
+        ("models/weights.bin", vec![7u8; 8 * CHUNK as usize]),
+        ("lib/unused.so", vec![9u8; 4 * CHUNK as usize]),
+    ];
+    let blob = tar_blob(&files);
+    let source = Arc::new(TestSource::new(blob.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), cache_size);
+    let fetcher = tar_fetcher(&blob, Arc::clone(&source) as Arc<dyn RangeSource>, &node, CHUNK, true).await;
+    Fixture { fetcher, source, cache }
+}
+
+fn all_cached(f: &Fetcher) -> bool {
+    (0..f.index().chunks.len() as u32).all(|id| f.is_cached(id))
+}
+
+#[tokio::test]
+async fn a_fill_caches_the_whole_layer_so_reads_need_no_source() {
+    let fx = fixture(1 << 30).await;
+    let cfg = FillConfig {
+        enabled: true,
+        delay: Duration::ZERO,
+        rate: None,
+    };
+    let end = background::spawn(&fx.fetcher, cfg).expect("fill starts").await.unwrap();
+    assert!(matches!(end, FillEnd::Complete { .. }), "{end:?}");
+    assert!(all_cached(&fx.fetcher));
+    let before = fx.source.requests().len();
+    let node = fx.fetcher.index().resolve("models/weights.bin").unwrap();
+    fx.fetcher.read(node, 0, 1 << 20).await.unwrap();
+    assert_eq!(fx.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_fill_stops_when_the_cache_cannot_hold_the_layer() {
+    let fx = fixture(CHUNK).await;
+    let cfg = FillConfig {
+        enabled: true,
+        delay: Duration::ZERO,
+        rate: None,
+    };
+    let end = background::spawn(&fx.fetcher, cfg).unwrap().await.unwrap();
+    assert_eq!(end, FillEnd::CacheTooSmall);
+}
+
+#[tokio::test]
+async fn a_fill_ends_when_the_layer_is_unmounted() {
+    let fx = fixture(1 << 30).await;
+    let cfg = FillConfig {
+        enabled: true,
+        delay: Duration::from_millis(50),
+        rate: None,
+    };
+    let fill = background::spawn(&fx.fetcher, cfg).unwrap();
+    drop(fx.fetcher);
+    assert_eq!(fill.await.unwrap(), FillEnd::Unmounted);
+    assert!(fx.source.requests().is_empty());
+}
+
+#[tokio::test]
+async fn landmark_files_are_fetched_before_they_are_read() {
+    let fx = fixture(1 << 30).await;
+    let mut index = (**fx.fetcher.index()).clone();
+    index.prefetch = vec![index.resolve("etc/greeting").unwrap()];
+    let fetcher = Fetcher::new(
+        fx.fetcher.layer().clone(),
+        Arc::new(index),
+        Arc::clone(&fx.source) as Arc<dyn RangeSource>,
+        &services(fx.cache.path(), 1 << 30),
+    );
+    let done = super::landmarks(&fetcher, Duration::from_secs(10)).await;
+    assert!(done.complete && done.files == 1, "{done:?}");
+    let before = fx.source.requests().len();
+    let node = fetcher.index().resolve("etc/greeting").unwrap();
+    assert_eq!(&fetcher.read(node, 0, 5).await.unwrap()[..], b"hello");
+    assert_eq!(fx.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_replayed_profile_fetches_exactly_its_ranges() {
+    let fx = fixture(1 << 30).await;
+    let layer = fx.fetcher.layer().clone();
+    let profile = Profile {
+        version: profile::VERSION,
+        image: Digest::of(b"image"),
+        reads: vec![
+            ProfileRead {
+                layer: layer.clone(),
+                path: "etc/greeting".into(),
+                offset: 0,
+                len: 5,
+            },
+            ProfileRead {
+                layer,
+                path: "models/weights.bin".into(),
+                offset: 0,
+                len: 2 * CHUNK,
+            },
+        ],
+    };
+    profile::replay(&fx.fetcher, &profile, Duration::from_secs(10)).await;
+    let weights = fx.fetcher.index().resolve("models/weights.bin").unwrap();
+    let asked = fx.source.bytes_requested();
+    assert!(
+        asked >= 2 * CHUNK + 5 && asked < 3 * CHUNK,
+        "the profile's ranges and no more: {asked}"
+    );
+    let before = fx.source.requests().len();
+    fx.fetcher.read(weights, 0, 2 * CHUNK as u32).await.unwrap();
+    assert_eq!(fx.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_recording_keeps_the_reads_in_order_and_then_detaches() {
+    let fx = fixture(1 << 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let profiles =
+        Arc::new(Profiles::new(dir.path().into(), Duration::from_millis(200), false, Vec::new()).replaying(false));
+    let registry = Arc::new(Registry::new(RegistryOptions::default()).unwrap());
+    let manifest = Digest::of(b"manifest");
+    let image: Reference = format!("localhost:1/app@{manifest}").parse().unwrap();
+    profiles
+        .on_layer_open(&registry, &image, &fx.fetcher, Duration::ZERO)
+        .await;
+    assert!(fx.fetcher.is_observed());
+    let greeting = fx.fetcher.index().resolve("etc/greeting").unwrap();
+    let weights = fx.fetcher.index().resolve("models/weights.bin").unwrap();
+    fx.fetcher.read(greeting, 0, 5).await.unwrap();
+    fx.fetcher.read(weights, 0, 1000).await.unwrap();
+    fx.fetcher.read(weights, 1000, 1000).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while profiles.load(&manifest).is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = profiles.load(&manifest).expect("profile kept");
+    let reads: Vec<(&str, u64, u64)> = p.reads.iter().map(|r| (r.path.as_str(), r.offset, r.len)).collect();
+    assert_eq!(reads, vec![("etc/greeting", 0, 5), ("models/weights.bin", 0, 2000)]);
+    assert!(!fx.fetcher.is_observed(), "the recorder is detached once done");
+}
