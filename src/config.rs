@@ -270,6 +270,9 @@ impl FromStr for RegistryHost {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let err = |why: &str| format!("invalid registry {s:?}: {why}");
+        if s.contains('/') {
+            return Err(err("expected host[:port], without scheme or path"));
+        }
         let (host, port) = match s.rsplit_once(':') {
             // `[::1]` has colons but no port.
             Some((h, p)) if !p.ends_with(']') => (h, Some(p)),

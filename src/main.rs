@@ -381,3 +381,84 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["streamsnap"][..], args].concat())
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn mount_without_flags_uses_the_config_defaults() {
+        let Command::Mount(m) = parse(&["mount", "img", "/mnt"]) else {
+            panic!()
+        };
+        assert_eq!(m.config(), Config::default());
+    }
+
+    #[test]
+    fn mount_flags_set_their_config_values() {
+        let Command::Mount(m) = parse(&[
+            "mount",
+            "--state-dir=/s",
+            "--cache-size=1GiB",
+            "--platform=linux/arm64",
+            "--index-repo=reg:5000/idx",
+            "--prefetch-timeout=0",
+            "--background-fill",
+            "--background-fill-rate=1MiB",
+            "img",
+            "/mnt",
+        ]) else {
+            panic!()
+        };
+        let c = m.config();
+        assert_eq!(c.root, PathBuf::from("/s"));
+        assert_eq!(c.cache.disk_size, ByteSize::gib(1));
+        assert_eq!(c.registry.platform.architecture, "arm64");
+        assert_eq!(c.index.repositories[0].repository, "idx");
+        assert_eq!(c.prefetch.timeout, Seconds::default());
+        assert!(c.background_fill.enabled);
+        assert_eq!(c.background_fill.rate, Some(ByteSize::mib(1)));
+    }
+
+    #[test]
+    fn serve_flags_override_and_extend_the_config() {
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--insecure-registry=r:5000",
+            "--profile-quiet=2",
+            "--no-profile-replay",
+            "--background-fill-delay=0.5",
+        ]) else {
+            panic!()
+        };
+        let mut c = Config::default();
+        c.registry.insecure.push("a:1".parse().unwrap());
+        s.apply(&mut c);
+        assert_eq!(c.registry.insecure.len(), 2);
+        assert_eq!(c.profile.quiet, Seconds::from_secs(2));
+        assert!(!c.profile.replay);
+        assert_eq!(c.background_fill.delay.0, std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn command_line_values_are_checked_like_the_config_file() {
+        for bad in [
+            &["serve", "--index-repo=Not A Repo"][..],
+            &["serve", "--background-fill-delay=nan"],
+            &["serve", "--insecure-registry=http://r"],
+            &["mount", "--platform=amd64", "img", "/mnt"],
+            &["mount", "Bad Image", "/mnt"],
+        ] {
+            assert!(
+                Cli::try_parse_from([&["streamsnap"][..], bad].concat()).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}
