@@ -1,14 +1,49 @@
-//! The daemon's configuration: one serde tree from TOML; unknown keys are
-//! errors; every field has a default that works on a single machine.
+//! The daemon's configuration: one serde tree from TOML, one typed section per
+//! subsystem; unknown keys are errors; every field has a default that works on
+//! a single machine. Values are parsed once, here: sizes, durations, platforms
+//! and references arrive typed. This module imports no subsystem; each
+//! subsystem (or the composition root, [`crate::node`]) builds its own settings
+//! from a section.
+//!
+//! ```toml
+//! root = "/var/lib/streamsnap"
+//! address = "/run/streamsnap/streamsnap.sock"
+//! metrics_address = "127.0.0.1:9580"
+//! [registry]
+//! insecure = ["host:5000"]
+//! platform = "linux/amd64"
+//! [cache]
+//! disk_size = "10GiB"
+//! memory_size = "256MiB"
+//! [index]
+//! repositories = ["reg:5000/team/indexes"]
+//! [prefetch]
+//! timeout = 10.0
+//! [background_fill]
+//! enabled = false
+//! delay = 5.0
+//! rate = "100MiB"
+//! [profile]
+//! quiet = 5.0
+//! push = false
+//! replay = true
+//! ```
 
+use crate::registry::{Platform, Reference};
+use bytesize::ByteSize;
 use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
 /// Default config file location.
 pub const DEFAULT_PATH: &str = "/etc/streamsnap/config.toml";
 /// Largest config file we read (a typo'd path to a huge file fails fast).
 const MAX_SIZE: u64 = 1 << 20;
 
+/// The whole configuration of one node.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -16,34 +51,14 @@ pub struct Config {
     pub root: PathBuf,
     /// Unix socket containerd connects to.
     pub address: PathBuf,
-    /// Registries (`host:port`) reached over plain HTTP besides loopback ones.
-    pub insecure_registries: Vec<String>,
-    /// Bound of the on-disk chunk cache, e.g. "10GiB".
-    pub cache_size: String,
-    /// Bound of the in-memory chunk cache.
-    pub memory_cache_size: String,
-    /// Platform whose manifest is used when an image is an index.
-    pub platform: String,
     /// Serve Prometheus metrics on this TCP address (e.g. "127.0.0.1:9580"); off when unset.
-    pub metrics_address: Option<std::net::SocketAddr>,
-    /// Repositories (`host/path`) holding gzip indexes by layer digest, for
-    /// images whose own repository users cannot write to.
-    pub index_repositories: Vec<String>,
-    /// Longest wait, in seconds, for a layer's landmark files (eStargz
-    /// `.prefetch.landmark`) before the layer is reported mounted; 0 disables.
-    pub prefetch_timeout_secs: f64,
-    /// Fetch the rest of every mounted layer into the cache in the background.
-    pub background_fill: bool,
-    /// Seconds after a layer is mounted before its background fill starts.
-    pub background_fill_delay_secs: f64,
-    /// Bandwidth cap of background fill per second, e.g. "100MiB" (unset: none).
-    pub background_fill_rate: Option<String>,
-    /// Seconds without reads that end the recording of an image's start-up profile.
-    pub profile_quiet_secs: f64,
-    /// Publish each recorded profile next to its image (referrers / fallback tag).
-    pub profile_push: bool,
-    /// Replay known start-up profiles when layers are mounted.
-    pub profile_replay: bool,
+    pub metrics_address: Option<SocketAddr>,
+    pub registry: Registry,
+    pub cache: Cache,
+    pub index: Index,
+    pub prefetch: Prefetch,
+    pub background_fill: BackgroundFill,
+    pub profile: Profile,
 }
 
 impl Default for Config {
@@ -51,24 +66,244 @@ impl Default for Config {
         Self {
             root: PathBuf::from("/var/lib/streamsnap"),
             address: PathBuf::from("/run/streamsnap/streamsnap.sock"),
-            insecure_registries: Vec::new(),
-            cache_size: "10GiB".into(),
-            memory_cache_size: "256MiB".into(),
-            platform: "linux/amd64".into(),
             metrics_address: None,
-            index_repositories: Vec::new(),
-            prefetch_timeout_secs: 10.0,
-            background_fill: false,
-            background_fill_delay_secs: 5.0,
-            background_fill_rate: None,
-            profile_quiet_secs: 5.0,
-            profile_push: false,
-            profile_replay: true,
+            registry: Registry::default(),
+            cache: Cache::default(),
+            index: Index::default(),
+            prefetch: Prefetch::default(),
+            background_fill: BackgroundFill::default(),
+            profile: Profile::default(),
         }
     }
 }
 
-/// A config file that cannot be used; names the file.
+/// `[registry]`: how registries are reached and which manifest is used.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure: Vec<RegistryHost>,
+    /// Platform whose manifest is used when an image is an index.
+    pub platform: Platform,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            insecure: Vec::new(),
+            platform: "linux/amd64".parse().expect("a valid platform"),
+        }
+    }
+}
+
+/// `[cache]`: bounds of the chunk caches.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cache {
+    /// Bound of the on-disk chunk cache, e.g. "10GiB".
+    #[serde(deserialize_with = "size")]
+    pub disk_size: ByteSize,
+    /// Bound of the in-memory chunk cache.
+    #[serde(deserialize_with = "size")]
+    pub memory_size: ByteSize,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            disk_size: ByteSize::gib(10),
+            memory_size: ByteSize::mib(256),
+        }
+    }
+}
+
+/// `[index]`: where checkpoint indexes of gzip layers are looked up.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Index {
+    /// Repositories (`host/path`) holding gzip indexes (and start-up profiles)
+    /// by digest, for images whose own repository users cannot write to.
+    pub repositories: Vec<Reference>,
+}
+
+/// `[prefetch]`: landmark and profile prefetch before a layer is reported mounted.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prefetch {
+    /// Longest wait for a layer's landmark files (eStargz `.prefetch.landmark`)
+    /// or profile ranges before the layer is reported mounted; 0 disables.
+    pub timeout: Seconds,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Self {
+            timeout: Seconds::from_secs(10),
+        }
+    }
+}
+
+/// `[background_fill]`: the rest of every mounted layer fetched at the lowest priority.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackgroundFill {
+    /// Fetch the rest of every mounted layer into the cache in the background.
+    pub enabled: bool,
+    /// Time after a layer is mounted before its fill starts.
+    pub delay: Seconds,
+    /// Bandwidth cap of the fill per second, e.g. "100MiB" (unset: none).
+    #[serde(deserialize_with = "optional_size")]
+    pub rate: Option<ByteSize>,
+}
+
+impl Default for BackgroundFill {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            delay: Seconds::from_secs(5),
+            rate: None,
+        }
+    }
+}
+
+/// `[profile]`: start-up profiles, recorded and replayed.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Profile {
+    /// Time without reads that ends the recording of an image's start-up profile.
+    pub quiet: Seconds,
+    /// Publish each recorded profile next to its image (referrers / fallback tag).
+    pub push: bool,
+    /// Replay known start-up profiles when layers are mounted.
+    pub replay: bool,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            quiet: Seconds::from_secs(5),
+            push: false,
+            replay: true,
+        }
+    }
+}
+
+/// A size written as a string with a unit ("10GiB", "1.5 MB") or a number of
+/// bytes; a bad one is refused with the reason.
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a size: a string such as \"10GiB\" or a number of bytes")]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(b) => Ok(ByteSize(b)),
+        Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+fn optional_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    size(d).map(Some)
+}
+
+/// A duration written as a non-negative, finite number of seconds (`2`, `0.5`),
+/// in the config file and on the command line alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    pub const fn from_secs(secs: u64) -> Self {
+        Self(Duration::from_secs(secs))
+    }
+
+    fn from_f64(secs: f64) -> Result<Self, String> {
+        Duration::try_from_secs_f64(secs)
+            .map(Self)
+            .map_err(|_| format!("{secs}: expected a non-negative, finite number of seconds"))
+    }
+}
+
+impl From<Seconds> for Duration {
+    fn from(s: Seconds) -> Self {
+        s.0
+    }
+}
+
+impl FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let secs: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number of seconds"))?;
+        Self::from_f64(secs)
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // f64 accepts TOML integers too (`delay = 5`).
+        Self::from_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A registry named as `host[:port]` (no scheme, no path), e.g. `reg.local:5000`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RegistryHost(String);
+
+impl RegistryHost {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RegistryHost {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = |why: &str| format!("invalid registry {s:?}: {why}");
+        if s.contains('/') {
+            return Err(err("expected host[:port], without scheme or path"));
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            // `[::1]` has colons but no port.
+            Some((h, p)) if !p.ends_with(']') => (h, Some(p)),
+            _ => (s, None),
+        };
+        let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+        let host_ok =
+            bracketed || (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b)));
+        if !host_ok {
+            return Err(err("expected host[:port], without scheme or path"));
+        }
+        if let Some(p) = port {
+            p.parse::<u16>().map_err(|_| err("invalid port"))?;
+        }
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Display for RegistryHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RegistryHost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A config file that cannot be used; names the file (and, for a bad value, the key).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
@@ -77,13 +312,6 @@ pub enum ConfigError {
     TooLarge { path: PathBuf },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config file {path}: {field} = {value:?}: {reason}")]
-    Value {
-        path: PathBuf,
-        field: &'static str,
-        value: String,
-        reason: String,
-    },
 }
 
 impl Config {
@@ -105,90 +333,12 @@ impl Config {
             path: path.clone(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        cfg.size("cache_size", &cfg.cache_size, &path)?;
-        cfg.size("memory_cache_size", &cfg.memory_cache_size, &path)?;
-        if let Some(r) = &cfg.background_fill_rate {
-            cfg.size("background_fill_rate", r, &path)?;
-        }
-        for r in &cfg.index_repositories {
-            r.parse::<crate::registry::Reference>()
-                .map_err(|e| ConfigError::Value {
-                    path: path.clone(),
-                    field: "index_repositories",
-                    value: r.clone(),
-                    reason: e.reason,
-                })?;
-        }
-        Ok(cfg)
+        Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
     }
 
-    /// `prefetch_timeout_secs` as a duration (negative or NaN: none).
-    pub fn prefetch_timeout(&self) -> std::time::Duration {
-        std::time::Duration::try_from_secs_f64(self.prefetch_timeout_secs).unwrap_or_default()
-    }
-
-    /// How layers are served, from this config.
-    pub fn layer_options(&self) -> crate::image_mount::LayerOptions {
-        crate::image_mount::LayerOptions {
-            cache_size: self.cache_bytes(),
-            mem_size: self.memory_cache_bytes(),
-            index_repos: self.index_repos(),
-            prefetch_timeout: self.prefetch_timeout(),
-            fill: self.fill(),
-            profile_quiet: std::time::Duration::try_from_secs_f64(self.profile_quiet_secs)
-                .unwrap_or(std::time::Duration::from_secs(5)),
-            profile_push: self.profile_push,
-            profile_replay: self.profile_replay,
-        }
-    }
-
-    /// The background fill settings (validated at load).
-    pub fn fill(&self) -> crate::prefetch::background::FillConfig {
-        crate::prefetch::background::FillConfig {
-            enabled: self.background_fill,
-            delay: std::time::Duration::try_from_secs_f64(self.background_fill_delay_secs).unwrap_or_default(),
-            rate: self
-                .background_fill_rate
-                .as_deref()
-                .and_then(|r| r.parse::<bytesize::ByteSize>().ok())
-                .map(|b| b.as_u64()),
-        }
-    }
-
-    /// `index_repositories` as references (validated at load; bad ones skipped).
-    pub fn index_repos(&self) -> Vec<crate::registry::Reference> {
-        self.index_repositories.iter().filter_map(|r| r.parse().ok()).collect()
-    }
-
-    fn size(&self, field: &'static str, value: &str, path: &Path) -> Result<u64, ConfigError> {
-        value
-            .parse::<bytesize::ByteSize>()
-            .map(|b| b.as_u64())
-            .map_err(|reason| ConfigError::Value {
-                path: path.to_path_buf(),
-                field,
-                value: value.to_string(),
-                reason,
-            })
-    }
-
-    /// `cache_size` in bytes (validated at load).
-    pub fn cache_bytes(&self) -> u64 {
-        self.cache_size
-            .parse::<bytesize::ByteSize>()
-            .map(|b| b.as_u64())
-            .unwrap_or(10 << 30)
-    }
-
-    pub fn memory_cache_bytes(&self) -> u64 {
-        self.memory_cache_size
-            .parse::<bytesize::ByteSize>()
-            .map(|b| b.as_u64())
-            .unwrap_or(256 << 20)
+    /// Parses TOML text; the error quotes the offending line (key and value).
+    fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
     }
 }
 
@@ -196,13 +346,29 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_keys_are_rejected_naming_the_file() {
+    fn load(text: &str) -> Result<Config, String> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "root = \"/x\"\ncache_sise = \"1GiB\"\n").unwrap();
-        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        std::fs::write(&p, text).unwrap();
+        Config::load(Some(&p)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unknown_top_level_keys_are_rejected_naming_the_file_and_the_key() {
+        let e = load("root = \"/x\"\ncache_sise = \"1GiB\"\n").unwrap_err();
         assert!(e.contains("cache_sise") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_inside_a_section_are_rejected_naming_the_key() {
+        let e = load("[cache]\ndisk_sise = \"1GiB\"\n").unwrap_err();
+        assert!(e.contains("disk_sise") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_old_flat_keys_are_unknown() {
+        let e = load("cache_size = \"1GiB\"\n").unwrap_err();
+        assert!(e.contains("cache_size"), "{e}");
     }
 
     #[test]
@@ -211,26 +377,125 @@ mod tests {
     }
 
     #[test]
-    fn fields_default_and_sizes_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "insecure_registries = [\"r:5000\"]\n").unwrap();
-        let c = Config::load(Some(&p)).unwrap();
+    fn an_empty_file_gives_the_single_machine_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c, Config::default());
         assert_eq!(c.address, PathBuf::from("/run/streamsnap/streamsnap.sock"));
-        assert_eq!(c.insecure_registries, vec!["r:5000"]);
-        std::fs::write(&p, "cache_size = \"lots\"\n").unwrap();
-        assert!(Config::load(Some(&p)).unwrap_err().to_string().contains("cache_size"));
+        assert_eq!(c.cache.disk_size, ByteSize::gib(10));
+        assert_eq!(c.registry.platform.to_string(), "linux/amd64");
+        assert_eq!(c.prefetch.timeout.0, Duration::from_secs(10));
+        assert!(c.profile.replay && !c.background_fill.enabled);
+    }
+
+    #[test]
+    fn the_documented_example_config_is_valid_and_holds_the_defaults() {
+        let c = Config::parse(include_str!("../deploy/config.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn a_section_sets_only_the_keys_it_names() {
+        let c = load("[background_fill]\nenabled = true\n").unwrap();
+        assert!(c.background_fill.enabled);
+        assert_eq!(c.background_fill.delay, Seconds::from_secs(5));
+        assert_eq!(c.profile, Profile::default());
+    }
+
+    #[test]
+    fn nested_sections_are_read_typed() {
+        let c = load(
+            "metrics_address = \"127.0.0.1:9580\"\n\
+             [registry]\ninsecure = [\"r:5000\"]\nplatform = \"linux/arm64/v8\"\n\
+             [cache]\ndisk_size = \"1GiB\"\nmemory_size = 1048576\n\
+             [index]\nrepositories = [\"reg:5000/team/indexes\"]\n\
+             [prefetch]\ntimeout = 0.5\n\
+             [background_fill]\ndelay = 0\nrate = \"100MiB\"\n\
+             [profile]\nquiet = 2\npush = true\nreplay = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics_address, Some("127.0.0.1:9580".parse().unwrap()));
+        assert_eq!(c.registry.insecure[0].as_str(), "r:5000");
+        assert_eq!(c.registry.platform.variant.as_deref(), Some("v8"));
+        assert_eq!(c.cache.disk_size, ByteSize::gib(1));
+        assert_eq!(c.cache.memory_size, ByteSize::mib(1));
+        assert_eq!(c.index.repositories[0].repository, "team/indexes");
+        assert_eq!(c.prefetch.timeout.0, Duration::from_millis(500));
+        assert_eq!(c.background_fill.delay.0, Duration::ZERO);
+        assert_eq!(c.background_fill.rate, Some(ByteSize::mib(100)));
+        assert_eq!(c.profile.quiet, Seconds::from_secs(2));
+        assert!(c.profile.push && !c.profile.replay);
+    }
+
+    #[test]
+    fn a_bad_size_is_rejected_naming_the_key_and_the_value() {
+        let e = load("[cache]\ndisk_size = \"lots\"\n").unwrap_err();
+        assert!(e.contains("disk_size") && e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_fill_rate_is_rejected_naming_the_key_and_the_value() {
+        let e = load("[background_fill]\nrate = \"fast\"\n").unwrap_err();
+        assert!(e.contains("rate") && e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn a_negative_duration_is_rejected_naming_the_key_and_the_value() {
+        let e = load("[prefetch]\ntimeout = -1.5\n").unwrap_err();
+        assert!(
+            e.contains("timeout") && e.contains("-1.5") && e.contains("non-negative"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_nan_duration_is_rejected() {
+        let e = load("[profile]\nquiet = nan\n").unwrap_err();
+        assert!(e.contains("quiet") && e.contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_platform_is_rejected_naming_the_key_and_the_value() {
+        let e = load("[registry]\nplatform = \"amd64\"\n").unwrap_err();
+        assert!(
+            e.contains("platform") && e.contains("amd64") && e.contains("os/arch"),
+            "{e}"
+        );
     }
 
     #[test]
     fn index_repositories_must_be_references() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "index_repositories = [\"reg:5000/team/indexes\"]\n").unwrap();
-        let c = Config::load(Some(&p)).unwrap();
-        assert_eq!(c.index_repos()[0].repository, "team/indexes");
-        std::fs::write(&p, "index_repositories = [\"Not A Repo\"]\n").unwrap();
-        let e = Config::load(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("index_repositories") && e.contains("Not A Repo"), "{e}");
+        let e = load("[index]\nrepositories = [\"Not A Repo\"]\n").unwrap_err();
+        assert!(e.contains("repositories") && e.contains("Not A Repo"), "{e}");
+    }
+
+    #[test]
+    fn insecure_registries_must_be_host_and_port() {
+        let e = load("[registry]\ninsecure = [\"http://r:5000\"]\n").unwrap_err();
+        assert!(e.contains("insecure") && e.contains("http://r:5000"), "{e}");
+    }
+
+    #[test]
+    fn registry_hosts_may_be_names_addresses_or_bracketed_ipv6() {
+        for ok in ["r", "reg.local:5000", "10.0.0.1:443", "[::1]", "[fd00::1]:5000"] {
+            assert!(ok.parse::<RegistryHost>().is_ok(), "{ok}");
+        }
+        for bad in ["", "r:", "r:http", "r/path", "r:99999", "a b"] {
+            assert!(bad.parse::<RegistryHost>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn seconds_parse_from_the_command_line_like_the_file() {
+        assert_eq!("2".parse::<Seconds>().unwrap(), Seconds::from_secs(2));
+        assert_eq!("0.25".parse::<Seconds>().unwrap().0, Duration::from_millis(250));
+        assert!("-1".parse::<Seconds>().is_err());
+        assert!("inf".parse::<Seconds>().is_err());
+        assert!("soon".parse::<Seconds>().is_err());
+    }
+
+    #[test]
+    fn seconds_display_round_trips() {
+        let s = Seconds(Duration::from_millis(1500));
+        assert_eq!(s.to_string().parse::<Seconds>().unwrap(), s);
     }
 }

@@ -1,9 +1,8 @@
 //! `streamsnap serve`: the snapshotter daemon on a unix socket, until SIGTERM/SIGINT.
 
 use crate::config::Config;
-use crate::image_mount::{self, StateDir};
 use crate::metrics::Metrics;
-use crate::registry::{DockerConfig, Platform, Registry, RegistryOptions};
+use crate::node;
 use crate::snapshotter::remote::RemoteLayers;
 use crate::snapshotter::service::{Service, SnapshotsServer};
 use crate::snapshotter::Snapshots;
@@ -14,15 +13,7 @@ use tracing::info;
 
 /// Serves until `shutdown` completes, then unmounts what it mounted.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let platform: Platform = config.platform.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let registry = Arc::new(Registry::new(RegistryOptions {
-        insecure: config.insecure_registries.clone(),
-        docker_config: DockerConfig::load_default()?,
-        ..Default::default()
-    })?);
-    let state = StateDir {
-        root: config.root.clone(),
-    };
+    let registry = Arc::new(node::registry(&config.registry, false)?);
     let metrics = Metrics::new();
     let _metrics_server = match config.metrics_address {
         Some(addr) => {
@@ -37,12 +28,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         }
         None => None,
     };
-    let ctx = image_mount::layer_context(&state, registry, metrics, config.layer_options())?;
+    let ctx = node::layer_context(&config, registry, metrics)?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)
             .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,
     );
-    let remote = Arc::new(RemoteLayers::new(ctx, platform, tokio::runtime::Handle::current()));
+    let remote = Arc::new(RemoteLayers::new(
+        ctx,
+        config.registry.platform.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     remote.remount_all(&snapshots).await;
 
     if let Some(dir) = config.address.parent() {

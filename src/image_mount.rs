@@ -1,106 +1,14 @@
 //! `streamsnap mount`: every layer of an image as a lazy FUSE mount, merged
 //! read-only by overlayfs at the user's mount point.
 
-use crate::cache::{DiskCache, MemCache};
 use crate::fs::{LayerFs, MountedLayer};
-use crate::layer::gzip_index::IndexStore;
 use crate::layer::{self, Layer, LayerContext};
-use crate::metrics::Metrics;
+use crate::node::StateDir;
 use crate::overlay;
-use crate::prefetch::background::FillConfig;
-use crate::prefetch::profile::Profiles;
-use crate::registry::{Platform, Reference, Registry};
+use crate::registry::{Platform, Reference};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tracing::{info, warn};
-
-/// Where a state dir keeps things.
-pub struct StateDir {
-    pub root: PathBuf,
-}
-
-impl StateDir {
-    pub fn cache(&self) -> PathBuf {
-        self.root.join("cache")
-    }
-    pub fn layers(&self) -> PathBuf {
-        self.root.join("layers")
-    }
-    pub fn mounts(&self) -> PathBuf {
-        self.root.join("mnt")
-    }
-    pub fn indexes(&self) -> PathBuf {
-        self.root.join("indexes")
-    }
-    pub fn profiles(&self) -> PathBuf {
-        self.root.join("profiles")
-    }
-}
-
-/// How layers are served on this node.
-#[derive(Clone, Debug)]
-pub struct LayerOptions {
-    /// Bound of the on-disk chunk cache.
-    pub cache_size: u64,
-    /// Bound of the in-memory chunk cache.
-    pub mem_size: u64,
-    /// Repositories holding gzip indexes by layer digest.
-    pub index_repos: Vec<Reference>,
-    /// Longest wait for landmark files before a layer counts as mounted.
-    pub prefetch_timeout: std::time::Duration,
-    pub fill: FillConfig,
-    /// Reads quiet for this long end a start-up profile recording.
-    pub profile_quiet: std::time::Duration,
-    /// Publish profiles next to their images as soon as they are recorded.
-    pub profile_push: bool,
-    /// Replay known profiles (off: record only).
-    pub profile_replay: bool,
-}
-
-impl Default for LayerOptions {
-    fn default() -> Self {
-        Self {
-            cache_size: 10 << 30,
-            mem_size: 256 << 20,
-            index_repos: Vec::new(),
-            prefetch_timeout: std::time::Duration::from_secs(10),
-            fill: FillConfig::default(),
-            profile_quiet: std::time::Duration::from_secs(5),
-            profile_push: false,
-            profile_replay: true,
-        }
-    }
-}
-
-/// Shared services for opening layers under one state dir.
-pub fn layer_context(
-    state: &StateDir,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-    opts: LayerOptions,
-) -> anyhow::Result<LayerContext> {
-    Ok(LayerContext {
-        profiles: Arc::new(
-            Profiles::new(
-                state.profiles(),
-                opts.profile_quiet,
-                opts.profile_push,
-                opts.index_repos.clone(),
-            )
-            .replaying(opts.profile_replay),
-        ),
-        prefetch_timeout: opts.prefetch_timeout,
-        fill: opts.fill,
-        indexes: Arc::new(IndexStore::new(state.indexes(), opts.index_repos)),
-        fetch: crate::fetch::Services::new(
-            Arc::new(DiskCache::open(&state.cache(), opts.cache_size)?),
-            Arc::new(MemCache::new(opts.mem_size)),
-            metrics,
-        ),
-        registry,
-        layers_dir: state.layers(),
-    })
-}
 
 /// A mounted image; dropping it unmounts everything it mounted, top first.
 pub struct MountedImage {

@@ -14,11 +14,12 @@
 //! - [`layer`]: chooses the index form for a layer and builds its fetcher.
 //! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
+//! - [`node`]: the composition root: what one node's layers share, built from config.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
 //! - [`snapshotter`]: containerd's snapshotter semantics, metadata store, gRPC adapter, remote layers.
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
-//! - [`config`]: the daemon's TOML configuration.
+//! - [`config`]: the typed TOML configuration, one section per subsystem (imports no subsystem).
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
@@ -35,6 +36,7 @@ pub mod index;
 pub mod indexer;
 pub mod layer;
 pub mod metrics;
+pub mod node;
 pub mod overlay;
 pub mod prefetch;
 pub mod proto;

@@ -1,15 +1,21 @@
-//! The `streamsnap` command line: a thin layer over the library.
+//! The `streamsnap` command line: clap definitions, then one small function
+//! per command over the library. Every value is parsed by the same types the
+//! config file uses.
 
 use anyhow::Context as _;
+use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use streamsnap::image_mount::{self, StateDir};
+use streamsnap::config::{self, Config, RegistryHost, Seconds};
+use streamsnap::image_mount;
 use streamsnap::indexer::{IndexOptions, LayerOutcome};
 use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
+use streamsnap::node::{self, StateDir};
 use streamsnap::prefetch::profile::Profiles;
-use streamsnap::registry::{DockerConfig, Platform, Reference, Registry, RegistryOptions};
+use streamsnap::registry::{Platform, Reference, Registry};
 use tracing::info;
 
 #[derive(Parser)]
@@ -22,76 +28,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve containerd's snapshotter API on a unix socket until SIGTERM/SIGINT.
-    Serve {
-        /// TOML config file (default /etc/streamsnap/config.toml, if present).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// State directory (overrides the config file).
-        #[arg(long)]
-        root: Option<PathBuf>,
-        /// Socket path (overrides the config file).
-        #[arg(long)]
-        address: Option<PathBuf>,
-        /// Registry reached over plain HTTP (repeatable; adds to the config file's list).
-        #[arg(long = "insecure-registry")]
-        insecure_registry: Vec<String>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (overrides the config file).
-        #[arg(long)]
-        metrics_address: Option<std::net::SocketAddr>,
-        /// Repository holding gzip indexes by layer digest (repeatable; adds to the config file's list).
-        #[arg(long = "index-repo")]
-        index_repo: Vec<String>,
-        #[command(flatten)]
-        fill: FillArgs,
-        /// Publish each recorded start-up profile next to its image.
-        #[arg(long)]
-        profile_push: bool,
-        /// Seconds without reads that end a start-up profile recording (overrides the config file).
-        #[arg(long)]
-        profile_quiet: Option<f64>,
-        /// Do not replay start-up profiles (still record them).
-        #[arg(long)]
-        no_profile_replay: bool,
-    },
+    Serve(ServeArgs),
     /// Pull an image into containerd with lazily served layers (then `ctr run --snapshotter streamsnap`).
-    Pull {
-        #[arg(long)]
-        plain_http: bool,
-        /// containerd's socket.
-        #[arg(long, default_value = "/run/containerd/containerd.sock")]
-        address: PathBuf,
-        #[arg(long, default_value = "default")]
-        namespace: String,
-        #[arg(long, default_value = "linux/amd64")]
-        platform: Platform,
-        /// Name containerd knows the snapshotter by.
-        #[arg(long, default_value = "streamsnap")]
-        snapshotter: String,
-        image: String,
-    },
+    Pull(PullArgs),
     /// Mount an image read-only at MOUNTPOINT, fetching file contents on first read.
-    Mount {
-        /// Reach the registry over plain HTTP (loopback registries always are).
-        #[arg(long)]
-        plain_http: bool,
-        #[arg(long, default_value = "/var/lib/streamsnap")]
-        state_dir: PathBuf,
-        /// Bound of the on-disk chunk cache, e.g. 10GiB.
-        #[arg(long, default_value = "10GiB")]
-        cache_size: bytesize::ByteSize,
-        #[arg(long, default_value = "linux/amd64")]
-        platform: Platform,
-        /// Repository holding gzip indexes by layer digest (repeatable).
-        #[arg(long = "index-repo")]
-        index_repo: Vec<Reference>,
-        /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
-        #[arg(long, default_value_t = 10.0)]
-        prefetch_timeout: f64,
-        #[command(flatten)]
-        fill: FillArgs,
-        image: String,
-        mountpoint: PathBuf,
-    },
+    Mount(MountArgs),
     /// Show or publish the recorded start-up profile of an image.
     Profile {
         #[command(subcommand)]
@@ -99,27 +40,123 @@ enum Command {
     },
     /// Build the checkpoint index of each plain gzip layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
-    Index {
-        #[arg(long)]
-        plain_http: bool,
-        /// Output bytes between inflate checkpoints: a read fetches about this much.
-        #[arg(long, default_value = "4MiB")]
-        span: bytesize::ByteSize,
-        /// Publish the index as an OCI artifact referring to the image (in its repository).
-        #[arg(long)]
-        push: bool,
-        /// Publish in this repository instead, tagged by layer digest.
-        #[arg(long)]
-        index_repo: Option<Reference>,
-        /// Layers smaller than this are not indexed (they are fetched whole).
-        #[arg(long, default_value = "4MiB")]
-        min_layer_size: bytesize::ByteSize,
-        #[arg(long, default_value = "/var/lib/streamsnap")]
-        state_dir: PathBuf,
-        #[arg(long, default_value = "linux/amd64")]
-        platform: Platform,
-        image: String,
-    },
+    Index(IndexArgs),
+}
+
+/// The defaults of flags that set a config value.
+fn defaults() -> Config {
+    Config::default()
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file (default /etc/streamsnap/config.toml, if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory (overrides the config file).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Socket path (overrides the config file).
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// Registry reached over plain HTTP (repeatable; adds to the config file's list).
+    #[arg(long = "insecure-registry")]
+    insecure_registry: Vec<RegistryHost>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides the config file).
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
+    /// Repository holding gzip indexes by layer digest (repeatable; adds to the config file's list).
+    #[arg(long = "index-repo")]
+    index_repo: Vec<Reference>,
+    #[command(flatten)]
+    fill: FillArgs,
+    /// Publish each recorded start-up profile next to its image.
+    #[arg(long)]
+    profile_push: bool,
+    /// Seconds without reads that end a start-up profile recording (overrides the config file).
+    #[arg(long)]
+    profile_quiet: Option<Seconds>,
+    /// Do not replay start-up profiles (still record them).
+    #[arg(long)]
+    no_profile_replay: bool,
+}
+
+impl ServeArgs {
+    /// The flags over the loaded config.
+    fn apply(self, cfg: &mut Config) {
+        if let Some(r) = self.root {
+            cfg.root = r;
+        }
+        if let Some(a) = self.address {
+            cfg.address = a;
+        }
+        if self.metrics_address.is_some() {
+            cfg.metrics_address = self.metrics_address;
+        }
+        cfg.registry.insecure.extend(self.insecure_registry);
+        cfg.index.repositories.extend(self.index_repo);
+        self.fill.apply(&mut cfg.background_fill);
+        cfg.profile.push |= self.profile_push;
+        cfg.profile.replay &= !self.no_profile_replay;
+        if let Some(q) = self.profile_quiet {
+            cfg.profile.quiet = q;
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    #[arg(long)]
+    plain_http: bool,
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    #[arg(long, default_value_t = defaults().registry.platform)]
+    platform: Platform,
+    /// Name containerd knows the snapshotter by.
+    #[arg(long, default_value = "streamsnap")]
+    snapshotter: String,
+    image: Reference,
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    /// Reach the registry over plain HTTP (loopback registries always are).
+    #[arg(long)]
+    plain_http: bool,
+    #[arg(long, default_value_os_t = defaults().root)]
+    state_dir: PathBuf,
+    /// Bound of the on-disk chunk cache, e.g. 10GiB.
+    #[arg(long, default_value_t = defaults().cache.disk_size)]
+    cache_size: ByteSize,
+    #[arg(long, default_value_t = defaults().registry.platform)]
+    platform: Platform,
+    /// Repository holding gzip indexes by layer digest (repeatable).
+    #[arg(long = "index-repo")]
+    index_repo: Vec<Reference>,
+    /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
+    #[arg(long, default_value_t = defaults().prefetch.timeout)]
+    prefetch_timeout: Seconds,
+    #[command(flatten)]
+    fill: FillArgs,
+    image: Reference,
+    mountpoint: PathBuf,
+}
+
+impl MountArgs {
+    /// The config of this mount: the defaults and the flags.
+    fn config(&self) -> Config {
+        let mut cfg = defaults();
+        cfg.root = self.state_dir.clone();
+        cfg.cache.disk_size = self.cache_size;
+        cfg.registry.platform = self.platform.clone();
+        cfg.index.repositories = self.index_repo.clone();
+        cfg.prefetch.timeout = self.prefetch_timeout;
+        self.fill.apply(&mut cfg.background_fill);
+        cfg
+    }
 }
 
 #[derive(Subcommand)]
@@ -140,11 +177,34 @@ struct ProfileArgs {
     #[arg(long)]
     plain_http: bool,
     /// State directory holding the profile (the daemon's root or the mount's state dir).
-    #[arg(long, default_value = "/var/lib/streamsnap")]
+    #[arg(long, default_value_os_t = defaults().root)]
     state_dir: PathBuf,
-    #[arg(long, default_value = "linux/amd64")]
+    #[arg(long, default_value_t = defaults().registry.platform)]
     platform: Platform,
-    image: String,
+    image: Reference,
+}
+
+#[derive(clap::Args)]
+struct IndexArgs {
+    #[arg(long)]
+    plain_http: bool,
+    /// Output bytes between inflate checkpoints: a read fetches about this much.
+    #[arg(long, default_value = "4MiB")]
+    span: ByteSize,
+    /// Publish the index as an OCI artifact referring to the image (in its repository).
+    #[arg(long)]
+    push: bool,
+    /// Publish in this repository instead, tagged by layer digest.
+    #[arg(long)]
+    index_repo: Option<Reference>,
+    /// Layers smaller than this are not indexed (they are fetched whole).
+    #[arg(long, default_value = "4MiB")]
+    min_layer_size: ByteSize,
+    #[arg(long, default_value_os_t = defaults().root)]
+    state_dir: PathBuf,
+    #[arg(long, default_value_t = defaults().registry.platform)]
+    platform: Platform,
+    image: Reference,
 }
 
 /// Background fill flags (`serve`: override the config file).
@@ -155,20 +215,20 @@ struct FillArgs {
     background_fill: bool,
     /// Seconds after a layer is mounted before its fill starts.
     #[arg(long)]
-    background_fill_delay: Option<f64>,
+    background_fill_delay: Option<Seconds>,
     /// Bandwidth cap of the fill per second, e.g. 100MiB.
     #[arg(long)]
-    background_fill_rate: Option<bytesize::ByteSize>,
+    background_fill_rate: Option<ByteSize>,
 }
 
 impl FillArgs {
-    fn apply(self, cfg: &mut streamsnap::config::Config) {
-        cfg.background_fill |= self.background_fill;
+    fn apply(&self, fill: &mut config::BackgroundFill) {
+        fill.enabled |= self.background_fill;
         if let Some(d) = self.background_fill_delay {
-            cfg.background_fill_delay_secs = d;
+            fill.delay = d;
         }
         if let Some(r) = self.background_fill_rate {
-            cfg.background_fill_rate = Some(r.to_string());
+            fill.rate = Some(r);
         }
     }
 }
@@ -177,6 +237,8 @@ fn main() -> anyhow::Result<()> {
     // Chunk buffers are 1-16 MiB: by default glibc serves each with a fresh
     // mmap, so every chunk pays page faults and kernel zeroing (about a tenth
     // of the CPU of a cold sequential read). Keep them on the heap instead.
+    // SAFETY: mallopt only changes glibc allocator tunables and takes plain
+    // integers; it runs before any other thread exists, so no allocation races it.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
@@ -190,178 +252,123 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Pull {
-                plain_http,
-                address,
-                namespace,
-                platform,
-                snapshotter,
-                image,
-            } => {
-                let image: Reference = image.parse()?;
-                let registry = registry_client(plain_http)?;
-                let opts = streamsnap::pull::PullOptions {
-                    address,
-                    namespace,
-                    platform,
-                    snapshotter,
-                };
-                let report = streamsnap::pull::pull(&registry, &image, &opts).await?;
-                println!(
-                    "pulled {image}: {} layers served lazily, {} unpacked",
-                    report.lazy_layers, report.unpacked_layers
-                );
-                Ok(())
-            }
-            Command::Serve {
-                config,
-                root,
-                address,
-                insecure_registry,
-                metrics_address,
-                index_repo,
-                fill,
-                profile_push,
-                profile_quiet,
-                no_profile_replay,
-            } => {
-                let mut cfg = streamsnap::config::Config::load(config.as_deref())?;
-                if let Some(r) = root {
-                    cfg.root = r;
-                }
-                if let Some(a) = address {
-                    cfg.address = a;
-                }
-                cfg.insecure_registries.extend(insecure_registry);
-                cfg.index_repositories.extend(index_repo);
-                fill.apply(&mut cfg);
-                cfg.profile_push |= profile_push;
-                cfg.profile_replay &= !no_profile_replay;
-                if let Some(q) = profile_quiet {
-                    cfg.profile_quiet_secs = q;
-                }
-                if metrics_address.is_some() {
-                    cfg.metrics_address = metrics_address;
-                }
-                streamsnap::daemon::serve(cfg, async {
-                    if let Err(e) = wait_for_signal().await {
-                        tracing::error!(error = %e, "signal handling failed");
-                    }
-                })
-                .await
-            }
-            Command::Mount {
-                plain_http,
-                state_dir,
-                cache_size,
-                platform,
-                index_repo,
-                prefetch_timeout,
-                fill,
-                image,
-                mountpoint,
-            } => {
-                let mut cfg = streamsnap::config::Config::default();
-                fill.apply(&mut cfg);
-                let image: Reference = image.parse()?;
-                let registry = Arc::new(registry_client(plain_http)?);
-                let state = StateDir { root: state_dir };
-                let opts = image_mount::LayerOptions {
-                    cache_size: cache_size.as_u64(),
-                    index_repos: index_repo,
-                    prefetch_timeout: std::time::Duration::try_from_secs_f64(prefetch_timeout).unwrap_or_default(),
-                    fill: cfg.fill(),
-                    ..Default::default()
-                };
-                let ctx = image_mount::layer_context(&state, registry, Metrics::new(), opts)?;
-                let mounted = image_mount::mount_image(&ctx, &state, &image, &platform, &mountpoint)
-                    .await
-                    .with_context(|| format!("mounting {image}"))?;
-                println!("mounted {image} at {}", mountpoint.display());
-                wait_for_signal().await?;
-                info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
-                drop(mounted);
-                Ok(())
-            }
-            Command::Profile { action } => {
-                let (args, repo, push) = match action {
-                    ProfileAction::Show(a) => (a, None, false),
-                    ProfileAction::Push { args, repo } => (args, repo, true),
-                };
-                let image: Reference = args.image.parse()?;
-                let registry = registry_client(args.plain_http)?;
-                let resolved = registry.resolve(&image, &args.platform).await?;
-                let profiles = Profiles::new(
-                    StateDir { root: args.state_dir }.profiles(),
-                    std::time::Duration::ZERO,
-                    false,
-                    Vec::new(),
-                );
-                if push {
-                    let d = profiles.push(&registry, &resolved.reference, repo.as_ref()).await?;
-                    println!("published {d}");
-                } else {
-                    let path = profiles.path(&resolved.manifest_digest);
-                    let p = streamsnap::prefetch::profile::read_file(&path).map_err(anyhow::Error::msg)?;
-                    println!("start-up profile of {} ({} reads)", p.image, p.reads.len());
-                    for r in &p.reads {
-                        println!("{} /{} {}+{}", r.layer, r.path, r.offset, r.len);
-                    }
-                }
-                Ok(())
-            }
-            Command::Index {
-                plain_http,
-                span,
-                push,
-                index_repo,
-                min_layer_size,
-                state_dir,
-                platform,
-                image,
-            } => {
-                let image: Reference = image.parse()?;
-                let registry = registry_client(plain_http)?;
-                let store = IndexStore::new(StateDir { root: state_dir }.indexes(), Vec::new());
-                let opts = IndexOptions {
-                    span: span.as_u64(),
-                    min_layer_size: min_layer_size.as_u64(),
-                    platform,
-                    push,
-                    index_repo,
-                };
-                let report = streamsnap::indexer::index_image(&registry, &store, &image, &opts).await?;
-                for l in &report.layers {
-                    match l {
-                        LayerOutcome::Indexed {
-                            layer,
-                            layer_size,
-                            index_size,
-                            checkpoints,
-                            entries,
-                        } => println!(
-                            "{layer}: indexed: {entries} entries, {checkpoints} checkpoints, index {index_size} bytes ({:.2}% of {layer_size})",
-                            *index_size as f64 * 100.0 / *layer_size as f64
-                        ),
-                        LayerOutcome::Skipped { layer, reason } => println!("{layer}: skipped: {reason}"),
-                    }
-                }
-                if let Some((repo, digest)) = &report.pushed {
-                    println!("published {digest} to {repo}");
-                }
-                Ok(())
-            }
+            Command::Serve(args) => serve(args).await,
+            Command::Pull(args) => pull(args).await,
+            Command::Mount(args) => mount(args).await,
+            Command::Profile { action } => profile(action).await,
+            Command::Index(args) => index(args).await,
         }
     })
 }
 
+/// `streamsnap serve`: the config file, the flags over it, the daemon.
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = Config::load(args.config.as_deref())?;
+    args.apply(&mut cfg);
+    streamsnap::daemon::serve(cfg, async {
+        if let Err(e) = wait_for_signal().await {
+            tracing::error!(error = %e, "signal handling failed");
+        }
+    })
+    .await
+}
+
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let registry = registry_client(args.plain_http)?;
+    let opts = streamsnap::pull::PullOptions {
+        address: args.address,
+        namespace: args.namespace,
+        platform: args.platform,
+        snapshotter: args.snapshotter,
+    };
+    let image = args.image;
+    let report = streamsnap::pull::pull(&registry, &image, &opts).await?;
+    println!(
+        "pulled {image}: {} layers served lazily, {} unpacked",
+        report.lazy_layers, report.unpacked_layers
+    );
+    Ok(())
+}
+
+/// `streamsnap mount`: the node built from the flags, as `serve` builds it from its config.
+async fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let cfg = args.config();
+    let registry = Arc::new(node::registry(&cfg.registry, args.plain_http)?);
+    let ctx = node::layer_context(&cfg, registry, Metrics::new())?;
+    let state = StateDir { root: cfg.root.clone() };
+    let (image, mountpoint) = (&args.image, &args.mountpoint);
+    let mounted = image_mount::mount_image(&ctx, &state, image, &cfg.registry.platform, mountpoint)
+        .await
+        .with_context(|| format!("mounting {image}"))?;
+    println!("mounted {image} at {}", mountpoint.display());
+    wait_for_signal().await?;
+    info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
+    drop(mounted);
+    Ok(())
+}
+
+async fn profile(action: ProfileAction) -> anyhow::Result<()> {
+    let (args, repo, push) = match action {
+        ProfileAction::Show(a) => (a, None, false),
+        ProfileAction::Push { args, repo } => (args, repo, true),
+    };
+    let registry = registry_client(args.plain_http)?;
+    let resolved = registry.resolve(&args.image, &args.platform).await?;
+    let profiles = Profiles::new(
+        StateDir { root: args.state_dir }.profiles(),
+        std::time::Duration::ZERO,
+        false,
+        Vec::new(),
+    );
+    if push {
+        let d = profiles.push(&registry, &resolved.reference, repo.as_ref()).await?;
+        println!("published {d}");
+    } else {
+        let path = profiles.path(&resolved.manifest_digest);
+        let p = streamsnap::prefetch::profile::read_file(&path).map_err(anyhow::Error::msg)?;
+        println!("start-up profile of {} ({} reads)", p.image, p.reads.len());
+        for r in &p.reads {
+            println!("{} /{} {}+{}", r.layer, r.path, r.offset, r.len);
+        }
+    }
+    Ok(())
+}
+
+async fn index(args: IndexArgs) -> anyhow::Result<()> {
+    let registry = registry_client(args.plain_http)?;
+    let store = IndexStore::new(StateDir { root: args.state_dir }.indexes(), Vec::new());
+    let opts = IndexOptions {
+        span: args.span.as_u64(),
+        min_layer_size: args.min_layer_size.as_u64(),
+        platform: args.platform,
+        push: args.push,
+        index_repo: args.index_repo,
+    };
+    let report = streamsnap::indexer::index_image(&registry, &store, &args.image, &opts).await?;
+    for l in &report.layers {
+        match l {
+            LayerOutcome::Indexed {
+                layer,
+                layer_size,
+                index_size,
+                checkpoints,
+                entries,
+            } => println!(
+                "{layer}: indexed: {entries} entries, {checkpoints} checkpoints, index {index_size} bytes ({:.2}% of {layer_size})",
+                *index_size as f64 * 100.0 / *layer_size as f64
+            ),
+            LayerOutcome::Skipped { layer, reason } => println!("{layer}: skipped: {reason}"),
+        }
+    }
+    if let Some((repo, digest)) = &report.pushed {
+        println!("published {digest} to {repo}");
+    }
+    Ok(())
+}
+
 /// The registry client of one-shot commands (docker's credentials).
 fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
-    Ok(Registry::new(RegistryOptions {
-        plain_http,
-        docker_config: DockerConfig::load_default()?,
-        ..Default::default()
-    })?)
+    node::registry(&config::Registry::default(), plain_http)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -373,4 +380,85 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from([&["streamsnap"][..], args].concat())
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn mount_without_flags_uses_the_config_defaults() {
+        let Command::Mount(m) = parse(&["mount", "img", "/mnt"]) else {
+            panic!()
+        };
+        assert_eq!(m.config(), Config::default());
+    }
+
+    #[test]
+    fn mount_flags_set_their_config_values() {
+        let Command::Mount(m) = parse(&[
+            "mount",
+            "--state-dir=/s",
+            "--cache-size=1GiB",
+            "--platform=linux/arm64",
+            "--index-repo=reg:5000/idx",
+            "--prefetch-timeout=0",
+            "--background-fill",
+            "--background-fill-rate=1MiB",
+            "img",
+            "/mnt",
+        ]) else {
+            panic!()
+        };
+        let c = m.config();
+        assert_eq!(c.root, PathBuf::from("/s"));
+        assert_eq!(c.cache.disk_size, ByteSize::gib(1));
+        assert_eq!(c.registry.platform.architecture, "arm64");
+        assert_eq!(c.index.repositories[0].repository, "idx");
+        assert_eq!(c.prefetch.timeout, Seconds::default());
+        assert!(c.background_fill.enabled);
+        assert_eq!(c.background_fill.rate, Some(ByteSize::mib(1)));
+    }
+
+    #[test]
+    fn serve_flags_override_and_extend_the_config() {
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--insecure-registry=r:5000",
+            "--profile-quiet=2",
+            "--no-profile-replay",
+            "--background-fill-delay=0.5",
+        ]) else {
+            panic!()
+        };
+        let mut c = Config::default();
+        c.registry.insecure.push("a:1".parse().unwrap());
+        s.apply(&mut c);
+        assert_eq!(c.registry.insecure.len(), 2);
+        assert_eq!(c.profile.quiet, Seconds::from_secs(2));
+        assert!(!c.profile.replay);
+        assert_eq!(c.background_fill.delay.0, std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn command_line_values_are_checked_like_the_config_file() {
+        for bad in [
+            &["serve", "--index-repo=Not A Repo"][..],
+            &["serve", "--background-fill-delay=nan"],
+            &["serve", "--insecure-registry=http://r"],
+            &["mount", "--platform=amd64", "img", "/mnt"],
+            &["mount", "Bad Image", "/mnt"],
+        ] {
+            assert!(
+                Cli::try_parse_from([&["streamsnap"][..], bad].concat()).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

@@ -4,20 +4,34 @@ mod common;
 use common::*;
 use std::process::Command;
 
-#[test]
-fn a_config_file_with_an_unknown_key_is_refused() {
+/// `serve --config FILE` with `text` in FILE: its stderr, after checking that it failed.
+fn refused(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("streamsnap.toml");
-    std::fs::write(&config, "root = \"/tmp/x\"\ncache_sise = \"1GiB\"\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     let out = run_output(
         Command::new(common::streamsnap::binary())
             .arg("serve")
             .arg("--config")
             .arg(&config),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("cache_sise") && err.contains("streamsnap.toml"), "{err}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused() {
+    let err = refused("root = \"/tmp/x\"\n[cache]\ndisk_sise = \"1GiB\"\n");
+    assert!(err.contains("disk_sise") && err.contains("streamsnap.toml"), "{err}");
+}
+
+#[test]
+fn a_config_file_with_a_bad_value_is_refused_naming_key_and_value() {
+    let err = refused("[prefetch]\ntimeout = -2.5\n");
+    assert!(
+        err.contains("timeout") && err.contains("-2.5") && err.contains("streamsnap.toml"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -39,6 +39,17 @@ impl Default for FillConfig {
     }
 }
 
+/// From the config file's `[background_fill]` section.
+impl From<&crate::config::BackgroundFill> for FillConfig {
+    fn from(c: &crate::config::BackgroundFill) -> Self {
+        Self {
+            enabled: c.enabled,
+            delay: c.delay.into(),
+            rate: c.rate.map(|r| r.as_u64()),
+        }
+    }
+}
+
 /// How a fill ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillEnd {

@@ -1,0 +1,79 @@
+//! The composition root: what one node's layers share (registry client, disk
+//! and memory caches, gzip index store, start-up profiles, fill settings,
+//! metrics), built from the typed [`Config`]. `serve` and `mount` both start
+//! here, so a layer is served the same way by either.
+
+use crate::cache::{DiskCache, MemCache};
+use crate::config::{self, Config};
+use crate::layer::gzip_index::IndexStore;
+use crate::layer::LayerContext;
+use crate::metrics::Metrics;
+use crate::prefetch::background::FillConfig;
+use crate::prefetch::profile::Profiles;
+use crate::registry::{DockerConfig, Registry, RegistryOptions};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where a state dir keeps things.
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    pub fn layers(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+    pub fn mounts(&self) -> PathBuf {
+        self.root.join("mnt")
+    }
+    pub fn indexes(&self) -> PathBuf {
+        self.root.join("indexes")
+    }
+    pub fn profiles(&self) -> PathBuf {
+        self.root.join("profiles")
+    }
+}
+
+/// The registry client: docker's credentials; plain HTTP for loopback
+/// registries, the `insecure` ones, and with `plain_http` (one-shot
+/// commands' `--plain-http`) every registry.
+pub fn registry(cfg: &config::Registry, plain_http: bool) -> anyhow::Result<Registry> {
+    Ok(Registry::new(RegistryOptions {
+        plain_http,
+        insecure: cfg.insecure.iter().map(|h| h.as_str().to_string()).collect(),
+        docker_config: DockerConfig::load_default()?,
+        ..Default::default()
+    })?)
+}
+
+/// What every layer opened on this node shares, under `config.root`.
+pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metrics>) -> anyhow::Result<LayerContext> {
+    let state = StateDir {
+        root: config.root.clone(),
+    };
+    let repos = &config.index.repositories;
+    Ok(LayerContext {
+        profiles: Arc::new(
+            Profiles::new(
+                state.profiles(),
+                config.profile.quiet.into(),
+                config.profile.push,
+                repos.clone(),
+            )
+            .replaying(config.profile.replay),
+        ),
+        prefetch_timeout: config.prefetch.timeout.into(),
+        fill: FillConfig::from(&config.background_fill),
+        indexes: Arc::new(IndexStore::new(state.indexes(), repos.clone())),
+        fetch: crate::fetch::Services::new(
+            Arc::new(DiskCache::open(&state.cache(), config.cache.disk_size.as_u64())?),
+            Arc::new(MemCache::new(config.cache.memory_size.as_u64())),
+            metrics,
+        ),
+        registry,
+        layers_dir: state.layers(),
+    })
+}
