@@ -410,7 +410,7 @@ impl Fetcher {
                             .map_err(|reason| FetchError::Corrupt {
                                 layer: this.layer.clone(),
                                 offset: c.blob_offset,
-                                reason,
+                                reason: reason.to_string(),
                             })?;
                         Ok(decoded)
                     })

@@ -88,7 +88,7 @@ impl Spans {
         }
         inf.set_window(&window)?;
         // Page-aligned output, so the disk cache can write its pieces with O_DIRECT.
-        let mut out = crate::fetch::decode::aligned_buffer(s.out_len as usize);
+        let mut out = crate::buf::aligned_buffer(s.out_len as usize);
         let mut done = 0;
         while done < out.len() {
             let step = inf
