@@ -170,6 +170,20 @@ pub enum IndexError {
     },
     #[error("layer {layer}: {reason}")]
     Layer { layer: Digest, reason: String },
+    #[error("layer {layer}: gzip index {}: {source}", path.display())]
+    GzipIndex {
+        layer: Digest,
+        path: std::path::PathBuf,
+        #[source]
+        source: gzip::OpenError,
+    },
+    #[error("layer {layer}: at compressed offset {offset}: {source}")]
+    Inflate {
+        layer: Digest,
+        offset: u64,
+        #[source]
+        source: gzip::InflateError,
+    },
     #[error("layer {layer}: fetching {what}: {source}")]
     Fetch {
         layer: Digest,
