@@ -14,7 +14,7 @@ use tracing::info;
 
 /// Serves until `shutdown` completes, then unmounts what it mounted.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let platform: Platform = config.platform.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let platform: Platform = config.platform.parse()?;
     let registry = Arc::new(Registry::new(RegistryOptions {
         insecure: config.insecure_registries.clone(),
         docker_config: DockerConfig::load_default()?,
