@@ -6,10 +6,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use rand::{RngCore, SeedableRng};
 use std::fmt::Write as _;
-use std::future::Future;
 use std::hint::black_box;
 use std::io::Write as _;
-use std::task::{Context, Poll, Waker};
 use streamsnap::cache::{ChunkKey, DiskCache, MemCache};
 use streamsnap::digest::Digest;
 use streamsnap::fetch::decode::{decode, verify};
@@ -120,16 +118,6 @@ fn estargz_tail(json: &[u8], toc_offset: u64) -> Bytes {
     Bytes::from(tail)
 }
 
-/// Runs a future whose reads are all answered at once (in-memory), so it
-/// completes on its first poll; avoids a runtime in the measurement.
-fn run_ready<F: Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("in-memory reads never wait"),
-    }
-}
-
 fn index_build(c: &mut Criterion) {
     let (json, toc_offset) = gen_toc();
     let layer = Digest::of(b"bench layer");
@@ -146,13 +134,16 @@ fn index_build(c: &mut Criterion) {
     g.sample_size(10).sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Elements(TOC_ENTRIES as u64));
     // Whole public entry point: footer, inflate TOC member, TOC digest, JSON, build.
+    // The TOC work runs on tokio's blocking pool, as in the daemon.
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     g.bench_function("estargz_100k_entries", |b| {
         b.iter(|| {
             let read = |off: u64, len: u64| {
                 let at = (off - toc_offset) as usize;
                 std::future::ready(Ok::<_, std::io::Error>(tail.slice(at..at + len as usize)))
             };
-            run_ready(index_estargz(&layer, size, Some(&toc_digest), read)).unwrap()
+            rt.block_on(index_estargz(&layer, size, Some(&toc_digest), read))
+                .unwrap()
         })
     });
     g.bench_function("toc_json_parse_and_build_100k", |b| {

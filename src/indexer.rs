@@ -217,7 +217,8 @@ async fn index_layer(
             },
         )
         .and_then(|(meta, windows)| {
-            let bytes = gzip::format::write(&meta, &windows).map_err(|e| index::IndexError::layer(&l, e))?;
+            let bytes =
+                gzip::format::write(&meta, &windows).map_err(|e| index::IndexError::layer(&l, e.to_string()))?;
             Ok((meta, bytes))
         })
     });

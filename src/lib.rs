@@ -23,7 +23,9 @@
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
+//! - [`buf`]: page-aligned buffers for decoded bytes (O_DIRECT cache writes).
 
+pub mod buf;
 pub mod cache;
 pub mod config;
 pub mod daemon;

@@ -1,71 +1,99 @@
 //! Turning a chunk's stored bytes into its file bytes, and checking them.
 
+use crate::buf::AlignedVec;
+use crate::digest::Digest;
 use crate::index::{Chunk, Encoding};
-use bytes::{Bytes, BytesMut};
-use std::io::Read;
+use bytes::Bytes;
+use std::io::{self, Read};
+
+/// A chunk whose stored bytes do not decode to what the index says.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("expected {expected} raw bytes, got {got}")]
+    RawLength { expected: u64, got: usize },
+    #[error("zstd: {0}")]
+    ZstdInit(#[source] io::Error),
+    #[error("{format} stream: {source}")]
+    Stream {
+        format: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{format} stream ends before inner offset {inner_offset}")]
+    EndsBeforeInnerOffset { format: &'static str, inner_offset: u64 },
+    #[error("{format} stream holds {got} bytes, chunk needs {needed}")]
+    Short {
+        format: &'static str,
+        got: usize,
+        needed: u64,
+    },
+    #[error("span {0} chunk decoded outside its span")]
+    SpanOutsideSpan(u32),
+    #[error("{got} bytes where the index says {expected}")]
+    Length { got: usize, expected: u64 },
+    #[error("content does not match digest {digest}")]
+    DigestMismatch { digest: Digest },
+}
 
 /// Decodes `raw` (exactly the chunk's blob extent) to the chunk's `len` bytes.
-pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, String> {
+pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, DecodeError> {
     match c.encoding {
         Encoding::Raw => {
             if raw.len() as u64 != c.len {
-                return Err(format!("expected {} raw bytes, got {}", c.len, raw.len()));
+                return Err(DecodeError::RawLength {
+                    expected: c.len,
+                    got: raw.len(),
+                });
             }
             Ok(raw.clone())
         }
         // bufread: inflate straight from the fetched bytes, no intermediate buffer copy.
         Encoding::Gzip => read_prefix(flate2::bufread::MultiGzDecoder::new(&raw[..]), c, "gzip"),
         Encoding::Zstd => {
-            let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(|e| format!("zstd: {e}"))?;
+            let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(DecodeError::ZstdInit)?;
             read_prefix(d, c, "zstd")
         }
         // Spans decode as a whole (the fetcher's span path), never per chunk.
-        Encoding::Span(n) => Err(format!("span {n} chunk decoded outside its span")),
+        Encoding::Span(n) => Err(DecodeError::SpanOutsideSpan(n)),
     }
 }
 
 /// Skips `inner_offset` decoded bytes and reads `len`; the stream may go on
 /// (tar headers of following entries share the last member).
-fn read_prefix(mut r: impl Read, c: &Chunk, what: &str) -> Result<Bytes, String> {
+fn read_prefix(mut r: impl Read, c: &Chunk, format: &'static str) -> Result<Bytes, DecodeError> {
+    let stream = |source| DecodeError::Stream { format, source };
     if c.inner_offset > 0 {
-        let skipped = std::io::copy(&mut (&mut r).take(c.inner_offset), &mut std::io::sink())
-            .map_err(|e| format!("{what} stream: {e}"))?;
+        let skipped = io::copy(&mut (&mut r).take(c.inner_offset), &mut io::sink()).map_err(stream)?;
         if skipped != c.inner_offset {
-            return Err(format!("{what} stream ends before inner offset {}", c.inner_offset));
+            return Err(DecodeError::EndsBeforeInnerOffset {
+                format,
+                inner_offset: c.inner_offset,
+            });
         }
     }
     // Page-aligned output, so the disk cache can write it with O_DIRECT.
-    let mut out: Vec<u8> = Vec::with_capacity(c.len as usize + PAGE);
-    let pad = out.as_ptr().align_offset(PAGE);
-    out.resize(pad, 0);
-    r.take(c.len)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("{what} stream: {e}"))?;
-    let got = out.len() - pad;
-    if got as u64 != c.len {
-        return Err(format!("{what} stream holds {got} bytes, chunk needs {}", c.len));
+    let mut out = AlignedVec::with_capacity(c.len as usize);
+    out.read_to_end(r.take(c.len)).map_err(stream)?;
+    if out.len() as u64 != c.len {
+        return Err(DecodeError::Short {
+            format,
+            got: out.len(),
+            needed: c.len,
+        });
     }
-    Ok(Bytes::from(out).slice(pad..))
+    Ok(out.freeze())
 }
-
-/// `len` zero bytes starting on a page boundary (for O_DIRECT cache writes).
-pub fn aligned_buffer(len: usize) -> BytesMut {
-    let mut v = BytesMut::zeroed(len + PAGE);
-    let pad = v.as_ptr().align_offset(PAGE);
-    let mut out = v.split_off(pad);
-    out.truncate(len);
-    out
-}
-
-const PAGE: usize = 4096;
 
 /// Checks decoded bytes against the chunk's digest (when the format has one).
-pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), String> {
+pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), DecodeError> {
     if data.len() as u64 != c.len {
-        return Err(format!("{} bytes where the index says {}", data.len(), c.len));
+        return Err(DecodeError::Length {
+            got: data.len(),
+            expected: c.len,
+        });
     }
     match &c.digest {
-        Some(d) if !d.matches(data) => Err(format!("content does not match digest {d}")),
+        Some(d) if !d.matches(data) => Err(DecodeError::DigestMismatch { digest: d.clone() }),
         _ => Ok(()),
     }
 }
@@ -73,7 +101,6 @@ pub fn verify(c: &Chunk, data: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::Digest;
     use std::io::Write;
 
     fn gz(data: &[u8]) -> Bytes {
@@ -106,7 +133,7 @@ mod tests {
     #[test]
     fn wrong_bytes_fail_verification() {
         let c = chunk(7, 7, Encoding::Raw, b"payload");
-        assert!(verify(&c, b"PAYLOAD").unwrap_err().contains("digest"));
+        assert!(verify(&c, b"PAYLOAD").unwrap_err().to_string().contains("digest"));
     }
 
     #[test]

@@ -504,7 +504,7 @@ impl Fetcher {
         let raw = data.slice(from..from + c.blob_len as usize);
         decode::decode(c, &raw)
             .and_then(|d| decode::verify(c, &d).map(|()| d))
-            .map_err(|reason| self.corrupt(c.blob_offset, reason))
+            .map_err(|reason| self.corrupt(c.blob_offset, reason.to_string()))
     }
 
     /// Writes fetched chunks to the disk cache (after their readers have them).

@@ -122,7 +122,7 @@ impl Fetcher {
             let spans = Arc::clone(&spans);
             match tokio::task::spawn_blocking(move || spans.decode(s, &data)).await {
                 Ok(Ok(out)) => return Ok(out),
-                Ok(Err(r)) => reason = r,
+                Ok(Err(r)) => reason = r.to_string(),
                 Err(e) => reason = format!("decoder panicked: {e}"),
             }
             if attempt == 0 {

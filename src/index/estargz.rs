@@ -15,6 +15,21 @@ const LEGACY_FOOTER_SIZE: u64 = 47;
 /// Largest decompressed TOC we accept.
 const MAX_TOC: u64 = 512 << 20;
 
+/// A TOC member that does not hold a readable `stargz.index.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum TocError {
+    #[error("not gzip: {0}")]
+    NotGzip(#[source] std::io::Error),
+    #[error("not a tar: {0}")]
+    NotTar(#[source] std::io::Error),
+    #[error("empty TOC archive")]
+    Empty,
+    #[error("first entry is {0:?}, not stargz.index.json")]
+    FirstEntry(String),
+    #[error("reading TOC entry: {0}")]
+    ReadEntry(#[source] std::io::Error),
+}
+
 /// Finds the TOC offset in the blob's tail (at least 51 bytes, or the whole
 /// blob when shorter); returns `(toc_offset, footer_len)`.
 pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
@@ -72,7 +87,28 @@ where
     let compressed = read(toc_offset, size - footer_len - toc_offset)
         .await
         .map_err(|e| fetch_err("eStargz TOC", e))?;
-    let json = toc_json(&compressed).map_err(|r| bad(format!("TOC at offset {toc_offset}: {r}")))?;
+    let (l, expected) = (layer.clone(), toc_digest.cloned());
+    super::blocking(layer, move || {
+        parse_toc(&l, &compressed, toc_offset, expected.as_ref(), size)
+    })
+    .await
+}
+
+/// The CPU part: inflates the TOC member at `toc_offset`, checks it against
+/// `toc_digest` when given, parses it and builds the index.
+fn parse_toc(
+    layer: &Digest,
+    compressed: &[u8],
+    toc_offset: u64,
+    toc_digest: Option<&Digest>,
+    size: u64,
+) -> Result<LayerIndex, IndexError> {
+    let bad = |reason: String| IndexError::layer(layer, reason);
+    let json = toc_json(compressed).map_err(|source| IndexError::Toc {
+        layer: layer.clone(),
+        offset: toc_offset,
+        source,
+    })?;
     if let Some(expected) = toc_digest {
         let actual = Digest::of(&json);
         if &actual != expected {
@@ -86,29 +122,21 @@ where
 }
 
 /// Decompresses the TOC member and takes the `stargz.index.json` tar entry.
-fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, String> {
+fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, TocError> {
     let mut tar_bytes = Vec::new();
     flate2::read::MultiGzDecoder::new(compressed)
         .take(MAX_TOC)
         .read_to_end(&mut tar_bytes)
-        .map_err(|e| format!("not gzip: {e}"))?;
+        .map_err(TocError::NotGzip)?;
     let mut archive = tar::Archive::new(&tar_bytes[..]);
-    let mut entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
-    let mut entry = entries
-        .next()
-        .ok_or("empty TOC archive")?
-        .map_err(|e| format!("not a tar: {e}"))?;
+    let mut entries = archive.entries().map_err(TocError::NotTar)?;
+    let mut entry = entries.next().ok_or(TocError::Empty)?.map_err(TocError::NotTar)?;
     let name = entry.path_bytes().into_owned();
     if name != b"stargz.index.json" {
-        return Err(format!(
-            "first entry is {:?}, not stargz.index.json",
-            String::from_utf8_lossy(&name)
-        ));
+        return Err(TocError::FirstEntry(String::from_utf8_lossy(&name).into_owned()));
     }
     let mut json = Vec::new();
-    entry
-        .read_to_end(&mut json)
-        .map_err(|e| format!("reading TOC entry: {e}"))?;
+    entry.read_to_end(&mut json).map_err(TocError::ReadEntry)?;
     Ok(json)
 }
 

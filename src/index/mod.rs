@@ -159,6 +159,20 @@ impl LayerIndex {
     }
 }
 
+/// Runs the CPU part of indexing `layer` (TOC inflate, JSON, tree building)
+/// on the blocking pool, so it does not stall the async worker serving gRPC.
+async fn blocking<T: Send + 'static>(
+    layer: &Digest,
+    work: impl FnOnce() -> Result<T, IndexError> + Send + 'static,
+) -> Result<T, IndexError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|source| IndexError::Task {
+            layer: layer.clone(),
+            source,
+        })?
+}
+
 /// A layer whose index cannot be built; names the layer and the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -170,6 +184,40 @@ pub enum IndexError {
     },
     #[error("layer {layer}: {reason}")]
     Layer { layer: Digest, reason: String },
+    #[error("layer {layer}: gzip index {}: {source}", path.display())]
+    GzipIndex {
+        layer: Digest,
+        path: std::path::PathBuf,
+        #[source]
+        source: gzip::OpenError,
+    },
+    #[error("layer {layer}: at compressed offset {offset}: {source}")]
+    Inflate {
+        layer: Digest,
+        offset: u64,
+        #[source]
+        source: gzip::InflateError,
+    },
+    #[error("layer {layer}: TOC at offset {offset}: {source}")]
+    Toc {
+        layer: Digest,
+        offset: u64,
+        #[source]
+        source: estargz::TocError,
+    },
+    #[error("layer {layer}: tar header at offset {offset}: {source}")]
+    TarHeader {
+        layer: Digest,
+        offset: u64,
+        #[source]
+        source: tar::ChecksumError,
+    },
+    #[error("layer {layer}: indexing task failed: {source}")]
+    Task {
+        layer: Digest,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("layer {layer}: fetching {what}: {source}")]
     Fetch {
         layer: Digest,

@@ -14,6 +14,15 @@ const WINDOW: u64 = 64 << 10;
 /// Upper bound for PAX and GNU long-name payloads.
 const MAX_META: u64 = 1 << 20;
 
+/// A 512-byte block whose header checksum does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChecksumError {
+    #[error("checksum field is not octal")]
+    NotOctal,
+    #[error("checksum mismatch (stored {stored:o}, computed {computed:o}): not a tar header")]
+    Mismatch { stored: u32, computed: u32 },
+}
+
 /// One archive entry as the walk found it.
 pub struct TarEntry {
     pub path: Vec<u8>,
@@ -42,7 +51,9 @@ where
         }
     })
     .await?;
-    builder.finish(size)
+    // Header parsing above is cheap per read window; the final build walks
+    // every node, so it runs on the blocking pool.
+    super::blocking(layer, move || builder.finish(size)).await
 }
 
 /// Walks the headers of the tar in `[0, size)`, reading through
@@ -88,7 +99,11 @@ where
             break;
         }
         let header = tar::Header::from_byte_slice(&block);
-        verify_checksum(&block).map_err(|r| bad(pos, r))?;
+        verify_checksum(&block).map_err(|source| IndexError::TarHeader {
+            layer: layer.clone(),
+            offset: pos,
+            source,
+        })?;
         let mut entry_size = header.entry_size().map_err(|e| bad(pos, e.to_string()))?;
         if let Some(s) = pax.get("size").or_else(|| global.get("size")) {
             entry_size = parse_num(s).ok_or_else(|| bad(pos, "invalid PAX size".into()))?;
@@ -276,12 +291,12 @@ pub fn raw_chunks(at: u64, len: u64, chunk_size: u64) -> Vec<Chunk> {
         .collect()
 }
 
-fn verify_checksum(block: &[u8]) -> Result<(), String> {
+fn verify_checksum(block: &[u8]) -> Result<(), ChecksumError> {
     let stored = std::str::from_utf8(&block[148..156])
         .ok()
         .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
         .and_then(|s| u32::from_str_radix(s, 8).ok())
-        .ok_or("checksum field is not octal")?;
+        .ok_or(ChecksumError::NotOctal)?;
     let sum: u32 = block
         .iter()
         .enumerate()
@@ -294,9 +309,7 @@ fn verify_checksum(block: &[u8]) -> Result<(), String> {
         })
         .sum();
     if sum != stored {
-        return Err(format!(
-            "checksum mismatch (stored {stored:o}, computed {sum:o}): not a tar header"
-        ));
+        return Err(ChecksumError::Mismatch { stored, computed: sum });
     }
     Ok(())
 }

@@ -29,6 +29,9 @@ pub const CHECKSUM_KEYS: [&str; 2] = [
     "io.containers.zstd-chunked.manifest-checksum",
 ];
 
+/// The TOC digest annotation, checked against the decompressed manifest.
+const TOC_DIGEST_KEY: &str = "containerd.io/snapshot/stargz/toc.digest";
+
 /// Where the compressed manifest lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ManifestPosition {
@@ -108,11 +111,31 @@ where
     let compressed = read(pos.offset, pos.compressed)
         .await
         .map_err(|e| fetch_err("zstd:chunked manifest", e))?;
-    if let Some(sum) = CHECKSUM_KEYS.iter().find_map(|k| annotations.get(*k)) {
+    let checksum = CHECKSUM_KEYS.iter().find_map(|k| annotations.get(*k)).cloned();
+    let toc_digest = annotations.get(TOC_DIGEST_KEY).cloned();
+    let l = layer.clone();
+    super::blocking(layer, move || {
+        parse_manifest(&l, &compressed, pos, checksum.as_deref(), toc_digest.as_deref(), size)
+    })
+    .await
+}
+
+/// The CPU part: checks the compressed manifest against its annotated
+/// checksum, decompresses it, checks the TOC digest, parses and builds.
+fn parse_manifest(
+    layer: &Digest,
+    compressed: &[u8],
+    pos: ManifestPosition,
+    checksum: Option<&str>,
+    toc_digest: Option<&str>,
+    size: u64,
+) -> Result<LayerIndex, IndexError> {
+    let bad = |reason: String| IndexError::layer(layer, reason);
+    if let Some(sum) = checksum {
         let expected: Digest = sum
             .parse()
             .map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
-        let actual = Digest::of(&compressed);
+        let actual = Digest::of(compressed);
         if actual != expected {
             return Err(bad(format!(
                 "manifest checksum {actual} does not match the annotated {expected}"
@@ -120,7 +143,7 @@ where
         }
     }
     let mut json = Vec::with_capacity(pos.uncompressed as usize);
-    zstd::stream::read::Decoder::new(&compressed[..])
+    zstd::stream::read::Decoder::new(compressed)
         .map_err(|e| bad(format!("manifest: {e}")))?
         .take(pos.uncompressed + 1)
         .read_to_end(&mut json)
@@ -132,7 +155,7 @@ where
             pos.uncompressed
         )));
     }
-    if let Some(t) = annotations.get("containerd.io/snapshot/stargz/toc.digest") {
+    if let Some(t) = toc_digest {
         let expected: Digest = t.parse().map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
         let actual = Digest::of(&json);
         if actual != expected {

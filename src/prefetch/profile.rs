@@ -455,10 +455,28 @@ pub enum ProfileError {
     },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Reads a stored profile (for `streamsnap profile show`).
-pub fn read_file(path: &Path) -> Result<Profile, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+pub fn read_file(path: &Path) -> Result<Profile, ProfileError> {
+    let text = std::fs::read(path).map_err(|source| ProfileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| ProfileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -33,9 +33,14 @@ impl Default for Platform {
     }
 }
 
+/// A platform string that is not `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid platform {0:?}: expected os/arch[/variant]")]
+pub struct PlatformError(pub String);
+
 impl FromStr for Platform {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = PlatformError;
+    fn from_str(s: &str) -> Result<Self, PlatformError> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
             [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self {
@@ -48,7 +53,7 @@ impl FromStr for Platform {
                 architecture: arch.to_string(),
                 variant: Some(v.to_string()),
             }),
-            _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant]")),
+            _ => Err(PlatformError(s.to_string())),
         }
     }
 }

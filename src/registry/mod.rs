@@ -14,7 +14,7 @@ pub mod referrers;
 
 pub use auth::{Challenge, Credentials, DockerConfig};
 pub use client::{Registry, RegistryOptions};
-pub use manifest::{LayerDescriptor, Platform, ResolvedImage, OCI_MANIFEST};
+pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
 pub use reference::{Reference, ReferenceError};
 
 use crate::digest::Digest;

@@ -19,6 +19,46 @@ struct Selector {
     op: Op,
 }
 
+/// What is wrong in one filter string, and where.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FilterError {
+    #[error("unexpected end")]
+    UnexpectedEnd,
+    #[error("unterminated escape")]
+    UnterminatedEscape,
+    #[error("unterminated quote")]
+    UnterminatedQuote,
+    #[error("{0}")]
+    NotUtf8(#[source] std::string::FromUtf8Error),
+    #[error("expected a field name at position {0}")]
+    ExpectedField(usize),
+    #[error("expected a value at position {0}")]
+    ExpectedValue(usize),
+    #[error("invalid regular expression {re:?}: {source}")]
+    Regex {
+        re: String,
+        #[source]
+        source: regex_lite::Error,
+    },
+    #[error("unexpected {found:?} at position {at}")]
+    Unexpected { found: char, at: usize },
+}
+
+/// A filter string that does not parse; a List caller's invalid argument.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("filter {filter:?}: {source}")]
+pub struct InvalidFilter {
+    pub filter: String,
+    #[source]
+    pub source: FilterError,
+}
+
+impl From<InvalidFilter> for SnapshotError {
+    fn from(e: InvalidFilter) -> Self {
+        SnapshotError::InvalidArgument(e.to_string())
+    }
+}
+
 /// Parsed filters: an OR of ANDs.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -32,10 +72,13 @@ pub trait Fields {
 }
 
 impl Filter {
-    pub fn parse(filters: &[String]) -> Result<Self, SnapshotError> {
+    pub fn parse(filters: &[String]) -> Result<Self, InvalidFilter> {
         let mut any = Vec::new();
         for f in filters.iter().filter(|f| !f.trim().is_empty()) {
-            any.push(parse_all(f).map_err(|reason| SnapshotError::InvalidArgument(format!("filter {f:?}: {reason}")))?);
+            any.push(parse_all(f).map_err(|source| InvalidFilter {
+                filter: f.clone(),
+                source,
+            })?);
         }
         Ok(Self { any })
     }
@@ -77,26 +120,26 @@ impl Scanner<'_> {
         }
     }
 
-    fn quoted(&mut self) -> Result<String, String> {
-        let quote = self.peek().ok_or("unexpected end")?;
+    fn quoted(&mut self) -> Result<String, FilterError> {
+        let quote = self.peek().ok_or(FilterError::UnexpectedEnd)?;
         self.i += 1;
         let mut out = Vec::new();
         while let Some(c) = self.peek() {
             self.i += 1;
             match c {
                 b'\\' => {
-                    let next = self.peek().ok_or("unterminated escape")?;
+                    let next = self.peek().ok_or(FilterError::UnterminatedEscape)?;
                     self.i += 1;
                     out.push(next);
                 }
-                c if c == quote => return String::from_utf8(out).map_err(|e| e.to_string()),
+                c if c == quote => return String::from_utf8(out).map_err(FilterError::NotUtf8),
                 c => out.push(c),
             }
         }
-        Err("unterminated quote".into())
+        Err(FilterError::UnterminatedQuote)
     }
 
-    fn field(&mut self) -> Result<String, String> {
+    fn field(&mut self) -> Result<String, FilterError> {
         if matches!(self.peek(), Some(b'"' | b'`')) {
             return self.quoted();
         }
@@ -105,12 +148,12 @@ impl Scanner<'_> {
             self.i += 1;
         }
         if start == self.i {
-            return Err(format!("expected a field name at position {}", self.i));
+            return Err(FilterError::ExpectedField(self.i));
         }
         Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
     }
 
-    fn value(&mut self, regex: bool) -> Result<String, String> {
+    fn value(&mut self, regex: bool) -> Result<String, FilterError> {
         self.skip_ws();
         match self.peek() {
             Some(b'"' | b'`') => return self.quoted(),
@@ -123,13 +166,13 @@ impl Scanner<'_> {
             self.i += 1;
         }
         if start == self.i {
-            return Err(format!("expected a value at position {}", self.i));
+            return Err(FilterError::ExpectedValue(self.i));
         }
         Ok(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
     }
 }
 
-fn parse_all(f: &str) -> Result<Vec<Selector>, String> {
+fn parse_all(f: &str) -> Result<Vec<Selector>, FilterError> {
     let mut sc = Scanner { s: f.as_bytes(), i: 0 };
     let mut out = Vec::new();
     loop {
@@ -152,18 +195,30 @@ fn parse_all(f: &str) -> Result<Vec<Selector>, String> {
             (Some(b'~'), Some(b'=')) => {
                 sc.i += 2;
                 let re = sc.value(true)?;
-                regex_lite::Regex::new(&re).map_err(|e| format!("invalid regular expression {re:?}: {e}"))?;
+                if let Err(source) = regex_lite::Regex::new(&re) {
+                    return Err(FilterError::Regex { re, source });
+                }
                 Op::Matches(re)
             }
             (None | Some(b','), _) => Op::Present,
-            (Some(c), _) => return Err(format!("unexpected {:?} at position {}", c as char, sc.i)),
+            (Some(c), _) => {
+                return Err(FilterError::Unexpected {
+                    found: c as char,
+                    at: sc.i,
+                })
+            }
         };
         out.push(Selector { path, op });
         sc.skip_ws();
         match sc.peek() {
             None => return Ok(out),
             Some(b',') => sc.i += 1,
-            Some(c) => return Err(format!("unexpected {:?} at position {}", c as char, sc.i)),
+            Some(c) => {
+                return Err(FilterError::Unexpected {
+                    found: c as char,
+                    at: sc.i,
+                })
+            }
         }
     }
 }
@@ -220,7 +275,7 @@ mod tests {
     fn malformed_filters_are_invalid_arguments() {
         assert!(Filter::parse(&["name==".into()]).is_err());
         assert!(matches!(
-            Filter::parse(&["name=x".into()]),
+            Filter::parse(&["name=x".into()]).map_err(SnapshotError::from),
             Err(SnapshotError::InvalidArgument(_))
         ));
         assert!(Filter::parse(&["labels.\"open".into()]).is_err());

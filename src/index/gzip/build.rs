@@ -117,7 +117,11 @@ impl<'a, R: Read> Stream<'a, R> {
             input_done: false,
             compressed: 0,
             blob_hash: Sha256::new(),
-            inf: Inflater::gzip().map_err(|e| IndexError::layer(layer, e))?,
+            inf: Inflater::gzip().map_err(|source| IndexError::Inflate {
+                layer: layer.clone(),
+                offset: 0,
+                source,
+            })?,
             scratch: vec![0; OUTPUT_STEP],
             out: Vec::new(),
             out_start: 0,
@@ -210,7 +214,11 @@ impl<'a, R: Read> Stream<'a, R> {
         let step = self
             .inf
             .step(&self.inbuf[self.in_pos..self.in_len], &mut self.scratch, true)
-            .map_err(|e| IndexError::layer(self.layer, format!("at compressed offset {}: {e}", self.inf.total_in())))?;
+            .map_err(|source| IndexError::Inflate {
+                layer: self.layer.clone(),
+                offset: self.inf.total_in(),
+                source,
+            })?;
         self.in_pos += step.consumed;
         let produced = &self.scratch[..step.produced];
         self.span_hash.update(produced);

@@ -17,6 +17,56 @@ pub const VERSION: u32 = 1;
 /// Largest meta section we accept (entry tables of huge layers fit easily).
 const MAX_META: u32 = 256 << 20;
 
+/// An index file that cannot be written, read, or trusted for a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("encoding index: {0}")]
+    Encode(#[source] postcard::Error),
+    #[error("compressing index: {0}")]
+    Compress(#[source] std::io::Error),
+    #[error("reading header: {0}")]
+    ReadHeader(#[source] std::io::Error),
+    #[error("not a streamsnap gzip index (bad magic)")]
+    BadMagic,
+    #[error("format version {0}, this build reads {VERSION}")]
+    Version(u32),
+    #[error("meta section of {0} bytes is over the limit")]
+    MetaTooLarge(u32),
+    #[error("reading meta: {0}")]
+    ReadMeta(#[source] std::io::Error),
+    #[error("meta section: {0}")]
+    DecompressMeta(#[source] std::io::Error),
+    #[error("meta section: {0}")]
+    DecodeMeta(#[source] postcard::Error),
+    #[error("built for layer {0}, not this one")]
+    OtherLayer(String),
+    #[error("built for a blob of {built} bytes, the layer has {actual}")]
+    BlobSize { built: u64, actual: u64 },
+    #[error("deflate end {0} past the blob end")]
+    DeflateEnd(u64),
+    #[error("no checkpoints")]
+    NoCheckpoints,
+    #[error("first checkpoint does not start the output")]
+    FirstCheckpoint,
+    #[error(
+        "checkpoint {index} (blob offset {blob_offset}, bit {bits}, output {out_offset}) \
+         is inconsistent with its neighbours"
+    )]
+    Checkpoint {
+        index: usize,
+        blob_offset: u64,
+        bits: u8,
+        out_offset: u64,
+    },
+    #[error("entry {entry:?}: data {offset}+{size} lies outside the tar stream ({tar_size} bytes)")]
+    EntryOutside {
+        entry: String,
+        offset: u64,
+        size: u64,
+        tar_size: u64,
+    },
+}
+
 /// Everything but the windows.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IndexMeta {
@@ -83,9 +133,9 @@ pub struct IndexEntry {
 
 /// Serialises an index: `windows[i]` is checkpoint i's zstd-compressed window
 /// (the checkpoints' `window_at`/`window_zlen` must already describe them).
-pub fn write(meta: &IndexMeta, windows: &[Vec<u8>]) -> Result<Vec<u8>, String> {
-    let payload = postcard::to_stdvec(meta).map_err(|e| format!("encoding index: {e}"))?;
-    let packed = zstd::bulk::compress(&payload, 3).map_err(|e| format!("compressing index: {e}"))?;
+pub fn write(meta: &IndexMeta, windows: &[Vec<u8>]) -> Result<Vec<u8>, FormatError> {
+    let payload = postcard::to_stdvec(meta).map_err(FormatError::Encode)?;
+    let packed = zstd::bulk::compress(&payload, 3).map_err(FormatError::Compress)?;
     let mut out = Vec::with_capacity(16 + packed.len() + windows.iter().map(Vec::len).sum::<usize>());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -98,49 +148,47 @@ pub fn write(meta: &IndexMeta, windows: &[Vec<u8>]) -> Result<Vec<u8>, String> {
 }
 
 /// Reads the header and meta; returns them with the file offset of the windows.
-pub fn read(file: &std::fs::File) -> Result<(IndexMeta, u64), String> {
+pub fn read(file: &std::fs::File) -> Result<(IndexMeta, u64), FormatError> {
     let mut head = [0u8; 16];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|e| format!("reading header: {e}"))?;
+    file.read_exact_at(&mut head, 0).map_err(FormatError::ReadHeader)?;
     if &head[..8] != MAGIC {
-        return Err("not a streamsnap gzip index (bad magic)".into());
+        return Err(FormatError::BadMagic);
     }
     let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
-        return Err(format!("format version {version}, this build reads {VERSION}"));
+        return Err(FormatError::Version(version));
     }
     let len = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
     if len > MAX_META {
-        return Err(format!("meta section of {len} bytes is over the limit"));
+        return Err(FormatError::MetaTooLarge(len));
     }
     let mut packed = vec![0u8; len as usize];
-    file.read_exact_at(&mut packed, 16)
-        .map_err(|e| format!("reading meta: {e}"))?;
-    let payload = zstd::bulk::decompress(&packed, 1 << 30).map_err(|e| format!("meta section: {e}"))?;
-    let meta: IndexMeta = postcard::from_bytes(&payload).map_err(|e| format!("meta section: {e}"))?;
+    file.read_exact_at(&mut packed, 16).map_err(FormatError::ReadMeta)?;
+    let payload = zstd::bulk::decompress(&packed, 1 << 30).map_err(FormatError::DecompressMeta)?;
+    let meta: IndexMeta = postcard::from_bytes(&payload).map_err(FormatError::DecodeMeta)?;
     Ok((meta, 16 + len as u64))
 }
 
 /// Checks an index against the layer it is meant for, and for internal
 /// consistency, before anything is served from it.
-pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), String> {
+pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), FormatError> {
     if meta.layer != layer.to_string() {
-        return Err(format!("built for layer {}, not this one", meta.layer));
+        return Err(FormatError::OtherLayer(meta.layer.clone()));
     }
     if meta.compressed_size != blob_size {
-        return Err(format!(
-            "built for a blob of {} bytes, the layer has {blob_size}",
-            meta.compressed_size
-        ));
+        return Err(FormatError::BlobSize {
+            built: meta.compressed_size,
+            actual: blob_size,
+        });
     }
     if meta.deflate_end > blob_size {
-        return Err(format!("deflate end {} past the blob end", meta.deflate_end));
+        return Err(FormatError::DeflateEnd(meta.deflate_end));
     }
     let Some(first) = meta.checkpoints.first() else {
-        return Err("no checkpoints".into());
+        return Err(FormatError::NoCheckpoints);
     };
     if first.out_offset != 0 {
-        return Err("first checkpoint does not start the output".into());
+        return Err(FormatError::FirstCheckpoint);
     }
     for (i, cp) in meta.checkpoints.iter().enumerate() {
         let (end, out_end) = match meta.checkpoints.get(i + 1) {
@@ -154,23 +202,24 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), 
             && out_end - cp.out_offset <= MAX_SPAN_OUTPUT
             && cp.window_len as u64 == cp.out_offset.min(WINDOW as u64);
         if !ok {
-            return Err(format!(
-                "checkpoint {i} (blob offset {}, bit {}, output {}) is inconsistent with its neighbours",
-                cp.blob_offset, cp.bits, cp.out_offset
-            ));
+            return Err(FormatError::Checkpoint {
+                index: i,
+                blob_offset: cp.blob_offset,
+                bits: cp.bits,
+                out_offset: cp.out_offset,
+            });
         }
     }
     for e in &meta.entries {
         let has_data = matches!(e.kind, EntryKind::File);
         let end = e.data_offset.checked_add(if has_data { e.size } else { 0 });
         if end.is_none_or(|end| end > meta.uncompressed_size) || (!has_data && e.size != 0) {
-            return Err(format!(
-                "entry {:?}: data {}+{} lies outside the tar stream ({} bytes)",
-                String::from_utf8_lossy(&e.path),
-                e.data_offset,
-                e.size,
-                meta.uncompressed_size
-            ));
+            return Err(FormatError::EntryOutside {
+                entry: String::from_utf8_lossy(&e.path).into_owned(),
+                offset: e.data_offset,
+                size: e.size,
+                tar_size: meta.uncompressed_size,
+            });
         }
     }
     Ok(())

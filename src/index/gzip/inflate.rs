@@ -9,6 +9,17 @@ use libz_rs_sys as z;
 /// Largest back-reference distance of deflate: the window a checkpoint keeps.
 pub const WINDOW: usize = 32 << 10;
 
+/// A zlib inflate call that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    #[error("{op} failed ({code})")]
+    Call { op: &'static str, code: i32 },
+    #[error("deflate stream asks for a preset dictionary")]
+    PresetDictionary,
+    #[error("invalid deflate data ({0})")]
+    InvalidData(String),
+}
+
 /// Outcome of one [`Inflater::step`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -28,16 +39,16 @@ unsafe impl Send for Inflater {}
 
 impl Inflater {
     /// Inflates a gzip member (header and trailer checked by zlib).
-    pub fn gzip() -> Result<Self, String> {
+    pub fn gzip() -> Result<Self, InflateError> {
         Self::new(15 + 16)
     }
 
     /// Inflates raw deflate data, as found between two checkpoints.
-    pub fn raw() -> Result<Self, String> {
+    pub fn raw() -> Result<Self, InflateError> {
         Self::new(-15)
     }
 
-    fn new(window_bits: i32) -> Result<Self, String> {
+    fn new(window_bits: i32) -> Result<Self, InflateError> {
         let mut strm = Box::<z::z_stream>::default();
         // SAFETY: `strm` is a valid, default-initialised stream with allocators set.
         let rc = unsafe {
@@ -49,13 +60,16 @@ impl Inflater {
             )
         };
         if rc != z::Z_OK {
-            return Err(format!("inflateInit2 failed ({rc})"));
+            return Err(InflateError::Call {
+                op: "inflateInit2",
+                code: rc,
+            });
         }
         Ok(Self { strm })
     }
 
     /// Feeds the `bits` high bits of `byte` first: a checkpoint inside a byte.
-    pub fn prime(&mut self, bits: u8, byte: u8) -> Result<(), String> {
+    pub fn prime(&mut self, bits: u8, byte: u8) -> Result<(), InflateError> {
         if bits == 0 {
             return Ok(());
         }
@@ -65,7 +79,7 @@ impl Inflater {
     }
 
     /// Sets the window (the output that preceded this point of the stream).
-    pub fn set_window(&mut self, window: &[u8]) -> Result<(), String> {
+    pub fn set_window(&mut self, window: &[u8]) -> Result<(), InflateError> {
         if window.is_empty() {
             return Ok(());
         }
@@ -76,7 +90,7 @@ impl Inflater {
 
     /// Inflates from `input` into `output`; with `block`, returns at the end
     /// of every deflate block header and block (see [`Inflater::at_block_boundary`]).
-    pub fn step(&mut self, input: &[u8], output: &mut [u8], block: bool) -> Result<Step, String> {
+    pub fn step(&mut self, input: &[u8], output: &mut [u8], block: bool) -> Result<Step, InflateError> {
         let s = &mut *self.strm;
         s.next_in = input.as_ptr();
         s.avail_in = input.len().min(u32::MAX as usize) as u32;
@@ -96,8 +110,8 @@ impl Inflater {
         s.next_out = std::ptr::null_mut();
         match rc {
             z::Z_OK | z::Z_STREAM_END | z::Z_BUF_ERROR => Ok(step),
-            z::Z_NEED_DICT => Err("deflate stream asks for a preset dictionary".into()),
-            _ => Err(format!("invalid deflate data ({})", self.message())),
+            z::Z_NEED_DICT => Err(InflateError::PresetDictionary),
+            _ => Err(InflateError::InvalidData(self.message())),
         }
     }
 
@@ -141,10 +155,10 @@ impl Drop for Inflater {
     }
 }
 
-fn check(rc: i32, what: &str) -> Result<(), String> {
+fn check(rc: i32, op: &'static str) -> Result<(), InflateError> {
     if rc == z::Z_OK {
         Ok(())
     } else {
-        Err(format!("{what} failed ({rc})"))
+        Err(InflateError::Call { op, code: rc })
     }
 }

@@ -13,7 +13,8 @@ pub mod format;
 pub mod inflate;
 
 pub use build::build;
-pub use format::{Checkpoint, EntryKind, IndexEntry, IndexMeta};
+pub use format::{Checkpoint, EntryKind, FormatError, IndexEntry, IndexMeta};
+pub use inflate::InflateError;
 
 use super::{Chunk, Encoding, EntryMeta, IndexError, Kind, LayerIndex, Timestamp, TreeBuilder};
 use crate::digest::Digest;
@@ -27,6 +28,61 @@ use std::sync::Arc;
 pub const DEFAULT_SPAN: u64 = 4 << 20;
 /// Most output one span may claim: bounds what one read decodes.
 pub const MAX_SPAN_OUTPUT: u64 = 64 << 20;
+
+/// A stored index file that cannot be opened for a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("opening: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("reading its size: {0}")]
+    Metadata(#[source] std::io::Error),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("window of checkpoint {0} lies past the end of the file")]
+    WindowPastEnd(usize),
+}
+
+/// A span whose fetched bytes do not inflate to what the index recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum SpanError {
+    #[error("no span {0}")]
+    NoSpan(u32),
+    #[error("span {span}: {got} bytes where the index says {expected}")]
+    Length { span: u32, got: usize, expected: u64 },
+    #[error("span {span}: reading window from the index file: {source}")]
+    ReadWindow {
+        span: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("span {span}: window: {source}")]
+    DecompressWindow {
+        span: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("span {span}: window holds {got} bytes, the index says {expected}")]
+    WindowLength { span: u32, got: usize, expected: u32 },
+    #[error("span {span} at blob offset {blob_offset}: {source}")]
+    Inflate {
+        span: u32,
+        blob_offset: u64,
+        #[source]
+        source: InflateError,
+    },
+    #[error("span {span} at blob offset {blob_offset} ends after {done} of {expected} bytes")]
+    Short {
+        span: u32,
+        blob_offset: u64,
+        done: usize,
+        expected: u64,
+    },
+    #[error(
+        "span {span} at blob offset {blob_offset} does not match the digest recorded at indexing \
+         (the index does not belong to this layer, or its window is wrong)"
+    )]
+    DigestMismatch { span: u32, blob_offset: u64 },
+}
 
 /// One span: `blob_offset..blob_offset+blob_len` of the layer inflates, from
 /// its checkpoint, to `out_len` bytes hashing to `digest`.
@@ -70,64 +126,69 @@ impl Spans {
 
     /// Inflates span `id` from its fetched bytes and checks the output
     /// against its digest. Blocking: reads the window from the index file.
-    pub fn decode(&self, id: u32, raw: &[u8]) -> Result<Bytes, String> {
-        let s = self.get(id).ok_or_else(|| format!("no span {id}"))?;
+    pub fn decode(&self, id: u32, raw: &[u8]) -> Result<Bytes, SpanError> {
+        let s = self.get(id).ok_or(SpanError::NoSpan(id))?;
         if raw.len() as u64 != s.blob_len {
-            return Err(format!(
-                "span {id}: {} bytes where the index says {}",
-                raw.len(),
-                s.blob_len
-            ));
+            return Err(SpanError::Length {
+                span: id,
+                got: raw.len(),
+                expected: s.blob_len,
+            });
         }
-        let window = self.window(s).map_err(|e| format!("span {id}: {e}"))?;
-        let mut inf = inflate::Inflater::raw()?;
+        let window = self.window(id, s)?;
+        let inflate = |source| SpanError::Inflate {
+            span: id,
+            blob_offset: s.blob_offset,
+            source,
+        };
+        let mut inf = inflate::Inflater::raw().map_err(inflate)?;
         let mut input = raw;
         if s.bits > 0 {
-            inf.prime(s.bits, input[0])?;
+            inf.prime(s.bits, input[0]).map_err(inflate)?;
             input = &input[1..];
         }
-        inf.set_window(&window)?;
+        inf.set_window(&window).map_err(inflate)?;
         // Page-aligned output, so the disk cache can write its pieces with O_DIRECT.
-        let mut out = crate::fetch::decode::aligned_buffer(s.out_len as usize);
+        let mut out = crate::buf::aligned_buffer(s.out_len as usize);
         let mut done = 0;
         while done < out.len() {
-            let step = inf
-                .step(input, &mut out[done..], false)
-                .map_err(|e| format!("span {id} at blob offset {}: {e}", s.blob_offset))?;
+            let step = inf.step(input, &mut out[done..], false).map_err(inflate)?;
             input = &input[step.consumed..];
             done += step.produced;
             if step.produced == 0 && (step.end || input.is_empty() || step.consumed == 0) {
-                return Err(format!(
-                    "span {id} at blob offset {} ends after {done} of {} bytes",
-                    s.blob_offset, s.out_len
-                ));
+                return Err(SpanError::Short {
+                    span: id,
+                    blob_offset: s.blob_offset,
+                    done,
+                    expected: s.out_len,
+                });
             }
         }
         if <[u8; 32]>::from(sha2::Sha256::digest(&out)) != s.digest {
-            return Err(format!(
-                "span {id} at blob offset {} does not match the digest recorded at indexing \
-                 (the index does not belong to this layer, or its window is wrong)",
-                s.blob_offset
-            ));
+            return Err(SpanError::DigestMismatch {
+                span: id,
+                blob_offset: s.blob_offset,
+            });
         }
         Ok(out.freeze())
     }
 
-    fn window(&self, s: &Span) -> Result<Vec<u8>, String> {
+    fn window(&self, id: u32, s: &Span) -> Result<Vec<u8>, SpanError> {
         if s.window_len == 0 {
             return Ok(Vec::new());
         }
         let mut z = vec![0u8; s.window_zlen as usize];
         self.file
             .read_exact_at(&mut z, s.window_at)
-            .map_err(|e| format!("reading window from the index file: {e}"))?;
-        let w = zstd::bulk::decompress(&z, s.window_len as usize).map_err(|e| format!("window: {e}"))?;
+            .map_err(|source| SpanError::ReadWindow { span: id, source })?;
+        let w = zstd::bulk::decompress(&z, s.window_len as usize)
+            .map_err(|source| SpanError::DecompressWindow { span: id, source })?;
         if w.len() != s.window_len as usize {
-            return Err(format!(
-                "window holds {} bytes, the index says {}",
-                w.len(),
-                s.window_len
-            ));
+            return Err(SpanError::WindowLength {
+                span: id,
+                got: w.len(),
+                expected: s.window_len,
+            });
         }
         Ok(w)
     }
@@ -137,11 +198,15 @@ impl Spans {
 /// turns it into the layer's [`LayerIndex`]: tree from the entry table, file
 /// chunks as pieces of spans. Everything is checked against the layer first.
 pub fn open(path: &Path, layer: &Digest, blob_size: u64) -> Result<LayerIndex, IndexError> {
-    let bad = |reason: String| IndexError::layer(layer, format!("gzip index {}: {reason}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let (meta, windows_base) = format::read(&file).map_err(bad)?;
-    format::validate(&meta, layer, blob_size).map_err(bad)?;
-    let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let bad = |e: OpenError| IndexError::GzipIndex {
+        layer: layer.clone(),
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(OpenError::Open(e)))?;
+    let (meta, windows_base) = format::read(&file).map_err(|e| bad(e.into()))?;
+    format::validate(&meta, layer, blob_size).map_err(|e| bad(e.into()))?;
+    let file_len = file.metadata().map_err(|e| bad(OpenError::Metadata(e)))?.len();
     let mut spans = Vec::with_capacity(meta.checkpoints.len());
     for (i, cp) in meta.checkpoints.iter().enumerate() {
         let start = cp.blob_offset - (cp.bits > 0) as u64;
@@ -151,7 +216,7 @@ pub fn open(path: &Path, layer: &Digest, blob_size: u64) -> Result<LayerIndex, I
         };
         let window_at = windows_base + cp.window_at;
         if window_at + cp.window_zlen as u64 > file_len {
-            return Err(bad(format!("window of checkpoint {i} lies past the end of the file")));
+            return Err(bad(OpenError::WindowPastEnd(i)));
         }
         spans.push(Span {
             blob_offset: start,
@@ -343,8 +408,12 @@ mod tests {
         let c = &index.file_chunks(node)[1];
         let Encoding::Span(s) = c.encoding else { panic!() };
         let raw = &gz[c.blob_offset as usize..(c.blob_offset + c.blob_len) as usize];
-        let e = spans.decode(s, raw).unwrap_err();
+        let e = spans.decode(s, raw).unwrap_err().to_string();
         assert!(e.contains("digest") || e.contains("invalid"), "{e}");
+        assert!(
+            e.starts_with(&format!("span {s} at blob offset {}", c.blob_offset)),
+            "{e}"
+        );
     }
 
     #[test]
