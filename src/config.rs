@@ -217,10 +217,10 @@ impl Seconds {
         Self(Duration::from_secs(secs))
     }
 
-    fn from_f64(secs: f64) -> Result<Self, String> {
+    fn from_f64(secs: f64) -> Result<Self, ValueError> {
         Duration::try_from_secs_f64(secs)
             .map(Self)
-            .map_err(|_| format!("{secs}: expected a non-negative, finite number of seconds"))
+            .map_err(|_| ValueError::Seconds(secs))
     }
 }
 
@@ -231,15 +231,23 @@ impl From<Seconds> for Duration {
 }
 
 impl FromStr for Seconds {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let secs: f64 = s
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: expected a number of seconds"))?;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let secs: f64 = s.trim().parse().map_err(|_| ValueError::NotSeconds(s.to_string()))?;
         Self::from_f64(secs)
     }
+}
+
+/// A value of the config file or command line that does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0}: expected a non-negative, finite number of seconds")]
+    Seconds(f64),
+    #[error("{0:?}: expected a number of seconds")]
+    NotSeconds(String),
+    #[error("invalid registry {host:?}: {why}")]
+    RegistryHost { host: String, why: &'static str },
 }
 
 impl fmt::Display for Seconds {
@@ -266,10 +274,13 @@ impl RegistryHost {
 }
 
 impl FromStr for RegistryHost {
-    type Err = String;
+    type Err = ValueError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let err = |why: &str| format!("invalid registry {s:?}: {why}");
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let err = |why: &'static str| ValueError::RegistryHost {
+            host: s.to_string(),
+            why,
+        };
         if s.contains('/') {
             return Err(err("expected host[:port], without scheme or path"));
         }
@@ -333,12 +344,11 @@ impl Config {
             path: path.clone(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse { path, message })
-    }
-
-    /// Parses TOML text; the error quotes the offending line (key and value).
-    fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        // toml's error quotes the offending line (key and value).
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path,
+            message: e.to_string(),
+        })
     }
 }
 
@@ -389,7 +399,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_config_is_valid_and_holds_the_defaults() {
-        let c = Config::parse(include_str!("../deploy/config.toml")).unwrap();
+        let c: Config = toml::from_str(include_str!("../deploy/config.toml")).unwrap();
         assert_eq!(c, Config::default());
     }
 

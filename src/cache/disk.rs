@@ -71,7 +71,7 @@ type PartialFiles = (Arc<std::fs::File>, Option<Arc<std::fs::File>>);
 /// writer, outside the cache's lock (concurrent writers of the same entry
 /// wait on this cell only).
 struct Partial {
-    files: Arc<OnceLock<Result<PartialFiles, String>>>,
+    files: Arc<OnceLock<Result<PartialFiles, Arc<io::Error>>>>,
     present: Vec<bool>,
     missing: u32,
     bytes: u64,
@@ -341,12 +341,11 @@ impl DiskCache {
             }
         };
         let path = self.path(&partial);
-        let (file, direct) = match cell.get_or_init(|| create_partial(&path, slot.file_size).map_err(|e| e.to_string()))
-        {
+        let (file, direct) = match cell.get_or_init(|| create_partial(&path, slot.file_size).map_err(Arc::new)) {
             Ok(files) => files.clone(),
             Err(e) => {
                 self.forget(&partial);
-                return Err(io::Error::other(format!("creating {}: {e}", path.display())));
+                return Err(io::Error::new(e.kind(), format!("creating {}: {e}", path.display())));
             }
         };
         write_at(&file, direct.as_deref(), data, slot.file_offset)?;
