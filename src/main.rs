@@ -325,7 +325,7 @@ async fn profile(action: ProfileAction) -> anyhow::Result<()> {
         println!("published {d}");
     } else {
         let path = profiles.path(&resolved.manifest_digest);
-        let p = streamsnap::prefetch::profile::read_file(&path).map_err(anyhow::Error::msg)?;
+        let p = streamsnap::prefetch::profile::read_file(&path)?;
         println!("start-up profile of {} ({} reads)", p.image, p.reads.len());
         for r in &p.reads {
             println!("{} /{} {}+{}", r.layer, r.path, r.offset, r.len);
