@@ -69,6 +69,7 @@ pub enum Claim<K: Hash + Eq, V, X> {
 pub struct Lead<K: Hash + Eq, V, X> {
     inner: Arc<Inner<K, V, X>>,
     key: K,
+    flight: Flight<V>,
     tx: Option<tokio::sync::oneshot::Sender<V>>,
 }
 
@@ -116,10 +117,11 @@ where
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let flight: Flight<V> = async move { rx.await.ok() }.boxed().shared();
-        state.inflight.insert(key.clone(), (flight, extra()));
+        state.inflight.insert(key.clone(), (flight.clone(), extra()));
         Claim::Lead(Lead {
             inner: Arc::clone(&self.inner),
             key: key.clone(),
+            flight,
             tx: Some(tx),
         })
     }
@@ -172,14 +174,7 @@ where
 impl<K: Hash + Eq + Clone, V: Clone, X> Lead<K, V, X> {
     /// The flight this lead will finish (to await it like any joiner).
     pub fn flight(&self) -> Flight<V> {
-        self.inner
-            .state
-            .lock()
-            .inflight
-            .get(&self.key)
-            .expect("a led flight is registered")
-            .0
-            .clone()
+        self.flight.clone()
     }
 
     pub fn key(&self) -> &K {

@@ -143,11 +143,6 @@ impl Metrics {
         self.reads_waiting.set(n);
     }
 
-    /// Are any reads waiting on the registry?
-    pub fn reads_waiting(&self) -> bool {
-        self.reads_waiting.get() > 0
-    }
-
     pub fn fetched(&self, cause: Cause, bytes: u64) {
         let l = CauseLabels { cause };
         self.fetched_bytes.get_or_create(&l).inc_by(bytes);

@@ -131,8 +131,8 @@ pub async fn open(
         digest: desc.digest.clone(),
     });
     let read = |offset: u64, len: u64| {
-        let (registry, repo, digest) = (Arc::clone(&ctx.registry), image.clone(), desc.digest.clone());
-        async move { registry.read_blob_range(&repo, &digest, offset, len).await }
+        let remote = Arc::clone(&remote);
+        async move { remote.read(offset, len).await }
     };
     let mt = desc.media_type.as_str();
     let index_err = |source| LayerError::Index {
