@@ -148,7 +148,12 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
     let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
     let warm_read = warm.then(|| {
         settle(&root.path().join("state/cache"));
-        warm_read(&ctd, &snap, image, name)
+        let r = warm_read(&ctd, &snap, image, name);
+        // Whether the kernel read the cache file itself (passthrough) or every read came through FUSE.
+        let log = serve.log();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("passthrough")).collect();
+        eprintln!("[bench] {name}: passthrough log lines: {}\n{}", lines.len(), lines.join("\n"));
+        r
     });
     let total = t.registry.bytes_served_since(mark);
     drop(ctd);
