@@ -152,7 +152,11 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         // Whether the kernel read the cache file itself (passthrough) or every read came through FUSE.
         let log = serve.log();
         let lines: Vec<&str> = log.lines().filter(|l| l.contains("passthrough")).collect();
-        eprintln!("[bench] {name}: passthrough log lines: {}\n{}", lines.len(), lines.join("\n"));
+        eprintln!(
+            "[bench] {name}: passthrough log lines: {}\n{}",
+            lines.len(),
+            lines.join("\n")
+        );
         r
     });
     let total = t.registry.bytes_served_since(mark);
