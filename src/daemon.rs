@@ -50,6 +50,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     }
     let listener = tokio::net::UnixListener::bind(&config.address)
         .with_context(|| format!("binding {}", config.address.display()))?;
+    // containerd (root) connects; nobody else may.
+    std::fs::set_permissions(&config.address, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .with_context(|| format!("chmod {}", config.address.display()))?;
     info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshotter");
     let service = Service::new(Arc::clone(&snapshots), Arc::clone(&remote));
     tonic::transport::Server::builder()

@@ -72,7 +72,7 @@ pub async fn mount_image(
     for layer in opened {
         let layer = layer?;
         let dir = state.mounts().join(layer.digest.hex());
-        std::fs::create_dir_all(&dir)?;
+        crate::private::dir(&dir)?;
         if overlay::is_mountpoint(&dir) {
             // Left behind by a run that was killed.
             overlay::unmount(&dir, true)?;

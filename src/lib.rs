@@ -23,6 +23,7 @@
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
+//! - [`private`]: owner-only directories and files for everything streamsnap keeps.
 //! - [`buf`]: page-aligned buffers for decoded bytes (O_DIRECT cache writes).
 
 pub mod buf;
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod node;
 pub mod overlay;
 pub mod prefetch;
+pub mod private;
 pub mod proto;
 pub mod pull;
 pub mod registry;

@@ -54,6 +54,8 @@ pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metr
     let state = StateDir {
         root: config.root.clone(),
     };
+    // Owner-only: cache files and mount points must not be reachable by host users.
+    crate::private::dir(&state.root)?;
     let repos = &config.index.repositories;
     Ok(LayerContext {
         profiles: Arc::new(

@@ -73,3 +73,18 @@ fn flags_override_the_config_file() {
     assert!(child.wait().unwrap().success());
     assert!(!flag.exists(), "socket removed on shutdown");
 }
+
+#[test]
+fn the_socket_and_the_state_are_not_reachable_by_host_users() {
+    require_root();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = common::streamsnap::ServeProcess::start(dir.path());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&serve.socket), 0o660);
+    let state = dir.path().join("state");
+    for p in [state.clone(), state.join("cache"), state.join("snapshots")] {
+        assert_eq!(mode(&p), 0o700, "{}", p.display());
+    }
+    serve.stop();
+}

@@ -218,7 +218,7 @@ impl DiskCache {
             path: path.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        crate::private::dir(dir).map_err(|e| err(dir, e))?;
         let mut found = Vec::new();
         for layer_dir in std::fs::read_dir(dir).map_err(|e| err(dir, e))? {
             let layer_dir = layer_dir.map_err(|e| err(dir, e))?;
@@ -289,10 +289,10 @@ impl DiskCache {
         self.evict_to(self.limit - len);
         let path = self.path(&e);
         let dir = path.parent().expect("cache path has a parent");
-        std::fs::create_dir_all(dir)?;
+        crate::private::dir(dir)?;
         let name = path.file_name().expect("cache path has a name").to_string_lossy();
         let tmp = dir.join(format!(".tmp-{name}-{:?}", std::thread::current().id()));
-        let written = std::fs::File::create(&tmp).and_then(|mut f| write(&mut f));
+        let written = crate::private::create(&tmp).and_then(|mut f| write(&mut f));
         if let Err(err) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(err);
@@ -538,8 +538,8 @@ impl DiskCache {
 
 /// Creates a sparse partial entry of `size` bytes and opens it twice: plainly and with O_DIRECT.
 fn create_partial(path: &Path, size: u64) -> io::Result<PartialFiles> {
-    std::fs::create_dir_all(path.parent().expect("cache path has a parent"))?;
-    let f = std::fs::File::options()
+    crate::private::dir(path.parent().expect("cache path has a parent"))?;
+    let f = crate::private::options()
         .create(true)
         .truncate(true)
         .write(true)

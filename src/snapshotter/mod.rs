@@ -116,7 +116,10 @@ pub struct Snapshots {
 
 impl Snapshots {
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
-        std::fs::create_dir_all(root.join("snapshots")).map_err(|e| io_err("creating", root, e))?;
+        // Owner-only: the snapshots hold what containers may run (setuid binaries, devices).
+        for dir in [root, &root.join("snapshots")] {
+            crate::private::dir(dir).map_err(|e| io_err("creating", dir, e))?;
+        }
         let store = Store::open(&root.join("metadata.redb"))?;
         let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
         Ok(Self {
@@ -639,6 +642,20 @@ mod tests {
         drop(s);
         let s = Snapshots::open(d.path()).unwrap();
         assert_eq!(s.stat("a").unwrap().kind, Kind::Active);
+    }
+
+    #[test]
+    fn the_root_and_the_snapshots_dir_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, _s) = open();
+        for p in [d.path().to_path_buf(), d.path().join("snapshots")] {
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o700,
+                "{}",
+                p.display()
+            );
+        }
     }
 
     #[test]

@@ -163,3 +163,22 @@ fn entries_of_mounted_layers_are_evicted_after_those_no_mount_uses() {
     c.unpin(&Digest::of(b"mounted"));
     assert_eq!(c.mounted_bytes_except(&Digest::of(b"x")), 0);
 }
+
+#[test]
+fn cache_files_and_directories_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let layer = Digest::of(b"l");
+    let c = DiskCache::open(&root, 100).unwrap();
+    c.put(&key(1), b"hello").unwrap();
+    c.put_in_file(&layer, slot(0), b"01234").unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let layer_dir = root.join(layer.hex());
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&layer_dir), 0o700);
+    for f in std::fs::read_dir(&layer_dir).unwrap() {
+        let f = f.unwrap().path();
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
