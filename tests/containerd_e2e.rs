@@ -42,7 +42,7 @@ fn rpull_of_an_estargz_image_runs_lazily_and_survives_a_restart() {
     rpull(&env, &reference);
     let out = env
         .containerd
-        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "c1"]);
+        .run_script("streamsnap", &reference, "c1", "cat /etc/greeting");
     assert_eq!(out.trim(), "hello from streamsnap");
     let served = env.registry.layer_bytes_served_since(&digests, mark);
     eprintln!(
@@ -109,7 +109,7 @@ fn a_plain_gzip_image_is_unpacked_normally_and_runs() {
     ]);
     let out = env
         .containerd
-        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "g1"]);
+        .run_script("streamsnap", &reference, "g1", "cat /etc/greeting");
     assert_eq!(out.trim(), "hello from streamsnap");
     assert!(!env.serve.as_ref().unwrap().log().contains("layer served lazily"));
 }
@@ -130,7 +130,7 @@ fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
     rpull(&env, &reference);
     let out = env
         .containerd
-        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "gi1"]);
+        .run_script("streamsnap", &reference, "gi1", "cat /etc/greeting");
     assert_eq!(out.trim(), "hello from streamsnap");
     let served = env.registry.layer_bytes_served_since(&digests, mark);
     eprintln!("layers {total} bytes; registry served {served}");
@@ -243,7 +243,7 @@ fn streamsnap_pull_then_ctr_run_works_lazily() {
     );
     let run = env
         .containerd
-        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p1"]);
+        .run_script("streamsnap", &reference, "p1", "cat /etc/greeting");
     assert_eq!(run.trim(), "hello from streamsnap");
     let served = env.registry.layer_bytes_served_since(&digests, mark);
     assert!(served * 5 < total, "registry served {served} of {total} layer bytes");
@@ -262,7 +262,7 @@ fn streamsnap_pull_of_a_plain_gzip_image_unpacks_through_containerd() {
     );
     let run = env
         .containerd
-        .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "p2"]);
+        .run_script("streamsnap", &reference, "p2", "cat /etc/greeting");
     assert_eq!(run.trim(), "hello from streamsnap");
 }
 
@@ -286,7 +286,7 @@ fn metrics_count_fetches_lookups_reads_and_layer_mounts() {
     for name in ["m1", "m2"] {
         let out = env
             .containerd
-            .ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, name]);
+            .run_script("streamsnap", &reference, name, "cat /etc/greeting");
         assert_eq!(out.trim(), "hello from streamsnap");
         // So that the second container's reads reach streamsnap, not the page cache.
         run_sh("echo 3 > /proc/sys/vm/drop_caches");

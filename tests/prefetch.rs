@@ -108,7 +108,7 @@ fn background_fill_completes_the_layers_and_the_container_runs_without_the_regis
         "streamsnap",
         &reference,
     ]);
-    let out = containerd.ctr(&["run", "--rm", "--snapshotter", "streamsnap", &reference, "bf1"]);
+    let out = containerd.run_script("streamsnap", &reference, "bf1", "cat /etc/greeting");
     assert_eq!(out.trim(), "hello from streamsnap");
     wait_for_log(|| serve.log(), "background fill complete", layers.len());
     // The registry goes away: every byte of the image is on the node.

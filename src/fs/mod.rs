@@ -112,11 +112,14 @@ impl LayerFs {
             fuser::MountOption::FSName(format!("streamsnap:{name}")),
             fuser::MountOption::Subtype("streamsnap".into()),
             fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::Dev,
-            fuser::MountOption::Suid,
+            // Containers see a layer through overlayfs, whose own mount decides on setuid
+            // bits and device nodes and which reaches the layer with its mounter's (root's)
+            // credentials: the layer mount itself needs neither, nor other users.
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
             fuser::MountOption::Exec,
         ];
-        config.acl = fuser::SessionACL::All;
+        config.acl = fuser::SessionACL::Owner;
         config.n_threads = Some(2);
         config.clone_fd = true;
         let session = fuser::spawn_mount(self, mountpoint, &config)?;

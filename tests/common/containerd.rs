@@ -195,6 +195,40 @@ impl Containerd {
         ])
     }
 
+    /// `ctr run --rm --snapshotter SNAPSHOTTER REFERENCE ID sh -c "SCRIPT; echo MARK"`: the
+    /// container's stdout, mark removed. The mark tells a command that printed nothing (a
+    /// failure of the snapshotter under test) from stdout that ctr lost: ctr's FIFO copy can drop
+    /// a short-lived task's whole output, and then the run is repeated once under a new id.
+    pub fn run_script(&self, snapshotter: &str, reference: &str, id: &str, script: &str) -> String {
+        self.run_script_with(&[], snapshotter, reference, id, script)
+    }
+
+    /// `run_script` with extra `ctr run` flags.
+    pub fn run_script_with(
+        &self,
+        flags: &[&str],
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        script: &str,
+    ) -> String {
+        const MARK: &str = "--ctr-run-done--";
+        let script = format!("{script}; echo {MARK}");
+        for attempt in ["", "-again"] {
+            let id = format!("{id}{attempt}");
+            let mut args = vec!["run", "--rm", "--snapshotter", snapshotter];
+            args.extend(flags);
+            args.extend([reference, &id, "/bin/sh", "-c", &script]);
+            let out = self.ctr(&args);
+            if let Some(printed) = out.strip_suffix(&format!("{MARK}\n")) {
+                return printed.to_string();
+            }
+            assert!(out.is_empty(), "ctr run {id}: output without its end mark: {out:?}");
+            eprintln!("ctr run {id}: stdout lost by ctr (not even the end mark arrived); running again");
+        }
+        panic!("ctr run {id}: stdout lost twice");
+    }
+
     /// Like `ctr` but returns Err(stderr) instead of panicking (for tests expecting failure).
     pub fn try_ctr(&self, args: &[&str]) -> Result<String, String> {
         let out = run_output(&mut self.command("ctr", args));
@@ -223,21 +257,13 @@ impl Containerd {
         let out = run_output(&mut c);
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-            let tail: Vec<&str> = log
-                .lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
             panic!(
                 "{tool} {:?} failed ({})\n--- stderr ---\n{}\n--- stdout ---\n{}\n--- containerd log tail ---\n{}",
                 args,
                 out.status,
                 String::from_utf8_lossy(&out.stderr),
                 String::from_utf8_lossy(&out.stdout),
-                tail.join("\n")
+                super::tail(&log, 15)
             );
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -247,6 +273,10 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(5));
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+            eprintln!("--- containerd log tail ---\n{}", super::tail(&log, 30));
+        }
         umount_all_under(self.dir.path());
     }
 }

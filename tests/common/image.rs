@@ -470,3 +470,33 @@ pub fn build_pause_image(dir: &Path) -> OciImage {
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
     finish_with_cmd(dir, &img, &bundle, "pause", &["/bin/sleep", "3600"])
 }
+
+/// An image for the isolation promises: busybox with `su`, a setuid-root static
+/// binary `/bin/euid` printing its real and effective uid, the device node
+/// `/devices/null` (char 1:3, 0666) and `/etc/secret`, readable by root only (0600).
+pub fn build_privileged_image(dir: &Path) -> OciImage {
+    require_tool("gcc");
+    let (img, bundle) = busybox_bundle(dir, "privileged", &["sh", "su", "cat", "echo"]);
+    let root = bundle.join("rootfs");
+    let source = dir.join("euid.c");
+    write_file(
+        &source,
+        b"#include <stdio.h>\n#include <unistd.h>\n\
+          int main(void) { printf(\"uid=%d euid=%d\\n\", (int)getuid(), (int)geteuid()); return 0; }\n",
+    );
+    let euid = root.join("bin/euid");
+    run(Command::new("gcc").arg("-static").arg("-o").arg(&euid).arg(&source));
+    chmod(&euid, 0o4755);
+    mkdirs(&root.join("devices"));
+    mknod_char(&root.join("devices/null"), 0o666, 1, 3);
+    chmod(&root.join("devices/null"), 0o666); // mknod's mode went through the umask
+    write_file(
+        &root.join("etc/passwd"),
+        b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    );
+    write_file(&root.join("etc/group"), b"root:x:0:\nnogroup:x:65534:\n");
+    write_file(&root.join("etc/secret"), b"top secret\n");
+    chmod(&root.join("etc/secret"), 0o600);
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    finish_with_cmd(dir, &img, &bundle, "privileged", &["/bin/sh"])
+}

@@ -196,6 +196,9 @@ impl ServeProcess {
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(10));
+        if std::thread::panicking() {
+            eprintln!("--- streamsnap serve log tail ---\n{}", super::tail(&self.log(), 60));
+        }
     }
 }
 
