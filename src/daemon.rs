@@ -38,7 +38,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         config.registry.platform.clone(),
         tokio::runtime::Handle::current(),
     ));
-    remote.remount_all(&snapshots).await;
 
     if let Some(dir) = config.address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -53,6 +52,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     // containerd (root) connects; nobody else may.
     std::fs::set_permissions(&config.address, std::os::unix::fs::PermissionsExt::from_mode(0o660))
         .with_context(|| format!("chmod {}", config.address.display()))?;
+    // Marked before the first request; mounted while the socket serves.
+    let _remounts = AbortOnDrop(remote.remount_all(&snapshots));
     info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshotter");
     let service = Service::new(Arc::clone(&snapshots), Arc::clone(&remote));
     tonic::transport::Server::builder()

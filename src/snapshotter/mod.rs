@@ -235,6 +235,14 @@ impl Snapshots {
         self.mounts_of(&rec)
     }
 
+    /// Ids of snapshot `key` and its parent chain, nearest first.
+    pub fn chain_ids(&self, key: &str) -> Result<Vec<u64>, SnapshotError> {
+        let rec = self.get(key)?;
+        let mut ids = vec![rec.id];
+        ids.extend(self.parent_ids(&rec)?);
+        Ok(ids)
+    }
+
     /// Ids of the parent chain, nearest first.
     fn parent_ids(&self, rec: &Record) -> Result<Vec<u64>, SnapshotError> {
         let mut ids = Vec::new();

@@ -8,6 +8,7 @@ use crate::flight::{Abandoned, Flights};
 use crate::fs::{LayerFs, MountedLayer};
 use crate::layer::{self, Fallback, Layer, LayerContext, LayerError};
 use crate::registry::{Platform, Reference, ReferenceError, RegistryError, ResolvedImage};
+use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -72,9 +73,24 @@ pub enum RemoteError {
         #[source]
         source: Abandoned,
     },
+    #[error("image {image}: layer {layer} (snapshot {name}) cannot be served since the restart: {source}")]
+    NotServed {
+        image: String,
+        layer: String,
+        name: String,
+        #[source]
+        source: Arc<RemoteError>,
+    },
+    #[error("image {image}: layer {layer} (snapshot {name}) is still being mounted again after the restart")]
+    StillMounting { image: String, layer: String, name: String },
 }
 
 impl RemoteError {
+    /// A layer that was served before a restart and is not (yet) again: containerd may retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, RemoteError::NotServed { .. } | RemoteError::StillMounting { .. })
+    }
+
     /// The image or layer is not in the registry (as opposed to a failure that may pass).
     pub fn is_not_found(&self) -> bool {
         match self {
@@ -95,6 +111,25 @@ impl RemoteError {
 type Opened = Result<Arc<Layer>, Arc<RemoteError>>;
 type Resolved = Result<ResolvedImage, Arc<RegistryError>>;
 
+/// Lazily served snapshots mounted again at once after a restart.
+const REMOUNTS_AT_ONCE: usize = 8;
+/// How long a request needing a layer waits for its re-mount before it is told to retry.
+const REMOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// A lazily served snapshot of the store that is not mounted since the restart.
+struct Remount {
+    name: String,
+    record: RemoteLayer,
+    state: RemountState,
+}
+
+enum RemountState {
+    /// An attempt is under way; its sender is dropped when it ends.
+    Pending(tokio::sync::watch::Receiver<()>),
+    /// The last attempt failed; the next request that needs the layer tries again.
+    Failed(Arc<RemoteError>),
+}
+
 /// Lazily mounted layers, by snapshot id, and the layers behind them.
 pub struct RemoteLayers {
     ctx: LayerContext,
@@ -108,6 +143,8 @@ pub struct RemoteLayers {
     opening: Flights<Digest, Opened>,
     /// Resolved images by reference (with manifest digest when known).
     manifests: Flights<String, Resolved>,
+    /// Snapshots not mounted since the restart, by id.
+    remounts: Mutex<HashMap<u64, Remount>>,
 }
 
 impl RemoteLayers {
@@ -119,6 +156,7 @@ impl RemoteLayers {
             mounts: Mutex::default(),
             layers: Mutex::default(),
             opening: Flights::new(),
+            remounts: Mutex::default(),
             manifests: Flights::caching(NonZeroUsize::new(MANIFESTS_KEPT).expect("non-zero"), |r| {
                 r.is_ok().then_some(MANIFEST_KEPT_FOR)
             }),
@@ -284,45 +322,148 @@ impl RemoteLayers {
         .map_err(|e| SnapshotError::Internal(format!("preparing {}: {e}", target.name)))?
     }
 
-    /// Mounts again every lazily served snapshot in the store (after a restart).
-    pub async fn remount_all(self: &Arc<Self>, snapshots: &Arc<Snapshots>) {
-        let records = match snapshots.records() {
-            Ok(r) => r,
-            Err(e) => return warn!(error = %e, "cannot list snapshots to re-mount"),
+    /// After a restart: marks every lazily served snapshot of the store as not
+    /// mounted (at once, so that no request sees its empty directory), then mounts
+    /// them again in the background, a few at a time, while the socket serves.
+    pub fn remount_all(self: &Arc<Self>, snapshots: &Arc<Snapshots>) -> tokio::task::JoinHandle<()> {
+        let records = snapshots.records().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot list snapshots to re-mount");
+            Vec::new()
+        });
+        let attempts: Vec<_> = records
+            .into_iter()
+            .filter_map(|(name, rec)| {
+                let record = rec.remote?;
+                Some(self.start_remount(rec.id, name, record))
+            })
+            .collect();
+        let (this, snapshots) = (Arc::clone(self), Arc::clone(snapshots));
+        tokio::spawn(async move {
+            futures::stream::iter(attempts)
+                .for_each_concurrent(REMOUNTS_AT_ONCE, |(id, done)| this.remount(&snapshots, id, done))
+                .await;
+        })
+    }
+
+    /// Records snapshot `id` as being re-mounted; the attempt ends when the sender is dropped.
+    fn start_remount(&self, id: u64, name: String, record: RemoteLayer) -> (u64, tokio::sync::watch::Sender<()>) {
+        let (done, pending) = tokio::sync::watch::channel(());
+        let state = RemountState::Pending(pending);
+        self.remounts.lock().insert(id, Remount { name, record, state });
+        (id, done)
+    }
+
+    /// One attempt to mount snapshot `id` again from its stored record.
+    async fn remount(self: &Arc<Self>, snapshots: &Arc<Snapshots>, id: u64, done: tokio::sync::watch::Sender<()>) {
+        let Some((name, stored)) = self
+            .remounts
+            .lock()
+            .get(&id)
+            .map(|r| (r.name.clone(), r.record.clone()))
+        else {
+            return;
         };
-        for (name, rec) in records {
-            let Some(stored) = rec.remote.clone() else { continue };
-            let result = async {
-                let bad = |reason: String| RemoteError::BadRecord {
-                    name: name.clone(),
-                    reason,
-                };
-                let image: Reference = stored.image.parse().map_err(|e: ReferenceError| bad(e.to_string()))?;
-                let digest: Digest = stored.layer.parse().map_err(|e: DigestError| bad(e.to_string()))?;
-                let target = Target {
-                    name: name.clone(),
-                    image: image.clone(),
-                    layer: digest.clone(),
-                    manifest: image.digest.clone(),
-                };
-                let resolved = self.resolve(&target).await?;
-                let layer = self.open_layer(&resolved, &digest).await?;
-                let (this, fs) = (Arc::clone(self), snapshots.fs_path(rec.id));
-                tokio::task::spawn_blocking(move || this.mount(&layer, rec.id, &fs))
-                    .await
-                    .map_err(|e| bad(format!("mount task: {e}")))?
+        let result = self.mount_stored(snapshots, &name, id, &stored).await;
+        let mut remounts = self.remounts.lock();
+        match result {
+            Ok(()) if remounts.remove(&id).is_some() => {
+                info!(snapshot = %name, image = %stored.image, layer = %stored.layer, "re-mounted lazy layer");
             }
-            .await;
-            match result {
-                Ok(()) => info!(snapshot = %name, layer = %stored.layer, "re-mounted lazy layer"),
-                Err(e) => warn!(snapshot = %name, layer = %stored.layer, error = %e, "cannot re-mount lazy layer"),
+            // Removed by containerd meanwhile.
+            Ok(()) => {
+                drop(remounts);
+                self.release(id);
+            }
+            Err(e) => {
+                warn!(snapshot = %name, image = %stored.image, layer = %stored.layer, error = %e,
+                    "cannot re-mount lazy layer: containerd is told so until it can be");
+                if let Some(r) = remounts.get_mut(&id) {
+                    r.state = RemountState::Failed(Arc::new(e));
+                }
             }
         }
+        drop(done); // wakes the waiters, after the state is final
+    }
+
+    async fn mount_stored(
+        self: &Arc<Self>,
+        snapshots: &Arc<Snapshots>,
+        name: &str,
+        id: u64,
+        stored: &RemoteLayer,
+    ) -> Result<(), RemoteError> {
+        let bad = |reason: String| RemoteError::BadRecord {
+            name: name.to_string(),
+            reason,
+        };
+        let image: Reference = stored.image.parse().map_err(|e: ReferenceError| bad(e.to_string()))?;
+        let digest: Digest = stored.layer.parse().map_err(|e: DigestError| bad(e.to_string()))?;
+        let target = Target {
+            name: name.to_string(),
+            image: image.clone(),
+            layer: digest.clone(),
+            manifest: image.digest.clone(),
+        };
+        let resolved = self.resolve(&target).await?;
+        let layer = self.open_layer(&resolved, &digest).await?;
+        let (this, fs) = (Arc::clone(self), snapshots.fs_path(id));
+        tokio::task::spawn_blocking(move || this.mount(&layer, id, &fs))
+            .await
+            .map_err(|e| bad(format!("mount task: {e}")))?
+    }
+
+    /// Waits until the snapshots `ids` are served: those not mounted since the restart
+    /// are waited for (a failed one is tried once more). Containerd is never handed a
+    /// layer's empty directory: it gets an error naming image and layer instead.
+    pub async fn wait_served(self: &Arc<Self>, snapshots: &Arc<Snapshots>, ids: &[u64]) -> Result<(), RemoteError> {
+        for &id in ids {
+            let deadline = tokio::time::Instant::now() + REMOUNT_WAIT;
+            let mut retried = false;
+            loop {
+                let (mut pending, retry) = {
+                    let mut remounts = self.remounts.lock();
+                    let Some(r) = remounts.get_mut(&id) else { break };
+                    match &r.state {
+                        RemountState::Pending(p) => (p.clone(), None),
+                        RemountState::Failed(e) if retried => {
+                            return Err(RemoteError::NotServed {
+                                image: r.record.image.clone(),
+                                layer: r.record.layer.clone(),
+                                name: r.name.clone(),
+                                source: Arc::clone(e),
+                            })
+                        }
+                        RemountState::Failed(_) => {
+                            let (done, pending) = tokio::sync::watch::channel(());
+                            r.state = RemountState::Pending(pending.clone());
+                            (pending, Some(done))
+                        }
+                    }
+                };
+                if let Some(done) = retry {
+                    retried = true;
+                    let (this, snapshots) = (Arc::clone(self), Arc::clone(snapshots));
+                    tokio::spawn(async move { this.remount(&snapshots, id, done).await });
+                }
+                // Ends when the attempt's sender is dropped.
+                if tokio::time::timeout_at(deadline, pending.changed()).await.is_err() {
+                    let remounts = self.remounts.lock();
+                    let Some(r) = remounts.get(&id) else { break };
+                    return Err(RemoteError::StillMounting {
+                        image: r.record.image.clone(),
+                        layer: r.record.layer.clone(),
+                        name: r.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Unmounts the layer behind a removed snapshot; the layer's cached
     /// chunks go too once no snapshot shows it any more.
     pub fn release(&self, id: u64) {
+        self.remounts.lock().remove(&id);
         let removed = self.mounts.lock().remove(&id);
         if let Some((mounted, layer)) = removed {
             drop(mounted);

@@ -36,6 +36,22 @@ impl Service {
             .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
             .map_err(to_status)
     }
+
+    /// Waits for the layers under snapshot `key` (itself included) that are not
+    /// mounted since a restart; an unknown key is left to the operation to report.
+    async fn served(&self, key: &str) -> Result<(), Status> {
+        let key = key.to_string();
+        if key.is_empty() {
+            return Ok(());
+        }
+        let Ok(ids) = self.blocking(move |s| s.chain_ids(&key)).await else {
+            return Ok(());
+        };
+        self.remote
+            .wait_served(&self.snapshots, &ids)
+            .await
+            .map_err(|e| to_status(SnapshotError::Remote(Arc::new(e))))
+    }
 }
 
 /// The gRPC codes containerd's errdefs expects.
@@ -47,6 +63,7 @@ pub fn to_status(e: SnapshotError) -> Status {
         SnapshotError::InvalidArgument(m) => Status::invalid_argument(m),
         SnapshotError::Internal(m) => Status::internal(m),
         SnapshotError::Remote(e) if e.is_not_found() => Status::not_found(e.to_string()),
+        SnapshotError::Remote(e) if e.is_unavailable() => Status::unavailable(e.to_string()),
         SnapshotError::Remote(e) => Status::internal(e.to_string()),
     }
 }
@@ -114,6 +131,7 @@ impl SnapshotsApi for Service {
                 Err(e) => warn!(layer = %target.layer, error = %e, "cannot serve layer lazily, falling back to unpack"),
             }
         }
+        self.served(&r.parent).await?;
         let m = self.blocking(move |s| s.prepare(&r.key, &r.parent, labels)).await?;
         Ok(Response::new(api::PrepareSnapshotResponse { mounts: mounts(m) }))
     }
@@ -123,6 +141,7 @@ impl SnapshotsApi for Service {
         req: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
+        self.served(&r.parent).await?;
         let m = self
             .blocking(move |s| s.view(&r.key, &r.parent, r.labels.into_iter().collect()))
             .await?;
@@ -131,6 +150,7 @@ impl SnapshotsApi for Service {
 
     async fn mounts(&self, req: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
         let key = req.into_inner().key;
+        self.served(&key).await?;
         let m = self.blocking(move |s| s.mounts(&key)).await?;
         Ok(Response::new(api::MountsResponse { mounts: mounts(m) }))
     }
