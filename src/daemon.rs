@@ -33,6 +33,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         Snapshots::open(&config.root)
             .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,
     );
+    // A crash mid-Prepare leaves a directory (maybe a dead mount) no record names.
+    snapshots
+        .cleanup()
+        .with_context(|| format!("removing orphan snapshot dirs in {}", config.root.display()))?;
     let remote = Arc::new(RemoteLayers::new(
         ctx,
         config.registry.platform.clone(),

@@ -78,7 +78,8 @@ impl tonic::service::Interceptor for Headers {
 
 type Svc = InterceptedService<Channel, Headers>;
 
-async fn connect(address: &Path) -> Result<Channel, PullError> {
+/// A gRPC channel over the unix socket at `address` (containerd's, or a snapshotter's).
+pub async fn connect(address: &Path) -> Result<Channel, PullError> {
     let path = address.to_path_buf();
     tonic::transport::Endpoint::try_from("http://containerd.sock")
         .map_err(|e| PullError::Connect {

@@ -71,3 +71,181 @@ fn a_layer_not_mounted_again_after_a_restart_fails_container_start_by_name_until
     let log = serve.stop();
     assert!(log.contains("re-mounted lazy layer"), "{log}");
 }
+
+mod storm {
+    use super::common::*;
+    use ::streamsnap::proto::containerd::services::snapshots::v1 as api;
+    use ::streamsnap::snapshotter::Snapshots;
+    use rand::{Rng, SeedableRng};
+    use std::collections::{HashMap, HashSet};
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    type Client = api::snapshots_client::SnapshotsClient<tonic::transport::Channel>;
+
+    /// What containerd does with one layer and one container, through the socket:
+    /// a lazily served layer, an active snapshot on it, its commit, and removals
+    /// (every third round keeps its snapshots, so the store grows across kills).
+    async fn storm(socket: PathBuf, worker: usize, image: String, layers: Vec<String>, stop: Arc<AtomicBool>) {
+        let Ok(channel) = ::streamsnap::pull::connect(&socket).await else {
+            return;
+        };
+        let mut client = Client::new(channel);
+        for i in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                return; // the daemon is being killed: requests in flight fail, nothing new starts
+            }
+            let n = format!("w{worker}-{i}");
+            let target = format!("lazy-{n}");
+            let labels = HashMap::from([
+                ("containerd.io/snapshot.ref".to_string(), target.clone()),
+                ("containerd.io/snapshot/cri.image-ref".to_string(), image.clone()),
+                (
+                    "containerd.io/snapshot/cri.layer-digest".to_string(),
+                    layers[i % layers.len()].clone(),
+                ),
+            ]);
+            let prepare = |key: String, parent: String, labels: HashMap<String, String>| api::PrepareSnapshotRequest {
+                snapshotter: "streamsnap".into(),
+                key,
+                parent,
+                labels,
+            };
+            let lazy = client
+                .prepare(prepare(format!("extract-{n}"), String::new(), labels))
+                .await;
+            if matches!(&lazy, Err(s) if s.code() == tonic::Code::Unavailable) {
+                return; // the daemon is gone
+            }
+            let active = format!("active-{n}");
+            let steps = async {
+                client
+                    .prepare(prepare(active.clone(), target.clone(), HashMap::new()))
+                    .await?;
+                client
+                    .mounts(api::MountsRequest {
+                        snapshotter: "streamsnap".into(),
+                        key: active.clone(),
+                    })
+                    .await?;
+                client
+                    .commit(api::CommitSnapshotRequest {
+                        snapshotter: "streamsnap".into(),
+                        name: format!("committed-{n}"),
+                        key: active.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                if i % 3 != 0 {
+                    for key in [format!("committed-{n}"), target.clone()] {
+                        let remove = api::RemoveSnapshotRequest {
+                            snapshotter: "streamsnap".into(),
+                            key,
+                        };
+                        client.remove(remove).await?;
+                    }
+                }
+                Ok::<_, tonic::Status>(())
+            };
+            let _ = steps.await;
+        }
+    }
+
+    /// Snapshot ids in the store, and those of lazily served snapshots (daemon stopped).
+    fn store_ids(state: &Path) -> (HashSet<u64>, HashSet<u64>) {
+        let snapshots = Snapshots::open(state).unwrap();
+        let records = snapshots.records().unwrap();
+        let all = records.iter().map(|(_, r)| r.id).collect();
+        let remote = records
+            .iter()
+            .filter(|(_, r)| r.remote.is_some())
+            .map(|(_, r)| r.id)
+            .collect();
+        (all, remote)
+    }
+
+    /// Ids of the snapshot directories on disk.
+    fn dir_ids(state: &Path) -> HashSet<u64> {
+        std::fs::read_dir(state.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+            .collect()
+    }
+
+    /// Snapshot ids whose `fs` dir holds a streamsnap layer mount answering requests.
+    fn live_mount_ids(state: &Path) -> HashSet<u64> {
+        let snapshots = std::fs::canonicalize(state.join("snapshots")).unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .filter(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|r| r.split(' ').nth(1).is_some_and(|s| s.starts_with("streamsnap:")))
+            })
+            .filter_map(|l| l.split(' ').nth(4).map(unescape_mountinfo))
+            .filter_map(|p| {
+                let p = PathBuf::from(p);
+                let id = p.strip_prefix(&snapshots).ok()?.parent()?.to_str()?.parse().ok()?;
+                // A mount left by a killed daemon answers ENOTCONN.
+                std::fs::read_dir(&p).is_ok().then_some(id)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn twenty_kills_during_a_prepare_commit_remove_storm_leave_store_mounts_and_dirs_consistent() {
+        require_root();
+        let registry = Registry::start();
+        let work = tempfile::tempdir().unwrap();
+        let image = build_runnable_image(&work.path().join("image"), 1);
+        let reference = push(&image, &registry, Format::Estargz);
+        let (_, layers) = registry.layers(&reference);
+        let root = work.path().join("streamsnap");
+        let state = root.join("state");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+        let mut serve = ServeProcess::start(&root);
+        for round in 0..20 {
+            let stop = Arc::new(AtomicBool::new(false));
+            let workers: Vec<_> = (0..4)
+                .map(|w| {
+                    let storm = storm(serve.socket.clone(), w, reference.clone(), layers.clone(), stop.clone());
+                    runtime.spawn(storm)
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+            stop.store(true, Ordering::Relaxed);
+            serve.kill();
+            for w in workers {
+                runtime.block_on(w).unwrap();
+            }
+            let (ids, remote) = store_ids(&state);
+            let missing: Vec<_> = ids.difference(&dir_ids(&state)).copied().collect();
+            assert!(
+                missing.is_empty(),
+                "round {round}: snapshots without a directory: {missing:?}"
+            );
+
+            serve = ServeProcess::start(&root);
+            wait_until(
+                Duration::from_secs(60),
+                "every lazily served snapshot to be mounted again",
+                || remote.is_subset(&live_mount_ids(&state)),
+            );
+            let orphans: Vec<_> = dir_ids(&state).difference(&ids).copied().collect();
+            assert!(
+                orphans.is_empty(),
+                "round {round}: directories without a snapshot: {orphans:?}"
+            );
+            let stray: Vec<_> = live_mount_ids(&state).difference(&remote).copied().collect();
+            assert!(
+                stray.is_empty(),
+                "round {round}: mounts without a lazily served snapshot: {stray:?}"
+            );
+            eprintln!("round {round}: {} snapshots, {} served lazily", ids.len(), remote.len());
+        }
+        serve.stop();
+    }
+}

@@ -193,6 +193,15 @@ impl ServeProcess {
     }
 }
 
+impl ServeProcess {
+    /// SIGKILL, as an OOM kill or a crash: nothing is cleaned up, FUSE mounts stay behind
+    /// with their connection gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(10));
