@@ -20,6 +20,11 @@ pub trait RangeSource: Send + Sync {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// Where the bytes come from (an image repository), for messages.
+    fn origin(&self) -> String {
+        String::from("-")
+    }
 }
 
 /// A range read that failed; keeps the cause so callers can tell "not
@@ -70,6 +75,10 @@ impl RangeSource for RegistrySource {
         }
         .boxed()
     }
+
+    fn origin(&self) -> String {
+        self.repo.to_string()
+    }
 }
 
 /// A layer kept on local disk.
@@ -100,5 +109,9 @@ impl RangeSource for FileSource {
 
     fn is_local(&self) -> bool {
         true
+    }
+
+    fn origin(&self) -> String {
+        self.path.display().to_string()
     }
 }

@@ -1,13 +1,18 @@
-//! The HTTP side: one shared connection pool, auth, retries with backoff,
-//! manual redirects (never forwarding `Authorization`), range reads and pushes.
+//! The HTTP side: one shared connection pool, auth, one bounded retry policy
+//! per operation ([`super::retry`]), manual redirects checked by
+//! [`super::policy`] (never forwarding `Authorization`), bodies read under
+//! limits and a stall timer ([`super::body`]), range reads and pushes.
 
 use super::auth::{Challenge, DockerConfig, TokenCache, TokenResponse};
+use super::body::{self, BodyError, BodyLimit};
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
+use super::policy::{self, RedactedUrl};
+use super::retry::{Failure, Retry, RetryPolicy};
 use super::{Platform, Reference, RegistryError};
 use crate::digest::Digest;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -19,12 +24,16 @@ pub struct RegistryOptions {
     pub plain_http: bool,
     /// Registries (`host:port`) reached over plain HTTP; loopback ones always are.
     pub insecure: Vec<String>,
-    /// Attempts per request for retryable failures (5xx, 429, resets, timeouts).
+    /// Attempts per operation for retryable failures (5xx, 429, resets,
+    /// stalls, truncated bodies); the only retry loop, never nested.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt.
     pub backoff: Duration,
-    /// Limit for one response to start arriving and for gaps inside a body.
-    pub read_timeout: Duration,
+    /// A connection that delivers no byte (headers or body) for this long is
+    /// dropped, and the attempt retried on a new one.
+    pub stall_timeout: Duration,
+    /// Bound on one operation, all its attempts and waits included.
+    pub deadline: Duration,
     pub connect_timeout: Duration,
     pub docker_config: DockerConfig,
 }
@@ -36,7 +45,8 @@ impl Default for RegistryOptions {
             insecure: Vec::new(),
             max_attempts: 5,
             backoff: Duration::from_millis(200),
-            read_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             docker_config: DockerConfig::default(),
         }
@@ -47,6 +57,7 @@ impl Default for RegistryOptions {
 pub struct Registry {
     http: reqwest::Client,
     opts: RegistryOptions,
+    retry: RetryPolicy,
     tokens: TokenCache,
     /// Registries that asked for basic auth.
     basic: parking_lot::Mutex<HashSet<String>>,
@@ -64,14 +75,22 @@ impl Registry {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
+            // Per socket read: catches a silent server while headers are awaited;
+            // body reads also run under our own stall timer (`body`).
+            .read_timeout(opts.stall_timeout)
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| RegistryError::Setup(e.to_string()))?;
+            .map_err(|e| RegistryError::Setup(e.without_url().to_string()))?;
+        let retry = RetryPolicy {
+            max_attempts: opts.max_attempts.max(1),
+            backoff: opts.backoff,
+            deadline: opts.deadline,
+        };
         Ok(Self {
             http,
             opts,
+            retry,
             tokens: TokenCache::default(),
             basic: Default::default(),
         })
@@ -81,6 +100,10 @@ impl Registry {
         let plain = self.opts.plain_http || r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry);
         let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
+    }
+
+    pub(super) fn stall(&self) -> Duration {
+        self.opts.stall_timeout
     }
 
     /// Resolves a reference to one platform's image manifest.
@@ -129,25 +152,19 @@ impl Registry {
         let url = format!("{}/manifests/{reference}", self.base_url(image));
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        let resp = self
-            .send(OP, image, Access::Pull, Method::GET, &url, headers, None)
-            .await?;
-        let ctype = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: OP,
-            url: url.clone(),
-            source,
-        })?;
-        if body.len() > 4 << 20 {
-            return Err(RegistryError::BadManifest {
-                image: image.to_string(),
-                reason: format!("manifest of {} bytes is over the 4 MiB limit", body.len()),
-            });
-        }
+        let (body, ctype) = self
+            .fetch_body(OP, image, &url, headers, BodyLimit::MANIFEST)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Body {
+                    source: source @ BodyError::TooLarge { .. },
+                    ..
+                } => RegistryError::BadManifest {
+                    image: image.to_string(),
+                    reason: source.to_string(),
+                },
+                e => e,
+            })?;
         let actual = Digest::of(&body);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != actual {
@@ -160,7 +177,52 @@ impl Registry {
         Ok((body.to_vec(), ctype, actual))
     }
 
+    /// A whole GET body under `limit` (and its content type): request and
+    /// body are one attempt, retried together when the connection fails.
+    pub(super) async fn fetch_body(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        url: &str,
+        headers: HeaderMap,
+        limit: BodyLimit,
+    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        self.retry
+            .run(op, url, |_| {
+                let headers = headers.clone();
+                async move {
+                    let resp = self
+                        .send_once(op, repo, Access::Pull, Method::GET, url, headers, None)
+                        .await?;
+                    let ctype = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let final_url = RedactedUrl::new(resp.url().as_str());
+                    match body::read_limited(resp, limit, self.stall()).await {
+                        Ok(b) => Ok((b, ctype)),
+                        Err(source) => {
+                            let retry = !matches!(source, BodyError::TooLarge { .. });
+                            let error = RegistryError::Body {
+                                op,
+                                url: final_url,
+                                source,
+                            };
+                            Err(match retry {
+                                true => Failure::retry(error),
+                                false => error.into(),
+                            })
+                        }
+                    }
+                }
+            })
+            .await
+    }
+
     /// Reads `len` bytes at `offset` of a blob; exactly those bytes or an error.
+    /// Request and body are one attempt of the client's one retry policy: a
+    /// stalled or truncated body is retried on a new connection, within the deadline.
     pub async fn read_blob_range(
         &self,
         repo: &Reference,
@@ -179,52 +241,58 @@ impl Registry {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| bad("range runs past 2^64".into()))?;
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let mut last_err = None;
-        for attempt in 0..self.opts.max_attempts {
-            if attempt > 0 {
-                tokio::time::sleep(self.backoff(attempt)).await;
-            }
-            let mut headers = HeaderMap::new();
-            let range = format!("bytes={}-{}", offset, offset + len - 1);
-            headers.insert(RANGE, HeaderValue::from_str(&range).expect("ascii range"));
-            let resp = self
-                .send(OP, repo, Access::Pull, Method::GET, &url, headers, None)
-                .await?;
-            let status = resp.status();
-            // A registry may ignore Range and send the whole blob (200): skip to the offset.
-            let skip = match status {
-                StatusCode::PARTIAL_CONTENT => {
-                    let start = content_range_start(resp.headers());
-                    if start != Some(offset) {
-                        return Err(bad(format!("server answered Content-Range start {start:?}")));
+        let range = HeaderValue::from_str(&format!("bytes={offset}-{last}")).expect("ascii range");
+        self.retry
+            .run(OP, &url, |_| {
+                let range = range.clone();
+                let url = &url;
+                async move {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(RANGE, range);
+                    let resp = self
+                        .send_once(OP, repo, Access::Pull, Method::GET, url, headers, None)
+                        .await?;
+                    // A registry may ignore Range and send the whole blob (200): skip to the offset.
+                    let skip = match resp.status() {
+                        StatusCode::PARTIAL_CONTENT => {
+                            let start = content_range_start(resp.headers());
+                            if start != Some(offset) {
+                                return Err(bad(format!("server answered Content-Range start {start:?}")).into());
+                            }
+                            0
+                        }
+                        StatusCode::OK => offset,
+                        StatusCode::RANGE_NOT_SATISFIABLE => {
+                            return Err(bad("range not satisfiable: the blob is shorter".into()).into())
+                        }
+                        s => return Err(bad(format!("unexpected status {s}")).into()),
+                    };
+                    match body::read_range(resp, skip, len, self.stall()).await {
+                        Ok(b) if b.len() as u64 == len => Ok(b),
+                        Ok(b) => {
+                            warn!(%digest, offset, len, got = b.len(), "short blob range read");
+                            Err(Failure::retry(bad(format!(
+                                "truncated: body ended after {} of {len} bytes",
+                                b.len()
+                            ))))
+                        }
+                        Err((got, e)) => {
+                            warn!(%digest, offset, len, got, error = %e, "blob range read failed");
+                            Err(Failure::retry(bad(format!(
+                                "truncated: body failed after {got} of {len} bytes ({e})"
+                            ))))
+                        }
                     }
-                    0
                 }
-                StatusCode::OK => offset,
-                StatusCode::RANGE_NOT_SATISFIABLE => {
-                    return Err(bad("range not satisfiable: the blob is shorter".into()))
-                }
-                s => return Err(bad(format!("unexpected status {s}"))),
-            };
-            match read_exact_body(resp, skip, len).await {
-                Ok(b) if b.len() as u64 == len => return Ok(b),
-                Ok(b) => {
-                    warn!(%digest, offset, len, got = b.len(), "short blob range read, retrying");
-                    last_err = Some(bad(format!("truncated: body ended after {} of {len} bytes", b.len())));
-                }
-                Err((got, e)) => {
-                    warn!(%digest, offset, len, got, error = %e, "blob range read failed, retrying");
-                    last_err = Some(bad(format!(
-                        "truncated: connection failed after {got} of {len} bytes ({e})"
-                    )));
-                }
-            }
-        }
-        Err(last_err.unwrap_or_else(|| bad("no attempts made".into())))
+            })
+            .await
     }
 
-    /// Opens a whole blob for streaming (caller verifies its digest).
+    /// Opens a whole blob for streaming (caller verifies its digest and bounds its length).
     pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self
@@ -241,7 +309,7 @@ impl Registry {
         if resp.status() != StatusCode::OK {
             return Err(RegistryError::Status {
                 op: "downloading blob",
-                url,
+                url: RedactedUrl::new(&url),
                 status: resp.status().as_u16(),
                 body: String::new(),
             });
@@ -249,15 +317,13 @@ impl Registry {
         Ok(resp)
     }
 
-    /// Reads a whole small blob (configs, TOCs) and verifies it.
-    pub async fn read_blob(&self, repo: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
+    /// Reads a whole blob of at most `limit` bytes (configs, profiles,
+    /// indexes) and verifies it.
+    pub async fn read_blob(&self, repo: &Reference, digest: &Digest, limit: BodyLimit) -> Result<Bytes, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let resp = self.open_blob(repo, digest).await?;
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: "downloading blob",
-            url,
-            source,
-        })?;
+        let (body, _) = self
+            .fetch_body("downloading blob", repo, &url, HeaderMap::new(), limit)
+            .await?;
         let actual = Digest::of(&body);
         if &actual != digest {
             return Err(RegistryError::DigestMismatch {
@@ -299,7 +365,7 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| RegistryError::Status {
                 op: OP,
-                url: start_url.clone(),
+                url: RedactedUrl::new(&start_url),
                 status: resp.status().as_u16(),
                 body: "upload started without a Location header".into(),
             })?;
@@ -311,7 +377,7 @@ impl Registry {
         let resp = self
             .send(OP, repo, Access::Push, Method::PUT, &put_url, headers, Some(data))
             .await?;
-        expect_success(OP, &put_url, resp).await?;
+        expect_success(OP, &put_url, resp, self.stall()).await?;
         Ok(digest)
     }
 
@@ -334,16 +400,13 @@ impl Registry {
         let resp = self
             .send(OP, repo, Access::Push, Method::PUT, &url, headers, Some(body))
             .await?;
-        expect_success(OP, &url, resp).await?;
+        expect_success(OP, &url, resp, self.stall()).await?;
         Ok(digest)
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.opts.backoff * 2u32.saturating_pow(attempt.saturating_sub(1)).min(32)
     }
 
     /// Sends one request with auth, retries and redirects; returns any
     /// response that is not a retryable failure, an auth failure or a 404.
+    /// For requests whose body is not read here (pushes, streamed blobs).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         &self,
@@ -355,17 +418,37 @@ impl Registry {
         headers: HeaderMap,
         body: Option<Bytes>,
     ) -> Result<Response, RegistryError> {
+        self.retry
+            .run(op, url, |_| {
+                self.send_once(op, repo, access, method.clone(), url, headers.clone(), body.clone())
+            })
+            .await
+    }
+
+    /// One attempt: the request, its auth round trips and redirects (each
+    /// bounded), no retry; a failure says whether another attempt may help.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_once(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        access: Access,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Option<Bytes>,
+    ) -> Result<Response, Failure> {
         let scope = match access {
             Access::Pull => format!("repository:{}:pull", repo.repository),
             Access::Push => format!("repository:{}:pull,push", repo.repository),
         };
         let host = repo.registry.as_str();
         let mut auth_tries = 0;
-        let mut attempt = 0;
         let mut url = url.to_string();
-        let mut authorized = true; // false after a redirect to blob storage
+        let mut authorized = true; // false after any redirect: blob storage never sees our credentials
         let mut redirects = 0;
         loop {
+            let redacted = || RedactedUrl::new(&url);
             let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
             if let Some(b) = &body {
                 req = req.body(b.clone());
@@ -379,175 +462,183 @@ impl Registry {
                     }
                 }
             }
-            let retry_delay = match req.send().await {
+            let resp = match req.send().await {
+                Ok(r) => r,
                 Err(e) => {
-                    if attempt + 1 >= self.opts.max_attempts {
-                        return Err(RegistryError::Transport { op, url, source: e });
-                    }
-                    debug!(%url, error = %e, "request failed, retrying");
-                    self.backoff(attempt + 1)
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    if status.is_redirection() {
-                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
-                            return Err(RegistryError::Status {
-                                op,
-                                url,
-                                status: status.as_u16(),
-                                body: "redirect without Location".into(),
-                            });
-                        };
-                        redirects += 1;
-                        if redirects > 5 {
-                            return Err(RegistryError::Status {
-                                op,
-                                url,
-                                status: status.as_u16(),
-                                body: "too many redirects".into(),
-                            });
-                        }
-                        let next = absolute_url(&url, loc);
-                        // Blob storage behind a redirect must not see our registry credentials.
-                        authorized = false;
-                        url = next;
-                        continue;
-                    }
-                    if status == StatusCode::UNAUTHORIZED && authorized && auth_tries < 2 {
-                        auth_tries += 1;
-                        let challenge = resp
-                            .headers()
-                            .get(WWW_AUTHENTICATE)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(Challenge::parse);
-                        match challenge {
-                            Some(Challenge::Bearer { realm, service, .. }) => {
-                                self.tokens.forget(host, &scope);
-                                self.fetch_token(op, host, &realm, service.as_deref(), &scope).await?;
-                                continue;
-                            }
-                            Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
-                                self.basic.lock().insert(host.to_string());
-                                continue;
-                            }
-                            _ => {}
-                        }
-                    }
-                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                        return Err(RegistryError::Denied {
-                            op,
-                            url,
-                            status: status.as_u16(),
-                            registry: host.to_string(),
-                        });
-                    }
-                    if status == StatusCode::NOT_FOUND {
-                        return Err(RegistryError::NotFound { op, url });
-                    }
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-                    if !retryable {
-                        return Ok(resp);
-                    }
-                    if attempt + 1 >= self.opts.max_attempts {
-                        let body = resp.text().await.unwrap_or_default();
-                        return Err(RegistryError::Status {
-                            op,
-                            url,
-                            status: status.as_u16(),
-                            body: snippet(&body),
-                        });
-                    }
-                    let hinted = resp
-                        .headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    debug!(%url, %status, "retryable status");
-                    hinted
-                        .unwrap_or_else(|| self.backoff(attempt + 1))
-                        .min(Duration::from_secs(30))
+                    return Err(Failure::retry(RegistryError::Transport {
+                        op,
+                        url: redacted(),
+                        source: e.without_url(),
+                    }))
                 }
             };
-            attempt += 1;
-            tokio::time::sleep(retry_delay).await;
+            let status = resp.status();
+            if status.is_redirection() {
+                let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
+                    return Err(self.status_error(op, &url, status, "redirect without Location").into());
+                };
+                redirects += 1;
+                if redirects > 5 {
+                    return Err(self.status_error(op, &url, status, "too many redirects").into());
+                }
+                let next = self.checked_redirect(op, repo, &url, loc).await?;
+                authorized = false;
+                url = next;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED && authorized && auth_tries < 2 {
+                auth_tries += 1;
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                match challenge {
+                    Some(Challenge::Bearer { realm, service, .. }) => {
+                        self.tokens.forget(host, &scope);
+                        self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?;
+                        continue;
+                    }
+                    Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
+                        self.basic.lock().insert(host.to_string());
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(RegistryError::Denied {
+                    op,
+                    url: redacted(),
+                    status: status.as_u16(),
+                    registry: host.to_string(),
+                }
+                .into());
+            }
+            if status == StatusCode::NOT_FOUND {
+                return Err(RegistryError::NotFound { op, url: redacted() }.into());
+            }
+            if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
+                return Ok(resp);
+            }
+            let hinted = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            debug!(url = %redacted(), %status, "retryable status");
+            let text = body::error_text(resp, self.stall()).await;
+            return Err(Failure {
+                error: self.status_error(op, &url, status, &snippet(&text)),
+                retry: hinted.map_or(Retry::Yes, Retry::After),
+            });
         }
     }
 
+    fn status_error(&self, op: &'static str, url: &str, status: StatusCode, body: &str) -> RegistryError {
+        RegistryError::Status {
+            op,
+            url: RedactedUrl::new(url),
+            status: status.as_u16(),
+            body: body.to_string(),
+        }
+    }
+
+    /// The absolute target of a redirect from `from`, if policy allows it:
+    /// http(s) only, and no node-local address unless the registry is on one.
+    async fn checked_redirect(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        from: &str,
+        location: &str,
+    ) -> Result<String, RegistryError> {
+        let next = absolute_url(from, location);
+        let refused = |source| RegistryError::Redirect {
+            op,
+            url: RedactedUrl::new(from),
+            target: RedactedUrl::new(&next),
+            source,
+        };
+        let target = Url::parse(&next).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
+        let registry = Url::parse(&self.base_url(repo)).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
+        if let Err(why) = policy::check_redirect(&registry, &target).await {
+            warn!(op, url = %RedactedUrl::new(from), target = %RedactedUrl::new(&next), reason = %why, "redirect refused");
+            return Err(refused(why));
+        }
+        Ok(next)
+    }
+
+    /// Gets a bearer token from `realm`. Basic credentials go along only when
+    /// the realm is the registry's own host or https; otherwise the token is
+    /// asked for anonymously (enough for public images; a private one then
+    /// fails with access denied, and a warning says why).
     async fn fetch_token(
         &self,
         op: &'static str,
-        host: &str,
+        repo: &Reference,
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(), Failure> {
+        let host = repo.registry.as_str();
+        let redacted = RedactedUrl::new(realm);
+        let denied = |status: u16| RegistryError::Denied {
+            op,
+            url: redacted.clone(),
+            status,
+            registry: host.to_string(),
+        };
+        let realm_url = match Url::parse(realm) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+            _ => return Err(denied(401).into()),
+        };
         let mut query = vec![("scope", scope)];
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut req = self.http.get(realm).query(&query);
+        let mut req = self.http.get(realm_url.clone()).query(&query);
         if let Some(c) = self.opts.docker_config.credentials(host) {
-            req = req.basic_auth(&c.username, Some(&c.password));
+            if policy::basic_allowed_for_realm(&[host, repo.api_host()], &realm_url) {
+                req = req.basic_auth(&c.username, Some(&c.password));
+            } else {
+                warn!(registry = host, realm = %redacted, "token realm is plain http on another host: credentials withheld, asking anonymously");
+            }
         }
-        let url = realm.to_string();
-        let resp = req.send().await.map_err(|source| RegistryError::Transport {
-            op,
-            url: url.clone(),
-            source,
+        let resp = req.send().await.map_err(|e| {
+            Failure::retry(RegistryError::Transport {
+                op,
+                url: redacted.clone(),
+                source: e.without_url(),
+            })
         })?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(RegistryError::Denied {
-                op,
-                url,
-                status: status.as_u16(),
-                registry: host.to_string(),
-            });
+            return Err(denied(status.as_u16()).into());
         }
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
+        let body = body::read_limited(resp, BodyLimit::TOKEN, self.stall())
+            .await
+            .map_err(|source| {
+                Failure::retry(RegistryError::Body {
+                    op,
+                    url: redacted.clone(),
+                    source,
+                })
+            })?;
+        let bad = |why: String| RegistryError::Status {
             op,
-            url: url.clone(),
-            source,
-        })?;
-        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
-            op,
-            url: url.clone(),
+            url: redacted.clone(),
             status: status.as_u16(),
-            body: format!("token response is not JSON: {e}"),
-        })?;
-        let token = parsed.into_token(Instant::now()).ok_or_else(|| RegistryError::Status {
-            op,
-            url,
-            status: status.as_u16(),
-            body: "token response without a token".into(),
-        })?;
+            body: why,
+        };
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("token response is not JSON: {e}")))?;
+        let token = parsed
+            .into_token(Instant::now())
+            .ok_or_else(|| bad("token response without a token".into()))?;
         self.tokens.put(host, scope, token);
         Ok(())
     }
-}
-
-/// Reads a body, dropping `skip` bytes first, keeping at most `len`.
-async fn read_exact_body(mut resp: Response, mut skip: u64, len: u64) -> Result<Bytes, (usize, reqwest::Error)> {
-    let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
-    loop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => return Err((out.len(), e)),
-        };
-        let mut chunk = &chunk[..];
-        if skip > 0 {
-            let n = skip.min(chunk.len() as u64) as usize;
-            chunk = &chunk[n..];
-            skip -= n as u64;
-        }
-        let want = (len - out.len() as u64) as usize;
-        out.extend_from_slice(&chunk[..chunk.len().min(want)]);
-        if out.len() as u64 == len {
-            break;
-        }
-    }
-    Ok(out.freeze())
 }
 
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
@@ -576,15 +667,20 @@ fn snippet(body: &str) -> String {
     s.replace('\n', " ")
 }
 
-pub(super) async fn expect_success(op: &'static str, url: &str, resp: Response) -> Result<(), RegistryError> {
+pub(super) async fn expect_success(
+    op: &'static str,
+    url: &str,
+    resp: Response,
+    stall: Duration,
+) -> Result<(), RegistryError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(());
     }
-    let body = resp.text().await.unwrap_or_default();
+    let body = body::error_text(resp, stall).await;
     Err(RegistryError::Status {
         op,
-        url: url.to_string(),
+        url: RedactedUrl::new(url),
         status: status.as_u16(),
         body: snippet(&body),
     })
