@@ -54,6 +54,8 @@ pub enum BodyError {
 pub(super) async fn next_chunk(resp: &mut Response, stall: Duration, got: u64) -> Result<Option<Bytes>, BodyError> {
     match tokio::time::timeout(stall, resp.chunk()).await {
         Err(_) => Err(BodyError::Stalled(stall)),
+        // reqwest's per-read timeout (also `stall`) may fire first.
+        Ok(Err(e)) if e.is_timeout() => Err(BodyError::Stalled(stall)),
         // `without_url`: the URL may be a presigned one; callers name the object.
         Ok(Err(e)) => Err(BodyError::Transport {
             got,
