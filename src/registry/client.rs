@@ -3,7 +3,7 @@
 //! [`super::policy`] (never forwarding `Authorization`), bodies read under
 //! limits and a stall timer ([`super::body`]), range reads and pushes.
 
-use super::auth::{Challenge, DockerConfig, TokenCache, TokenResponse};
+use super::auth::{Challenge, DockerConfig, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
 use super::policy::{self, RedactedUrl};
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{debug, warn};
 
 /// How to reach registries.
@@ -55,10 +55,10 @@ impl Default for RegistryOptions {
 
 /// A registry client shared by everything in the process (one connection pool).
 pub struct Registry {
-    http: reqwest::Client,
-    opts: RegistryOptions,
+    pub(super) http: reqwest::Client,
+    pub(super) opts: RegistryOptions,
     retry: RetryPolicy,
-    tokens: TokenCache,
+    pub(super) tokens: TokenCache,
     /// Registries that asked for basic auth.
     basic: parking_lot::Mutex<HashSet<String>>,
 }
@@ -335,75 +335,6 @@ impl Registry {
         Ok(body)
     }
 
-    /// Uploads a blob (monolithic POST + PUT) unless the registry has it.
-    pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<Digest, RegistryError> {
-        const OP: &str = "pushing blob";
-        let digest = Digest::of(&data);
-        let base = self.base_url(repo);
-        let head_url = format!("{base}/blobs/{digest}");
-        let head = self
-            .send(OP, repo, Access::Push, Method::HEAD, &head_url, HeaderMap::new(), None)
-            .await;
-        if matches!(&head, Ok(r) if r.status() == StatusCode::OK) {
-            return Ok(digest);
-        }
-        let start_url = format!("{base}/blobs/uploads/");
-        let resp = self
-            .send(
-                OP,
-                repo,
-                Access::Push,
-                Method::POST,
-                &start_url,
-                HeaderMap::new(),
-                Some(Bytes::new()),
-            )
-            .await?;
-        let location = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| RegistryError::Status {
-                op: OP,
-                url: RedactedUrl::new(&start_url),
-                status: resp.status().as_u16(),
-                body: "upload started without a Location header".into(),
-            })?;
-        let mut put_url = absolute_url(&start_url, location);
-        put_url.push(if put_url.contains('?') { '&' } else { '?' });
-        put_url.push_str(&format!("digest={digest}"));
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &put_url, headers, Some(data))
-            .await?;
-        expect_success(OP, &put_url, resp, self.stall()).await?;
-        Ok(digest)
-    }
-
-    /// Uploads a manifest under a tag or its digest.
-    pub async fn push_manifest(
-        &self,
-        repo: &Reference,
-        reference: &str,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<Digest, RegistryError> {
-        const OP: &str = "pushing manifest";
-        let digest = Digest::of(&body);
-        let url = format!("{}/manifests/{reference}", self.base_url(repo));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_str(media_type).map_err(|e| RegistryError::Setup(e.to_string()))?,
-        );
-        let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &url, headers, Some(body))
-            .await?;
-        expect_success(OP, &url, resp, self.stall()).await?;
-        Ok(digest)
-    }
-
     /// Sends one request with auth, retries and redirects; returns any
     /// response that is not a retryable failure, an auth failure or a 404.
     /// For requests whose body is not read here (pushes, streamed blobs).
@@ -568,77 +499,6 @@ impl Registry {
         }
         Ok(next)
     }
-
-    /// Gets a bearer token from `realm`. Basic credentials go along only when
-    /// the realm is the registry's own host or https; otherwise the token is
-    /// asked for anonymously (enough for public images; a private one then
-    /// fails with access denied, and a warning says why).
-    async fn fetch_token(
-        &self,
-        op: &'static str,
-        repo: &Reference,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<(), Failure> {
-        let host = repo.registry.as_str();
-        let redacted = RedactedUrl::new(realm);
-        let denied = |status: u16| RegistryError::Denied {
-            op,
-            url: redacted.clone(),
-            status,
-            registry: host.to_string(),
-        };
-        let realm_url = match Url::parse(realm) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
-            _ => return Err(denied(401).into()),
-        };
-        let mut query = vec![("scope", scope)];
-        if let Some(s) = service {
-            query.push(("service", s));
-        }
-        let mut req = self.http.get(realm_url.clone()).query(&query);
-        if let Some(c) = self.opts.docker_config.credentials(host) {
-            if policy::basic_allowed_for_realm(&[host, repo.api_host()], &realm_url) {
-                req = req.basic_auth(&c.username, Some(&c.password));
-            } else {
-                warn!(registry = host, realm = %redacted, "token realm is plain http on another host: credentials withheld, asking anonymously");
-            }
-        }
-        let resp = req.send().await.map_err(|e| {
-            Failure::retry(RegistryError::Transport {
-                op,
-                url: redacted.clone(),
-                source: e.without_url(),
-            })
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(denied(status.as_u16()).into());
-        }
-        let body = body::read_limited(resp, BodyLimit::TOKEN, self.stall())
-            .await
-            .map_err(|source| {
-                Failure::retry(RegistryError::Body {
-                    op,
-                    url: redacted.clone(),
-                    source,
-                })
-            })?;
-        let bad = |why: String| RegistryError::Status {
-            op,
-            url: redacted.clone(),
-            status: status.as_u16(),
-            body: why,
-        };
-        let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("token response is not JSON: {e}")))?;
-        let token = parsed
-            .into_token(Instant::now())
-            .ok_or_else(|| bad("token response without a token".into()))?;
-        self.tokens.put(host, scope, token);
-        Ok(())
-    }
 }
 
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
@@ -655,7 +515,7 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     when.duration_since(std::time::SystemTime::now()).ok()
 }
 
-fn absolute_url(base: &str, location: &str) -> String {
+pub(super) fn absolute_url(base: &str, location: &str) -> String {
     match reqwest::Url::parse(base).and_then(|b| b.join(location)) {
         Ok(u) => u.to_string(),
         Err(_) => location.to_string(),

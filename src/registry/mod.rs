@@ -11,9 +11,13 @@ mod body;
 mod client;
 mod manifest;
 pub mod policy;
+mod push;
 mod reference;
 pub mod referrers;
 mod retry;
+#[cfg(test)]
+mod tests;
+mod token;
 
 pub use auth::{Challenge, Credentials, DockerConfig};
 pub use body::{BodyError, BodyLimit};
