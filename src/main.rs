@@ -417,6 +417,8 @@ mod tests {
             "--platform=linux/arm64",
             "--index-repo=reg:5000/idx",
             "--prefetch-timeout=0",
+            "--read-deadline=8",
+            "--stall-timeout=2.5",
             "--background-fill",
             "--background-fill-rate=1MiB",
             "img",
@@ -430,6 +432,8 @@ mod tests {
         assert_eq!(c.registry.platform.architecture, "arm64");
         assert_eq!(c.index.repositories[0].repository, "idx");
         assert_eq!(c.prefetch.timeout, Seconds::default());
+        assert_eq!(c.fetch.read_deadline, Seconds::from_secs(8));
+        assert_eq!(c.fetch.stall_timeout.0, std::time::Duration::from_millis(2500));
         assert!(c.background_fill.enabled);
         assert_eq!(c.background_fill.rate, Some(ByteSize::mib(1)));
     }

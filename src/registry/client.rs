@@ -458,7 +458,11 @@ impl Registry {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
             debug!(url = %redacted(), %status, "retryable status");
-            let text = body::error_text(resp, self.stall()).await;
+            // Storage behind a redirect may echo its signature in an error body.
+            let text = match authorized {
+                true => body::error_text(resp, self.stall()).await,
+                false => String::from("(body of a redirect target not shown)"),
+            };
             return Err(Failure {
                 error: self.status_error(op, &url, status, &snippet(&text)),
                 retry: hinted.map_or(Retry::Yes, Retry::After),

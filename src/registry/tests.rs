@@ -213,3 +213,46 @@ async fn a_trickling_body_is_dropped_retried_on_a_new_connection_and_bounded_by_
     assert!(text.contains("stalled") && text.contains("gave up"), "{text}");
     assert!(registry.heads().len() >= 2, "not retried on a new connection");
 }
+
+#[tokio::test]
+async fn a_failing_range_read_makes_at_most_max_attempts_requests() {
+    // Retries used to nest (5 range attempts of 5 sends each: 25 requests).
+    let registry = Script::start(|_, c| answer(c, "503 Service Unavailable", &[], b""));
+    let r = client(RegistryOptions {
+        max_attempts: 3,
+        ..Default::default()
+    });
+    let e = r
+        .read_blob_range(&image(&registry.host()), &Digest::of(b"x"), 0, 10)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gave up after 3 attempt(s)"), "{e}");
+    assert_eq!(registry.heads().len(), 3);
+}
+
+#[tokio::test]
+async fn error_bodies_of_redirect_targets_are_not_quoted() {
+    let registry = Script::start(|head, c| match head.contains("/v2/") {
+        true => answer(
+            c,
+            "307 Temporary Redirect",
+            &["Location: /storage?sig=S".to_string()],
+            b"",
+        ),
+        false => answer(
+            c,
+            "500 Internal Server Error",
+            &[],
+            b"<SignatureProvided>SECRET</SignatureProvided>",
+        ),
+    });
+    let r = client(RegistryOptions {
+        max_attempts: 1,
+        ..Default::default()
+    });
+    let e = r
+        .read_blob_range(&image(&registry.host()), &Digest::of(b"x"), 0, 10)
+        .await
+        .unwrap_err();
+    assert!(!error_text(&e).contains("SECRET"), "{}", error_text(&e));
+}
