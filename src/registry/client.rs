@@ -17,6 +17,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tracing::{debug, warn};
 
+/// Slowest transfer rate (bytes per second) whole-body deadlines allow for.
+const MIN_RATE: u64 = 64 << 10;
+
 /// How to reach registries.
 #[derive(Clone, Debug)]
 pub struct RegistryOptions {
@@ -106,6 +109,17 @@ impl Registry {
         self.opts.stall_timeout
     }
 
+    /// The retry policy for an operation moving up to `bytes` in one body: a
+    /// whole layer may take longer than a read may wait, so its deadline
+    /// allows for `MIN_RATE` (the stall timer still drops a silent connection).
+    pub(super) fn policy_for(&self, bytes: u64) -> RetryPolicy {
+        let transfer = Duration::from_secs(bytes / MIN_RATE);
+        RetryPolicy {
+            deadline: self.retry.deadline.max(transfer),
+            ..self.retry
+        }
+    }
+
     /// Resolves a reference to one platform's image manifest.
     pub async fn resolve(&self, image: &Reference, platform: &Platform) -> Result<ResolvedImage, RegistryError> {
         let name = image.to_string();
@@ -187,7 +201,7 @@ impl Registry {
         headers: HeaderMap,
         limit: BodyLimit,
     ) -> Result<(Bytes, Option<String>), RegistryError> {
-        self.retry
+        self.policy_for(limit.max)
             .run(op, url, |_| {
                 let headers = headers.clone();
                 async move {
@@ -349,7 +363,7 @@ impl Registry {
         headers: HeaderMap,
         body: Option<Bytes>,
     ) -> Result<Response, RegistryError> {
-        self.retry
+        self.policy_for(body.as_ref().map_or(0, |b| b.len() as u64))
             .run(op, url, |_| {
                 self.send_once(op, repo, access, method.clone(), url, headers.clone(), body.clone())
             })

@@ -256,3 +256,14 @@ async fn error_bodies_of_redirect_targets_are_not_quoted() {
         .unwrap_err();
     assert!(!error_text(&e).contains("SECRET"), "{}", error_text(&e));
 }
+
+#[test]
+fn whole_blob_deadlines_allow_for_their_size() {
+    let r = client(RegistryOptions {
+        deadline: Duration::from_secs(8),
+        ..Default::default()
+    });
+    assert_eq!(r.policy_for(4 << 10).deadline, Duration::from_secs(8));
+    // A 1 GiB layer at 64 KiB/s.
+    assert_eq!(r.policy_for(1 << 30).deadline, Duration::from_secs(16384));
+}
