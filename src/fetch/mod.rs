@@ -207,17 +207,21 @@ impl Fetcher {
         // The fetch goes on in its own task (and ends by the registry's own
         // deadline); the reader stops waiting here.
         let deadline = self.node.read_deadline;
-        let parts = match tokio::time::timeout(deadline, self.chunks(Some(node), ids.clone(), Cause::OnDemand)).await {
-            Ok(parts) => parts?,
-            Err(_) => {
-                let path = path_of(&self.index, node);
-                error!(image = %self.source.origin(), layer = %self.layer, path = %path, ?deadline, "read deadline passed, answering EIO");
-                return Err(FetchError::Deadline {
-                    layer: self.layer.clone(),
-                    path,
-                    deadline,
-                });
-            }
+        let waited = tokio::time::timeout(deadline, self.chunks(Some(node), ids.clone(), Cause::OnDemand)).await;
+        let parts = match waited {
+            // The registry's own deadline (the same length) may end the wait first.
+            Ok(Err(FetchError::Source { source, .. })) if source.is_deadline() => None,
+            Ok(parts) => Some(parts?),
+            Err(_) => None,
+        };
+        let Some(parts) = parts else {
+            let path = path_of(&self.index, node);
+            error!(image = %self.source.origin(), layer = %self.layer, path = %path, ?deadline, "read deadline passed, answering EIO");
+            return Err(FetchError::Deadline {
+                layer: self.layer.clone(),
+                path,
+                deadline,
+            });
         };
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];

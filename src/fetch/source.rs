@@ -56,6 +56,17 @@ impl SourceError {
             SourceError::Registry(RegistryError::NotFound { .. }) | SourceError::NotFound(_)
         )
     }
+
+    /// The registry operation ran out of time (its deadline is the read deadline).
+    pub fn is_deadline(&self) -> bool {
+        match self {
+            SourceError::Registry(RegistryError::TimedOut { .. }) => true,
+            SourceError::Registry(RegistryError::GaveUp { last, .. }) => {
+                matches!(**last, RegistryError::TimedOut { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A blob in a registry repository.
