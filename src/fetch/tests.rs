@@ -173,6 +173,42 @@ async fn a_read_answered_within_its_deadline_is_unaffected() {
     assert_eq!(&l.read_all("a.bin").await.unwrap()[..], l.expected("a.bin"));
 }
 
+/// A registry whose every operation ran out of its deadline.
+struct OutOfTime;
+
+impl RangeSource for OutOfTime {
+    fn read(&self, _: u64, _: u64) -> futures::future::BoxFuture<'_, Result<Bytes, SourceError>> {
+        use crate::registry::{RedactedUrl, RegistryError};
+        let url = RedactedUrl::new("http://r/v2/a/blobs/x");
+        let late = RegistryError::TimedOut {
+            op: "reading blob range",
+            url: url.clone(),
+            deadline: Duration::from_secs(60),
+        };
+        let e = RegistryError::GaveUp {
+            op: "reading blob range",
+            url,
+            attempts: 3,
+            elapsed: Duration::from_secs(60),
+            last: Box::new(late),
+        };
+        futures::future::ready(Err(SourceError::Registry(e))).boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_read_whose_registry_operation_ran_out_of_time_reports_the_read_deadline() {
+    let files = vec![("f.bin", content(CHUNK as usize, 3))];
+    let blob = tar_blob(&files);
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), 1 << 30);
+    let fetcher = tar_fetcher(&blob, Arc::new(OutOfTime), &node, CHUNK, true).await;
+    let f = fetcher.index().resolve("f.bin").unwrap();
+    let e = fetcher.read(f, 0, 10).await.unwrap_err();
+    assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+    assert!(e.to_string().contains("/f.bin"), "{e}");
+}
+
 #[tokio::test]
 async fn a_stalled_low_priority_request_does_not_hold_up_an_on_demand_read() {
     let l = TestLayer::new(true).await;
