@@ -17,6 +17,9 @@
 //! memory_size = "256MiB"
 //! [index]
 //! repositories = ["reg:5000/team/indexes"]
+//! [fetch]
+//! read_deadline = 60.0
+//! stall_timeout = 10.0
 //! [prefetch]
 //! timeout = 10.0
 //! [background_fill]
@@ -56,6 +59,7 @@ pub struct Config {
     pub registry: Registry,
     pub cache: Cache,
     pub index: Index,
+    pub fetch: Fetch,
     pub prefetch: Prefetch,
     pub background_fill: BackgroundFill,
     pub profile: Profile,
@@ -70,6 +74,7 @@ impl Default for Config {
             registry: Registry::default(),
             cache: Cache::default(),
             index: Index::default(),
+            fetch: Fetch::default(),
             prefetch: Prefetch::default(),
             background_fill: BackgroundFill::default(),
             profile: Profile::default(),
@@ -124,6 +129,27 @@ pub struct Index {
     /// Repositories (`host/path`) holding gzip indexes (and start-up profiles)
     /// by digest, for images whose own repository users cannot write to.
     pub repositories: Vec<Reference>,
+}
+
+/// `[fetch]`: how long a read may wait on a registry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fetch {
+    /// Longest wait of a file read on the registry (all retries included)
+    /// before it fails with EIO; also bounds every registry operation.
+    pub read_deadline: Seconds,
+    /// A registry connection that delivers no byte for this long is dropped
+    /// and the request retried on a new one.
+    pub stall_timeout: Seconds,
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Self {
+            read_deadline: Seconds::from_secs(60),
+            stall_timeout: Seconds::from_secs(10),
+        }
+    }
 }
 
 /// `[prefetch]`: landmark and profile prefetch before a layer is reported mounted.
@@ -418,6 +444,7 @@ mod tests {
              [registry]\ninsecure = [\"r:5000\"]\nplatform = \"linux/arm64/v8\"\n\
              [cache]\ndisk_size = \"1GiB\"\nmemory_size = 1048576\n\
              [index]\nrepositories = [\"reg:5000/team/indexes\"]\n\
+             [fetch]\nread_deadline = 8\nstall_timeout = 2.5\n\
              [prefetch]\ntimeout = 0.5\n\
              [background_fill]\ndelay = 0\nrate = \"100MiB\"\n\
              [profile]\nquiet = 2\npush = true\nreplay = false\n",
@@ -429,6 +456,8 @@ mod tests {
         assert_eq!(c.cache.disk_size, ByteSize::gib(1));
         assert_eq!(c.cache.memory_size, ByteSize::mib(1));
         assert_eq!(c.index.repositories[0].repository, "team/indexes");
+        assert_eq!(c.fetch.read_deadline, Seconds::from_secs(8));
+        assert_eq!(c.fetch.stall_timeout.0, Duration::from_millis(2500));
         assert_eq!(c.prefetch.timeout.0, Duration::from_millis(500));
         assert_eq!(c.background_fill.delay.0, Duration::ZERO);
         assert_eq!(c.background_fill.rate, Some(ByteSize::mib(100)));

@@ -13,7 +13,7 @@ use tracing::info;
 
 /// Serves until `shutdown` completes, then unmounts what it mounted.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let registry = Arc::new(node::registry(&config.registry, false)?);
+    let registry = Arc::new(node::registry(&config.registry, &config.fetch, false)?);
     let metrics = Metrics::new();
     let _metrics_server = match config.metrics_address {
         Some(addr) => {

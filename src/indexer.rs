@@ -201,7 +201,12 @@ async fn index_layer(
     let forward = async move {
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            if tx.send(chunk.map_err(std::io::Error::other)).await.is_err() {
+            // `without_url`: after a redirect the URL may be a presigned one.
+            if tx
+                .send(chunk.map_err(|e| std::io::Error::other(e.without_url())))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

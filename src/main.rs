@@ -139,6 +139,12 @@ struct MountArgs {
     /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
     #[arg(long, default_value_t = defaults().prefetch.timeout)]
     prefetch_timeout: Seconds,
+    /// Longest wait of a read on the registry before it fails with EIO (`[fetch] read_deadline`).
+    #[arg(long, default_value_t = defaults().fetch.read_deadline)]
+    read_deadline: Seconds,
+    /// Seconds without a byte before a registry connection is replaced (`[fetch] stall_timeout`).
+    #[arg(long, default_value_t = defaults().fetch.stall_timeout)]
+    stall_timeout: Seconds,
     #[command(flatten)]
     fill: FillArgs,
     image: Reference,
@@ -154,6 +160,8 @@ impl MountArgs {
         cfg.registry.platform = self.platform.clone();
         cfg.index.repositories = self.index_repo.clone();
         cfg.prefetch.timeout = self.prefetch_timeout;
+        cfg.fetch.read_deadline = self.read_deadline;
+        cfg.fetch.stall_timeout = self.stall_timeout;
         self.fill.apply(&mut cfg.background_fill);
         cfg
     }
@@ -293,7 +301,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 /// `streamsnap mount`: the node built from the flags, as `serve` builds it from its config.
 async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let cfg = args.config();
-    let registry = Arc::new(node::registry(&cfg.registry, args.plain_http)?);
+    let registry = Arc::new(node::registry(&cfg.registry, &cfg.fetch, args.plain_http)?);
     let ctx = node::layer_context(&cfg, registry, Metrics::new())?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
@@ -368,7 +376,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
 
 /// The registry client of one-shot commands (docker's credentials).
 fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
-    node::registry(&config::Registry::default(), plain_http)
+    node::registry(&config::Registry::default(), &config::Fetch::default(), plain_http)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -409,6 +417,8 @@ mod tests {
             "--platform=linux/arm64",
             "--index-repo=reg:5000/idx",
             "--prefetch-timeout=0",
+            "--read-deadline=8",
+            "--stall-timeout=2.5",
             "--background-fill",
             "--background-fill-rate=1MiB",
             "img",
@@ -422,6 +432,8 @@ mod tests {
         assert_eq!(c.registry.platform.architecture, "arm64");
         assert_eq!(c.index.repositories[0].repository, "idx");
         assert_eq!(c.prefetch.timeout, Seconds::default());
+        assert_eq!(c.fetch.read_deadline, Seconds::from_secs(8));
+        assert_eq!(c.fetch.stall_timeout.0, std::time::Duration::from_millis(2500));
         assert!(c.background_fill.enabled);
         assert_eq!(c.background_fill.rate, Some(ByteSize::mib(1)));
     }

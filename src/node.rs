@@ -39,12 +39,19 @@ impl StateDir {
 
 /// The registry client: docker's credentials; plain HTTP for loopback
 /// registries, the `insecure` ones, and with `plain_http` (one-shot
-/// commands' `--plain-http`) every registry.
-pub fn registry(cfg: &config::Registry, plain_http: bool) -> anyhow::Result<Registry> {
+/// commands' `--plain-http`) every registry; every operation bounded by
+/// `[fetch] read_deadline`, every connection by `stall_timeout`.
+pub fn registry(cfg: &config::Registry, fetch: &config::Fetch, plain_http: bool) -> anyhow::Result<Registry> {
+    anyhow::ensure!(
+        !fetch.read_deadline.0.is_zero() && !fetch.stall_timeout.0.is_zero(),
+        "[fetch] read_deadline and stall_timeout must be more than 0 seconds"
+    );
     Ok(Registry::new(RegistryOptions {
         plain_http,
         insecure: cfg.insecure.iter().map(|h| h.as_str().to_string()).collect(),
         docker_config: DockerConfig::load_default()?,
+        deadline: fetch.read_deadline.into(),
+        stall_timeout: fetch.stall_timeout.into(),
         ..Default::default()
     })?)
 }
@@ -74,7 +81,8 @@ pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metr
             Arc::new(DiskCache::open(&state.cache(), config.cache.disk_size.as_u64())?),
             Arc::new(MemCache::new(config.cache.memory_size.as_u64())),
             metrics,
-        ),
+        )
+        .with_read_deadline(config.fetch.read_deadline.into()),
         registry,
         layers_dir: state.layers(),
     })

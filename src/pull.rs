@@ -11,7 +11,7 @@ use crate::proto::containerd::services::images::v1 as images;
 use crate::proto::containerd::services::leases::v1 as leases;
 use crate::proto::containerd::services::snapshots::v1 as snapshots;
 use crate::proto::containerd::types;
-use crate::registry::{LayerDescriptor, Platform, Reference, Registry, RegistryError, ResolvedImage};
+use crate::registry::{BodyLimit, LayerDescriptor, Platform, Reference, Registry, RegistryError, ResolvedImage};
 use crate::snapshotter::remote::TARGET_REF;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,7 @@ impl Puller<'_> {
         if !self.has_content(&desc.digest).await {
             let blob = self
                 .registry
-                .read_blob(self.image, &desc.digest)
+                .read_blob(self.image, &desc.digest, BodyLimit::new("layer", desc.size))
                 .await
                 .map_err(|source| PullError::Registry {
                     image: self.image.to_string(),
@@ -334,7 +334,7 @@ pub async fn pull(registry: &Registry, image: &Reference, opts: &PullOptions) ->
             source,
         })?;
     let config = registry
-        .read_blob(image, &resolved.config)
+        .read_blob(image, &resolved.config, BodyLimit::CONFIG)
         .await
         .map_err(|source| PullError::Registry {
             image: name.clone(),

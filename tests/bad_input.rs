@@ -267,6 +267,42 @@ fn bearer_tokens_are_fetched_with_docker_config_credentials_and_refreshed() {
 }
 
 #[test]
+fn a_range_read_redirected_to_loopback_by_a_registry_off_loopback_is_refused() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_big_layer_image(&work.path().join("image"), 8);
+    let pushed = push(&image.image, &registry, Format::Estargz);
+    // The proxy plays a registry on this machine's non-loopback address.
+    let proxy = FaultProxy::start_on("0.0.0.0", &registry.addr());
+    let outside = format!("{}:{}", non_loopback_ipv4(), proxy.port());
+    let reference = pushed.replacen(&registry.addr(), &outside, 1);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--plain-http"],
+    );
+    proxy.set("/blobs/", Fault::RedirectTo(proxy.addr()));
+    let (path, content) = &image.after[1];
+    let err = read_err(&mount.mountpoint.join(path));
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = mount.log();
+    assert!(
+        log.contains("redirect to") && log.contains("127.0.0.1 is Loopback"),
+        "{log}"
+    );
+    assert!(
+        proxy.redirected_auth().is_empty(),
+        "a request reached the loopback target"
+    );
+    // Without the redirect the same read succeeds: only the redirect was refused.
+    proxy.clear();
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
+    mount.stop();
+}
+
+#[test]
 fn a_layer_downloaded_whole_is_checked_against_its_digest() {
     require_root();
     let registry = Registry::start();

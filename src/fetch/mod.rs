@@ -35,7 +35,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tracing::warn;
+use std::time::Duration;
+use tracing::{error, warn};
 
 /// Largest single range request when coalescing chunks.
 pub const MAX_REQUEST: u64 = 16 << 20;
@@ -62,6 +63,12 @@ pub enum FetchError {
     Corrupt { layer: Digest, offset: u64, reason: String },
     #[error("layer {layer}: no such file node {node}")]
     NoNode { layer: Digest, node: NodeId },
+    #[error("layer {layer}: file {path}: no answer from the source within the {deadline:?} read deadline")]
+    Deadline {
+        layer: Digest,
+        path: String,
+        deadline: Duration,
+    },
     #[error("layer {layer}: chunk at blob offset {offset}: {source}")]
     Abandoned {
         layer: Digest,
@@ -87,6 +94,9 @@ pub struct FetchStats {
     pub chunks_from_memory: AtomicU64,
 }
 
+/// Default of [`Services::read_deadline`] (`[fetch] read_deadline`).
+pub const READ_DEADLINE: Duration = Duration::from_secs(60);
+
 /// What every fetcher of the node shares.
 #[derive(Clone)]
 pub struct Services {
@@ -94,6 +104,8 @@ pub struct Services {
     pub mem: Arc<MemCache>,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
+    /// Longest wait of one file read for its chunks; then it fails (EIO).
+    pub read_deadline: Duration,
 }
 
 impl Services {
@@ -103,7 +115,13 @@ impl Services {
             mem,
             scheduler: Scheduler::new(Arc::clone(&metrics)),
             metrics,
+            read_deadline: READ_DEADLINE,
         }
+    }
+
+    pub fn with_read_deadline(mut self, deadline: Duration) -> Self {
+        self.read_deadline = deadline;
+        self
     }
 }
 
@@ -186,7 +204,25 @@ impl Fetcher {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
-        let parts = self.chunks(Some(node), ids.clone(), Cause::OnDemand).await?;
+        // The fetch goes on in its own task (and ends by the registry's own
+        // deadline); the reader stops waiting here.
+        let deadline = self.node.read_deadline;
+        let waited = tokio::time::timeout(deadline, self.chunks(Some(node), ids.clone(), Cause::OnDemand)).await;
+        let parts = match waited {
+            // The registry's own deadline (the same length) may end the wait first.
+            Ok(Err(FetchError::Source { source, .. })) if source.is_deadline() => None,
+            Ok(parts) => Some(parts?),
+            Err(_) => None,
+        };
+        let Some(parts) = parts else {
+            let path = path_of(&self.index, node);
+            error!(image = %self.source.origin(), layer = %self.layer, path = %path, ?deadline, "read deadline passed, answering EIO");
+            return Err(FetchError::Deadline {
+                layer: self.layer.clone(),
+                path,
+                deadline,
+            });
+        };
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
@@ -548,6 +584,24 @@ impl Drop for Fetcher {
     fn drop(&mut self) {
         self.node.disk.unpin(&self.layer);
     }
+}
+
+/// A path of file `node` in the layer, for messages (a search of the tree:
+/// only failed reads ask).
+fn path_of(index: &LayerIndex, node: NodeId) -> String {
+    let mut stack: Vec<(NodeId, String)> = vec![(0, String::new())];
+    while let Some((dir, path)) = stack.pop() {
+        for (name, child) in index.node(dir).map_or(&[][..], |n| &n.children[..]) {
+            let p = format!("{path}/{}", String::from_utf8_lossy(name));
+            if *child == node {
+                return p;
+            }
+            if index.node(*child).is_some_and(|n| n.kind == crate::index::Kind::Dir) && *child != dir {
+                stack.push((*child, p));
+            }
+        }
+    }
+    format!("<node {node}>")
 }
 
 /// Groups chunks (in blob order) into runs that one range request can serve.

@@ -20,6 +20,11 @@ pub trait RangeSource: Send + Sync {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// Where the bytes come from (an image repository), for messages.
+    fn origin(&self) -> String {
+        String::from("-")
+    }
 }
 
 /// A range read that failed; keeps the cause so callers can tell "not
@@ -51,6 +56,17 @@ impl SourceError {
             SourceError::Registry(RegistryError::NotFound { .. }) | SourceError::NotFound(_)
         )
     }
+
+    /// The registry operation ran out of time (its deadline is the read deadline).
+    pub fn is_deadline(&self) -> bool {
+        match self {
+            SourceError::Registry(RegistryError::TimedOut { .. }) => true,
+            SourceError::Registry(RegistryError::GaveUp { last, .. }) => {
+                matches!(**last, RegistryError::TimedOut { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A blob in a registry repository.
@@ -69,6 +85,10 @@ impl RangeSource for RegistrySource {
                 .await?)
         }
         .boxed()
+    }
+
+    fn origin(&self) -> String {
+        self.repo.to_string()
     }
 }
 
@@ -100,5 +120,9 @@ impl RangeSource for FileSource {
 
     fn is_local(&self) -> bool {
         true
+    }
+
+    fn origin(&self) -> String {
+        self.path.display().to_string()
     }
 }

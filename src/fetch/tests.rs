@@ -23,6 +23,10 @@ struct TestLayer {
 
 impl TestLayer {
     async fn new(verified: bool) -> Self {
+        Self::with_deadline(verified, READ_DEADLINE).await
+    }
+
+    async fn with_deadline(verified: bool, deadline: Duration) -> Self {
         let files = vec![
             ("a.bin", content(4 * CHUNK as usize, 1)),
             ("b.bin", content(4 * CHUNK as usize, 2)),
@@ -31,7 +35,7 @@ impl TestLayer {
         let blob = tar_blob(&files);
         let source = Arc::new(TestSource::new(blob.clone()));
         let cache = tempfile::tempdir().unwrap();
-        let node = services(cache.path(), 1 << 30);
+        let node = services(cache.path(), 1 << 30).with_read_deadline(deadline);
         let fetcher = tar_fetcher(
             &blob,
             Arc::clone(&source) as Arc<dyn RangeSource>,
@@ -145,6 +149,64 @@ async fn wrong_bytes_twice_fail_the_read() {
         l.expected("a.bin"),
         "nothing wrong was kept"
     );
+}
+
+#[tokio::test]
+async fn a_read_waiting_past_its_deadline_fails_naming_the_layer_and_file() {
+    let l = TestLayer::with_deadline(true, Duration::from_millis(300)).await;
+    l.source.fail_next(Fault::Stall(Duration::from_secs(60)));
+    let started = std::time::Instant::now();
+    let e = l.read_all("b.bin").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("/b.bin") && text.contains(&l.fetcher.layer().to_string()),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_read_answered_within_its_deadline_is_unaffected() {
+    let l = TestLayer::with_deadline(true, Duration::from_secs(5)).await;
+    l.source.fail_next(Fault::Stall(Duration::from_millis(100)));
+    assert_eq!(&l.read_all("a.bin").await.unwrap()[..], l.expected("a.bin"));
+}
+
+/// A registry whose every operation ran out of its deadline.
+struct OutOfTime;
+
+impl RangeSource for OutOfTime {
+    fn read(&self, _: u64, _: u64) -> futures::future::BoxFuture<'_, Result<Bytes, SourceError>> {
+        use crate::registry::{RedactedUrl, RegistryError};
+        let url = RedactedUrl::new("http://r/v2/a/blobs/x");
+        let late = RegistryError::TimedOut {
+            op: "reading blob range",
+            url: url.clone(),
+            deadline: Duration::from_secs(60),
+        };
+        let e = RegistryError::GaveUp {
+            op: "reading blob range",
+            url,
+            attempts: 3,
+            elapsed: Duration::from_secs(60),
+            last: Box::new(late),
+        };
+        futures::future::ready(Err(SourceError::Registry(e))).boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_read_whose_registry_operation_ran_out_of_time_reports_the_read_deadline() {
+    let files = vec![("f.bin", content(CHUNK as usize, 3))];
+    let blob = tar_blob(&files);
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), 1 << 30);
+    let fetcher = tar_fetcher(&blob, Arc::new(OutOfTime), &node, CHUNK, true).await;
+    let f = fetcher.index().resolve("f.bin").unwrap();
+    let e = fetcher.read(f, 0, 10).await.unwrap_err();
+    assert!(matches!(e, FetchError::Deadline { .. }), "{e}");
+    assert!(e.to_string().contains("/f.bin"), "{e}");
 }
 
 #[tokio::test]

@@ -84,7 +84,11 @@ async fn download(
     let mut hasher = sha2::Sha256::new();
     let mut total = 0u64;
     let mut next_log = 64 << 20;
-    while let Some(chunk) = resp.chunk().await.map_err(|e| other(format!("downloading: {e}")))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| other(format!("downloading: {}", e.without_url())))?
+    {
         hasher.update(&chunk);
         total += chunk.len() as u64;
         if total > desc.size {

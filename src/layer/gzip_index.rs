@@ -8,7 +8,7 @@ use crate::digest::Digest;
 use crate::flight::Flights;
 use crate::index::{gzip, LayerIndex};
 use crate::registry::referrers::ArtifactLayer;
-use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
+use crate::registry::{BodyLimit, LayerDescriptor, Reference, Registry, RegistryError};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -131,7 +131,10 @@ impl IndexStore {
             warn!(repo = %repo, size = blob.size, "gzip index artifact is implausibly large for its layer; ignored");
             return None;
         }
-        let bytes = match registry.read_blob(repo, &blob.digest).await {
+        let bytes = match registry
+            .read_blob(repo, &blob.digest, BodyLimit::new("gzip index", blob.size))
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 warn!(repo = %repo, error = %e, "fetching the gzip index failed");

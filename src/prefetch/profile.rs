@@ -11,7 +11,7 @@ use crate::flight::Flights;
 use crate::index::{ChunkId, LayerIndex, NodeId};
 use crate::metrics::Cause;
 use crate::registry::referrers::{ArtifactBlob, Subject};
-use crate::registry::{Reference, Registry, RegistryError};
+use crate::registry::{BodyLimit, Reference, Registry, RegistryError};
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -366,7 +366,7 @@ impl Profiles {
             let Some(b) = blobs.into_iter().find(|b| b.media_type == ARTIFACT_TYPE) else {
                 continue;
             };
-            let Ok(data) = registry.read_blob(&repo, &b.digest).await else {
+            let Ok(data) = registry.read_blob(&repo, &b.digest, BodyLimit::PROFILE).await else {
                 continue;
             };
             match serde_json::from_slice::<Profile>(&data) {

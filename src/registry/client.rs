@@ -1,16 +1,24 @@
-//! The HTTP side: one shared connection pool, auth, retries with backoff,
-//! manual redirects (never forwarding `Authorization`), range reads and pushes.
+//! The HTTP side: one shared connection pool, auth, one bounded retry policy
+//! per operation ([`super::retry`]), manual redirects checked by
+//! [`super::policy`] (never forwarding `Authorization`), bodies read under
+//! limits and a stall timer ([`super::body`]), range reads and pushes.
 
-use super::auth::{Challenge, DockerConfig, TokenCache, TokenResponse};
+use super::auth::{Challenge, DockerConfig, TokenCache};
+use super::body::{self, BodyError, BodyLimit};
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
+use super::policy::{self, RedactedUrl};
+use super::retry::{Failure, Retry, RetryPolicy};
 use super::{Platform, Reference, RegistryError};
 use crate::digest::Digest;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{debug, warn};
+
+/// Slowest transfer rate (bytes per second) whole-body deadlines allow for.
+const MIN_RATE: u64 = 64 << 10;
 
 /// How to reach registries.
 #[derive(Clone, Debug)]
@@ -19,12 +27,16 @@ pub struct RegistryOptions {
     pub plain_http: bool,
     /// Registries (`host:port`) reached over plain HTTP; loopback ones always are.
     pub insecure: Vec<String>,
-    /// Attempts per request for retryable failures (5xx, 429, resets, timeouts).
+    /// Attempts per operation for retryable failures (5xx, 429, resets,
+    /// stalls, truncated bodies); the only retry loop, never nested.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt.
     pub backoff: Duration,
-    /// Limit for one response to start arriving and for gaps inside a body.
-    pub read_timeout: Duration,
+    /// A connection that delivers no byte (headers or body) for this long is
+    /// dropped, and the attempt retried on a new one.
+    pub stall_timeout: Duration,
+    /// Bound on one operation, all its attempts and waits included.
+    pub deadline: Duration,
     pub connect_timeout: Duration,
     pub docker_config: DockerConfig,
 }
@@ -36,7 +48,8 @@ impl Default for RegistryOptions {
             insecure: Vec::new(),
             max_attempts: 5,
             backoff: Duration::from_millis(200),
-            read_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             docker_config: DockerConfig::default(),
         }
@@ -45,9 +58,10 @@ impl Default for RegistryOptions {
 
 /// A registry client shared by everything in the process (one connection pool).
 pub struct Registry {
-    http: reqwest::Client,
-    opts: RegistryOptions,
-    tokens: TokenCache,
+    pub(super) http: reqwest::Client,
+    pub(super) opts: RegistryOptions,
+    retry: RetryPolicy,
+    pub(super) tokens: TokenCache,
     /// Registries that asked for basic auth.
     basic: parking_lot::Mutex<HashSet<String>>,
 }
@@ -64,14 +78,22 @@ impl Registry {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
+            // Per socket read: catches a silent server while headers are awaited;
+            // body reads also run under our own stall timer (`body`).
+            .read_timeout(opts.stall_timeout)
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| RegistryError::Setup(e.to_string()))?;
+            .map_err(|e| RegistryError::Setup(e.without_url().to_string()))?;
+        let retry = RetryPolicy {
+            max_attempts: opts.max_attempts.max(1),
+            backoff: opts.backoff,
+            deadline: opts.deadline,
+        };
         Ok(Self {
             http,
             opts,
+            retry,
             tokens: TokenCache::default(),
             basic: Default::default(),
         })
@@ -81,6 +103,21 @@ impl Registry {
         let plain = self.opts.plain_http || r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry);
         let scheme = if plain { "http" } else { "https" };
         format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
+    }
+
+    pub(super) fn stall(&self) -> Duration {
+        self.opts.stall_timeout
+    }
+
+    /// The retry policy for an operation moving up to `bytes` in one body: a
+    /// whole layer may take longer than a read may wait, so its deadline
+    /// allows for `MIN_RATE` (the stall timer still drops a silent connection).
+    pub(super) fn policy_for(&self, bytes: u64) -> RetryPolicy {
+        let transfer = Duration::from_secs(bytes / MIN_RATE);
+        RetryPolicy {
+            deadline: self.retry.deadline.max(transfer),
+            ..self.retry
+        }
     }
 
     /// Resolves a reference to one platform's image manifest.
@@ -129,25 +166,19 @@ impl Registry {
         let url = format!("{}/manifests/{reference}", self.base_url(image));
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        let resp = self
-            .send(OP, image, Access::Pull, Method::GET, &url, headers, None)
-            .await?;
-        let ctype = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: OP,
-            url: url.clone(),
-            source,
-        })?;
-        if body.len() > 4 << 20 {
-            return Err(RegistryError::BadManifest {
-                image: image.to_string(),
-                reason: format!("manifest of {} bytes is over the 4 MiB limit", body.len()),
-            });
-        }
+        let (body, ctype) = self
+            .fetch_body(OP, image, &url, headers, BodyLimit::MANIFEST)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Body {
+                    source: source @ BodyError::TooLarge { .. },
+                    ..
+                } => RegistryError::BadManifest {
+                    image: image.to_string(),
+                    reason: source.to_string(),
+                },
+                e => e,
+            })?;
         let actual = Digest::of(&body);
         if let Ok(expected) = reference.parse::<Digest>() {
             if expected != actual {
@@ -160,7 +191,52 @@ impl Registry {
         Ok((body.to_vec(), ctype, actual))
     }
 
+    /// A whole GET body under `limit` (and its content type): request and
+    /// body are one attempt, retried together when the connection fails.
+    pub(super) async fn fetch_body(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        url: &str,
+        headers: HeaderMap,
+        limit: BodyLimit,
+    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        self.policy_for(limit.max)
+            .run(op, url, |_| {
+                let headers = headers.clone();
+                async move {
+                    let resp = self
+                        .send_once(op, repo, Access::Pull, Method::GET, url, headers, None)
+                        .await?;
+                    let ctype = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let final_url = RedactedUrl::new(resp.url().as_str());
+                    match body::read_limited(resp, limit, self.stall()).await {
+                        Ok(b) => Ok((b, ctype)),
+                        Err(source) => {
+                            let retry = !matches!(source, BodyError::TooLarge { .. });
+                            let error = RegistryError::Body {
+                                op,
+                                url: final_url,
+                                source,
+                            };
+                            Err(match retry {
+                                true => Failure::retry(error),
+                                false => error.into(),
+                            })
+                        }
+                    }
+                }
+            })
+            .await
+    }
+
     /// Reads `len` bytes at `offset` of a blob; exactly those bytes or an error.
+    /// Request and body are one attempt of the client's one retry policy: a
+    /// stalled or truncated body is retried on a new connection, within the deadline.
     pub async fn read_blob_range(
         &self,
         repo: &Reference,
@@ -179,52 +255,58 @@ impl Registry {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        let last = offset
+            .checked_add(len - 1)
+            .ok_or_else(|| bad("range runs past 2^64".into()))?;
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let mut last_err = None;
-        for attempt in 0..self.opts.max_attempts {
-            if attempt > 0 {
-                tokio::time::sleep(self.backoff(attempt)).await;
-            }
-            let mut headers = HeaderMap::new();
-            let range = format!("bytes={}-{}", offset, offset + len - 1);
-            headers.insert(RANGE, HeaderValue::from_str(&range).expect("ascii range"));
-            let resp = self
-                .send(OP, repo, Access::Pull, Method::GET, &url, headers, None)
-                .await?;
-            let status = resp.status();
-            // A registry may ignore Range and send the whole blob (200): skip to the offset.
-            let skip = match status {
-                StatusCode::PARTIAL_CONTENT => {
-                    let start = content_range_start(resp.headers());
-                    if start != Some(offset) {
-                        return Err(bad(format!("server answered Content-Range start {start:?}")));
+        let range = HeaderValue::from_str(&format!("bytes={offset}-{last}")).expect("ascii range");
+        self.retry
+            .run(OP, &url, |_| {
+                let range = range.clone();
+                let url = &url;
+                async move {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(RANGE, range);
+                    let resp = self
+                        .send_once(OP, repo, Access::Pull, Method::GET, url, headers, None)
+                        .await?;
+                    // A registry may ignore Range and send the whole blob (200): skip to the offset.
+                    let skip = match resp.status() {
+                        StatusCode::PARTIAL_CONTENT => {
+                            let start = content_range_start(resp.headers());
+                            if start != Some(offset) {
+                                return Err(bad(format!("server answered Content-Range start {start:?}")).into());
+                            }
+                            0
+                        }
+                        StatusCode::OK => offset,
+                        StatusCode::RANGE_NOT_SATISFIABLE => {
+                            return Err(bad("range not satisfiable: the blob is shorter".into()).into())
+                        }
+                        s => return Err(bad(format!("unexpected status {s}")).into()),
+                    };
+                    match body::read_range(resp, skip, len, self.stall()).await {
+                        Ok(b) if b.len() as u64 == len => Ok(b),
+                        Ok(b) => {
+                            warn!(%digest, offset, len, got = b.len(), "short blob range read");
+                            Err(Failure::retry(bad(format!(
+                                "truncated: body ended after {} of {len} bytes",
+                                b.len()
+                            ))))
+                        }
+                        Err((got, e)) => {
+                            warn!(%digest, offset, len, got, error = %e, "blob range read failed");
+                            Err(Failure::retry(bad(format!(
+                                "truncated: body failed after {got} of {len} bytes ({e})"
+                            ))))
+                        }
                     }
-                    0
                 }
-                StatusCode::OK => offset,
-                StatusCode::RANGE_NOT_SATISFIABLE => {
-                    return Err(bad("range not satisfiable: the blob is shorter".into()))
-                }
-                s => return Err(bad(format!("unexpected status {s}"))),
-            };
-            match read_exact_body(resp, skip, len).await {
-                Ok(b) if b.len() as u64 == len => return Ok(b),
-                Ok(b) => {
-                    warn!(%digest, offset, len, got = b.len(), "short blob range read, retrying");
-                    last_err = Some(bad(format!("truncated: body ended after {} of {len} bytes", b.len())));
-                }
-                Err((got, e)) => {
-                    warn!(%digest, offset, len, got, error = %e, "blob range read failed, retrying");
-                    last_err = Some(bad(format!(
-                        "truncated: connection failed after {got} of {len} bytes ({e})"
-                    )));
-                }
-            }
-        }
-        Err(last_err.unwrap_or_else(|| bad("no attempts made".into())))
+            })
+            .await
     }
 
-    /// Opens a whole blob for streaming (caller verifies its digest).
+    /// Opens a whole blob for streaming (caller verifies its digest and bounds its length).
     pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
         let resp = self
@@ -241,7 +323,7 @@ impl Registry {
         if resp.status() != StatusCode::OK {
             return Err(RegistryError::Status {
                 op: "downloading blob",
-                url,
+                url: RedactedUrl::new(&url),
                 status: resp.status().as_u16(),
                 body: String::new(),
             });
@@ -249,15 +331,13 @@ impl Registry {
         Ok(resp)
     }
 
-    /// Reads a whole small blob (configs, TOCs) and verifies it.
-    pub async fn read_blob(&self, repo: &Reference, digest: &Digest) -> Result<Bytes, RegistryError> {
+    /// Reads a whole blob of at most `limit` bytes (configs, profiles,
+    /// indexes) and verifies it.
+    pub async fn read_blob(&self, repo: &Reference, digest: &Digest, limit: BodyLimit) -> Result<Bytes, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let resp = self.open_blob(repo, digest).await?;
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: "downloading blob",
-            url,
-            source,
-        })?;
+        let (body, _) = self
+            .fetch_body("downloading blob", repo, &url, HeaderMap::new(), limit)
+            .await?;
         let actual = Digest::of(&body);
         if &actual != digest {
             return Err(RegistryError::DigestMismatch {
@@ -269,81 +349,9 @@ impl Registry {
         Ok(body)
     }
 
-    /// Uploads a blob (monolithic POST + PUT) unless the registry has it.
-    pub async fn push_blob(&self, repo: &Reference, data: Bytes) -> Result<Digest, RegistryError> {
-        const OP: &str = "pushing blob";
-        let digest = Digest::of(&data);
-        let base = self.base_url(repo);
-        let head_url = format!("{base}/blobs/{digest}");
-        let head = self
-            .send(OP, repo, Access::Push, Method::HEAD, &head_url, HeaderMap::new(), None)
-            .await;
-        if matches!(&head, Ok(r) if r.status() == StatusCode::OK) {
-            return Ok(digest);
-        }
-        let start_url = format!("{base}/blobs/uploads/");
-        let resp = self
-            .send(
-                OP,
-                repo,
-                Access::Push,
-                Method::POST,
-                &start_url,
-                HeaderMap::new(),
-                Some(Bytes::new()),
-            )
-            .await?;
-        let location = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| RegistryError::Status {
-                op: OP,
-                url: start_url.clone(),
-                status: resp.status().as_u16(),
-                body: "upload started without a Location header".into(),
-            })?;
-        let mut put_url = absolute_url(&start_url, location);
-        put_url.push(if put_url.contains('?') { '&' } else { '?' });
-        put_url.push_str(&format!("digest={digest}"));
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &put_url, headers, Some(data))
-            .await?;
-        expect_success(OP, &put_url, resp).await?;
-        Ok(digest)
-    }
-
-    /// Uploads a manifest under a tag or its digest.
-    pub async fn push_manifest(
-        &self,
-        repo: &Reference,
-        reference: &str,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<Digest, RegistryError> {
-        const OP: &str = "pushing manifest";
-        let digest = Digest::of(&body);
-        let url = format!("{}/manifests/{reference}", self.base_url(repo));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_str(media_type).map_err(|e| RegistryError::Setup(e.to_string()))?,
-        );
-        let resp = self
-            .send(OP, repo, Access::Push, Method::PUT, &url, headers, Some(body))
-            .await?;
-        expect_success(OP, &url, resp).await?;
-        Ok(digest)
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.opts.backoff * 2u32.saturating_pow(attempt.saturating_sub(1)).min(32)
-    }
-
     /// Sends one request with auth, retries and redirects; returns any
     /// response that is not a retryable failure, an auth failure or a 404.
+    /// For requests whose body is not read here (pushes, streamed blobs).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         &self,
@@ -355,17 +363,37 @@ impl Registry {
         headers: HeaderMap,
         body: Option<Bytes>,
     ) -> Result<Response, RegistryError> {
+        self.policy_for(body.as_ref().map_or(0, |b| b.len() as u64))
+            .run(op, url, |_| {
+                self.send_once(op, repo, access, method.clone(), url, headers.clone(), body.clone())
+            })
+            .await
+    }
+
+    /// One attempt: the request, its auth round trips and redirects (each
+    /// bounded), no retry; a failure says whether another attempt may help.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_once(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        access: Access,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Option<Bytes>,
+    ) -> Result<Response, Failure> {
         let scope = match access {
             Access::Pull => format!("repository:{}:pull", repo.repository),
             Access::Push => format!("repository:{}:pull,push", repo.repository),
         };
         let host = repo.registry.as_str();
         let mut auth_tries = 0;
-        let mut attempt = 0;
         let mut url = url.to_string();
-        let mut authorized = true; // false after a redirect to blob storage
+        let mut authorized = true; // false after any redirect: blob storage never sees our credentials
         let mut redirects = 0;
         loop {
+            let redacted = || RedactedUrl::new(&url);
             let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
             if let Some(b) = &body {
                 req = req.body(b.clone());
@@ -379,175 +407,116 @@ impl Registry {
                     }
                 }
             }
-            let retry_delay = match req.send().await {
+            let resp = match req.send().await {
+                Ok(r) => r,
                 Err(e) => {
-                    if attempt + 1 >= self.opts.max_attempts {
-                        return Err(RegistryError::Transport { op, url, source: e });
-                    }
-                    debug!(%url, error = %e, "request failed, retrying");
-                    self.backoff(attempt + 1)
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    if status.is_redirection() {
-                        let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
-                            return Err(RegistryError::Status {
-                                op,
-                                url,
-                                status: status.as_u16(),
-                                body: "redirect without Location".into(),
-                            });
-                        };
-                        redirects += 1;
-                        if redirects > 5 {
-                            return Err(RegistryError::Status {
-                                op,
-                                url,
-                                status: status.as_u16(),
-                                body: "too many redirects".into(),
-                            });
-                        }
-                        let next = absolute_url(&url, loc);
-                        // Blob storage behind a redirect must not see our registry credentials.
-                        authorized = false;
-                        url = next;
-                        continue;
-                    }
-                    if status == StatusCode::UNAUTHORIZED && authorized && auth_tries < 2 {
-                        auth_tries += 1;
-                        let challenge = resp
-                            .headers()
-                            .get(WWW_AUTHENTICATE)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(Challenge::parse);
-                        match challenge {
-                            Some(Challenge::Bearer { realm, service, .. }) => {
-                                self.tokens.forget(host, &scope);
-                                self.fetch_token(op, host, &realm, service.as_deref(), &scope).await?;
-                                continue;
-                            }
-                            Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
-                                self.basic.lock().insert(host.to_string());
-                                continue;
-                            }
-                            _ => {}
-                        }
-                    }
-                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                        return Err(RegistryError::Denied {
-                            op,
-                            url,
-                            status: status.as_u16(),
-                            registry: host.to_string(),
-                        });
-                    }
-                    if status == StatusCode::NOT_FOUND {
-                        return Err(RegistryError::NotFound { op, url });
-                    }
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-                    if !retryable {
-                        return Ok(resp);
-                    }
-                    if attempt + 1 >= self.opts.max_attempts {
-                        let body = resp.text().await.unwrap_or_default();
-                        return Err(RegistryError::Status {
-                            op,
-                            url,
-                            status: status.as_u16(),
-                            body: snippet(&body),
-                        });
-                    }
-                    let hinted = resp
-                        .headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    debug!(%url, %status, "retryable status");
-                    hinted
-                        .unwrap_or_else(|| self.backoff(attempt + 1))
-                        .min(Duration::from_secs(30))
+                    return Err(Failure::retry(RegistryError::Transport {
+                        op,
+                        url: redacted(),
+                        source: e.without_url(),
+                    }))
                 }
             };
-            attempt += 1;
-            tokio::time::sleep(retry_delay).await;
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        op: &'static str,
-        host: &str,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<(), RegistryError> {
-        let mut query = vec![("scope", scope)];
-        if let Some(s) = service {
-            query.push(("service", s));
-        }
-        let mut req = self.http.get(realm).query(&query);
-        if let Some(c) = self.opts.docker_config.credentials(host) {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
-        let url = realm.to_string();
-        let resp = req.send().await.map_err(|source| RegistryError::Transport {
-            op,
-            url: url.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(RegistryError::Denied {
-                op,
-                url,
-                status: status.as_u16(),
-                registry: host.to_string(),
+            let status = resp.status();
+            if status.is_redirection() {
+                let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
+                    return Err(self.status_error(op, &url, status, "redirect without Location").into());
+                };
+                redirects += 1;
+                if redirects > 5 {
+                    return Err(self.status_error(op, &url, status, "too many redirects").into());
+                }
+                let next = self.checked_redirect(op, repo, &url, loc).await?;
+                authorized = false;
+                url = next;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED && authorized && auth_tries < 2 {
+                auth_tries += 1;
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                match challenge {
+                    Some(Challenge::Bearer { realm, service, .. }) => {
+                        self.tokens.forget(host, &scope);
+                        self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?;
+                        continue;
+                    }
+                    Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
+                        self.basic.lock().insert(host.to_string());
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(RegistryError::Denied {
+                    op,
+                    url: redacted(),
+                    status: status.as_u16(),
+                    registry: host.to_string(),
+                }
+                .into());
+            }
+            if status == StatusCode::NOT_FOUND {
+                return Err(RegistryError::NotFound { op, url: redacted() }.into());
+            }
+            if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
+                return Ok(resp);
+            }
+            let hinted = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            debug!(url = %redacted(), %status, "retryable status");
+            // Storage behind a redirect may echo its signature in an error body.
+            let text = match authorized {
+                true => body::error_text(resp, self.stall()).await,
+                false => String::from("(body of a redirect target not shown)"),
+            };
+            return Err(Failure {
+                error: self.status_error(op, &url, status, &snippet(&text)),
+                retry: hinted.map_or(Retry::Yes, Retry::After),
             });
         }
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op,
-            url: url.clone(),
-            source,
-        })?;
-        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
-            op,
-            url: url.clone(),
-            status: status.as_u16(),
-            body: format!("token response is not JSON: {e}"),
-        })?;
-        let token = parsed.into_token(Instant::now()).ok_or_else(|| RegistryError::Status {
-            op,
-            url,
-            status: status.as_u16(),
-            body: "token response without a token".into(),
-        })?;
-        self.tokens.put(host, scope, token);
-        Ok(())
     }
-}
 
-/// Reads a body, dropping `skip` bytes first, keeping at most `len`.
-async fn read_exact_body(mut resp: Response, mut skip: u64, len: u64) -> Result<Bytes, (usize, reqwest::Error)> {
-    let mut out = bytes::BytesMut::with_capacity(len.min(64 << 20) as usize);
-    loop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => return Err((out.len(), e)),
-        };
-        let mut chunk = &chunk[..];
-        if skip > 0 {
-            let n = skip.min(chunk.len() as u64) as usize;
-            chunk = &chunk[n..];
-            skip -= n as u64;
-        }
-        let want = (len - out.len() as u64) as usize;
-        out.extend_from_slice(&chunk[..chunk.len().min(want)]);
-        if out.len() as u64 == len {
-            break;
+    fn status_error(&self, op: &'static str, url: &str, status: StatusCode, body: &str) -> RegistryError {
+        RegistryError::Status {
+            op,
+            url: RedactedUrl::new(url),
+            status: status.as_u16(),
+            body: body.to_string(),
         }
     }
-    Ok(out.freeze())
+
+    /// The absolute target of a redirect from `from`, if policy allows it:
+    /// http(s) only, and no node-local address unless the registry is on one.
+    async fn checked_redirect(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        from: &str,
+        location: &str,
+    ) -> Result<String, RegistryError> {
+        let next = absolute_url(from, location);
+        let refused = |source| RegistryError::Redirect {
+            op,
+            url: RedactedUrl::new(from),
+            target: RedactedUrl::new(&next),
+            source,
+        };
+        let target = Url::parse(&next).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
+        let registry = Url::parse(&self.base_url(repo)).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
+        if let Err(why) = policy::check_redirect(&registry, &target).await {
+            warn!(op, url = %RedactedUrl::new(from), target = %RedactedUrl::new(&next), reason = %why, "redirect refused");
+            return Err(refused(why));
+        }
+        Ok(next)
+    }
 }
 
 fn content_range_start(h: &HeaderMap) -> Option<u64> {
@@ -564,7 +533,7 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     when.duration_since(std::time::SystemTime::now()).ok()
 }
 
-fn absolute_url(base: &str, location: &str) -> String {
+pub(super) fn absolute_url(base: &str, location: &str) -> String {
     match reqwest::Url::parse(base).and_then(|b| b.join(location)) {
         Ok(u) => u.to_string(),
         Err(_) => location.to_string(),
@@ -576,15 +545,20 @@ fn snippet(body: &str) -> String {
     s.replace('\n', " ")
 }
 
-pub(super) async fn expect_success(op: &'static str, url: &str, resp: Response) -> Result<(), RegistryError> {
+pub(super) async fn expect_success(
+    op: &'static str,
+    url: &str,
+    resp: Response,
+    stall: Duration,
+) -> Result<(), RegistryError> {
     let status = resp.status();
     if status.is_success() {
         return Ok(());
     }
-    let body = resp.text().await.unwrap_or_default();
+    let body = body::error_text(resp, stall).await;
     Err(RegistryError::Status {
         op,
-        url: url.to_string(),
+        url: RedactedUrl::new(url),
         status: status.as_u16(),
         body: snippet(&body),
     })

@@ -7,44 +7,87 @@
 //! keeps the `Range` header but drops `Authorization`.
 
 mod auth;
+mod body;
 mod client;
 mod manifest;
+pub mod policy;
+mod push;
 mod reference;
 pub mod referrers;
+mod retry;
+#[cfg(test)]
+mod tests;
+mod token;
 
 pub use auth::{Challenge, Credentials, DockerConfig};
+pub use body::{BodyError, BodyLimit};
 pub use client::{Registry, RegistryOptions};
 pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
+pub use policy::{RedactedUrl, RedirectRefused};
 pub use reference::{Reference, ReferenceError};
 
 use crate::digest::Digest;
+use std::time::Duration;
 
 /// Failures talking to a registry; each names the operation and the object.
+/// URLs are redacted (no query string): a redirect may carry a presigned one.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// `source` has its URL stripped (`without_url`); `url` says where.
     #[error("{op} {url}: {source}")]
     Transport {
         op: &'static str,
-        url: String,
+        url: RedactedUrl,
         #[source]
         source: reqwest::Error,
     },
     #[error("{op} {url}: registry answered {status}: {body}")]
     Status {
         op: &'static str,
-        url: String,
+        url: RedactedUrl,
         status: u16,
         body: String,
     },
     #[error("{op} {url}: access denied ({status}); check the credentials for {registry}")]
     Denied {
         op: &'static str,
-        url: String,
+        url: RedactedUrl,
         status: u16,
         registry: String,
     },
     #[error("{op} {url}: not found (404)")]
-    NotFound { op: &'static str, url: String },
+    NotFound { op: &'static str, url: RedactedUrl },
+    #[error("{op} {url}: reading the body: {source}")]
+    Body {
+        op: &'static str,
+        url: RedactedUrl,
+        #[source]
+        source: BodyError,
+    },
+    #[error("{op} {url}: redirect to {target} refused: {source}")]
+    Redirect {
+        op: &'static str,
+        url: RedactedUrl,
+        target: RedactedUrl,
+        #[source]
+        source: RedirectRefused,
+    },
+    #[error("{op} {url}: no answer within the {deadline:?} deadline")]
+    TimedOut {
+        op: &'static str,
+        url: RedactedUrl,
+        deadline: Duration,
+    },
+    /// Retries ran out (attempts or deadline); `last` is the last attempt's failure.
+    #[error("{op} {url}: gave up after {attempts} attempt(s) in {elapsed:.1?}: {last}")]
+    GaveUp {
+        op: &'static str,
+        url: RedactedUrl,
+        attempts: u32,
+        elapsed: Duration,
+        #[source]
+        last: Box<RegistryError>,
+    },
     #[error("blob {digest} in {repo}: range {offset}+{len}: {reason}")]
     BadRange {
         repo: String,

@@ -3,6 +3,7 @@
 //! through the fallback tag `<alg>-<hex>` of the subject (an image index
 //! listing its referrers).
 
+use super::body::BodyLimit;
 use super::client::{expect_success, Access};
 use super::manifest::{OCI_INDEX, OCI_MANIFEST};
 use super::{Reference, Registry, RegistryError};
@@ -10,7 +11,7 @@ use crate::digest::Digest;
 use bytes::Bytes;
 use oci_spec::image::{Descriptor, ImageIndex, ImageIndexBuilder, ImageManifest, ImageManifestBuilder, MediaType};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -164,22 +165,11 @@ impl Registry {
         let url = format!("{}/referrers/{subject}", self.base_url(repo));
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(OCI_INDEX));
-        let resp = match self
-            .send(OP, repo, Access::Pull, Method::GET, &url, headers, None)
-            .await
-        {
-            Ok(r) => r,
+        let body = match self.fetch_body(OP, repo, &url, headers, BodyLimit::REFERRERS).await {
+            Ok((body, _)) => body,
             Err(RegistryError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if resp.status() != StatusCode::OK {
-            return Ok(None);
-        }
-        let body = resp.bytes().await.map_err(|source| RegistryError::Transport {
-            op: OP,
-            url: url.clone(),
-            source,
-        })?;
         Ok(Some(parse_index(repo, &body)?))
     }
 
@@ -220,7 +210,7 @@ impl Registry {
                 Some(body),
             )
             .await?;
-        expect_success("updating the referrers tag", &url, resp).await
+        expect_success("updating the referrers tag", &url, resp, self.stall()).await
     }
 }
 

@@ -87,6 +87,20 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// An IPv4 address of this machine that is not loopback (for a registry
+/// that must not be on loopback); panics when the machine has none.
+pub fn non_loopback_ipv4() -> String {
+    let out = run(Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]));
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            panic!("no global IPv4 address on this machine; add one, e.g. `ip link add d0 type dummy; ip addr add 198.18.0.1/32 dev d0; ip link set d0 up`")
+        })
+}
+
 /// Polls `f` every 50 ms until it returns true; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -1,6 +1,6 @@
 //! A fault-injecting HTTP proxy in front of the real registry: the "registry the
 //! test controls". It forwards each request (one per connection) and can answer
-//! with an error status, truncate or corrupt bodies, redirect, or demand basic auth.
+//! with an error status, truncate, corrupt or trickle bodies, redirect, or demand basic auth.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,10 @@ pub enum Fault {
     Garbage(Vec<u8>),
     /// Answer 307 to `/redirected<uri>`, which is then forwarded.
     Redirect,
+    /// Answer 307 to `http://<host:port>/redirected<uri>` (another address of this proxy).
+    RedirectTo(String),
+    /// Send the headers, then one byte of the body every `every` (a stalled registry).
+    Stall { every: std::time::Duration },
 }
 
 #[derive(Default)]
@@ -50,7 +54,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free 127.0.0.1 port and forwards to `upstream` ("127.0.0.1:PORT").
     pub fn start(upstream: &str) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1", upstream)
+    }
+
+    /// Like `start`, listening on `ip` ("0.0.0.0": every address of the machine).
+    pub fn start_on(ip: &str, upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
         let (s, up) = (state.clone(), upstream.to_string());
@@ -67,6 +76,10 @@ impl FaultProxy {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Adds a fault for URIs containing `pattern` (the first matching rule applies).
@@ -199,6 +212,10 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
         Some(Fault::Redirect) if !redirected => {
             return respond(&mut conn, 307, &[("Location", format!("/redirected{uri}"))], b"");
         }
+        Some(Fault::RedirectTo(host)) if !redirected => {
+            let to = format!("http://{host}/redirected{uri}");
+            return respond(&mut conn, 307, &[("Location", to)], b"");
+        }
         _ => {}
     }
     let mut up = TcpStream::connect(upstream)?;
@@ -220,6 +237,16 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
         .unwrap_or(resp.len());
     let (head, mut payload) = (resp[..split].to_vec(), resp[split..].to_vec());
     match fault {
+        Some(Fault::Stall { every }) => {
+            conn.write_all(&head)?;
+            // Ends when the client gives up (the write fails) or the body is sent.
+            for b in payload {
+                conn.write_all(&[b])?;
+                conn.flush()?;
+                std::thread::sleep(every);
+            }
+            return Ok(());
+        }
         Some(Fault::Truncate { keep }) => {
             conn.write_all(&head)?;
             return conn.write_all(&payload[..keep.min(payload.len())]);
