@@ -17,6 +17,7 @@
 //! memory_size = "256MiB"
 //! [index]
 //! repositories = ["reg:5000/team/indexes"]
+//! trust_referrers = false
 //! [prefetch]
 //! timeout = 10.0
 //! [background_fill]
@@ -27,6 +28,7 @@
 //! quiet = 5.0
 //! push = false
 //! replay = true
+//! replay_budget = "1GiB"
 //! ```
 
 use crate::registry::{Platform, Reference};
@@ -117,13 +119,18 @@ impl Default for Cache {
     }
 }
 
-/// `[index]`: where checkpoint indexes of gzip layers are looked up.
+/// `[index]`: where checkpoint indexes (and start-up profiles) are looked up,
+/// and which sources are trusted.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Index {
-    /// Repositories (`host/path`) holding gzip indexes (and start-up profiles)
-    /// by digest, for images whose own repository users cannot write to.
+    /// Repositories (`host/path`) holding checkpoint indexes (and start-up
+    /// profiles) by digest. Trusted: list only repositories whose writers
+    /// you trust as much as the images themselves.
     pub repositories: Vec<Reference>,
+    /// Also use indexes and profiles pushed as referrers of the image (which
+    /// anyone able to push to the image's repository can add). Off by default.
+    pub trust_referrers: bool,
 }
 
 /// `[prefetch]`: landmark and profile prefetch before a layer is reported mounted.
@@ -176,6 +183,10 @@ pub struct Profile {
     pub push: bool,
     /// Replay known start-up profiles when layers are mounted.
     pub replay: bool,
+    /// Most layer bytes one layer's profile replay may fetch: a profile only
+    /// chooses what is prefetched, and only this much of it.
+    #[serde(deserialize_with = "size")]
+    pub replay_budget: ByteSize,
 }
 
 impl Default for Profile {
@@ -184,6 +195,7 @@ impl Default for Profile {
             quiet: Seconds::from_secs(5),
             push: false,
             replay: true,
+            replay_budget: ByteSize::gib(1),
         }
     }
 }
@@ -417,10 +429,10 @@ mod tests {
             "metrics_address = \"127.0.0.1:9580\"\n\
              [registry]\ninsecure = [\"r:5000\"]\nplatform = \"linux/arm64/v8\"\n\
              [cache]\ndisk_size = \"1GiB\"\nmemory_size = 1048576\n\
-             [index]\nrepositories = [\"reg:5000/team/indexes\"]\n\
+             [index]\nrepositories = [\"reg:5000/team/indexes\"]\ntrust_referrers = true\n\
              [prefetch]\ntimeout = 0.5\n\
              [background_fill]\ndelay = 0\nrate = \"100MiB\"\n\
-             [profile]\nquiet = 2\npush = true\nreplay = false\n",
+             [profile]\nquiet = 2\npush = true\nreplay = false\nreplay_budget = \"64MiB\"\n",
         )
         .unwrap();
         assert_eq!(c.metrics_address, Some("127.0.0.1:9580".parse().unwrap()));
@@ -429,11 +441,13 @@ mod tests {
         assert_eq!(c.cache.disk_size, ByteSize::gib(1));
         assert_eq!(c.cache.memory_size, ByteSize::mib(1));
         assert_eq!(c.index.repositories[0].repository, "team/indexes");
+        assert!(c.index.trust_referrers);
         assert_eq!(c.prefetch.timeout.0, Duration::from_millis(500));
         assert_eq!(c.background_fill.delay.0, Duration::ZERO);
         assert_eq!(c.background_fill.rate, Some(ByteSize::mib(100)));
         assert_eq!(c.profile.quiet, Seconds::from_secs(2));
         assert!(c.profile.push && !c.profile.replay);
+        assert_eq!(c.profile.replay_budget, ByteSize::mib(64));
     }
 
     #[test]

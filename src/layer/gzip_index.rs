@@ -1,8 +1,17 @@
-//! Where gzip checkpoint indexes are found: the local index cache
-//! (`<state>/indexes`), artifacts referring to the image (referrers API or
-//! fallback tag), then configured index repositories, keyed by layer digest.
+//! Where checkpoint indexes (of gzip and of uncompressed tar layers) are
+//! found, and which are trusted. An index decides every byte and every mode
+//! bit a container sees, and a forger can recompute its span digests, so its
+//! checks bind nothing: trust comes from where it came from.
+//!
+//! Trusted: an index built on this node (`streamsnap index` checks the layer
+//! digest while building) or fetched from a repository the operator lists
+//! (`[index] repositories`), both kept in `<state>/indexes/<hex>.gzindex`.
+//! Artifacts referring to the image (referrers API or fallback tag) can be
+//! pushed by anyone who can push to the image's repository: they are used
+//! only when `[index] trust_referrers` is set, and kept apart
+//! (`<hex>.referrer.gzindex`) so that turning the switch off stops them.
 //! An index that fails its checks is logged, dropped, and the next source is
-//! tried; with none, the layer is served as before.
+//! tried; with none, the layer takes the normal path (downloaded whole).
 
 use crate::digest::Digest;
 use crate::flight::Flights;
@@ -39,19 +48,25 @@ type IndexBlobs = Arc<HashMap<Digest, ArtifactLayer>>;
 /// What asking the registry for an image's index artifacts gave.
 type ImageIndexes = Result<IndexBlobs, Arc<RegistryError>>;
 
-/// Finds, fetches and opens gzip indexes.
+/// Finds, fetches and opens checkpoint indexes from trusted sources.
 pub struct IndexStore {
     dir: PathBuf,
+    /// Repositories the operator trusts for indexes.
     repos: Vec<Reference>,
+    /// Whether indexes pushed as referrers of the image are used (opt-in).
+    trust_referrers: bool,
     /// Index blobs referring to each image manifest, by layer: asked once per image.
     by_image: Flights<Digest, ImageIndexes>,
 }
 
 impl IndexStore {
-    pub fn new(dir: PathBuf, repos: Vec<Reference>) -> Self {
+    /// A store over `dir` trusting what is built here, indexes in `repos`,
+    /// and, only with `trust_referrers`, indexes referring to the image.
+    pub fn new(dir: PathBuf, repos: Vec<Reference>, trust_referrers: bool) -> Self {
         Self {
             dir,
             repos,
+            trust_referrers,
             by_image: Flights::caching(NonZeroUsize::new(IMAGES_KEPT).expect("non-zero"), |found| match found {
                 Ok(blobs) if blobs.is_empty() => Some(RECHECK_AFTER),
                 Ok(_) => Some(FOUND_KEPT_FOR),
@@ -60,23 +75,27 @@ impl IndexStore {
         }
     }
 
-    /// Local index file of `layer`.
+    /// Local index file of `layer` from a trusted source (built here, or from
+    /// a listed repository).
     pub fn path(&self, layer: &Digest) -> PathBuf {
         self.dir.join(format!("{}.gzindex", layer.hex()))
     }
 
-    /// Stores an index file (atomically) in the local cache.
-    pub fn store(&self, layer: &Digest, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir)?;
-        let path = self.path(layer);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(path)
+    /// Local index file of `layer` found as a referrer of its image: opened
+    /// only while referrers are trusted.
+    pub fn referrer_path(&self, layer: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.referrer.gzindex", layer.hex()))
     }
 
-    /// The layer's index from the first source that has a valid one: the
-    /// local cache, the image's referrers, then each index repository.
+    /// Stores an index file built on this node (or fetched from a trusted
+    /// repository), atomically, in the local cache.
+    pub fn store(&self, layer: &Digest, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        store_at(&self.dir, &self.path(layer), bytes)
+    }
+
+    /// The layer's index from the first trusted source that has a valid one:
+    /// the local cache, each listed index repository, then (only when
+    /// referrers are trusted) the image's referrers.
     #[tracing::instrument(skip_all, fields(image = %image, layer = %desc.digest))]
     pub async fn open(
         &self,
@@ -90,23 +109,11 @@ impl IndexStore {
                 return Some(idx);
             }
         }
-        if let Some(manifest) = &image.digest {
-            match self.image_indexes(registry, image, manifest).await {
-                Ok(blobs) => {
-                    if let Some(b) = blobs.get(&desc.digest) {
-                        if let Some(idx) = self.fetch_and_open(registry, image, b, desc).await {
-                            return Some(idx);
-                        }
-                    }
-                }
-                Err(e) => warn!(error = %e, "looking for a gzip index next to the image failed"),
-            }
-        }
         for repo in &self.repos {
             match registry.artifact_layers(repo, &repo_tag(&desc.digest)).await {
                 Ok(blobs) => {
                     if let Some(b) = blobs.into_iter().find(|b| indexes(b, &desc.digest)) {
-                        if let Some(idx) = self.fetch_and_open(registry, repo, &b, desc).await {
+                        if let Some(idx) = self.fetch_and_open(registry, repo, &b, desc, &path).await {
                             return Some(idx);
                         }
                     }
@@ -115,17 +122,40 @@ impl IndexStore {
                 Err(e) => warn!(repo = %repo, error = %e, "index repository lookup failed"),
             }
         }
+        if !self.trust_referrers {
+            return None;
+        }
+        let path = self.referrer_path(&desc.digest);
+        if path.exists() {
+            if let Some(idx) = self.open_file(&path, desc).await {
+                return Some(idx);
+            }
+        }
+        if let Some(manifest) = &image.digest {
+            match self.image_indexes(registry, image, manifest).await {
+                Ok(blobs) => {
+                    if let Some(b) = blobs.get(&desc.digest) {
+                        warn!(index = %b.digest, "using a gzip index pushed as a referrer of the image (trust_referrers is set)");
+                        if let Some(idx) = self.fetch_and_open(registry, image, b, desc, &path).await {
+                            return Some(idx);
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "looking for a gzip index next to the image failed"),
+            }
+        }
         None
     }
 
-    /// Fetches an index blob from `repo`, keeps it locally and opens it; `None`
-    /// (logged) when it cannot be had or fails its checks.
+    /// Fetches an index blob from `repo`, keeps it locally at `dest` and
+    /// opens it; `None` (logged) when it cannot be had or fails its checks.
     async fn fetch_and_open(
         &self,
         registry: &Registry,
         repo: &Reference,
         blob: &ArtifactLayer,
         desc: &LayerDescriptor,
+        dest: &Path,
     ) -> Option<LayerIndex> {
         if blob.size > desc.size / MAX_INDEX_SHARE + (1 << 20) {
             warn!(repo = %repo, size = blob.size, "gzip index artifact is implausibly large for its layer; ignored");
@@ -138,7 +168,7 @@ impl IndexStore {
                 return None;
             }
         };
-        let path = match self.store(&desc.digest, &bytes) {
+        let path = match store_at(&self.dir, dest, &bytes) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "cannot store the gzip index");
@@ -151,7 +181,8 @@ impl IndexStore {
 
     async fn open_file(&self, path: &Path, desc: &LayerDescriptor) -> Option<LayerIndex> {
         let (p, layer, size) = (path.to_path_buf(), desc.digest.clone(), desc.size);
-        let opened = tokio::task::spawn_blocking(move || gzip::open(&p, &layer, size)).await;
+        let layout = layout_of(&desc.media_type);
+        let opened = tokio::task::spawn_blocking(move || gzip::open(&p, &layer, size, layout)).await;
         match opened {
             Ok(Ok(idx)) => Some(idx),
             Ok(Err(e)) => {
@@ -175,6 +206,24 @@ impl IndexStore {
             warn!(error = %e, "looking for gzip indexes next to the image");
             Ok(IndexBlobs::default())
         })
+    }
+}
+
+/// Writes `bytes` to `path` in `dir` through a temporary name.
+fn store_at(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(path.to_path_buf())
+}
+
+/// How an index of a layer of this media type maps onto its blob.
+pub fn layout_of(media_type: &str) -> gzip::Layout {
+    if super::is_plain_tar(media_type) {
+        gzip::Layout::Stored
+    } else {
+        gzip::Layout::Deflate
     }
 }
 
