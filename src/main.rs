@@ -38,7 +38,7 @@ enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
-    /// Build the checkpoint index of each plain gzip layer of IMAGE, so that it
+    /// Build the checkpoint index of each plain gzip or uncompressed tar layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index(IndexArgs),
 }

@@ -251,3 +251,55 @@ async fn referring_indexes(
 fn indexes(b: &ArtifactLayer, layer: &Digest) -> bool {
     b.media_type == ARTIFACT_TYPE && b.annotations.get(LAYER_ANNOTATION).map(String::as_str) == Some(&layer.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A gzip layer of one file, its descriptor, and its index file's bytes.
+    fn indexed_layer() -> (LayerDescriptor, Vec<u8>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "etc/greeting", &b"hello"[..]).unwrap();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&b.into_inner().unwrap()).unwrap();
+        let gz = e.finish().unwrap();
+        let digest = Digest::of(&gz);
+        let (meta, windows) = gzip::build(&digest, 1 << 20, &gz[..]).unwrap();
+        let desc = LayerDescriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest,
+            size: gz.len() as u64,
+            annotations: HashMap::new(),
+        };
+        (desc, gzip::format::write(&meta, &windows).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_index_kept_from_a_referrer_is_opened_only_while_referrers_are_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (desc, bytes) = indexed_layer();
+        let registry = Arc::new(Registry::new(Default::default()).unwrap());
+        // No manifest digest: nothing is asked of a registry.
+        let image: Reference = "localhost:1/app:v1".parse().unwrap();
+        let untrusting = IndexStore::new(dir.path().into(), Vec::new(), false);
+        store_at(dir.path(), &untrusting.referrer_path(&desc.digest), &bytes).unwrap();
+        assert!(untrusting.open(&registry, &image, &desc).await.is_none());
+        let trusting = IndexStore::new(dir.path().into(), Vec::new(), true);
+        assert!(trusting.open(&registry, &image, &desc).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_index_built_here_is_trusted_without_any_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let (desc, bytes) = indexed_layer();
+        let registry = Arc::new(Registry::new(Default::default()).unwrap());
+        let image: Reference = "localhost:1/app:v1".parse().unwrap();
+        let store = IndexStore::new(dir.path().into(), Vec::new(), false);
+        store.store(&desc.digest, &bytes).unwrap();
+        assert!(store.open(&registry, &image, &desc).await.is_some());
+    }
+}

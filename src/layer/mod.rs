@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
 
-/// Chunk size used to split files of uncompressed tar layers.
+/// Chunk size used to split files of tar layers downloaded whole.
 pub const TAR_CHUNK_SIZE: u64 = 1 << 20;
 
 /// How a layer is served.
