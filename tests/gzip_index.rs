@@ -56,7 +56,7 @@ fn one_small_file_of_a_500_mib_gzip_layer_costs_one_span_and_the_index_is_small(
     let index_file = work
         .path()
         .join("indexer/indexes")
-        .join(format!("{}.gzindex", layers[0].trim_start_matches("sha256:")));
+        .join(format!("{}.trusted.gzindex", layers[0].trim_start_matches("sha256:")));
     let index_size = std::fs::metadata(&index_file).unwrap().len();
     eprintln!(
         "{out}layer {layer_size} bytes, index {index_size} bytes ({:.3}%)",
@@ -134,7 +134,7 @@ fn a_mismatched_or_corrupt_index_is_rejected_and_the_layer_falls_back() {
     let index_of = |layer: &str| {
         state
             .join("indexes")
-            .join(format!("{}.gzindex", layer.trim_start_matches("sha256:")))
+            .join(format!("{}.trusted.gzindex", layer.trim_start_matches("sha256:")))
     };
     let (first, last) = (index_of(&layers[0]), index_of(layers.last().unwrap()));
     // The weights layer gets the userland layer's index: mismatched.

@@ -198,7 +198,7 @@ fn forged_index(honest: &str, work: &Path, layer: &str) -> Vec<u8> {
     index_image(honest, &state, &["--min-layer-size", "0"]);
     let path = state
         .join("indexes")
-        .join(format!("{}.gzindex", layer.trim_start_matches("sha256:")));
+        .join(format!("{}.trusted.gzindex", layer.trim_start_matches("sha256:")));
     let file = std::fs::File::open(&path).unwrap();
     let (mut meta, windows_at) = index_file::read(&file).unwrap();
     let windows = std::fs::read(&path).unwrap()[windows_at as usize..].to_vec();

@@ -5,13 +5,15 @@
 //!
 //! Trusted: an index built on this node (`streamsnap index` checks the layer
 //! digest while building) or fetched from a repository the operator lists
-//! (`[index] repositories`), both kept in `<state>/indexes/<hex>.gzindex`.
+//! (`[index] repositories`), both kept in `<state>/indexes/<hex>.trusted.gzindex`.
 //! Artifacts referring to the image (referrers API or fallback tag) can be
 //! pushed by anyone who can push to the image's repository: they are used
 //! only when `[index] trust_referrers` is set, and kept apart
 //! (`<hex>.referrer.gzindex`) so that turning the switch off stops them.
 //! An index that fails its checks is logged, dropped, and the next source is
 //! tried; with none, the layer takes the normal path (downloaded whole).
+//! `<hex>.gzindex` files of earlier versions, whose source is unknown (they
+//! were taken from referrers too), are never opened and are removed when seen.
 
 use crate::digest::Digest;
 use crate::flight::Flights;
@@ -78,7 +80,7 @@ impl IndexStore {
     /// Local index file of `layer` from a trusted source (built here, or from
     /// a listed repository).
     pub fn path(&self, layer: &Digest) -> PathBuf {
-        self.dir.join(format!("{}.gzindex", layer.hex()))
+        self.dir.join(format!("{}.trusted.gzindex", layer.hex()))
     }
 
     /// Local index file of `layer` found as a referrer of its image: opened
@@ -103,6 +105,8 @@ impl IndexStore {
         image: &Reference,
         desc: &LayerDescriptor,
     ) -> Option<LayerIndex> {
+        // Kept by an earlier version from any source, referrers included: not trusted.
+        let _ = std::fs::remove_file(self.dir.join(format!("{}.gzindex", desc.digest.hex())));
         let path = self.path(&desc.digest);
         if path.exists() {
             if let Some(idx) = self.open_file(&path, desc).await {
@@ -290,6 +294,19 @@ mod tests {
         assert!(untrusting.open(&registry, &image, &desc).await.is_none());
         let trusting = IndexStore::new(dir.path().into(), Vec::new(), true);
         assert!(trusting.open(&registry, &image, &desc).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_index_kept_by_an_earlier_version_is_not_trusted_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (desc, bytes) = indexed_layer();
+        let registry = Arc::new(Registry::new(Default::default()).unwrap());
+        let image: Reference = "localhost:1/app:v1".parse().unwrap();
+        let legacy = dir.path().join(format!("{}.gzindex", desc.digest.hex()));
+        std::fs::write(&legacy, &bytes).unwrap();
+        let store = IndexStore::new(dir.path().into(), Vec::new(), false);
+        assert!(store.open(&registry, &image, &desc).await.is_none());
+        assert!(!legacy.exists());
     }
 
     #[tokio::test]
