@@ -291,3 +291,58 @@ fn a_forged_gzip_index_pushed_as_a_referrer_is_not_used_by_default() {
     assert!(log.contains("format=GzipIndex"), "{log}");
     assert!(got != one.1 && mode & 0o4000 != 0, "the forgery took effect");
 }
+
+#[test]
+fn an_index_the_image_manifest_pins_is_used_without_any_trusted_source() {
+    use ::streamsnap::layer::gzip_index::PINNED_ANNOTATION;
+    use ::streamsnap::registry::{Reference, Registry as Client, RegistryOptions};
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_big_layer_image(&work.path().join("image"), 8);
+    let reference = push(&image.image, &registry, Format::Gzip);
+    let (_, layers) = registry.layers(&reference);
+    let builder = work.path().join("builder");
+    index_image(&reference, &builder, &["--min-layer-size", "0"]);
+    let index = std::fs::read(
+        builder
+            .join("indexes")
+            .join(format!("{}.trusted.gzindex", layers[0].trim_start_matches("sha256:"))),
+    )
+    .unwrap();
+    // The index blob goes into the image's repository, its digest into the manifest.
+    let repo: Reference = reference.parse().unwrap();
+    let client = Client::new(RegistryOptions::default()).unwrap();
+    let index_digest = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(client.push_blob(&repo, index.into()))
+        .unwrap();
+    let mut m = registry.manifest(&reference);
+    m["layers"][0]["annotations"] = serde_json::json!({ PINNED_ANNOTATION: index_digest.to_string() });
+    let media_type = m["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_string();
+    let path = reference.split_once('/').unwrap().1.rsplit_once(':').unwrap().0;
+    common::raw::put_manifest(
+        &registry.addr(),
+        path,
+        "pinned",
+        &media_type,
+        &serde_json::to_vec(&m).unwrap(),
+    );
+    let pinned = format!("{}/{path}:pinned", registry.addr());
+
+    let mount = MountProcess::start(&pinned, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    for (path, content) in image.before.iter().chain(&image.after) {
+        assert!(
+            std::fs::read(mount.mountpoint.join(path)).unwrap() == *content,
+            "{path}"
+        );
+    }
+    let log = mount.stop();
+    assert!(
+        log.contains("format=GzipIndex") && log.contains("gzip index fetched"),
+        "{log}"
+    );
+}

@@ -5,7 +5,11 @@
 //!
 //! Trusted: an index built on this node (`streamsnap index` checks the layer
 //! digest while building) or fetched from a repository the operator lists
-//! (`[index] repositories`), both kept in `<state>/indexes/<hex>.trusted.gzindex`.
+//! (`[index] repositories`), both kept in `<state>/indexes/<hex>.trusted.gzindex`;
+//! and an index the image manifest itself binds: the layer's descriptor names
+//! the index blob's digest ([`PINNED_ANNOTATION`]), so pinning the image pins
+//! the index (kept as `<hex>.pinned-<index hex>.gzindex`, used only for
+//! layers whose descriptor names that digest).
 //! Artifacts referring to the image (referrers API or fallback tag) can be
 //! pushed by anyone who can push to the image's repository: they are used
 //! only when `[index] trust_referrers` is set, and kept apart
@@ -31,6 +35,9 @@ use tracing::{info, warn};
 pub const ARTIFACT_TYPE: &str = "application/vnd.streamsnap.gzip-index.v1";
 /// Annotation on each blob naming the layer it indexes.
 pub const LAYER_ANNOTATION: &str = "io.streamsnap.gzip-index.layer";
+/// Layer descriptor annotation in an image manifest: the digest of that
+/// layer's index blob, stored in the image's repository.
+pub const PINNED_ANNOTATION: &str = "io.streamsnap.gzip-index.digest";
 /// How long "this image has no index artifact" is believed.
 const RECHECK_AFTER: Duration = Duration::from_secs(60);
 /// How long the index artifacts found for an image are believed.
@@ -95,9 +102,14 @@ impl IndexStore {
         store_at(&self.dir, &self.path(layer), bytes)
     }
 
+    /// Local index file of `layer` bound by its image manifest to `index`.
+    fn pinned_path(&self, layer: &Digest, index: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.pinned-{}.gzindex", layer.hex(), index.hex()))
+    }
+
     /// The layer's index from the first trusted source that has a valid one:
-    /// the local cache, each listed index repository, then (only when
-    /// referrers are trusted) the image's referrers.
+    /// the local cache, the index the manifest pins, each listed index
+    /// repository, then (only when referrers are trusted) the image's referrers.
     #[tracing::instrument(skip_all, fields(image = %image, layer = %desc.digest))]
     pub async fn open(
         &self,
@@ -113,11 +125,30 @@ impl IndexStore {
                 return Some(idx);
             }
         }
+        if let Some(pinned) = desc.annotations.get(PINNED_ANNOTATION) {
+            match pinned.parse::<Digest>() {
+                Ok(index) => {
+                    let path = self.pinned_path(&desc.digest, &index);
+                    if path.exists() {
+                        if let Some(idx) = self.open_file(&path, desc).await {
+                            return Some(idx);
+                        }
+                    }
+                    if let Some(idx) = self.fetch_and_open(registry, image, &index, None, desc, &path).await {
+                        return Some(idx);
+                    }
+                }
+                Err(e) => warn!(error = %e, "annotation {PINNED_ANNOTATION} is not a digest; ignored"),
+            }
+        }
         for repo in &self.repos {
             match registry.artifact_layers(repo, &repo_tag(&desc.digest)).await {
                 Ok(blobs) => {
                     if let Some(b) = blobs.into_iter().find(|b| indexes(b, &desc.digest)) {
-                        if let Some(idx) = self.fetch_and_open(registry, repo, &b, desc, &path).await {
+                        if let Some(idx) = self
+                            .fetch_and_open(registry, repo, &b.digest, Some(b.size), desc, &path)
+                            .await
+                        {
                             return Some(idx);
                         }
                     }
@@ -140,7 +171,10 @@ impl IndexStore {
                 Ok(blobs) => {
                     if let Some(b) = blobs.get(&desc.digest) {
                         warn!(index = %b.digest, "using a gzip index pushed as a referrer of the image (trust_referrers is set)");
-                        if let Some(idx) = self.fetch_and_open(registry, image, b, desc, &path).await {
+                        if let Some(idx) = self
+                            .fetch_and_open(registry, image, &b.digest, Some(b.size), desc, &path)
+                            .await
+                        {
                             return Some(idx);
                         }
                     }
@@ -151,24 +185,31 @@ impl IndexStore {
         None
     }
 
-    /// Fetches an index blob from `repo`, keeps it locally at `dest` and
-    /// opens it; `None` (logged) when it cannot be had or fails its checks.
+    /// Fetches index blob `digest` (of `size` bytes, when known) from `repo`
+    /// (the read checks the digest), keeps it locally at `dest` and opens it;
+    /// `None` (logged) when it cannot be had or fails its checks.
     async fn fetch_and_open(
         &self,
         registry: &Registry,
         repo: &Reference,
-        blob: &ArtifactLayer,
+        digest: &Digest,
+        size: Option<u64>,
         desc: &LayerDescriptor,
         dest: &Path,
     ) -> Option<LayerIndex> {
-        if blob.size > desc.size / MAX_INDEX_SHARE + (1 << 20) {
-            warn!(repo = %repo, size = blob.size, "gzip index artifact is implausibly large for its layer; ignored");
+        let most = desc.size / MAX_INDEX_SHARE + (1 << 20);
+        if size.is_some_and(|s| s > most) {
+            warn!(repo = %repo, size, "gzip index artifact is implausibly large for its layer; ignored");
             return None;
         }
-        let bytes = match registry.read_blob(repo, &blob.digest).await {
+        let bytes = match registry.read_blob(repo, digest).await {
+            Ok(b) if b.len() as u64 > most => {
+                warn!(repo = %repo, size = b.len(), "gzip index is implausibly large for its layer; ignored");
+                return None;
+            }
             Ok(b) => b,
             Err(e) => {
-                warn!(repo = %repo, error = %e, "fetching the gzip index failed");
+                warn!(repo = %repo, index = %digest, error = %e, "fetching the gzip index failed");
                 return None;
             }
         };
@@ -179,7 +220,7 @@ impl IndexStore {
                 return None;
             }
         };
-        info!(repo = %repo, index = %blob.digest, bytes = bytes.len(), "gzip index fetched");
+        info!(repo = %repo, index = %digest, bytes = bytes.len(), "gzip index fetched");
         self.open_file(&path, desc).await
     }
 
