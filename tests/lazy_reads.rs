@@ -73,7 +73,7 @@ fn mounting_fetches_only_metadata_and_one_small_file_costs_little() {
         let state = work.path().join(format!("state-{format:?}"));
         if *format == Format::Uncompressed {
             // Tar bytes are served lazily only under a trusted index: built here.
-            index_image(reference, &state, &["--span", "1MiB"]);
+            eprintln!("{}", index_image(reference, &state, &["--span", "1MiB"]));
         }
         let mark = registry.mark();
         let mount = MountProcess::start(reference, &state, &work.path().join(format!("mnt-{format:?}")), &[]);
