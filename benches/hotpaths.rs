@@ -142,8 +142,7 @@ fn index_build(c: &mut Criterion) {
                 let at = (off - toc_offset) as usize;
                 std::future::ready(Ok::<_, std::io::Error>(tail.slice(at..at + len as usize)))
             };
-            rt.block_on(index_estargz(&layer, size, Some(&toc_digest), read))
-                .unwrap()
+            rt.block_on(index_estargz(&layer, size, &toc_digest, read)).unwrap()
         })
     });
     g.bench_function("toc_json_parse_and_build_100k", |b| {

@@ -94,7 +94,7 @@ fn start_replay(fetcher: &Arc<Fetcher>, mode: Mode) -> tokio::task::JoinHandle<(
                     len: REPLAYED,
                 }],
             };
-            profile::replay(&f, &p, Duration::from_secs(60)).await;
+            profile::replay(&f, &p, Duration::from_secs(60), profile::DEFAULT_REPLAY_BUDGET).await;
         } else {
             // The same batches as a replay (8 MiB, four at a time), at on-demand priority.
             let node = f.index().resolve("replayed.bin").expect("replayed file");

@@ -17,6 +17,7 @@
 //! memory_size = "256MiB"
 //! [index]
 //! repositories = ["reg:5000/team/indexes"]
+//! trust_referrers = false
 //! [fetch]
 //! read_deadline = 60.0
 //! stall_timeout = 10.0
@@ -30,6 +31,7 @@
 //! quiet = 5.0
 //! push = false
 //! replay = true
+//! replay_budget = "1GiB"
 //! ```
 
 use crate::registry::{Platform, Reference};
@@ -122,13 +124,18 @@ impl Default for Cache {
     }
 }
 
-/// `[index]`: where checkpoint indexes of gzip layers are looked up.
+/// `[index]`: where checkpoint indexes (and start-up profiles) are looked up,
+/// and which sources are trusted.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Index {
-    /// Repositories (`host/path`) holding gzip indexes (and start-up profiles)
-    /// by digest, for images whose own repository users cannot write to.
+    /// Repositories (`host/path`) holding checkpoint indexes (and start-up
+    /// profiles) by digest. Trusted: list only repositories whose writers
+    /// you trust as much as the images themselves.
     pub repositories: Vec<Reference>,
+    /// Also use indexes and profiles pushed as referrers of the image (which
+    /// anyone able to push to the image's repository can add). Off by default.
+    pub trust_referrers: bool,
 }
 
 /// `[fetch]`: how long a read may wait on a registry.
@@ -202,6 +209,10 @@ pub struct Profile {
     pub push: bool,
     /// Replay known start-up profiles when layers are mounted.
     pub replay: bool,
+    /// Most layer bytes one layer's profile replay may fetch: a profile only
+    /// chooses what is prefetched, and only this much of it.
+    #[serde(deserialize_with = "size")]
+    pub replay_budget: ByteSize,
 }
 
 impl Default for Profile {
@@ -210,6 +221,7 @@ impl Default for Profile {
             quiet: Seconds::from_secs(5),
             push: false,
             replay: true,
+            replay_budget: ByteSize::gib(1),
         }
     }
 }
@@ -443,11 +455,11 @@ mod tests {
             "metrics_address = \"127.0.0.1:9580\"\n\
              [registry]\ninsecure = [\"r:5000\"]\nplatform = \"linux/arm64/v8\"\n\
              [cache]\ndisk_size = \"1GiB\"\nmemory_size = 1048576\n\
-             [index]\nrepositories = [\"reg:5000/team/indexes\"]\n\
+             [index]\nrepositories = [\"reg:5000/team/indexes\"]\ntrust_referrers = true\n\
              [fetch]\nread_deadline = 8\nstall_timeout = 2.5\n\
              [prefetch]\ntimeout = 0.5\n\
              [background_fill]\ndelay = 0\nrate = \"100MiB\"\n\
-             [profile]\nquiet = 2\npush = true\nreplay = false\n",
+             [profile]\nquiet = 2\npush = true\nreplay = false\nreplay_budget = \"64MiB\"\n",
         )
         .unwrap();
         assert_eq!(c.metrics_address, Some("127.0.0.1:9580".parse().unwrap()));
@@ -458,11 +470,13 @@ mod tests {
         assert_eq!(c.index.repositories[0].repository, "team/indexes");
         assert_eq!(c.fetch.read_deadline, Seconds::from_secs(8));
         assert_eq!(c.fetch.stall_timeout.0, Duration::from_millis(2500));
+        assert!(c.index.trust_referrers);
         assert_eq!(c.prefetch.timeout.0, Duration::from_millis(500));
         assert_eq!(c.background_fill.delay.0, Duration::ZERO);
         assert_eq!(c.background_fill.rate, Some(ByteSize::mib(100)));
         assert_eq!(c.profile.quiet, Seconds::from_secs(2));
         assert!(c.profile.push && !c.profile.replay);
+        assert_eq!(c.profile.replay_budget, ByteSize::mib(64));
     }
 
     #[test]

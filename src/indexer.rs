@@ -1,11 +1,13 @@
-//! `streamsnap index`: builds the checkpoint index of every plain gzip layer
-//! of an image (one streaming download each), keeps it in the local index
-//! cache and optionally publishes it as an OCI artifact referring to the image.
+//! `streamsnap index`: builds the checkpoint index of every plain gzip or
+//! uncompressed tar layer of an image (one streaming download each, checked
+//! against the layer digest), keeps it in the local index cache (trusted: it
+//! was built here) and optionally publishes it as an OCI artifact referring to
+//! the image or in an index repository.
 
 use crate::digest::Digest;
 use crate::index::{self, gzip, IndexError};
-use crate::layer::gzip_index::{repo_tag, IndexStore, ARTIFACT_TYPE, LAYER_ANNOTATION};
-use crate::layer::{has_estargz_footer, is_gzip, ESTARGZ_TOC_DIGEST};
+use crate::layer::gzip_index::{layout_of, repo_tag, IndexStore, ARTIFACT_TYPE, LAYER_ANNOTATION};
+use crate::layer::{has_estargz_footer, is_gzip, is_plain_tar, ESTARGZ_TOC_DIGEST};
 use crate::registry::referrers::{ArtifactBlob, Subject};
 use crate::registry::{LayerDescriptor, Platform, Reference, Registry, RegistryError, ResolvedImage};
 use bytes::Bytes;
@@ -176,19 +178,24 @@ async fn index_layer(
         })
     };
     let mt = desc.media_type.as_str();
-    if !is_gzip(mt) {
-        return skipped("not a gzip layer");
+    if !is_gzip(mt) && !is_plain_tar(mt) {
+        return skipped("not a gzip or uncompressed tar layer");
     }
     if desc.size < opts.min_layer_size {
         return skipped("under the minimum size: fetched whole");
     }
-    let estargz = desc.annotations.contains_key(ESTARGZ_TOC_DIGEST)
-        || has_estargz_footer(registry, &image.reference, desc)
+    if is_gzip(mt) {
+        if desc.annotations.contains_key(ESTARGZ_TOC_DIGEST) {
+            return skipped("eStargz: served from its own TOC");
+        }
+        if has_estargz_footer(registry, &image.reference, desc)
             .await
-            .unwrap_or(false);
-    if estargz {
-        return skipped("eStargz: served from its own TOC");
+            .unwrap_or(false)
+        {
+            return skipped("eStargz without a TOC digest annotation (multi-member gzip): fetched whole");
+        }
     }
+    let layout = layout_of(mt);
     let started = std::time::Instant::now();
     let resp = registry
         .open_blob(&image.reference, &layer)
@@ -213,14 +220,14 @@ async fn index_layer(
     };
     let (l, span) = (layer.clone(), opts.span);
     let build = tokio::task::spawn_blocking(move || {
-        gzip::build(
-            &l,
-            span,
-            ChannelReader {
-                rx,
-                current: Bytes::new(),
-            },
-        )
+        let input = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
+        match layout {
+            gzip::Layout::Deflate => gzip::build(&l, span, input),
+            gzip::Layout::Stored => gzip::build_stored(&l, span, input),
+        }
         .and_then(|(meta, windows)| {
             let bytes =
                 gzip::format::write(&meta, &windows).map_err(|e| index::IndexError::layer(&l, e.to_string()))?;

@@ -5,7 +5,7 @@
 //! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push).
 //! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar,
 //!   gzip with a checkpoint index).
-//! - [`indexer`]: `streamsnap index`, checkpoint indexes of gzip layers built and published.
+//! - [`indexer`]: `streamsnap index`, checkpoint indexes of gzip and tar layers built and published.
 //! - [`prefetch`]: landmarks, start-up profiles (recorded, published, replayed), background fill.
 //! - [`fetch`]: chunk reads for a layer: dedup in flight, coalescing, verification, the
 //!   node's request scheduler (priorities), the range-source and read-observer seams.

@@ -38,7 +38,7 @@ enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
-    /// Build the checkpoint index of each plain gzip layer of IMAGE, so that it
+    /// Build the checkpoint index of each plain gzip or uncompressed tar layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index(IndexArgs),
 }
@@ -65,9 +65,12 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (overrides the config file).
     #[arg(long)]
     metrics_address: Option<SocketAddr>,
-    /// Repository holding gzip indexes by layer digest (repeatable; adds to the config file's list).
+    /// Trusted repository holding checkpoint indexes by layer digest (repeatable; adds to the config file's list).
     #[arg(long = "index-repo")]
     index_repo: Vec<Reference>,
+    /// Also use indexes and profiles pushed as referrers of the image (sets `[index] trust_referrers`).
+    #[arg(long)]
+    trust_referrers: bool,
     #[command(flatten)]
     fill: FillArgs,
     /// Publish each recorded start-up profile next to its image.
@@ -95,6 +98,7 @@ impl ServeArgs {
         }
         cfg.registry.insecure.extend(self.insecure_registry);
         cfg.index.repositories.extend(self.index_repo);
+        cfg.index.trust_referrers |= self.trust_referrers;
         self.fill.apply(&mut cfg.background_fill);
         cfg.profile.push |= self.profile_push;
         cfg.profile.replay &= !self.no_profile_replay;
@@ -133,9 +137,12 @@ struct MountArgs {
     cache_size: ByteSize,
     #[arg(long, default_value_t = defaults().registry.platform)]
     platform: Platform,
-    /// Repository holding gzip indexes by layer digest (repeatable).
+    /// Trusted repository holding checkpoint indexes by layer digest (repeatable).
     #[arg(long = "index-repo")]
     index_repo: Vec<Reference>,
+    /// Also use indexes and profiles pushed as referrers of the image.
+    #[arg(long)]
+    trust_referrers: bool,
     /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
     #[arg(long, default_value_t = defaults().prefetch.timeout)]
     prefetch_timeout: Seconds,
@@ -159,6 +166,7 @@ impl MountArgs {
         cfg.cache.disk_size = self.cache_size;
         cfg.registry.platform = self.platform.clone();
         cfg.index.repositories = self.index_repo.clone();
+        cfg.index.trust_referrers = self.trust_referrers;
         cfg.prefetch.timeout = self.prefetch_timeout;
         cfg.fetch.read_deadline = self.read_deadline;
         cfg.fetch.stall_timeout = self.stall_timeout;
@@ -344,7 +352,7 @@ async fn profile(action: ProfileAction) -> anyhow::Result<()> {
 
 async fn index(args: IndexArgs) -> anyhow::Result<()> {
     let registry = registry_client(args.plain_http)?;
-    let store = IndexStore::new(StateDir { root: args.state_dir }.indexes(), Vec::new());
+    let store = IndexStore::new(StateDir { root: args.state_dir }.indexes(), Vec::new(), false);
     let opts = IndexOptions {
         span: args.span.as_u64(),
         min_layer_size: args.min_layer_size.as_u64(),

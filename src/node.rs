@@ -64,6 +64,7 @@ pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metr
     // Owner-only: cache files and mount points must not be reachable by host users.
     crate::private::dir(&state.root)?;
     let repos = &config.index.repositories;
+    let trust_referrers = config.index.trust_referrers;
     Ok(LayerContext {
         profiles: Arc::new(
             Profiles::new(
@@ -72,11 +73,13 @@ pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metr
                 config.profile.push,
                 repos.clone(),
             )
-            .replaying(config.profile.replay),
+            .replaying(config.profile.replay)
+            .trusting_referrers(trust_referrers)
+            .with_replay_budget(config.profile.replay_budget.as_u64()),
         ),
         prefetch_timeout: config.prefetch.timeout.into(),
         fill: FillConfig::from(&config.background_fill),
-        indexes: Arc::new(IndexStore::new(state.indexes(), repos.clone())),
+        indexes: Arc::new(IndexStore::new(state.indexes(), repos.clone(), trust_referrers)),
         fetch: crate::fetch::Services::new(
             Arc::new(DiskCache::open(&state.cache(), config.cache.disk_size.as_u64())?),
             Arc::new(MemCache::new(config.cache.memory_size.as_u64())),

@@ -116,7 +116,8 @@ fn a_plain_gzip_image_is_unpacked_normally_and_runs() {
 
 #[test]
 fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
-    let env = start();
+    // The index is published next to the image: this node opts into referrers.
+    let env = start_with(&["--trust-referrers"]);
     let image = build_runnable_image(&env.work.path().join("image"), 64);
     let reference = push(&image, &env.registry, Format::Gzip);
     // Published next to the image; the daemon's own index cache stays empty.

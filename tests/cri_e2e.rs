@@ -158,10 +158,11 @@ fn pull_lazily_and_run_a_pod(format: Format) {
     let image = build_runnable_image(&work.path().join("image"), 64);
     let reference = push(&image, &registry, format);
     if format == Format::Gzip {
+        // Built on the node, into the daemon's own state dir: trusted.
         index_image(
             &reference,
-            &work.path().join("indexer"),
-            &["--push", "--min-layer-size", "0"],
+            &work.path().join("streamsnap/state"),
+            &["--min-layer-size", "0"],
         );
     }
     let pause = build_pause_image(&work.path().join("pause"));

@@ -23,8 +23,14 @@ fn an_indexed_gzip_image_mounts_equal_to_containerds_unpack() {
     assert!(out.contains("published"), "{out}");
     let containerd = Containerd::start(ContainerdOpts::default());
     let truth = containerd_unpack(&containerd, &reference, &work.path().join("truth"));
-    // A fresh state dir: the index must come from the registry (fallback tag).
-    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    // A fresh state dir: the index must come from the registry (fallback tag),
+    // which this node trusts only because it opts in.
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--trust-referrers"],
+    );
     let diffs = compare_trees(&mount.mountpoint, truth.path(), CompareOpts::stargz_artefacts());
     let log = mount.stop();
     assert!(
@@ -50,7 +56,7 @@ fn one_small_file_of_a_500_mib_gzip_layer_costs_one_span_and_the_index_is_small(
     let index_file = work
         .path()
         .join("indexer/indexes")
-        .join(format!("{}.gzindex", layers[0].trim_start_matches("sha256:")));
+        .join(format!("{}.trusted.gzindex", layers[0].trim_start_matches("sha256:")));
     let index_size = std::fs::metadata(&index_file).unwrap().len();
     eprintln!(
         "{out}layer {layer_size} bytes, index {index_size} bytes ({:.3}%)",
@@ -61,7 +67,12 @@ fn one_small_file_of_a_500_mib_gzip_layer_costs_one_span_and_the_index_is_small(
         "index {index_size} is not under 2% of {layer_size}"
     );
 
-    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--trust-referrers"],
+    );
     for (path, content) in big.before.iter().chain(&big.after).take(3) {
         let mark = registry.mark();
         let got = std::fs::read(mount.mountpoint.join(path)).unwrap();
@@ -123,7 +134,7 @@ fn a_mismatched_or_corrupt_index_is_rejected_and_the_layer_falls_back() {
     let index_of = |layer: &str| {
         state
             .join("indexes")
-            .join(format!("{}.gzindex", layer.trim_start_matches("sha256:")))
+            .join(format!("{}.trusted.gzindex", layer.trim_start_matches("sha256:")))
     };
     let (first, last) = (index_of(&layers[0]), index_of(layers.last().unwrap()));
     // The weights layer gets the userland layer's index: mismatched.
@@ -152,7 +163,12 @@ fn wrong_span_bytes_from_the_registry_are_never_handed_out() {
     index_image(&pushed, &work.path().join("indexer"), &["--push", "--span", "1MiB"]);
     let proxy = FaultProxy::start(&registry.addr());
     let reference = pushed.replacen(&registry.addr(), &proxy.addr(), 1);
-    let mount = MountProcess::start(&reference, &work.path().join("state"), &work.path().join("mnt"), &[]);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--trust-referrers"],
+    );
     proxy.set("/blobs/", Fault::FlipByte);
     let (path, content) = &big.after[1];
     let err = std::fs::read(mount.mountpoint.join(path)).unwrap_err();

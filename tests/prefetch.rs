@@ -236,9 +236,10 @@ fn a_profile_recorded_pushed_and_replayed_serves_start_up_from_cache() {
     drop(containerd);
     serve.stop();
 
-    // Second node, empty cache: the profile comes from the registry and is
-    // replayed before the container starts; none of its reads wait on the registry.
-    let (serve, containerd, addr) = node(&work.path().join("second"), &[]);
+    // Second node, empty cache: the profile comes from the registry (as a
+    // referrer, which this node opts into) and is replayed before the
+    // container starts; none of its reads wait on the registry.
+    let (serve, containerd, addr) = node(&work.path().join("second"), &["--trust-referrers"]);
     let out = start_up(&containerd, &reference, "p2");
     assert!(
         out.contains("hello from streamsnap") && out.contains("3000000"),

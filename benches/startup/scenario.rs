@@ -133,7 +133,9 @@ const COLD: &[&str] = &["--no-profile-replay"];
 fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let addr = t.registry.addr();
-    let args = [&["--insecure-registry", addr.as_str()][..], flags].concat();
+    // The indexes and the profile are published next to the benchmark's own
+    // image: a fresh node takes them only because it opts into referrers.
+    let args = [&["--insecure-registry", addr.as_str(), "--trust-referrers"][..], flags].concat();
     let serve = ServeProcess::start_with(root.path(), &args);
     let ctd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),

@@ -317,7 +317,8 @@ impl SpanLayer {
         let (meta, windows) = crate::index::gzip::build(&layer, 256 << 10, &blob[..]).unwrap();
         let path = dir.path().join("layer.gzindex");
         std::fs::write(&path, crate::index::gzip::format::write(&meta, &windows).unwrap()).unwrap();
-        let index = crate::index::gzip::open(&path, &layer, blob.len() as u64).unwrap();
+        let index =
+            crate::index::gzip::open(&path, &layer, blob.len() as u64, crate::index::gzip::Layout::Deflate).unwrap();
         assert!(index.spans.as_ref().is_some_and(|s| s.len() > 4), "several spans");
         let source = Arc::new(TestSource::new(blob));
         let node = services(&dir.path().join("cache"), 1 << 30);

@@ -58,11 +58,12 @@ pub fn parse_footer(tail: &[u8]) -> Option<(u64, u64)> {
 
 /// Reads footer and TOC (two range reads) and builds the layer's index.
 /// `toc_digest` (the `containerd.io/snapshot/stargz/toc.digest` annotation)
-/// is checked against the decompressed TOC JSON when given.
+/// is required and checked against the decompressed TOC JSON: the TOC is
+/// trusted only because the manifest binds it.
 pub async fn index_estargz<R, Fut, E>(
     layer: &Digest,
     size: u64,
-    toc_digest: Option<&Digest>,
+    toc_digest: &Digest,
     mut read: R,
 ) -> Result<LayerIndex, IndexError>
 where
@@ -87,20 +88,17 @@ where
     let compressed = read(toc_offset, size - footer_len - toc_offset)
         .await
         .map_err(|e| fetch_err("eStargz TOC", e))?;
-    let (l, expected) = (layer.clone(), toc_digest.cloned());
-    super::blocking(layer, move || {
-        parse_toc(&l, &compressed, toc_offset, expected.as_ref(), size)
-    })
-    .await
+    let (l, expected) = (layer.clone(), toc_digest.clone());
+    super::blocking(layer, move || parse_toc(&l, &compressed, toc_offset, &expected, size)).await
 }
 
 /// The CPU part: inflates the TOC member at `toc_offset`, checks it against
-/// `toc_digest` when given, parses it and builds the index.
+/// `toc_digest`, parses it and builds the index.
 fn parse_toc(
     layer: &Digest,
     compressed: &[u8],
     toc_offset: u64,
-    toc_digest: Option<&Digest>,
+    toc_digest: &Digest,
     size: u64,
 ) -> Result<LayerIndex, IndexError> {
     let bad = |reason: String| IndexError::layer(layer, reason);
@@ -109,13 +107,11 @@ fn parse_toc(
         offset: toc_offset,
         source,
     })?;
-    if let Some(expected) = toc_digest {
-        let actual = Digest::of(&json);
-        if &actual != expected {
-            return Err(bad(format!(
-                "TOC digest {actual} does not match the annotated {expected}"
-            )));
-        }
+    let actual = Digest::of(&json);
+    if &actual != toc_digest {
+        return Err(bad(format!(
+            "TOC digest {actual} does not match the annotated {toc_digest}"
+        )));
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
     toc::build(layer, &toc, Encoding::Gzip, toc_offset, size)

@@ -40,9 +40,10 @@ pub struct ManifestPosition {
     pub uncompressed: u64,
 }
 
-/// Does this layer carry zstd:chunked annotations?
-pub fn has_annotations(annotations: &HashMap<String, String>) -> bool {
-    POSITION_KEYS.iter().any(|k| annotations.contains_key(*k))
+/// Is this layer's zstd:chunked manifest bound to the image manifest (a
+/// manifest-checksum annotation)? Only then is it served from its TOC.
+pub fn is_bound(annotations: &HashMap<String, String>) -> bool {
+    CHECKSUM_KEYS.iter().any(|k| annotations.contains_key(*k))
 }
 
 /// Parses `offset:compressed:uncompressed:type`.
@@ -91,6 +92,13 @@ where
 {
     let bad = |reason: String| IndexError::layer(layer, reason);
     let fetch_err = |what: &str, e: E| IndexError::fetch(layer, what, e);
+    let checksum = CHECKSUM_KEYS
+        .iter()
+        .find_map(|k| annotations.get(*k))
+        .ok_or_else(|| bad("no manifest-checksum annotation binds the zstd:chunked manifest".into()))?;
+    let expected: Digest = checksum
+        .parse()
+        .map_err(|e: crate::digest::DigestError| bad(format!("manifest-checksum annotation: {e}")))?;
     let annotated = POSITION_KEYS.iter().find_map(|k| annotations.get(*k));
     let pos = match annotated {
         Some(s) => parse_position(s).ok_or_else(|| bad(format!("invalid zstd:chunked manifest position {s:?}")))?,
@@ -111,36 +119,31 @@ where
     let compressed = read(pos.offset, pos.compressed)
         .await
         .map_err(|e| fetch_err("zstd:chunked manifest", e))?;
-    let checksum = CHECKSUM_KEYS.iter().find_map(|k| annotations.get(*k)).cloned();
     let toc_digest = annotations.get(TOC_DIGEST_KEY).cloned();
     let l = layer.clone();
     super::blocking(layer, move || {
-        parse_manifest(&l, &compressed, pos, checksum.as_deref(), toc_digest.as_deref(), size)
+        parse_manifest(&l, &compressed, pos, &expected, toc_digest.as_deref(), size)
     })
     .await
 }
 
 /// The CPU part: checks the compressed manifest against its annotated
-/// checksum, decompresses it, checks the TOC digest, parses and builds.
+/// checksum (required: it is what binds the TOC to the image), decompresses
+/// it, checks the TOC digest when annotated too, parses and builds.
 fn parse_manifest(
     layer: &Digest,
     compressed: &[u8],
     pos: ManifestPosition,
-    checksum: Option<&str>,
+    checksum: &Digest,
     toc_digest: Option<&str>,
     size: u64,
 ) -> Result<LayerIndex, IndexError> {
     let bad = |reason: String| IndexError::layer(layer, reason);
-    if let Some(sum) = checksum {
-        let expected: Digest = sum
-            .parse()
-            .map_err(|e: crate::digest::DigestError| bad(e.to_string()))?;
-        let actual = Digest::of(compressed);
-        if actual != expected {
-            return Err(bad(format!(
-                "manifest checksum {actual} does not match the annotated {expected}"
-            )));
-        }
+    let actual = Digest::of(compressed);
+    if &actual != checksum {
+        return Err(bad(format!(
+            "manifest checksum {actual} does not match the annotated {checksum}"
+        )));
     }
     let mut json = Vec::with_capacity(pos.uncompressed as usize);
     zstd::stream::read::Decoder::new(compressed)
@@ -201,5 +204,37 @@ mod tests {
             })
         );
         assert_eq!(parse_position("1:2:3"), None);
+    }
+
+    async fn index_with(annotations: &[(&str, &str)]) -> Result<LayerIndex, IndexError> {
+        let a: HashMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let json = br#"{"version":1,"entries":[]}"#;
+        let manifest = zstd::bulk::compress(json, 3).unwrap();
+        let mut blob = vec![0u8; 64];
+        blob.extend_from_slice(&manifest);
+        let position = format!("64:{}:{}:1", manifest.len(), json.len());
+        let mut a = a;
+        a.insert(POSITION_KEYS[0].into(), position);
+        let read = |off: u64, len: u64| {
+            let b = bytes::Bytes::copy_from_slice(&blob[off as usize..(off + len) as usize]);
+            async move { Ok::<_, std::io::Error>(b) }
+        };
+        index_zstd_chunked(&Digest::of(b"layer"), blob.len() as u64, &a, read).await
+    }
+
+    #[tokio::test]
+    async fn a_manifest_without_a_checksum_annotation_is_not_trusted() {
+        let e = index_with(&[]).await.unwrap_err().to_string();
+        assert!(e.contains("manifest-checksum"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_does_not_match_its_checksum_is_refused() {
+        let wrong = Digest::of(b"another manifest").to_string();
+        let e = index_with(&[(CHECKSUM_KEYS[0], &wrong)]).await.unwrap_err().to_string();
+        assert!(e.contains("does not match the annotated"), "{e}");
     }
 }

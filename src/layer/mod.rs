@@ -13,17 +13,19 @@ use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
 
-/// Chunk size used to split files of uncompressed tar layers.
+/// Chunk size used to split files of tar layers downloaded whole.
 pub const TAR_CHUNK_SIZE: u64 = 1 << 20;
 
 /// How a layer is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerFormat {
-    /// eStargz TOC; chunks fetched by range and verified by `chunkDigest`.
+    /// eStargz TOC bound by the `toc.digest` annotation; chunks fetched by
+    /// range and verified by `chunkDigest`.
     Estargz,
-    /// zstd:chunked TOC; likewise.
+    /// zstd:chunked TOC bound by its manifest-checksum annotation; likewise.
     ZstdChunked,
-    /// Uncompressed tar walked by range reads.
+    /// Uncompressed tar with a trusted index; spans fetched by range and
+    /// checked against the index's span digests.
     Tar,
     /// Unmodified gzip with a checkpoint index; spans fetched by range.
     GzipIndex,
@@ -110,7 +112,7 @@ fn is_zstd(media_type: &str) -> bool {
     media_type.ends_with("+zstd")
 }
 
-fn is_plain_tar(media_type: &str) -> bool {
+pub fn is_plain_tar(media_type: &str) -> bool {
     media_type.ends_with(".tar") || media_type.ends_with("diff.tar")
 }
 
@@ -150,34 +152,26 @@ pub async fn open(
         }
     };
     let (format, index, source) = if is_gzip(mt) {
-        let toc_digest = match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
-            Some(s) => Some(s.parse::<Digest>().map_err(|e| LayerError::Other {
-                image: name.clone(),
-                layer: layer.clone(),
-                reason: e.to_string(),
-            })?),
-            None => None,
-        };
-        let lazy = toc_digest.is_some()
-            || has_estargz_footer(&ctx.registry, image, desc)
-                .await
-                .map_err(|source| LayerError::Registry {
-                    image: image.to_string(),
-                    layer: desc.digest.clone(),
-                    source,
+        // eStargz only when the manifest binds its TOC: a footer alone proves nothing.
+        match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
+            Some(s) => {
+                let toc_digest = s.parse::<Digest>().map_err(|e| LayerError::Other {
+                    image: name.clone(),
+                    layer: layer.clone(),
+                    reason: format!("annotation {ESTARGZ_TOC_DIGEST}: {e}"),
                 })?;
-        if lazy {
-            let idx = index::estargz::index_estargz(&layer, desc.size, toc_digest.as_ref(), read)
-                .await
-                .map_err(index_err)?;
-            (LayerFormat::Estargz, idx, remote)
-        } else if let Some(idx) = ctx.indexes.open(&ctx.registry, image, desc).await {
-            (LayerFormat::GzipIndex, idx, remote)
-        } else {
-            download().await?
+                let idx = index::estargz::index_estargz(&layer, desc.size, &toc_digest, read)
+                    .await
+                    .map_err(index_err)?;
+                (LayerFormat::Estargz, idx, remote)
+            }
+            None => match ctx.indexes.open(&ctx.registry, image, desc).await {
+                Some(idx) => (LayerFormat::GzipIndex, idx, remote),
+                None => download().await?,
+            },
         }
     } else if is_zstd(mt) {
-        if index::zstd_chunked::has_annotations(&desc.annotations) {
+        if index::zstd_chunked::is_bound(&desc.annotations) {
             let idx = index::zstd_chunked::index_zstd_chunked(&layer, desc.size, &desc.annotations, read)
                 .await
                 .map_err(index_err)?;
@@ -186,10 +180,12 @@ pub async fn open(
             download().await?
         }
     } else if is_plain_tar(mt) {
-        let idx = index::tar::index_tar(&layer, desc.size, TAR_CHUNK_SIZE, read)
-            .await
-            .map_err(index_err)?;
-        (LayerFormat::Tar, idx, remote)
+        // Tar headers and bytes carry no digest of their own: lazily only under
+        // a trusted index whose span digests check every byte.
+        match ctx.indexes.open(&ctx.registry, image, desc).await {
+            Some(idx) => (LayerFormat::Tar, idx, remote),
+            None => download().await?,
+        }
     } else {
         return Err(LayerError::Other {
             image: name,

@@ -4,6 +4,12 @@
 //! image as an OCI artifact, and replayed when the image's layers are mounted
 //! on other nodes: the recorded ranges are fetched, in order, before the
 //! container asks.
+//!
+//! A profile only chooses what is prefetched (bytes still come through the
+//! layer's own verification), and at most a byte budget of it per layer.
+//! Like indexes, profiles are taken from this node's recordings and the
+//! operator's listed repositories; ones pushed as referrers of the image only
+//! when referrers are trusted, kept apart (`<hex>.referrer.json`).
 
 use crate::digest::Digest;
 use crate::fetch::{Fetcher, ReadObserver};
@@ -156,7 +162,14 @@ pub struct Profiles {
     /// Registry lookups by image manifest: one per image however many layers open.
     lookups: Flights<Digest, Option<Arc<Profile>>>,
     replay: bool,
+    /// Whether profiles pushed as referrers of the image are used.
+    trust_referrers: bool,
+    /// Most blob bytes one layer's replay fetches.
+    replay_budget: u64,
 }
+
+/// Replay budget per layer when not told otherwise.
+pub const DEFAULT_REPLAY_BUDGET: u64 = 1 << 30;
 
 impl Profiles {
     pub fn new(dir: PathBuf, quiet: Duration, auto_push: bool, repos: Vec<Reference>) -> Self {
@@ -170,6 +183,8 @@ impl Profiles {
                 found.is_none().then_some(RECHECK_AFTER)
             }),
             replay: true,
+            trust_referrers: false,
+            replay_budget: DEFAULT_REPLAY_BUDGET,
         }
     }
 
@@ -179,29 +194,43 @@ impl Profiles {
         self
     }
 
+    /// With `true`, profiles pushed as referrers of the image are used too.
+    pub fn trusting_referrers(mut self, trust: bool) -> Self {
+        self.trust_referrers = trust;
+        self
+    }
+
+    /// Most blob bytes one layer's replay fetches.
+    pub fn with_replay_budget(mut self, bytes: u64) -> Self {
+        self.replay_budget = bytes;
+        self
+    }
+
+    /// The profile recorded here, or fetched from a listed repository.
     pub fn path(&self, image: &Digest) -> PathBuf {
         self.dir.join(format!("{}.json", image.hex()))
     }
 
-    /// The local profile of an image.
+    /// A profile fetched as a referrer of the image (used only while trusted).
+    fn referrer_path(&self, image: &Digest) -> PathBuf {
+        self.dir.join(format!("{}.referrer.json", image.hex()))
+    }
+
+    /// The local profile of an image from a trusted source.
     pub fn load(&self, image: &Digest) -> Option<Profile> {
-        let text = std::fs::read(self.path(image)).ok()?;
-        match serde_json::from_slice::<Profile>(&text) {
-            Ok(p) if p.version == VERSION && &p.image == image => Some(p),
-            Ok(_) => {
-                warn!(image = %image, "profile of another image or version ignored");
-                None
-            }
-            Err(e) => {
-                warn!(image = %image, error = %e, "unreadable profile ignored");
-                None
-            }
+        let found = load_from(&self.path(image), image);
+        match found {
+            None if self.trust_referrers => load_from(&self.referrer_path(image), image),
+            _ => found,
         }
     }
 
     fn store(&self, profile: &Profile) -> std::io::Result<()> {
+        self.store_at(&self.path(&profile.image), profile)
+    }
+
+    fn store_at(&self, path: &Path, profile: &Profile) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let path = self.path(&profile.image);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(profile).map_err(std::io::Error::other)?)?;
         std::fs::rename(tmp, path)
@@ -228,7 +257,7 @@ impl Profiles {
             None => None,
         };
         match profile {
-            Some(p) if self.replay => replay(fetcher, &p, timeout).await,
+            Some(p) if self.replay => replay(fetcher, &p, timeout, self.replay_budget).await,
             Some(_) => {}
             None => self.record(registry, image, &manifest, fetcher),
         }
@@ -350,16 +379,26 @@ impl Profiles {
             .await?)
     }
 
-    /// A profile published for the image (referrers, fallback tag, configured
-    /// repositories), kept locally once found.
+    /// A profile published for the image (listed repositories; referrers and
+    /// fallback tag only when trusted), kept locally once found.
     async fn fetch(&self, registry: &Registry, image: &Reference, manifest: &Digest) -> Option<Profile> {
-        let mut places: Vec<(Reference, String)> = Vec::new();
-        match registry.referrers(image, manifest, ARTIFACT_TYPE).await {
-            Ok(found) => places.extend(found.into_iter().map(|d| (image.clone(), d.to_string()))),
-            Err(e) => warn!(image = %image, error = %e, "looking for a start-up profile failed"),
+        let mut places: Vec<(Reference, String, PathBuf)> = Vec::new();
+        places.extend(
+            self.repos
+                .iter()
+                .map(|r| (r.clone(), repo_tag(manifest), self.path(manifest))),
+        );
+        if self.trust_referrers {
+            match registry.referrers(image, manifest, ARTIFACT_TYPE).await {
+                Ok(found) => places.extend(
+                    found
+                        .into_iter()
+                        .map(|d| (image.clone(), d.to_string(), self.referrer_path(manifest))),
+                ),
+                Err(e) => warn!(image = %image, error = %e, "looking for a start-up profile failed"),
+            }
         }
-        places.extend(self.repos.iter().map(|r| (r.clone(), repo_tag(manifest))));
-        for (repo, reference) in places {
+        for (repo, reference, keep_at) in places {
             let Ok(blobs) = registry.artifact_layers(&repo, &reference).await else {
                 continue;
             };
@@ -371,7 +410,7 @@ impl Profiles {
             };
             match serde_json::from_slice::<Profile>(&data) {
                 Ok(p) if p.version == VERSION && &p.image == manifest => {
-                    if let Err(e) = self.store(&p) {
+                    if let Err(e) = self.store_at(&keep_at, &p) {
                         warn!(error = %e, "cannot keep the fetched profile");
                     }
                     info!(image = %image, repo = %repo, reads = p.reads.len(), "start-up profile fetched");
@@ -384,20 +423,52 @@ impl Profiles {
     }
 }
 
-/// Fetches the profile's ranges of this layer, in profile order, at prefetch
-/// priority, in large batches; waits at most `timeout` (the rest goes on).
-pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration) {
-    let index = fetcher.index();
-    let mut seen = HashSet::new();
-    let mut ids: Vec<ChunkId> = Vec::new();
-    for r in profile.reads.iter().filter(|r| &r.layer == fetcher.layer()) {
-        let Some(node) = index.resolve(&r.path) else { continue };
-        for id in index.chunks_for_range(node, r.offset, r.len) {
-            if seen.insert(id) {
-                ids.push(id);
-            }
+/// A stored profile of `image`, if it is one and for that image.
+fn load_from(path: &Path, image: &Digest) -> Option<Profile> {
+    let text = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Profile>(&text) {
+        Ok(p) if p.version == VERSION && &p.image == image => Some(p),
+        Ok(_) => {
+            warn!(image = %image, "profile of another image or version ignored");
+            None
+        }
+        Err(e) => {
+            warn!(image = %image, error = %e, "unreadable profile ignored");
+            None
         }
     }
+}
+
+/// The chunks of this layer a profile asks for, in profile order, without
+/// repeats, until their blob bytes would pass `budget`.
+pub fn replay_chunks(index: &LayerIndex, layer: &Digest, profile: &Profile, budget: u64) -> Vec<ChunkId> {
+    let mut seen = HashSet::new();
+    let mut ids: Vec<ChunkId> = Vec::new();
+    let mut bytes = 0u64;
+    for r in profile.reads.iter().filter(|r| &r.layer == layer) {
+        let Some(node) = index.resolve(&r.path) else { continue };
+        for id in index.chunks_for_range(node, r.offset, r.len) {
+            if !seen.insert(id) {
+                continue;
+            }
+            bytes = bytes.saturating_add(index.chunks[id as usize].blob_len);
+            if bytes > budget {
+                warn!(layer = %layer, budget, "start-up profile asks for more than the replay budget; the rest is fetched on demand");
+                return ids;
+            }
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// Fetches the profile's ranges of this layer, in profile order, at prefetch
+/// priority, in large batches, at most `budget` blob bytes; waits at most
+/// `timeout` (the rest goes on).
+pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration, budget: u64) {
+    let index = fetcher.index();
+    let ids = replay_chunks(index, fetcher.layer(), profile, budget);
+    let chunks = ids.len();
     if ids.is_empty() {
         return;
     }
@@ -435,7 +506,7 @@ pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration
     };
     info!(
         layer = %fetcher.layer(),
-        chunks = seen.len(),
+        chunks,
         complete,
         ms = started.elapsed().as_millis() as u64,
         "start-up profile replayed"

@@ -119,7 +119,13 @@ async fn a_replayed_profile_fetches_exactly_its_ranges() {
             },
         ],
     };
-    profile::replay(&fx.fetcher, &profile, Duration::from_secs(10)).await;
+    profile::replay(
+        &fx.fetcher,
+        &profile,
+        Duration::from_secs(10),
+        profile::DEFAULT_REPLAY_BUDGET,
+    )
+    .await;
     let weights = fx.fetcher.index().resolve("models/weights.bin").unwrap();
     let asked = fx.source.bytes_requested();
     assert!(
@@ -129,6 +135,40 @@ async fn a_replayed_profile_fetches_exactly_its_ranges() {
     let before = fx.source.requests().len();
     fx.fetcher.read(weights, 0, 2 * CHUNK as u32).await.unwrap();
     assert_eq!(fx.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_profile_replays_no_more_than_its_byte_budget() {
+    let fx = fixture(1 << 30).await;
+    let profile = Profile {
+        version: profile::VERSION,
+        image: Digest::of(b"image"),
+        reads: vec![ProfileRead {
+            layer: fx.fetcher.layer().clone(),
+            path: "models/weights.bin".into(),
+            offset: 0,
+            len: u64::MAX,
+        }],
+    };
+    profile::replay(&fx.fetcher, &profile, Duration::from_secs(10), 2 * CHUNK).await;
+    let asked = fx.source.bytes_requested();
+    assert!(asked > 0 && asked <= 2 * CHUNK, "within the budget: {asked}");
+}
+
+#[test]
+fn a_profile_kept_from_a_referrer_is_used_only_while_referrers_are_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = Digest::of(b"manifest");
+    let p = Profile {
+        version: profile::VERSION,
+        image: image.clone(),
+        reads: Vec::new(),
+    };
+    let kept = dir.path().join(format!("{}.referrer.json", image.hex()));
+    std::fs::write(&kept, serde_json::to_vec(&p).unwrap()).unwrap();
+    let profiles = || Profiles::new(dir.path().into(), Duration::ZERO, false, Vec::new());
+    assert_eq!(profiles().load(&image), None);
+    assert_eq!(profiles().trusting_referrers(true).load(&image), Some(p));
 }
 
 #[tokio::test]

@@ -18,6 +18,9 @@ pub enum Fault {
     Truncate { keep: usize },
     /// Flip one byte in the middle of the body.
     FlipByte,
+    /// Serve a tampered blob: the byte at this blob offset flipped, in every
+    /// response that holds it (whole or ranged: `Content-Range` is honoured).
+    FlipAt(u64),
     /// Replace the body.
     Garbage(Vec<u8>),
     /// Answer 307 to `/redirected<uri>`, which is then forwarded.
@@ -255,6 +258,11 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
             let i = payload.len() / 2;
             payload[i] ^= 0x55;
         }
+        Some(Fault::FlipAt(offset)) => {
+            if let Some(i) = body_index(&head, offset).filter(|i| *i < payload.len()) {
+                payload[i] ^= 0x55;
+            }
+        }
         Some(Fault::Garbage(g)) => {
             let text = String::from_utf8_lossy(&head).into_owned();
             let mut lines: Vec<String> = text.trim_end().split("\r\n").map(str::to_string).collect();
@@ -267,6 +275,28 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
     }
     conn.write_all(&head)?;
     conn.write_all(&payload)
+}
+
+/// Where blob byte `offset` lies in a response body with this head: at
+/// `offset` in a 200, at `offset - start` in a 206 whose range holds it.
+fn body_index(head: &[u8], offset: u64) -> Option<usize> {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let status = text.split(' ').nth(1)?;
+    match status {
+        "200" => usize::try_from(offset).ok(),
+        "206" => {
+            let range = text.lines().find_map(|l| l.strip_prefix("content-range:"))?;
+            let (start, end) = range
+                .trim()
+                .strip_prefix("bytes ")?
+                .split('/')
+                .next()?
+                .split_once('-')?;
+            let (start, end): (u64, u64) = (start.parse().ok()?, end.parse().ok()?);
+            (start..=end).contains(&offset).then(|| (offset - start) as usize)
+        }
+        _ => None,
+    }
 }
 
 type Answer = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()>>;

@@ -52,7 +52,7 @@ pub fn build(layer: &Digest, span: u64, input: impl Read) -> Result<(IndexMeta, 
     Ok((meta, s.windows))
 }
 
-fn entry(e: TarEntry) -> IndexEntry {
+pub(super) fn entry(e: TarEntry) -> IndexEntry {
     let (kind, link, dev) = match (&e.meta.kind, e.hardlink) {
         (_, Some(target)) => (EntryKind::HardLink, target, (0, 0)),
         (Kind::File, None) => (EntryKind::File, Vec::new(), (0, 0)),

@@ -7,7 +7,7 @@
 //! wire format; `windows` is one zstd frame per checkpoint window, located by
 //! the checkpoint's `window_at` (from the start of `windows`) and `window_zlen`.
 
-use super::{inflate::WINDOW, MAX_SPAN_OUTPUT};
+use super::{inflate::WINDOW, Layout, MAX_SPAN_OUTPUT};
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
@@ -58,6 +58,10 @@ pub enum FormatError {
         bits: u8,
         out_offset: u64,
     },
+    #[error(
+        "an index of an uncompressed layer must have equal blob, tar and data sizes and checkpoints without windows"
+    )]
+    NotStored,
     #[error("entry {entry:?}: data {offset}+{size} lies outside the tar stream ({tar_size} bytes)")]
     EntryOutside {
         entry: String,
@@ -170,8 +174,10 @@ pub fn read(file: &std::fs::File) -> Result<(IndexMeta, u64), FormatError> {
 }
 
 /// Checks an index against the layer it is meant for, and for internal
-/// consistency, before anything is served from it.
-pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), FormatError> {
+/// consistency, before anything is served from it. (This binds nothing: a
+/// forger can write any of it. What makes an index trustworthy is where it
+/// came from; see `layer::gzip_index`.)
+pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64, layout: Layout) -> Result<(), FormatError> {
     if meta.layer != layer.to_string() {
         return Err(FormatError::OtherLayer(meta.layer.clone()));
     }
@@ -183,6 +189,10 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), 
     }
     if meta.deflate_end > blob_size {
         return Err(FormatError::DeflateEnd(meta.deflate_end));
+    }
+    let stored = layout == Layout::Stored;
+    if stored && (meta.uncompressed_size != blob_size || meta.deflate_end != blob_size) {
+        return Err(FormatError::NotStored);
     }
     let Some(first) = meta.checkpoints.first() else {
         return Err(FormatError::NoCheckpoints);
@@ -200,7 +210,10 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64) -> Result<(), 
             && start.is_some_and(|s| s < end)
             && cp.out_offset < out_end
             && out_end - cp.out_offset <= MAX_SPAN_OUTPUT
-            && cp.window_len as u64 == cp.out_offset.min(WINDOW as u64);
+            && match layout {
+                Layout::Deflate => cp.window_len as u64 == cp.out_offset.min(WINDOW as u64),
+                Layout::Stored => cp.window_len == 0 && cp.bits == 0 && cp.blob_offset == cp.out_offset,
+            };
         if !ok {
             return Err(FormatError::Checkpoint {
                 index: i,

@@ -11,10 +11,12 @@
 mod build;
 pub mod format;
 pub mod inflate;
+mod stored;
 
 pub use build::build;
 pub use format::{Checkpoint, EntryKind, FormatError, IndexEntry, IndexMeta};
 pub use inflate::InflateError;
+pub use stored::build_stored;
 
 use super::{Chunk, Encoding, EntryMeta, IndexError, Kind, LayerIndex, Timestamp, TreeBuilder};
 use crate::digest::Digest;
@@ -28,6 +30,16 @@ use std::sync::Arc;
 pub const DEFAULT_SPAN: u64 = 4 << 20;
 /// Most output one span may claim: bounds what one read decodes.
 pub const MAX_SPAN_OUTPUT: u64 = 64 << 20;
+
+/// How a layer's bytes relate to the tar stream an index describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// A gzip layer: spans inflate from their checkpoints.
+    Deflate,
+    /// An uncompressed tar layer: spans are the blob's own bytes (no windows),
+    /// each still checked against its recorded digest.
+    Stored,
+}
 
 /// A stored index file that cannot be opened for a layer.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +115,7 @@ pub struct Span {
 pub struct Spans {
     spans: Vec<Span>,
     file: Arc<std::fs::File>,
+    layout: Layout,
 }
 
 impl std::fmt::Debug for Spans {
@@ -135,6 +148,11 @@ impl Spans {
                 expected: s.blob_len,
             });
         }
+        if self.layout == Layout::Stored {
+            let mut out = crate::buf::aligned_buffer(raw.len());
+            out.copy_from_slice(raw);
+            return self.checked(id, s, out.freeze());
+        }
         let window = self.window(id, s)?;
         let inflate = |source| SpanError::Inflate {
             span: id,
@@ -164,13 +182,18 @@ impl Spans {
                 });
             }
         }
+        self.checked(id, s, out.freeze())
+    }
+
+    /// The span's output, if it hashes to the digest recorded at indexing.
+    fn checked(&self, id: u32, s: &Span, out: Bytes) -> Result<Bytes, SpanError> {
         if <[u8; 32]>::from(sha2::Sha256::digest(&out)) != s.digest {
             return Err(SpanError::DigestMismatch {
                 span: id,
                 blob_offset: s.blob_offset,
             });
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 
     fn window(&self, id: u32, s: &Span) -> Result<Vec<u8>, SpanError> {
@@ -194,10 +217,11 @@ impl Spans {
     }
 }
 
-/// Opens a stored index for `layer` (of `blob_size` compressed bytes) and
-/// turns it into the layer's [`LayerIndex`]: tree from the entry table, file
-/// chunks as pieces of spans. Everything is checked against the layer first.
-pub fn open(path: &Path, layer: &Digest, blob_size: u64) -> Result<LayerIndex, IndexError> {
+/// Opens a stored index for `layer` (of `blob_size` bytes, laid out as
+/// `layout` says) and turns it into the layer's [`LayerIndex`]: tree from the
+/// entry table, file chunks as pieces of spans. Everything is checked against
+/// the layer first.
+pub fn open(path: &Path, layer: &Digest, blob_size: u64, layout: Layout) -> Result<LayerIndex, IndexError> {
     let bad = |e: OpenError| IndexError::GzipIndex {
         layer: layer.clone(),
         path: path.to_path_buf(),
@@ -205,7 +229,7 @@ pub fn open(path: &Path, layer: &Digest, blob_size: u64) -> Result<LayerIndex, I
     };
     let file = std::fs::File::open(path).map_err(|e| bad(OpenError::Open(e)))?;
     let (meta, windows_base) = format::read(&file).map_err(|e| bad(e.into()))?;
-    format::validate(&meta, layer, blob_size).map_err(|e| bad(e.into()))?;
+    format::validate(&meta, layer, blob_size, layout).map_err(|e| bad(e.into()))?;
     let file_len = file.metadata().map_err(|e| bad(OpenError::Metadata(e)))?.len();
     let mut spans = Vec::with_capacity(meta.checkpoints.len());
     for (i, cp) in meta.checkpoints.iter().enumerate() {
@@ -254,6 +278,7 @@ pub fn open(path: &Path, layer: &Digest, blob_size: u64) -> Result<LayerIndex, I
     index.spans = Some(Arc::new(Spans {
         spans,
         file: Arc::new(file),
+        layout,
     }));
     Ok(index)
 }
@@ -372,7 +397,7 @@ mod tests {
             meta.checkpoints.iter().any(|c| c.bits != 0),
             "some checkpoint sits inside a byte"
         );
-        let index = open(f.path(), &d, gz.len() as u64).unwrap();
+        let index = open(f.path(), &d, gz.len() as u64, Layout::Deflate).unwrap();
         for (path, data) in &files {
             assert!(read_file(&index, &gz, path) == *data, "{path} differs");
         }
@@ -383,7 +408,9 @@ mod tests {
         let (gz, d) = layer(&sample());
         let (f, _) = stored(&gz, &d, 1 << 20);
         let other = Digest::of(b"another layer");
-        let e = open(f.path(), &other, gz.len() as u64).unwrap_err().to_string();
+        let e = open(f.path(), &other, gz.len() as u64, Layout::Deflate)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("built for layer"), "{e}");
     }
 
@@ -402,7 +429,7 @@ mod tests {
         }
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&format::write(&meta, &windows).unwrap()).unwrap();
-        let index = open(f.path(), &d, gz.len() as u64).unwrap();
+        let index = open(f.path(), &d, gz.len() as u64, Layout::Deflate).unwrap();
         let spans = index.spans.as_ref().unwrap();
         let node = index.resolve("lib/text.txt").unwrap();
         let c = &index.file_chunks(node)[1];
@@ -423,7 +450,9 @@ mod tests {
         meta.checkpoints[2].blob_offset = gz.len() as u64 * 2;
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&format::write(&meta, &windows).unwrap()).unwrap();
-        let e = open(f.path(), &d, gz.len() as u64).unwrap_err().to_string();
+        let e = open(f.path(), &d, gz.len() as u64, Layout::Deflate)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("checkpoint 1") || e.contains("checkpoint 2"), "{e}");
     }
 
@@ -433,7 +462,7 @@ mod tests {
         let (f, _) = stored(&gz, &d, 64 << 10);
         let bytes = std::fs::read(f.path()).unwrap();
         std::fs::write(f.path(), &bytes[..40]).unwrap();
-        assert!(open(f.path(), &d, gz.len() as u64).is_err());
+        assert!(open(f.path(), &d, gz.len() as u64, Layout::Deflate).is_err());
     }
 
     #[test]
