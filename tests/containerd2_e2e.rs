@@ -16,13 +16,25 @@ struct Env {
     work: tempfile::TempDir,
 }
 
-/// Registry, `streamsnap serve` and a containerd 2.1 using it; `cri` enables CRI with a pause
-/// image `pause` from that registry.
-fn start(cri: bool) -> Env {
+/// How the containerd under test runs CRI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CriPull {
+    /// CRI disabled.
+    Off,
+    /// CRI on, pulling through 2.1's transfer service (the default).
+    TransferService,
+    /// CRI on with `disable_snapshot_annotations = false`, which makes 2.1 pull with `client.Pull()`.
+    LocalPull,
+}
+
+/// Registry, `streamsnap serve` and a containerd 2.1 using it; with CRI, its pause image comes from
+/// that registry.
+fn start(cri: CriPull) -> Env {
     require_root();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let sandbox_image = cri.then(|| {
+    let enable_cri = cri != CriPull::Off;
+    let sandbox_image = enable_cri.then(|| {
         let pause = build_pause_image(&work.path().join("pause"));
         push(&pause, &registry, Format::Gzip)
     });
@@ -30,10 +42,11 @@ fn start(cri: bool) -> Env {
     let containerd = Containerd::start(ContainerdOpts {
         release: Release::V2_1,
         streamsnap_socket: Some(serve.socket.clone()),
-        enable_cri: cri,
+        enable_cri,
         sandbox_image,
         plain_http_registries: vec![registry.addr()],
-        restrict_oom_score_adj: cri,
+        restrict_oom_score_adj: enable_cri,
+        cri_local_pull: cri == CriPull::LocalPull,
         log_level: "debug".into(),
         ..Default::default()
     });
@@ -47,8 +60,21 @@ fn start(cri: bool) -> Env {
 
 /// Pushes a runnable eStargz image with `weights_mib` MiB of weights; returns its reference.
 fn push_runnable(env: &Env, weights_mib: u64) -> String {
+    push_runnable_as(env, weights_mib, Format::Estargz)
+}
+
+/// Pushes a runnable image in `format`; a plain gzip one gets its index pushed next to it.
+fn push_runnable_as(env: &Env, weights_mib: u64, format: Format) -> String {
     let image = build_runnable_image(&env.work.path().join("image"), weights_mib);
-    push(&image, &env.registry, Format::Estargz)
+    let reference = push(&image, &env.registry, format);
+    if format == Format::Gzip {
+        index_image(
+            &reference,
+            &env.work.path().join("indexer"),
+            &["--push", "--min-layer-size", "0"],
+        );
+    }
+    reference
 }
 
 /// Asserts the registry served under a fifth of the image's layer bytes since `mark`.
@@ -72,7 +98,7 @@ fn containerd_version(env: &Env) -> String {
 #[test]
 fn ctr_remote_rpull_on_containerd_2_1_is_lazy_and_ctr_run_works() {
     let started = Instant::now();
-    let env = start(false);
+    let env = start(CriPull::Off);
     assert!(
         containerd_version(&env).contains("Version:  2.1"),
         "{}",
@@ -92,9 +118,41 @@ fn ctr_remote_rpull_on_containerd_2_1_is_lazy_and_ctr_run_works() {
 }
 
 #[test]
+fn ctr_image_pull_on_containerd_2_1_is_lazy_through_the_transfer_service_and_ctr_run_works() {
+    let started = Instant::now();
+    let env = start(CriPull::Off);
+    let reference = push_runnable(&env, 64);
+    let mark = env.registry.mark();
+    // 2.x's `ctr image pull` hands the pull to the transfer service (`--local` would not).
+    env.containerd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    assert_lazy(&env, &reference, mark, "after ctr image pull");
+    // The unpack ran inside containerd (its transfer service), not in the ctr client.
+    let log = std::fs::read_to_string(env.containerd.log_path()).unwrap();
+    assert!(
+        log.contains("msg=\"image unpacked\""),
+        "containerd did not unpack {reference} itself (no transfer service pull):\n{}",
+        common::tail(&log, 40)
+    );
+    assert!(env.serve.log().contains("layer served lazily"), "{}", env.serve.log());
+    let out = env
+        .containerd
+        .run_script("streamsnap", &reference, "t1", "cat /etc/greeting");
+    assert_eq!(out.trim(), "hello from streamsnap");
+    assert_lazy(&env, &reference, mark, "after ctr run");
+    eprintln!("took {:?}", started.elapsed());
+}
+
+#[test]
 fn streamsnap_pull_on_containerd_2_1_is_lazy_and_the_container_runs() {
     let started = Instant::now();
-    let env = start(false);
+    let env = start(CriPull::Off);
     let reference = push_runnable(&env, 64);
     let (_, digests) = env.registry.layers(&reference);
     let mark = env.registry.mark();
@@ -119,21 +177,41 @@ fn streamsnap_pull_on_containerd_2_1_is_lazy_and_the_container_runs() {
 
 #[test]
 fn cri_pull_on_containerd_2_1_is_lazy_through_the_transfer_service_and_a_pod_container_runs() {
+    cri_pull_is_lazy_and_a_pod_container_runs(CriPull::TransferService, Format::Estargz);
+}
+
+#[test]
+fn cri_pull_of_an_indexed_plain_gzip_image_on_containerd_2_1_is_lazy_and_a_pod_container_runs() {
+    cri_pull_is_lazy_and_a_pod_container_runs(CriPull::TransferService, Format::Gzip);
+}
+
+#[test]
+fn cri_pull_on_containerd_2_1_with_snapshot_annotations_enabled_is_lazy_through_client_pull() {
+    cri_pull_is_lazy_and_a_pod_container_runs(CriPull::LocalPull, Format::Estargz);
+}
+
+/// CRI PullImage of a runnable image in `format` serves its layers lazily along the `how` path,
+/// and a container of a host-network pod runs from it still lazily.
+fn cri_pull_is_lazy_and_a_pod_container_runs(how: CriPull, format: Format) {
     let started = Instant::now();
-    let env = start(true);
-    let reference = push_runnable(&env, 64);
+    let env = start(how);
+    let reference = push_runnable_as(&env, 64, format);
     let cri = Cri::connect(&env.containerd);
     let mark = env.registry.mark();
     let image_id = cri.pull_image(&reference);
     assert_lazy(&env, &reference, mark, "after CRI PullImage");
+    let path = match how {
+        CriPull::LocalPull => "using client.Pull()",
+        _ => "using transfer service",
+    };
     let log = std::fs::read_to_string(env.containerd.log_path()).unwrap();
     assert!(
-        log.lines()
-            .any(|l| l.contains("using transfer service") && l.contains(&reference)),
-        "containerd did not pull {reference} through its transfer service:\n{}",
+        log.lines().any(|l| l.contains(path) && l.contains(&reference)),
+        "containerd did not pull {reference} {path}:\n{}",
         common::tail(&log, 40)
     );
-    assert!(env.serve.log().contains("layer served lazily"), "{}", env.serve.log());
+    let served_lazily = env.serve.log().matches("layer served lazily").count();
+    assert!(served_lazily >= 2, "{}", env.serve.log());
 
     let log_dir = env.work.path().join("pod-logs");
     std::fs::create_dir_all(&log_dir).unwrap();
@@ -149,7 +227,7 @@ fn cri_pull_on_containerd_2_1_is_lazy_through_the_transfer_service_and_a_pod_con
 #[test]
 fn removing_an_image_on_containerd_2_1_lets_gc_remove_its_snapshots_unmount_its_layers_and_release_cache() {
     let started = Instant::now();
-    let env = start(false);
+    let env = start(CriPull::Off);
     let reference = push_runnable(&env, 16);
     env.containerd.rpull(&reference);
     let out = env

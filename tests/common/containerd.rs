@@ -37,6 +37,10 @@ pub struct ContainerdOpts {
     /// With `enable_cri`: CRI's `restrict_oom_score_adj` (cap containers' oom_score_adj at containerd's own),
     /// needed where even root cannot lower oom_score_adj (this VM: writing -998 fails), default false.
     pub restrict_oom_score_adj: bool,
+    /// containerd 2.1 with `enable_cri`: also set CRI's `disable_snapshot_annotations = false` (what
+    /// 1.6 and 2.0 need for remote snapshotters), which makes 2.1's CRI pull through
+    /// `client.Pull()` instead of its transfer service (default false).
+    pub cri_local_pull: bool,
 }
 
 impl Default for ContainerdOpts {
@@ -50,6 +54,7 @@ impl Default for ContainerdOpts {
             sandbox_image: None,
             plain_http_registries: Vec::new(),
             restrict_oom_score_adj: false,
+            cri_local_pull: false,
         }
     }
 }

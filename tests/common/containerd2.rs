@@ -105,6 +105,9 @@ fn config(d: &std::path::Path, opts: &ContainerdOpts) -> String {
         if opts.streamsnap_socket.is_some() {
             cfg += "  snapshotter = 'streamsnap'\n";
         }
+        if opts.cri_local_pull {
+            cfg += "  disable_snapshot_annotations = false\n";
+        }
         cfg += &format!(
             "[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '{}'\n",
             hosts.display()
