@@ -150,6 +150,28 @@ fn ctr_image_pull_on_containerd_2_1_is_lazy_through_the_transfer_service_and_ctr
 }
 
 #[test]
+fn an_unindexed_plain_gzip_image_pulled_through_the_transfer_service_is_unpacked_normally_and_runs() {
+    let started = Instant::now();
+    let env = start(CriPull::Off);
+    let image = build_runnable_image(&env.work.path().join("image"), 4);
+    let reference = push(&image, &env.registry, Format::Gzip);
+    env.containerd.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "streamsnap",
+        &reference,
+    ]);
+    let out = env
+        .containerd
+        .run_script("streamsnap", &reference, "u1", "cat /etc/greeting");
+    assert_eq!(out.trim(), "hello from streamsnap");
+    assert!(!env.serve.log().contains("layer served lazily"), "{}", env.serve.log());
+    eprintln!("took {:?}", started.elapsed());
+}
+
+#[test]
 fn streamsnap_pull_on_containerd_2_1_is_lazy_and_the_container_runs() {
     let started = Instant::now();
     let env = start(CriPull::Off);
@@ -225,11 +247,33 @@ fn cri_pull_is_lazy_and_a_pod_container_runs(how: CriPull, format: Format) {
 }
 
 #[test]
-fn removing_an_image_on_containerd_2_1_lets_gc_remove_its_snapshots_unmount_its_layers_and_release_cache() {
+fn image_rm_after_rpull_on_containerd_2_1_lets_gc_remove_snapshots_layer_mounts_and_cache() {
+    gc_removes_layers_after_image_rm(|env, reference| {
+        env.containerd.rpull(reference);
+    });
+}
+
+#[test]
+fn image_rm_after_a_transfer_service_pull_on_containerd_2_1_lets_gc_remove_snapshots_layer_mounts_and_cache() {
+    gc_removes_layers_after_image_rm(|env, reference| {
+        env.containerd.ctr(&[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "streamsnap",
+            reference,
+        ]);
+    });
+}
+
+/// After `pull` and a container that reads all its weights, `ctr image rm --sync` lets containerd
+/// 2.1's GC remove streamsnap's snapshots, and streamsnap unmounts the layers and drops their cache.
+fn gc_removes_layers_after_image_rm(pull: impl Fn(&Env, &str)) {
     let started = Instant::now();
     let env = start(CriPull::Off);
     let reference = push_runnable(&env, 16);
-    env.containerd.rpull(&reference);
+    pull(&env, &reference);
     let out = env
         .containerd
         .run_script("streamsnap", &reference, "g1", "cat /models/weights.bin | wc -c");

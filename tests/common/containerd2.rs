@@ -82,12 +82,12 @@ fn config(d: &std::path::Path, opts: &ContainerdOpts) -> String {
             s.display()
         );
         // The transfer service (2.x `ctr image pull`, CRI's PullImage) unpacks only into the
-        // snapshotters listed here; setting the list replaces the overlayfs default, so keep it.
+        // snapshotters listed here; a list replaces the overlayfs default, which without its
+        // entry fails ("no unpack platforms defined"). Platform "linux" means this machine's arch.
         for snapshotter in ["streamsnap", "overlayfs"] {
             cfg += &format!(
-                "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = 'linux/{}'\n  \
-                 snapshotter = '{snapshotter}'\n",
-                oci_arch()
+                "[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  platform = 'linux'\n  \
+                 snapshotter = '{snapshotter}'\n"
             );
         }
     }
@@ -127,13 +127,4 @@ fn config(d: &std::path::Path, opts: &ContainerdOpts) -> String {
         .unwrap();
     }
     cfg
-}
-
-/// The OCI name of this machine's architecture.
-fn oci_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => panic!("no OCI architecture name known for {other}"),
-    }
 }
