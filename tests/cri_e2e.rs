@@ -1,5 +1,5 @@
-//! The Kubernetes path, end to end: a small CRI v1 client (our own subset of
-//! the CRI proto, `streamsnap::proto::cri`) drives real containerd 1.6's CRI
+//! The Kubernetes path, end to end: a small CRI v1 client (`common::cri`, our own
+//! subset of the CRI proto) drives real containerd 1.6's CRI
 //! plugin, configured with `snapshotter = "streamsnap"` and
 //! `disable_snapshot_annotations = false`, the way the kubelet would: PullImage
 //! of an eStargz image is served lazily, then a pod sandbox (host network, so no
