@@ -29,10 +29,12 @@ pub struct ContainerdOpts {
     pub namespace: String,
     /// containerd log level (default "info").
     pub log_level: String,
-    /// With `enable_cri`: CRI's `sandbox_image` (the pod "pause" image); None keeps containerd's default.
+    /// With `enable_cri`: CRI's `sandbox_image` (2.1: `pinned_images.sandbox`), the pod "pause"
+    /// image; None keeps containerd's default.
     pub sandbox_image: Option<String>,
     /// With `enable_cri`: registries (`host:port`) CRI reaches over plain HTTP, as
-    /// `registry.mirrors."HOST".endpoint = ["http://HOST"]` (default none).
+    /// `registry.mirrors."HOST".endpoint = ["http://HOST"]` (2.1: a `hosts.toml` per host under
+    /// `config_path`, for CRI and the transfer service) (default none).
     pub plain_http_registries: Vec<String>,
     /// With `enable_cri`: CRI's `restrict_oom_score_adj` (cap containers' oom_score_adj at containerd's own),
     /// needed where even root cannot lower oom_score_adj (this VM: writing -998 fails), default false.
@@ -142,7 +144,6 @@ impl Containerd {
         let socket = d.join("containerd.sock");
         let config_path = d.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        let config = config_path;
         let log_path = d.join("containerd.log");
         let log = File::create(&log_path).unwrap();
         let mut command = Command::new(tool_path(bin_dir.as_deref(), "containerd"));
@@ -151,7 +152,7 @@ impl Containerd {
         }
         let mut child = command
             .arg("--config")
-            .arg(&config)
+            .arg(&config_path)
             .env_remove("CONTAINERD_ADDRESS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

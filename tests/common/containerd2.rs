@@ -34,7 +34,9 @@ pub fn bin_dir() -> PathBuf {
 /// Starts containerd 2.1 with its own root, state and sockets in a fresh TempDir.
 pub fn start(opts: ContainerdOpts) -> Containerd {
     super::require_root();
-    super::require_tool("runc");
+    for tool in ["runc", "ctr-remote"] {
+        super::require_tool(tool);
+    }
     let bin = bin_dir();
     let dir = tempfile::Builder::new()
         .prefix("containerd2-")
