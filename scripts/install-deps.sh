@@ -21,3 +21,29 @@ fi
 for svc in containerd docker-registry; do
   systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
+
+# containerd 2.1 for tests/containerd2_e2e.rs, from Debian's unstable suite, unpacked into a cache
+# directory (never installed over the system's containerd 1.6). The system's runc runs its
+# containers: unstable's runc needs a newer glibc. Skipped when already unpacked.
+containerd2_dir="${STREAMSNAP_CONTAINERD2_DIR:-/var/cache/streamsnap/containerd2}"
+if [ ! -x "$containerd2_dir/root/usr/bin/containerd" ]; then
+  echo "fetching containerd 2.x from Debian unstable into $containerd2_dir"
+  mkdir -p "$containerd2_dir/lists/partial" "$containerd2_dir/sources.d" "$containerd2_dir/debs"
+  # The same package mirror as this machine's own sources: unstable is the suite "sid" there.
+  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  if [ -z "$mirror" ]; then
+    echo "no URIs: line in /etc/apt/sources.list.d/debian.sources: cannot find the package mirror" >&2
+    exit 1
+  fi
+  printf 'Types: deb\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$mirror" > "$containerd2_dir/sources.d/sid.sources"
+  apt_private=(-o "Dir::State::Lists=$containerd2_dir/lists" -o Dir::Etc::SourceList=/dev/null
+               -o "Dir::Etc::SourceParts=$containerd2_dir/sources.d")
+  apt-get -qq "${apt_private[@]}" update
+  rm -f "$containerd2_dir"/debs/containerd_*.deb
+  (cd "$containerd2_dir/debs" && apt-get -qq "${apt_private[@]}" download containerd)
+  rm -rf "$containerd2_dir/root.partial"
+  dpkg -x "$containerd2_dir"/debs/containerd_*.deb "$containerd2_dir/root.partial"
+  mv "$containerd2_dir/root.partial" "$containerd2_dir/root"
+fi
+"$containerd2_dir/root/usr/bin/containerd" --version

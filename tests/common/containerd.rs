@@ -1,13 +1,26 @@
-//! A private containerd 1.6 (root, state, sockets in a TempDir) plus ground-truth unpacking via overlayfs.
+//! A private containerd (root, state, sockets in a TempDir) plus ground-truth unpacking via overlayfs:
+//! the system's 1.6 by default, or 2.1 from the cache directory that scripts/install-deps.sh fills
+//! (see `containerd2.rs`).
 use super::{require_tool, run_output, terminate, umount_all_under, wait_until};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Which containerd a test starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The system's containerd 1.6 (Debian 12), configured with a version-2 config.
+    System1_6,
+    /// containerd 2.1 unpacked from Debian unstable by scripts/install-deps.sh, version-3 config.
+    V2_1,
+}
+
 /// Options for `Containerd::start`.
 #[derive(Debug, Clone)]
 pub struct ContainerdOpts {
+    /// Which containerd to run (default the system's 1.6).
+    pub release: Release,
     /// If set, registers `[proxy_plugins.streamsnap]` (type "snapshot") at this gRPC socket.
     pub streamsnap_socket: Option<PathBuf>,
     /// Keep the CRI plugin enabled (disabled by default to start fast and quietly).
@@ -16,19 +29,26 @@ pub struct ContainerdOpts {
     pub namespace: String,
     /// containerd log level (default "info").
     pub log_level: String,
-    /// With `enable_cri`: CRI's `sandbox_image` (the pod "pause" image); None keeps containerd's default.
+    /// With `enable_cri`: CRI's `sandbox_image` (2.1: `pinned_images.sandbox`), the pod "pause"
+    /// image; None keeps containerd's default.
     pub sandbox_image: Option<String>,
     /// With `enable_cri`: registries (`host:port`) CRI reaches over plain HTTP, as
-    /// `registry.mirrors."HOST".endpoint = ["http://HOST"]` (default none).
+    /// `registry.mirrors."HOST".endpoint = ["http://HOST"]` (2.1: a `hosts.toml` per host under
+    /// `config_path`, for CRI and the transfer service) (default none).
     pub plain_http_registries: Vec<String>,
     /// With `enable_cri`: CRI's `restrict_oom_score_adj` (cap containers' oom_score_adj at containerd's own),
     /// needed where even root cannot lower oom_score_adj (this VM: writing -998 fails), default false.
     pub restrict_oom_score_adj: bool,
+    /// containerd 2.1 with `enable_cri`: also set CRI's `disable_snapshot_annotations = false` (what
+    /// 1.6 and 2.0 need for remote snapshotters), which makes 2.1's CRI pull through
+    /// `client.Pull()` instead of its transfer service (default false).
+    pub cri_local_pull: bool,
 }
 
 impl Default for ContainerdOpts {
     fn default() -> Self {
         ContainerdOpts {
+            release: Release::System1_6,
             streamsnap_socket: None,
             enable_cri: false,
             namespace: "streamsnap-test".into(),
@@ -36,6 +56,7 @@ impl Default for ContainerdOpts {
             sandbox_image: None,
             plain_http_registries: Vec::new(),
             restrict_oom_score_adj: false,
+            cri_local_pull: false,
         }
     }
 }
@@ -47,11 +68,17 @@ pub struct Containerd {
     namespace: String,
     log_path: PathBuf,
     dir: tempfile::TempDir,
+    /// containerd 2.1's `bin/` (its own `ctr` and shim); None for the system's 1.6.
+    bin_dir: Option<PathBuf>,
 }
 
 impl Containerd {
-    /// Writes a version-2 config into a fresh TempDir, starts containerd and waits for its gRPC socket.
+    /// Writes a config (version 2 for 1.6, version 3 for 2.1) into a fresh TempDir, starts
+    /// containerd and waits for its gRPC socket.
     pub fn start(opts: ContainerdOpts) -> Containerd {
+        if opts.release == Release::V2_1 {
+            return super::containerd2::start(opts);
+        }
         super::require_root();
         for t in ["containerd", "ctr", "ctr-remote"] {
             require_tool(t);
@@ -102,13 +129,30 @@ impl Containerd {
                 s.display()
             );
         }
-        let config = d.join("config.toml");
-        std::fs::write(&config, cfg).unwrap();
+        Containerd::spawn(dir, &cfg, None, opts.namespace)
+    }
+
+    /// Writes `config` into `dir`, runs containerd (from `bin_dir` if set, with `bin_dir` first on
+    /// PATH so it finds its own shim) and waits until `ctr version` answers on its socket.
+    pub(super) fn spawn(
+        dir: tempfile::TempDir,
+        config: &str,
+        bin_dir: Option<PathBuf>,
+        namespace: String,
+    ) -> Containerd {
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
         let log_path = d.join("containerd.log");
         let log = File::create(&log_path).unwrap();
-        let mut child = Command::new("containerd")
+        let mut command = Command::new(tool_path(bin_dir.as_deref(), "containerd"));
+        if let Some(bin) = &bin_dir {
+            command.env("PATH", path_with_first(bin));
+        }
+        let mut child = command
             .arg("--config")
-            .arg(&config)
+            .arg(&config_path)
             .env_remove("CONTAINERD_ADDRESS")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -122,9 +166,14 @@ impl Containerd {
                 return true;
             }
             socket.exists()
-                && run_output(Command::new("ctr").arg("--address").arg(&socket).arg("version"))
-                    .status
-                    .success()
+                && run_output(
+                    Command::new(tool_path(bin_dir.as_deref(), "ctr"))
+                        .arg("--address")
+                        .arg(&socket)
+                        .arg("version"),
+                )
+                .status
+                .success()
         });
         if let Some(st) = exited {
             panic!(
@@ -135,9 +184,10 @@ impl Containerd {
         Containerd {
             child,
             socket,
-            namespace: opts.namespace,
+            namespace,
             log_path,
             dir,
+            bin_dir,
         }
     }
 
@@ -240,8 +290,12 @@ impl Containerd {
     }
 
     /// `TOOL --address SOCK --namespace NS ARGS…`, for callers that stream the output themselves.
+    /// With containerd 2.1, `ctr` is 2.1's own (found first on PATH, as the shim is).
     pub fn command(&self, tool: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(tool);
+        let mut c = Command::new(tool_path(self.bin_dir.as_deref(), tool));
+        if let Some(bin) = &self.bin_dir {
+            c.env("PATH", path_with_first(bin));
+        }
         c.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
@@ -268,6 +322,20 @@ impl Containerd {
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// `bin_dir/tool` when that exists, else `tool` (looked up on PATH).
+fn tool_path(bin_dir: Option<&Path>, tool: &str) -> PathBuf {
+    match bin_dir.map(|b| b.join(tool)) {
+        Some(p) if p.is_file() => p,
+        _ => PathBuf::from(tool),
+    }
+}
+
+/// This process's PATH with `dir` in front.
+fn path_with_first(dir: &Path) -> std::ffi::OsString {
+    let rest = std::env::var_os("PATH").unwrap_or_default();
+    std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&rest))).unwrap()
 }
 
 impl Drop for Containerd {

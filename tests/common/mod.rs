@@ -4,6 +4,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod containerd;
+pub mod containerd2;
+pub mod cri;
 pub mod fsutil;
 pub mod image;
 pub mod proxy;
@@ -13,7 +15,7 @@ pub mod registry;
 pub mod streamsnap;
 pub mod tree;
 
-pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage};
+pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage, Release};
 pub use fsutil::write_random_file;
 pub use image::{
     build_big_layer_image, build_feature_image, build_runnable_image, layer_listings, BigLayerImage, OciImage,
