@@ -73,10 +73,8 @@ pub async fn mount_image(
         let layer = layer?;
         let dir = state.mounts().join(layer.digest.hex());
         crate::private::dir(&dir)?;
-        if overlay::is_mountpoint(&dir) {
-            // Left behind by a run that was killed.
-            overlay::unmount(&dir, true)?;
-        }
+        // Left behind by a run that was killed.
+        overlay::unmount_stale(&dir);
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), runtime.clone());
         let session = fs
             .mount(&dir, &layer.digest.hex()[..12])

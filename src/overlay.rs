@@ -72,16 +72,82 @@ pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
     check(unsafe { libc::umount2(t.as_ptr(), flags) })
 }
 
+/// A mount as /proc/self/mountinfo lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// The device (`major`, `minor`); for FUSE, the minor numbers its connection.
+    pub dev: (u32, u32),
+    pub fs_type: String,
+    pub source: String,
+}
+
+/// The topmost mount at `path`, found without touching the mounted filesystem
+/// (only its parent is resolved): a FUSE mount whose server is gone, or stuck,
+/// never answers, and asking it would hang the caller.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let canon = path.parent()?.canonicalize().ok()?.join(path.file_name()?);
+    let want = escape_mountinfo(&canon.to_string_lossy());
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let left: Vec<&str> = left.split(' ').collect();
+        if left.get(4) != Some(&want.as_str()) {
+            return None;
+        }
+        let (major, minor) = left.get(2)?.split_once(':')?;
+        let mut right = right.split(' ');
+        Some(MountEntry {
+            dev: (major.parse().ok()?, minor.parse().ok()?),
+            fs_type: right.next()?.to_string(),
+            source: right.next()?.to_string(),
+        })
+    })
+}
+
+/// Where the kernel's FUSE control filesystem lists connections.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Mounts the FUSE control filesystem where init systems usually do, if nothing has.
+fn mount_fusectl() {
+    if is_mountpoint(Path::new(FUSECTL)) {
+        return;
+    }
+    let (name, target) = (CString::new("fusectl").expect("literal"), CString::new(FUSECTL).expect("literal"));
+    // SAFETY: valid NUL-terminated strings; fusectl takes no data.
+    let rc = unsafe { libc::mount(name.as_ptr(), target.as_ptr(), name.as_ptr(), 0, std::ptr::null()) };
+    if let Err(e) = check(rc) {
+        tracing::warn!(target = FUSECTL, error = %e, "cannot mount the FUSE control filesystem");
+    }
+}
+
+/// mountinfo's escaping of space, tab, newline and backslash.
+fn escape_mountinfo(path: &str) -> String {
+    path.replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012")
+}
+
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let Ok(canon) = path.canonicalize() else {
-        return false;
-    };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    mount_at(path).is_some()
+}
+
+/// Removes a mount left at `path` by a process that is gone. A FUSE connection
+/// is aborted first: a killed server can linger with requests that will never be
+/// answered (even of its own threads), and aborting fails them so it can exit.
+pub fn unmount_stale(path: &Path) {
+    let Some(mount) = mount_at(path) else { return };
+    if mount.fs_type == "fuse" || mount.fs_type.starts_with("fuse.") {
+        mount_fusectl();
+        let abort = format!("{FUSECTL}/{}/abort", mount.dev.1);
+        if let Err(e) = std::fs::write(&abort, "1") {
+            tracing::warn!(path = %path.display(), abort, error = %e, "cannot abort a stale FUSE connection");
+        }
+    }
+    if let Err(e) = unmount(path, true) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot unmount a stale mount");
+    }
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {

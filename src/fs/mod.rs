@@ -354,12 +354,12 @@ fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
 /// several 1 MiB FUSE reads in flight instead of one 128 KiB read at a time.
 /// Best effort: without it reads are slower, never wrong.
 fn raise_read_ahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let dev = match std::fs::metadata(mountpoint) {
-        Ok(md) => md.dev(),
-        Err(e) => return warn!(mountpoint = %mountpoint.display(), error = %e, "cannot stat the new mount"),
+    // Not stat(2): a request to our own mount would hang this thread for good
+    // if the daemon were killed before answering it.
+    let Some(mount) = crate::overlay::mount_at(mountpoint) else {
+        return warn!(mountpoint = %mountpoint.display(), "the new mount is not in mountinfo");
     };
-    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", mount.dev.0, mount.dev.1);
     if let Err(e) = std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
         warn!(mountpoint = %mountpoint.display(), knob, error = %e, "cannot raise read-ahead");
     }

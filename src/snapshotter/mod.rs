@@ -486,9 +486,7 @@ impl Snapshots {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !live.contains(&name) {
                 let fs = entry.path().join("fs");
-                if crate::overlay::is_mountpoint(&fs) {
-                    let _ = crate::overlay::unmount(&fs, true);
-                }
+                crate::overlay::unmount_stale(&fs);
                 std::fs::remove_dir_all(entry.path()).map_err(|e| io_err("removing", &entry.path(), e))?;
             }
         }

@@ -258,10 +258,8 @@ impl RemoteLayers {
 
     /// FUSE-mounts `layer` at `at` (blocking: the kernel answers FUSE_INIT first).
     fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path) -> Result<(), RemoteError> {
-        if crate::overlay::is_mountpoint(at) {
-            // A mount left by a daemon that died: its FUSE connection is gone.
-            let _ = crate::overlay::unmount(at, true);
-        }
+        // A mount left by a daemon that died.
+        crate::overlay::unmount_stale(at);
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), self.runtime.clone());
         let mounted = fs
             .mount(at, &layer.digest.hex()[..12])
