@@ -21,7 +21,7 @@ pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
 pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
 
-use crate::cache::{ChunkKey, DiskCache, FileSlot, MemCache};
+use crate::cache::{ChunkKey, DiskCache, FileEntry, FileSlot, MemCache};
 use crate::digest::Digest;
 use crate::flight::{Abandoned, Claim, Flights, Lead};
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
@@ -125,6 +125,8 @@ pub struct Fetcher {
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
     observer: ObserverSlot,
+    /// Where checks of cached files left by an earlier run go (off the FUSE threads).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Fetcher {
@@ -140,6 +142,7 @@ impl Fetcher {
             sequential: Mutex::default(),
             stats: FetchStats::default(),
             observer: ObserverSlot::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -252,10 +255,22 @@ impl Fetcher {
     }
 
     /// The whole-file cache entry of `node`, for the kernel to read directly.
+    /// An entry left by an earlier run is checked first, in the background
+    /// (the kernel's reads of it are not checked): until then, `None`.
     pub fn cached_file(&self, node: NodeId) -> Option<PathBuf> {
-        match self.source.is_local() {
-            true => None,
-            false => self.node.disk.file(&self.layer, node),
+        if self.source.is_local() {
+            return None;
+        }
+        match self.node.disk.file(&self.layer, node) {
+            FileEntry::Ready(path) => Some(path),
+            FileEntry::Absent => None,
+            FileEntry::Unchecked => {
+                if let Some(rt) = &self.runtime {
+                    let (disk, layer) = (Arc::clone(&self.node.disk), self.layer.clone());
+                    drop(rt.spawn_blocking(move || disk.check_file(&layer, node)));
+                }
+                None
+            }
         }
     }
 
