@@ -8,6 +8,7 @@
 //! (gzip-indexed layers), `decode` (chunk bytes to file bytes), `testing`
 //! (an in-process source that injects faults).
 
+mod complete;
 pub mod decode;
 mod observe;
 mod sched;
@@ -17,6 +18,7 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use complete::{CompleteError, Proof};
 pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
 pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
@@ -34,7 +36,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tracing::warn;
 
 /// Largest single range request when coalescing chunks.
@@ -62,6 +64,8 @@ pub enum FetchError {
     Corrupt { layer: Digest, offset: u64, reason: String },
     #[error("layer {layer}: no such file node {node}")]
     NoNode { layer: Digest, node: NodeId },
+    #[error("layer {layer} is quarantined: {reason}")]
+    Quarantined { layer: Digest, reason: String },
     #[error("layer {layer}: chunk at blob offset {offset}: {source}")]
     Abandoned {
         layer: Digest,
@@ -127,6 +131,8 @@ pub struct Fetcher {
     observer: ObserverSlot,
     /// Where checks of cached files left by an earlier run go (off the FUSE threads).
     runtime: Option<tokio::runtime::Handle>,
+    /// Why the layer is known to serve wrong bytes (`complete`): every read fails.
+    quarantined: OnceLock<String>,
 }
 
 impl Fetcher {
@@ -143,6 +149,7 @@ impl Fetcher {
             stats: FetchStats::default(),
             observer: ObserverSlot::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            quarantined: OnceLock::new(),
         })
     }
 
@@ -175,6 +182,7 @@ impl Fetcher {
 
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
     pub async fn read(self: &Arc<Self>, node: NodeId, offset: u64, size: u32) -> Result<Bytes, FetchError> {
+        self.refuse_quarantined()?;
         let n = self.index.node(node).ok_or_else(|| FetchError::NoNode {
             layer: self.layer.clone(),
             node,
@@ -258,7 +266,7 @@ impl Fetcher {
     /// An entry left by an earlier run is checked first, in the background
     /// (the kernel's reads of it are not checked): until then, `None`.
     pub fn cached_file(&self, node: NodeId) -> Option<PathBuf> {
-        if self.source.is_local() {
+        if self.source.is_local() || self.quarantined().is_some() {
             return None;
         }
         match self.node.disk.file(&self.layer, node) {
@@ -339,6 +347,7 @@ impl Fetcher {
         ids: impl IntoIterator<Item = ChunkId>,
         cause: Cause,
     ) -> Result<Vec<Bytes>, FetchError> {
+        self.refuse_quarantined()?;
         let urgency = Urgency::new(cause);
         let mut waits = Vec::new();
         let mut wanted = Vec::new();
