@@ -538,14 +538,20 @@ impl Fetcher {
         }
         let this = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
-            for (id, data) in keep {
-                let stored = match this.slot(node, id) {
-                    Some(slot) => this.node.disk.put_in_file(&this.layer, slot, &data),
-                    None => this.node.disk.put(&this.key(id), &data),
-                };
-                if let Err(e) = stored {
-                    warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
+            let mut small = Vec::new();
+            for (id, data) in &keep {
+                match this.slot(node, *id) {
+                    Some(slot) => {
+                        if let Err(e) = this.node.disk.put_in_file(&this.layer, slot, data) {
+                            warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
+                        }
+                    }
+                    None => small.push((this.key(*id), &data[..])),
                 }
+            }
+            // One durable batch: a sync per small chunk would cost more than its write.
+            if let Err(e) = this.node.disk.put_many(&small) {
+                warn!(layer = %this.layer, error = %e, chunks = small.len(), "cannot write chunks to the disk cache");
             }
         })
         .await;

@@ -84,6 +84,7 @@ fn chunks_of_a_file_fill_one_entry_that_becomes_whole_with_the_last() {
     c.put_in_file(&layer, slot(0), b"01234").unwrap();
     let whole = ready(c.file(&layer, 7));
     assert_eq!(std::fs::read(whole).unwrap(), b"0123456789");
+    assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
     assert_eq!(c.total_bytes(), 10);
     let c = DiskCache::open(dir.path(), 100).unwrap();
     assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
@@ -270,4 +271,17 @@ fn a_write_interrupted_before_its_rename_leaves_no_entry() {
     let c = DiskCache::open(dir.path(), 100).unwrap();
     assert_eq!(std::fs::read_dir(&layer_dir).unwrap().count(), 1);
     assert_eq!(c.total_bytes(), 5);
+}
+
+#[test]
+fn a_batch_of_chunks_is_stored_durably_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    c.put_many(&[(key(1), &b"one"[..]), (key(2), &b"two"[..]), (key(3), &[0u8; 200][..])])
+        .unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    assert_eq!(c.get(&key(1)).as_deref(), Some(&b"one"[..]));
+    assert_eq!(c.get(&key(2)).as_deref(), Some(&b"two"[..]));
+    assert!(!c.has(&key(3)), "larger than the cache: served, not kept");
+    assert_eq!(c.total_bytes(), 6);
 }
