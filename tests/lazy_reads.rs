@@ -299,7 +299,10 @@ fn a_fully_read_file_becomes_one_cache_file_the_kernel_reads_directly() {
     let whole_files = || -> Vec<std::path::PathBuf> {
         walk(&layer_cache)
             .into_iter()
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("file-"))
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with("file-") && !name.ends_with(".sums")
+            })
             .collect()
     };
     let mount = MountProcess::start(&reference, &state, &work.path().join("mnt"), &[]);
