@@ -13,15 +13,17 @@
 //! passthrough only once it has been checked against it in this process.
 
 mod books;
+mod files;
 
 use super::seal::{self, Record};
 use super::ChunkKey;
 use crate::digest::Digest;
-use books::{Entry, Lru, Partial, PartialFiles};
+use books::{Entry, Lru, Partial, Unchecked};
+use files::{create_partial, sums_path, syncfs, write_at};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tracing::warn;
@@ -110,7 +112,7 @@ impl DiskCache {
                         let _ = std::fs::remove_file(&path);
                         continue;
                     }
-                    unchecked.insert((layer.clone(), *node), Arc::new(OnceLock::new()));
+                    unchecked.insert((layer.clone(), *node), Arc::new(Unchecked::default()));
                 }
                 found.push((t, key, len));
             }
@@ -342,15 +344,50 @@ impl DiskCache {
                 None => return None,
             }
         };
-        let file = match held {
-            Some(cell) => Arc::clone(&cell.get()?.as_ref().ok()?.0),
-            // Left by an earlier run: checked whole before its first use.
-            None if !self.check_file(layer, slot.node) => return None,
-            None => Arc::new(std::fs::File::open(self.path(&whole)).ok()?),
+        let path = self.path(&whole);
+        let (file, unchecked) = match held {
+            Some(cell) => (Arc::clone(&cell.get()?.as_ref().ok()?.0), None),
+            None => (
+                Arc::new(std::fs::File::open(&path).ok()?),
+                self.lru.lock().unchecked.get(&(layer.clone(), slot.node)).cloned(),
+            ),
         };
         let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, slot.file_offset).ok()?;
+        // Left by an earlier run and not yet checked whole: this chunk is
+        // checked against its record before its first use.
+        if let Some(u) = unchecked {
+            let sums = u.sums.get_or_init(|| seal::read_sums(&sums_path(&path)).ok());
+            if !sums
+                .as_deref()
+                .is_some_and(|r| seal::chunk_matches(r, slot.file_offset, &buf))
+            {
+                warn!(%layer, node = slot.node, offset = slot.file_offset, path = %path.display(), "dropping cached file that fails its check");
+                self.drop_unchecked(layer, slot.node, &u);
+                return None;
+            }
+        }
         Some(buf)
+    }
+
+    /// Drops a whole-file entry left by an earlier run that failed a check,
+    /// if `cell` is still its record in the books.
+    fn drop_unchecked(&self, layer: &Digest, node: u32, cell: &Arc<Unchecked>) {
+        let e = Entry::File {
+            layer: layer.clone(),
+            node,
+        };
+        let mut lru = self.lru.lock();
+        if lru
+            .unchecked
+            .get(&(layer.clone(), node))
+            .is_some_and(|c| Arc::ptr_eq(c, cell))
+        {
+            lru.unchecked.remove(&(layer.clone(), node));
+            lru.remove(&e);
+            drop(lru);
+            self.delete(&e);
+        }
     }
 
     /// The whole-file entry of `node` (counts as a use), and whether the
@@ -384,26 +421,27 @@ impl DiskCache {
             return self.lru.lock().contains(&e);
         };
         let path = self.path(&e);
-        let sound = *cell.get_or_init(|| match seal::check_file(&path, &sums_path(&path)) {
-            Ok(()) => true,
-            Err(error) => {
-                warn!(%layer, node, path = %path.display(), %error, "dropping cached file that fails its check");
-                false
+        let sound = *cell
+            .whole
+            .get_or_init(|| match seal::check_file(&path, &sums_path(&path)) {
+                Ok(()) => true,
+                Err(error) => {
+                    warn!(%layer, node, path = %path.display(), %error, "dropping cached file that fails its check");
+                    false
+                }
+            });
+        if sound {
+            let mut lru = self.lru.lock();
+            // Only if the entry checked is still the one in the books.
+            if lru
+                .unchecked
+                .get(&(layer.clone(), node))
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                lru.unchecked.remove(&(layer.clone(), node));
             }
-        });
-        let mut lru = self.lru.lock();
-        // Only if the entry checked is still the one in the books.
-        if lru
-            .unchecked
-            .get(&(layer.clone(), node))
-            .is_some_and(|c| Arc::ptr_eq(c, &cell))
-        {
-            lru.unchecked.remove(&(layer.clone(), node));
-            if !sound {
-                lru.remove(&e);
-                drop(lru);
-                self.delete(&e);
-            }
+        } else {
+            self.drop_unchecked(layer, node, &cell);
         }
         sound
     }
@@ -541,59 +579,6 @@ impl DiskCache {
     pub fn total_bytes(&self) -> u64 {
         self.lru.lock().total
     }
-}
-
-/// The sums sidecar of the whole-file entry at `file`.
-fn sums_path(file: &Path) -> PathBuf {
-    let mut name = file.as_os_str().to_owned();
-    name.push(SUMS);
-    PathBuf::from(name)
-}
-
-/// Flushes everything written to the filesystem holding `f`.
-fn syncfs(f: &std::fs::File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: syncfs takes a descriptor `f` keeps open for the call.
-    match unsafe { libc::syncfs(f.as_raw_fd()) } {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// Creates a sparse partial entry of `size` bytes and opens it twice: plainly and with O_DIRECT.
-fn create_partial(path: &Path, size: u64) -> io::Result<PartialFiles> {
-    crate::private::dir(path.parent().expect("cache path has a parent"))?;
-    let f = crate::private::options()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .read(true)
-        .open(path)?;
-    f.set_len(size)?;
-    let direct = std::fs::File::options()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-        .map(Arc::new);
-    Ok((Arc::new(f), direct))
-}
-
-/// Writes `data` at `offset`; its page-aligned part through `direct` (O_DIRECT)
-/// when there is one: the device copies it, not the CPU, which a cold read of
-/// a large file is short of. The unaligned tail goes through the page cache.
-fn write_at(file: &std::fs::File, direct: Option<&std::fs::File>, data: &[u8], offset: u64) -> io::Result<()> {
-    const ALIGN: usize = 4096;
-    let aligned = data.as_ptr() as usize % ALIGN == 0 && offset % ALIGN as u64 == 0;
-    let head = if aligned { data.len() / ALIGN * ALIGN } else { 0 };
-    if let (Some(d), true) = (direct, head > 0) {
-        match d.write_all_at(&data[..head], offset) {
-            Ok(()) => return file.write_all_at(&data[head..], offset + head as u64),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // no O_DIRECT here after all
-            Err(e) => return Err(e),
-        }
-    }
-    file.write_all_at(data, offset)
 }
 
 #[cfg(test)]

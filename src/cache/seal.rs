@@ -91,12 +91,7 @@ fn decode(bytes: &[u8]) -> Result<Vec<Record>, SealError> {
 /// the file once, in pieces of at most `PIECE` bytes.
 pub fn check_file(file: &Path, sums: &Path) -> Result<(), SealError> {
     let io = |what| move |source| SealError::Io { what, source };
-    let mut raw = Vec::new();
-    File::open(sums)
-        .and_then(|mut f| f.read_to_end(&mut raw))
-        .map_err(io("sums sidecar"))?;
-    let mut records = decode(&raw)?;
-    records.sort_by_key(|r| r.offset);
+    let records = read_sums(sums)?;
     let f = File::open(file).map_err(io("cache file"))?;
     let got = f.metadata().map_err(io("cache file"))?.len();
     let mut covered = 0u64;
@@ -126,6 +121,28 @@ pub fn check_file(file: &Path, sums: &Path) -> Result<(), SealError> {
         return Err(SealError::Length { got, covered });
     }
     Ok(())
+}
+
+/// The records of the sums sidecar at `path`, in file-offset order.
+pub fn read_sums(path: &Path) -> Result<Vec<Record>, SealError> {
+    let mut raw = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut raw))
+        .map_err(|source| SealError::Io {
+            what: "sums sidecar",
+            source,
+        })?;
+    let mut records = decode(&raw)?;
+    records.sort_by_key(|r| r.offset);
+    Ok(records)
+}
+
+/// Is `data`, read at `offset` of a whole-file entry, the chunk its sums recorded there?
+pub fn chunk_matches(records: &[Record], offset: u64, data: &[u8]) -> bool {
+    match records.binary_search_by_key(&offset, |r| r.offset) {
+        Ok(i) => records[i].len == data.len() as u64 && records[i].sha == sha(data),
+        Err(_) => false,
+    }
 }
 
 /// Makes a rename in `dir` durable.

@@ -74,7 +74,7 @@ pub(super) struct Lru {
     pub(super) by_layer: HashMap<Digest, u64>,
     pub(super) partials: HashMap<(Digest, u32), Partial>,
     /// Whole-file entries found on open and not yet checked; the cell runs one check.
-    pub(super) unchecked: HashMap<(Digest, u32), Arc<OnceLock<bool>>>,
+    pub(super) unchecked: HashMap<(Digest, u32), Arc<Unchecked>>,
     /// Layers mounted now (with their mount counts).
     pub(super) in_use: HashMap<Digest, usize>,
     /// Entries of mounted layers evicted so far (the bound is below their working set).
@@ -186,6 +186,15 @@ impl Lru {
             }
         }
     }
+}
+
+/// A whole-file entry left by an earlier run: its sums (read once, for
+/// checking single chunks) and the one check of the whole file.
+#[derive(Default)]
+pub(super) struct Unchecked {
+    /// `None`: the sidecar cannot be read.
+    pub(super) sums: OnceLock<Option<Vec<Record>>>,
+    pub(super) whole: OnceLock<bool>,
 }
 
 impl Partial {
