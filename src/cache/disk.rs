@@ -407,6 +407,15 @@ impl DiskCache {
         }
     }
 
+    /// True for the first caller only, per unchecked whole-file entry: who
+    /// starts its background check (later opens need not queue behind it).
+    pub fn claim_check(&self, layer: &Digest, node: u32) -> bool {
+        let lru = self.lru.lock();
+        lru.unchecked
+            .get(&(layer.clone(), node))
+            .is_some_and(|u| !u.claimed.swap(true, std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Checks a whole-file entry left by an earlier run against its sums
     /// (blocking: reads the file once; concurrent callers share one check).
     /// True when the entry is there and sound; a failing one is dropped.

@@ -273,7 +273,11 @@ impl Fetcher {
             FileEntry::Ready(path) => Some(path),
             FileEntry::Absent => None,
             FileEntry::Unchecked => {
-                if let Some(rt) = &self.runtime {
+                if let Some(rt) = self
+                    .runtime
+                    .as_ref()
+                    .filter(|_| self.node.disk.claim_check(&self.layer, node))
+                {
                     let (disk, layer) = (Arc::clone(&self.node.disk), self.layer.clone());
                     drop(rt.spawn_blocking(move || disk.check_file(&layer, node)));
                 }

@@ -195,6 +195,8 @@ pub(super) struct Unchecked {
     /// `None`: the sidecar cannot be read.
     pub(super) sums: OnceLock<Option<Vec<Record>>>,
     pub(super) whole: OnceLock<bool>,
+    /// A background check of the whole file was started (one per entry).
+    pub(super) claimed: std::sync::atomic::AtomicBool,
 }
 
 impl Partial {

@@ -226,6 +226,8 @@ fn a_whole_file_entry_from_an_earlier_run_is_checked_before_passthrough() {
     let layer = Digest::of(b"l");
     let c = whole_file_then_restart(dir.path(), &layer);
     assert_eq!(c.file(&layer, 7), FileEntry::Unchecked);
+    assert!(c.claim_check(&layer, 7), "the first opener starts the check");
+    assert!(!c.claim_check(&layer, 7), "later ones do not queue behind it");
     assert!(c.check_file(&layer, 7));
     assert_eq!(std::fs::read(ready(c.file(&layer, 7))).unwrap(), b"0123456789");
 }
