@@ -64,7 +64,7 @@ async fn round(blob: &Bytes, mode: Mode, probe: &str) -> Duration {
     let mut background_work = Vec::new();
     if mode != Mode::Alone {
         background_work.push(start_replay(&fetcher, mode));
-        background_work.push(start_fill(&fetcher, mode));
+        background_work.push(start_fill(&fetcher, mode, blob.len() as u64));
         tokio::time::sleep(WARM_UP).await;
     }
     let file = fetcher.index().resolve(probe).expect("probe file");
@@ -106,14 +106,18 @@ fn start_replay(fetcher: &Arc<Fetcher>, mode: Mode) -> tokio::task::JoinHandle<(
     })
 }
 
-fn start_fill(fetcher: &Arc<Fetcher>, mode: Mode) -> tokio::task::JoinHandle<()> {
+fn start_fill(fetcher: &Arc<Fetcher>, mode: Mode, blob_size: u64) -> tokio::task::JoinHandle<()> {
     if mode == Mode::Prioritized {
         let cfg = FillConfig {
             enabled: true,
             delay: Duration::ZERO,
             rate: None,
         };
-        let fill = background::spawn(fetcher, cfg).expect("fill starts");
+        let target = background::Target {
+            image: "bench/layer".into(),
+            size: blob_size,
+        };
+        let fill = background::spawn(fetcher, cfg, target).expect("fill starts");
         return tokio::spawn(async move {
             let _ = fill.await;
         });

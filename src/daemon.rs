@@ -13,6 +13,8 @@ use tracing::info;
 
 /// Serves until `shutdown` completes, then unmounts what it mounted.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First: nothing in the state dir is touched unless this process owns it.
+    let owner = node::StateLock::acquire(&config.root)?;
     let registry = Arc::new(node::registry(&config.registry, &config.fetch, false)?);
     let metrics = Metrics::new();
     let _metrics_server = match config.metrics_address {
@@ -28,7 +30,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         }
         None => None,
     };
-    let ctx = node::layer_context(&config, registry, metrics)?;
+    let ctx = node::layer_context(&config, &owner, registry, metrics)?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)
             .with_context(|| format!("opening snapshot store in {}", config.root.display()))?,

@@ -309,8 +309,9 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 /// `streamsnap mount`: the node built from the flags, as `serve` builds it from its config.
 async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let cfg = args.config();
+    let owner = node::StateLock::acquire(&cfg.root)?;
     let registry = Arc::new(node::registry(&cfg.registry, &cfg.fetch, args.plain_http)?);
-    let ctx = node::layer_context(&cfg, registry, Metrics::new())?;
+    let ctx = node::layer_context(&cfg, &owner, registry, Metrics::new())?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
     let mounted = image_mount::mount_image(&ctx, &state, image, &cfg.registry.platform, mountpoint)
@@ -351,6 +352,7 @@ async fn profile(action: ProfileAction) -> anyhow::Result<()> {
 }
 
 async fn index(args: IndexArgs) -> anyhow::Result<()> {
+    let _owner = node::StateLock::acquire(&args.state_dir)?;
     let registry = registry_client(args.plain_http)?;
     let store = IndexStore::new(StateDir { root: args.state_dir }.indexes(), Vec::new(), false);
     let opts = IndexOptions {

@@ -85,6 +85,7 @@ pub struct Metrics {
     layer_mount_seconds: Histogram,
     /// On-demand range requests waiting for admission or on the registry now, every layer together.
     reads_waiting: Gauge,
+    quarantined_layers: Counter,
 }
 
 impl Metrics {
@@ -127,8 +128,15 @@ impl Metrics {
             "On-demand range requests waiting for admission or on the registry now",
             reads_waiting.clone(),
         );
+        let quarantined_layers = Counter::default();
+        registry.register(
+            "quarantined_layers",
+            "Layers whose filled content failed its check against the layer digest; their reads fail",
+            quarantined_layers.clone(),
+        );
         Arc::new(Self {
             registry,
+            quarantined_layers,
             fetched_bytes,
             fetch_requests,
             chunk_lookups,
@@ -141,6 +149,16 @@ impl Metrics {
     /// On-demand range requests waiting for admission or on the registry now (set by the scheduler).
     pub fn set_reads_waiting(&self, n: i64) {
         self.reads_waiting.set(n);
+    }
+
+    /// A layer was quarantined.
+    pub fn quarantined(&self) {
+        self.quarantined_layers.inc();
+    }
+
+    /// Layers quarantined since start.
+    pub fn quarantined_total(&self) -> u64 {
+        self.quarantined_layers.get()
     }
 
     pub fn fetched(&self, cause: Cause, bytes: u64) {

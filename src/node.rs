@@ -1,7 +1,12 @@
 //! The composition root: what one node's layers share (registry client, disk
 //! and memory caches, gzip index store, start-up profiles, fill settings,
 //! metrics), built from the typed [`Config`]. `serve` and `mount` both start
-//! here, so a layer is served the same way by either.
+//! here, so a layer is served the same way by either. A state dir has one
+//! owner at a time (`lock`): building a context takes the owner's lock as proof.
+
+pub mod lock;
+
+pub use lock::{LockError, StateLock};
 
 use crate::cache::{DiskCache, MemCache};
 use crate::config::{self, Config};
@@ -56,13 +61,18 @@ pub fn registry(cfg: &config::Registry, fetch: &config::Fetch, plain_http: bool)
     })?)
 }
 
-/// What every layer opened on this node shares, under `config.root`.
-pub fn layer_context(config: &Config, registry: Arc<Registry>, metrics: Arc<Metrics>) -> anyhow::Result<LayerContext> {
+/// What every layer opened on this node shares, under the state dir `owner` holds.
+pub fn layer_context(
+    config: &Config,
+    owner: &StateLock,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<LayerContext> {
+    // The lock created the root owner-only (0700): cache files and mount points
+    // must not be reachable by host users.
     let state = StateDir {
-        root: config.root.clone(),
+        root: owner.root().to_path_buf(),
     };
-    // Owner-only: cache files and mount points must not be reachable by host users.
-    crate::private::dir(&state.root)?;
     let repos = &config.index.repositories;
     let trust_referrers = config.index.trust_referrers;
     Ok(LayerContext {

@@ -112,7 +112,10 @@ fn mount_fusectl() {
     if is_mountpoint(Path::new(FUSECTL)) {
         return;
     }
-    let (name, target) = (CString::new("fusectl").expect("literal"), CString::new(FUSECTL).expect("literal"));
+    let (name, target) = (
+        CString::new("fusectl").expect("literal"),
+        CString::new(FUSECTL).expect("literal"),
+    );
     // SAFETY: valid NUL-terminated strings; fusectl takes no data.
     let rc = unsafe { libc::mount(name.as_ptr(), target.as_ptr(), name.as_ptr(), 0, std::ptr::null()) };
     if let Err(e) = check(rc) {

@@ -1,12 +1,14 @@
 //! Chunk caches: a bounded on-disk store under the state dir that survives
-//! restarts (`disk`: LRU by size), and a bounded in-memory LRU of decoded chunks.
+//! restarts and crashes (`disk`: LRU by size; `seal`: what proves an entry
+//! intact), and a bounded in-memory LRU of decoded chunks.
 //!
 //! Keys are (layer digest, blob offset, inner offset): stable for a layer
 //! whatever index form produced them.
 
 mod disk;
+mod seal;
 
-pub use disk::{CacheError, DiskCache, FileSlot};
+pub use disk::{CacheError, DiskCache, FileEntry, FileSlot};
 
 use crate::digest::Digest;
 use bytes::Bytes;

@@ -8,6 +8,7 @@
 //! (gzip-indexed layers), `decode` (chunk bytes to file bytes), `testing`
 //! (an in-process source that injects faults).
 
+mod complete;
 pub mod decode;
 mod observe;
 mod sched;
@@ -17,11 +18,12 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use complete::{CompleteError, Proof};
 pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
 pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
 
-use crate::cache::{ChunkKey, DiskCache, FileSlot, MemCache};
+use crate::cache::{ChunkKey, DiskCache, FileEntry, FileSlot, MemCache};
 use crate::digest::Digest;
 use crate::flight::{Abandoned, Claim, Flights, Lead};
 use crate::index::{Chunk, ChunkId, LayerIndex, NodeId};
@@ -34,7 +36,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tracing::{error, warn};
 
@@ -69,6 +71,8 @@ pub enum FetchError {
         path: String,
         deadline: Duration,
     },
+    #[error("layer {layer} is quarantined: {reason}")]
+    Quarantined { layer: Digest, reason: String },
     #[error("layer {layer}: chunk at blob offset {offset}: {source}")]
     Abandoned {
         layer: Digest,
@@ -143,6 +147,10 @@ pub struct Fetcher {
     sequential: Mutex<HashMap<NodeId, (ChunkId, ChunkId)>>,
     pub stats: FetchStats,
     observer: ObserverSlot,
+    /// Where checks of cached files left by an earlier run go (off the FUSE threads).
+    runtime: Option<tokio::runtime::Handle>,
+    /// Why the layer is known to serve wrong bytes (`complete`): every read fails.
+    quarantined: OnceLock<String>,
 }
 
 impl Fetcher {
@@ -158,6 +166,8 @@ impl Fetcher {
             sequential: Mutex::default(),
             stats: FetchStats::default(),
             observer: ObserverSlot::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            quarantined: OnceLock::new(),
         })
     }
 
@@ -190,6 +200,7 @@ impl Fetcher {
 
     /// Reads up to `size` bytes of file `node` at `offset` (short only at end of file).
     pub async fn read(self: &Arc<Self>, node: NodeId, offset: u64, size: u32) -> Result<Bytes, FetchError> {
+        self.refuse_quarantined()?;
         let n = self.index.node(node).ok_or_else(|| FetchError::NoNode {
             layer: self.layer.clone(),
             node,
@@ -288,10 +299,26 @@ impl Fetcher {
     }
 
     /// The whole-file cache entry of `node`, for the kernel to read directly.
+    /// An entry left by an earlier run is checked first, in the background
+    /// (the kernel's reads of it are not checked): until then, `None`.
     pub fn cached_file(&self, node: NodeId) -> Option<PathBuf> {
-        match self.source.is_local() {
-            true => None,
-            false => self.node.disk.file(&self.layer, node),
+        if self.source.is_local() || self.quarantined().is_some() {
+            return None;
+        }
+        match self.node.disk.file(&self.layer, node) {
+            FileEntry::Ready(path) => Some(path),
+            FileEntry::Absent => None,
+            FileEntry::Unchecked => {
+                if let Some(rt) = self
+                    .runtime
+                    .as_ref()
+                    .filter(|_| self.node.disk.claim_check(&self.layer, node))
+                {
+                    let (disk, layer) = (Arc::clone(&self.node.disk), self.layer.clone());
+                    drop(rt.spawn_blocking(move || disk.check_file(&layer, node)));
+                }
+                None
+            }
         }
     }
 
@@ -360,6 +387,7 @@ impl Fetcher {
         ids: impl IntoIterator<Item = ChunkId>,
         cause: Cause,
     ) -> Result<Vec<Bytes>, FetchError> {
+        self.refuse_quarantined()?;
         let urgency = Urgency::new(cause);
         let mut waits = Vec::new();
         let mut wanted = Vec::new();
@@ -550,14 +578,20 @@ impl Fetcher {
         }
         let this = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
-            for (id, data) in keep {
-                let stored = match this.slot(node, id) {
-                    Some(slot) => this.node.disk.put_in_file(&this.layer, slot, &data),
-                    None => this.node.disk.put(&this.key(id), &data),
-                };
-                if let Err(e) = stored {
-                    warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
+            let mut small = Vec::new();
+            for (id, data) in &keep {
+                match this.slot(node, *id) {
+                    Some(slot) => {
+                        if let Err(e) = this.node.disk.put_in_file(&this.layer, slot, data) {
+                            warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
+                        }
+                    }
+                    None => small.push((this.key(*id), &data[..])),
                 }
+            }
+            // One durable batch: a sync per small chunk would cost more than its write.
+            if let Err(e) = this.node.disk.put_many(&small) {
+                warn!(layer = %this.layer, error = %e, chunks = small.len(), "cannot write chunks to the disk cache");
             }
         })
         .await;

@@ -393,3 +393,40 @@ async fn a_truncated_span_is_an_error() {
     let e = l.fetcher.read(l.weights_node(), 0, 4096).await.unwrap_err();
     assert!(matches!(e, FetchError::Source { .. }), "{e}");
 }
+
+/// Fetches every chunk of the layer and waits until the disk cache holds them all.
+async fn fill_all(f: &Arc<Fetcher>) {
+    let ids: Vec<ChunkId> = (0..f.index().chunks.len() as ChunkId).collect();
+    f.chunks(None, ids.clone(), Cause::Background).await.unwrap();
+    for _ in 0..200 {
+        if ids.iter().all(|&id| f.is_cached(id)) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("chunks never reached the disk cache");
+}
+
+#[tokio::test]
+async fn a_filled_compressed_layer_is_proven_by_its_chunks_not_its_layer_digest() {
+    let l = SpanLayer::new().await;
+    fill_all(&l.fetcher).await;
+    let before = l.source.requests().len();
+    let size = l.source.bytes_requested(); // any size: a compressed blob is not re-read
+    assert_eq!(l.fetcher.check_complete(size).await.unwrap(), Proof::Chunks);
+    assert_eq!(l.source.requests().len(), before, "the check fetches nothing");
+}
+
+#[tokio::test]
+async fn a_filled_layer_whose_cache_lost_a_chunk_is_not_complete_and_not_quarantined() {
+    let l = SpanLayer::new().await;
+    fill_all(&l.fetcher).await;
+    let weights = l.fetcher.disk().file(l.fetcher.layer(), l.weights_node());
+    let crate::cache::FileEntry::Ready(path) = weights else {
+        panic!("weights cached whole: {weights:?}")
+    };
+    std::fs::remove_file(&path).unwrap();
+    let err = l.fetcher.check_complete(0).await.unwrap_err();
+    assert!(matches!(err, CompleteError::Missing { .. }), "{err}");
+    assert!(l.fetcher.quarantined().is_none());
+}

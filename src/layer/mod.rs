@@ -211,7 +211,11 @@ pub async fn open(
             .await;
     }
     // Runs while the layer is mounted (it holds the fetcher weakly).
-    drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone()));
+    let target = crate::prefetch::background::Target {
+        image: name.clone(),
+        size: desc.size,
+    };
+    drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone(), target));
     Ok(Layer {
         digest: layer,
         format,

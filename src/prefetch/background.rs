@@ -4,8 +4,11 @@
 //! scheduler starts its requests only when nothing more urgent is in flight;
 //! the fill keeps under a bandwidth cap, and stops rather than thrash when the
 //! cache bound cannot hold the layer next to the other mounted layers' data.
+//! A fill that caches every chunk ends with the fetcher's completion check
+//! (`Fetcher::check_complete`): a layer whose content does not match its
+//! digest is quarantined.
 
-use crate::fetch::Fetcher;
+use crate::fetch::{CompleteError, Fetcher, Proof};
 use crate::index::ChunkId;
 use crate::metrics::Cause;
 use std::sync::{Arc, Weak};
@@ -50,12 +53,23 @@ impl From<&crate::config::BackgroundFill> for FillConfig {
     }
 }
 
+/// The layer a fill completes: named in its log lines; `size` (the blob's,
+/// from the manifest) bounds the completion check.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub image: String,
+    pub size: u64,
+}
+
 /// How a fill ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillEnd {
-    /// Every chunk is in the disk cache, each verified when it was fetched;
-    /// `chunks` and `bytes` were fetched by the fill itself.
-    Complete { chunks: usize, bytes: u64 },
+    /// Every chunk is in the disk cache and passed the completion check
+    /// (`proof` says what it proved); `chunks` and `bytes` were fetched by
+    /// the fill itself.
+    Complete { chunks: usize, bytes: u64, proof: Proof },
+    /// The filled content does not match the layer digest: reads of the layer fail.
+    Quarantined(String),
     /// The layer was unmounted first.
     Unmounted,
     /// The cache bound is below what the mounted layers need.
@@ -66,27 +80,32 @@ pub enum FillEnd {
 
 /// Starts filling the layer behind `fetcher` (held weakly: unmounting the
 /// layer ends the fill).
-pub fn spawn(fetcher: &Arc<Fetcher>, cfg: FillConfig) -> Option<tokio::task::JoinHandle<FillEnd>> {
+pub fn spawn(fetcher: &Arc<Fetcher>, cfg: FillConfig, target: Target) -> Option<tokio::task::JoinHandle<FillEnd>> {
     if !cfg.enabled || fetcher.is_local() {
         return None;
     }
     let weak = Arc::downgrade(fetcher);
+    let layer = fetcher.layer().to_string();
     Some(tokio::spawn(async move {
-        let end = fill(weak.clone(), &cfg).await;
-        let layer = weak.upgrade().map(|f| f.layer().to_string()).unwrap_or_default();
+        let end = fill(weak.clone(), &cfg, &target).await;
+        let image = &target.image;
         match &end {
-            FillEnd::Complete { chunks, bytes } => info!(%layer, chunks, bytes, "background fill complete"),
+            FillEnd::Complete { chunks, bytes, proof } => {
+                info!(%image, %layer, chunks, bytes, ?proof, "background fill complete")
+            }
+            // The fetcher logged it, naming image and layer, when it quarantined the layer.
+            FillEnd::Quarantined(_) => {}
             FillEnd::Unmounted => {}
             FillEnd::CacheTooSmall => {
                 warn!(%layer, "background fill stopped: the cache bound is below what the mounted layers need")
             }
-            FillEnd::Failed(e) => warn!(%layer, error = %e, "background fill stopped"),
+            FillEnd::Failed(e) => warn!(%image, %layer, error = %e, "background fill stopped"),
         }
         end
     }))
 }
 
-async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig) -> FillEnd {
+async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target) -> FillEnd {
     tokio::time::sleep(cfg.delay).await;
     let (ids, evictions_at_start) = {
         let Some(f) = weak.upgrade() else {
@@ -157,7 +176,18 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig) -> FillEnd {
             return FillEnd::Unmounted;
         };
         if ids.iter().all(|&id| f.is_cached(id)) {
-            return FillEnd::Complete { chunks, bytes: fetched };
+            return match f.check_complete(target.size).await {
+                Ok(proof) => FillEnd::Complete {
+                    chunks,
+                    bytes: fetched,
+                    proof,
+                },
+                Err(e @ CompleteError::Mismatch { .. }) => {
+                    f.quarantine(&target.image, &e.to_string());
+                    FillEnd::Quarantined(e.to_string())
+                }
+                Err(e) => FillEnd::Failed(format!("completion check: {e}")),
+            };
         }
         if Instant::now() > deadline || f.disk().evictions_in_use() > evictions_at_start {
             return FillEnd::CacheTooSmall;

@@ -3,8 +3,9 @@
 use super::background::{self, FillConfig, FillEnd};
 use super::profile::{self, Profile, ProfileRead, Profiles};
 use crate::digest::Digest;
+use crate::fetch::testing::Fault;
 use crate::fetch::testing::{services, tar_blob, tar_fetcher, TestSource};
-use crate::fetch::{Fetcher, RangeSource};
+use crate::fetch::{FetchError, Fetcher, Proof, RangeSource};
 use crate::registry::{Reference, Registry, RegistryOptions};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +16,22 @@ struct Fixture {
     fetcher: Arc<Fetcher>,
     source: Arc<TestSource>,
     cache: tempfile::TempDir,
+    blob_size: u64,
+}
+
+fn target(fx: &Fixture) -> background::Target {
+    background::Target {
+        image: "registry.test/app:v1".into(),
+        size: fx.blob_size,
+    }
 }
 
 async fn fixture(cache_size: u64) -> Fixture {
+    fixture_verified(cache_size, true).await
+}
+
+/// `verified`: the layer's chunks carry digests (else only the layer digest can catch wrong bytes).
+async fn fixture_verified(cache_size: u64, verified: bool) -> Fixture {
     let files = vec![
         ("etc/greeting", b"hello".to_vec()),
         ("models/weights.bin", vec![7u8; 8 * CHUNK as usize]),
@@ -27,8 +41,20 @@ async fn fixture(cache_size: u64) -> Fixture {
     let source = Arc::new(TestSource::new(blob.clone()));
     let cache = tempfile::tempdir().unwrap();
     let node = services(cache.path(), cache_size);
-    let fetcher = tar_fetcher(&blob, Arc::clone(&source) as Arc<dyn RangeSource>, &node, CHUNK, true).await;
-    Fixture { fetcher, source, cache }
+    let fetcher = tar_fetcher(
+        &blob,
+        Arc::clone(&source) as Arc<dyn RangeSource>,
+        &node,
+        CHUNK,
+        verified,
+    )
+    .await;
+    Fixture {
+        fetcher,
+        source,
+        cache,
+        blob_size: blob.len() as u64,
+    }
 }
 
 fn all_cached(f: &Fetcher) -> bool {
@@ -43,8 +69,20 @@ async fn a_fill_caches_the_whole_layer_so_reads_need_no_source() {
         delay: Duration::ZERO,
         rate: None,
     };
-    let end = background::spawn(&fx.fetcher, cfg).expect("fill starts").await.unwrap();
-    assert!(matches!(end, FillEnd::Complete { .. }), "{end:?}");
+    let end = background::spawn(&fx.fetcher, cfg, target(&fx))
+        .expect("fill starts")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            end,
+            FillEnd::Complete {
+                proof: Proof::LayerDigest,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
     assert!(all_cached(&fx.fetcher));
     let before = fx.source.requests().len();
     let node = fx.fetcher.index().resolve("models/weights.bin").unwrap();
@@ -60,7 +98,7 @@ async fn a_fill_stops_when_the_cache_cannot_hold_the_layer() {
         delay: Duration::ZERO,
         rate: None,
     };
-    let end = background::spawn(&fx.fetcher, cfg).unwrap().await.unwrap();
+    let end = background::spawn(&fx.fetcher, cfg, target(&fx)).unwrap().await.unwrap();
     assert_eq!(end, FillEnd::CacheTooSmall);
 }
 
@@ -72,7 +110,7 @@ async fn a_fill_ends_when_the_layer_is_unmounted() {
         delay: Duration::from_millis(50),
         rate: None,
     };
-    let fill = background::spawn(&fx.fetcher, cfg).unwrap();
+    let fill = background::spawn(&fx.fetcher, cfg, target(&fx)).unwrap();
     drop(fx.fetcher);
     assert_eq!(fill.await.unwrap(), FillEnd::Unmounted);
     assert!(fx.source.requests().is_empty());
@@ -197,4 +235,99 @@ async fn a_recording_keeps_the_reads_in_order_and_then_detaches() {
     let reads: Vec<(&str, u64, u64)> = p.reads.iter().map(|r| (r.path.as_str(), r.offset, r.len)).collect();
     assert_eq!(reads, vec![("etc/greeting", 0, 5), ("models/weights.bin", 0, 2000)]);
     assert!(!fx.fetcher.is_observed(), "the recorder is detached once done");
+}
+
+fn fill_now() -> FillConfig {
+    FillConfig {
+        enabled: true,
+        delay: Duration::ZERO,
+        rate: None,
+    }
+}
+
+/// Log lines written while `f` runs on this thread (and the tasks it spawns
+/// on a current-thread runtime).
+#[derive(Clone, Default)]
+struct Logs(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_filled_layer_whose_content_does_not_match_its_digest_is_quarantined() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    // No chunk digests: a flipped byte passes the fetch and lands in the cache.
+    let fx = fixture_verified(1 << 30, false).await;
+    fx.source.fail_next(Fault::WrongBytes);
+    let end = background::spawn(&fx.fetcher, fill_now(), target(&fx))
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(end, FillEnd::Quarantined(_)), "{end:?}");
+    let node = fx.fetcher.index().resolve("models/weights.bin").unwrap();
+    let read = fx.fetcher.read(node, 0, 4096).await;
+    assert!(matches!(read, Err(FetchError::Quarantined { .. })), "{read:?}");
+    assert_eq!(fx.fetcher.cached_file(node), None, "nothing goes to passthrough");
+    assert_eq!(fx.fetcher.metrics().quarantined_total(), 1);
+    assert!(fx
+        .fetcher
+        .metrics()
+        .encode()
+        .contains("streamsnap_quarantined_layers_total 1"));
+    let logs = String::from_utf8(logs.0.lock().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("quarantined"))
+        .expect("a quarantine log line");
+    assert!(
+        line.contains("registry.test/app:v1") && line.contains(&fx.fetcher.layer().to_string()),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_quarantined_layer_leaves_nothing_in_the_cache() {
+    let fx = fixture_verified(1 << 30, false).await;
+    fx.source.fail_next(Fault::WrongBytes);
+    let end = background::spawn(&fx.fetcher, fill_now(), target(&fx))
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(end, FillEnd::Quarantined(_)), "{end:?}");
+    assert_eq!(fx.fetcher.disk().total_bytes(), 0);
+    assert!(!fx.cache.path().join(fx.fetcher.layer().hex()).exists());
+}
+
+#[tokio::test]
+async fn a_filled_layer_without_chunk_digests_is_proven_by_its_layer_digest() {
+    let fx = fixture_verified(1 << 30, false).await;
+    let end = background::spawn(&fx.fetcher, fill_now(), target(&fx))
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            end,
+            FillEnd::Complete {
+                proof: Proof::LayerDigest,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    assert_eq!(fx.fetcher.metrics().quarantined_total(), 0);
 }

@@ -182,6 +182,17 @@ impl ServeProcess {
         self.log.lock().unwrap().clone()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash: nothing is cleaned up (mounts stay until `umount_all_under`).
+    pub fn kill(mut self) {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM; panics unless it exits 0.
     pub fn stop(mut self) -> String {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
@@ -190,15 +201,6 @@ impl ServeProcess {
         let log = self.log();
         assert!(status.success(), "streamsnap serve exited with {status}:\n{log}");
         log
-    }
-}
-
-impl ServeProcess {
-    /// SIGKILL, as an OOM kill or a crash: nothing is cleaned up, FUSE mounts stay behind
-    /// with their connection gone.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

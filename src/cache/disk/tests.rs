@@ -55,6 +55,13 @@ fn removing_a_layer_frees_its_chunks_only() {
     assert!(!dir.path().join(Digest::of(b"l").hex()).exists());
 }
 
+fn ready(e: FileEntry) -> std::path::PathBuf {
+    match e {
+        FileEntry::Ready(p) => p,
+        other => panic!("whole-file entry not ready: {other:?}"),
+    }
+}
+
 fn slot(chunk_index: u32) -> FileSlot {
     FileSlot {
         node: 7,
@@ -71,12 +78,13 @@ fn chunks_of_a_file_fill_one_entry_that_becomes_whole_with_the_last() {
     let layer = Digest::of(b"l");
     let c = DiskCache::open(dir.path(), 100).unwrap();
     c.put_in_file(&layer, slot(1), b"56789").unwrap();
-    assert!(c.file(&layer, 7).is_none());
+    assert_eq!(c.file(&layer, 7), FileEntry::Absent);
     assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
     assert!(c.get_in_file(&layer, slot(0), 5).is_none(), "a hole is no answer");
     c.put_in_file(&layer, slot(0), b"01234").unwrap();
-    let whole = c.file(&layer, 7).expect("whole after the last chunk");
+    let whole = ready(c.file(&layer, 7));
     assert_eq!(std::fs::read(whole).unwrap(), b"0123456789");
+    assert_eq!(c.get_in_file(&layer, slot(1), 5).as_deref(), Some(&b"56789"[..]));
     assert_eq!(c.total_bytes(), 10);
     let c = DiskCache::open(dir.path(), 100).unwrap();
     assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
@@ -104,7 +112,7 @@ fn page_aligned_chunks_written_directly_read_back_whole() {
     };
     c.put_in_file(&layer, slot(0, 0), &first).unwrap();
     c.put_in_file(&layer, slot(1, 8292), &second).unwrap();
-    let whole = std::fs::read(c.file(&layer, 1).unwrap()).unwrap();
+    let whole = std::fs::read(ready(c.file(&layer, 1))).unwrap();
     assert_eq!(&whole[..8292], &first[..]);
     assert_eq!(&whole[8292..], &second[..]);
 }
@@ -122,7 +130,7 @@ fn a_corrupt_chunk_drops_its_partial_entry_and_its_bytes() {
     c.put_in_file(&layer, slot(1), b"56789").unwrap();
     assert_eq!(c.total_bytes(), 10);
     c.remove_in_file(&layer, slot(1));
-    assert!(c.file(&layer, 7).is_none() && c.total_bytes() == 0);
+    assert!(c.file(&layer, 7) == FileEntry::Absent && c.total_bytes() == 0);
 }
 
 #[test]
@@ -181,4 +189,102 @@ fn cache_files_and_directories_are_owner_only() {
         let f = f.unwrap().path();
         assert_eq!(mode(&f), 0o600, "{}", f.display());
     }
+}
+
+/// A cache holding the whole-file entry of `slot`'s node, written and then reopened (a restart).
+fn whole_file_then_restart(dir: &std::path::Path, layer: &Digest) -> DiskCache {
+    let c = DiskCache::open(dir, 100).unwrap();
+    c.put_in_file(layer, slot(0), b"01234").unwrap();
+    c.put_in_file(layer, slot(1), b"56789").unwrap();
+    drop(c);
+    DiskCache::open(dir, 100).unwrap()
+}
+
+fn flip_byte(path: &std::path::Path, at: usize) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at] ^= 0x20;
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_entry_is_never_served_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    DiskCache::open(dir.path(), 100)
+        .unwrap()
+        .put(&key(1), b"hello")
+        .unwrap();
+    let entry = dir.path().join(key(1).layer.hex()).join(key(1).file_name());
+    flip_byte(&entry, 1);
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    assert_eq!(c.get(&key(1)), None, "a chunk that fails its seal is a miss");
+    assert!(!c.has(&key(1)) && !entry.exists(), "and it is dropped");
+}
+
+#[test]
+fn a_whole_file_entry_from_an_earlier_run_is_checked_before_passthrough() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = Digest::of(b"l");
+    let c = whole_file_then_restart(dir.path(), &layer);
+    assert_eq!(c.file(&layer, 7), FileEntry::Unchecked);
+    assert!(c.claim_check(&layer, 7), "the first opener starts the check");
+    assert!(!c.claim_check(&layer, 7), "later ones do not queue behind it");
+    assert!(c.check_file(&layer, 7));
+    assert_eq!(std::fs::read(ready(c.file(&layer, 7))).unwrap(), b"0123456789");
+}
+
+#[test]
+fn a_flipped_byte_in_a_whole_file_entry_is_never_served_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = Digest::of(b"l");
+    drop(whole_file_then_restart(dir.path(), &layer));
+    let file = dir.path().join(layer.hex()).join("file-7");
+    flip_byte(&file, 8);
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    // A read through FUSE checks its chunk: the sound one is served, the flipped one dropped.
+    assert_eq!(c.get_in_file(&layer, slot(0), 5).as_deref(), Some(&b"01234"[..]));
+    assert_eq!(c.get_in_file(&layer, slot(1), 5), None);
+    assert_eq!(c.file(&layer, 7), FileEntry::Absent);
+    assert!(!file.exists() && c.total_bytes() == 0);
+    let c = whole_file_then_restart(dir.path(), &layer);
+    flip_byte(&dir.path().join(layer.hex()).join("file-7"), 2);
+    assert!(!c.check_file(&layer, 7), "the passthrough check refuses it too");
+    assert_eq!(c.file(&layer, 7), FileEntry::Absent);
+}
+
+#[test]
+fn a_whole_file_entry_without_its_sums_is_dropped_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = Digest::of(b"l");
+    drop(whole_file_then_restart(dir.path(), &layer));
+    std::fs::remove_file(dir.path().join(layer.hex()).join("file-7.sums")).unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    assert_eq!(c.file(&layer, 7), FileEntry::Absent);
+    assert!(!dir.path().join(layer.hex()).join("file-7").exists());
+    assert_eq!(c.total_bytes(), 0);
+}
+
+#[test]
+fn a_write_interrupted_before_its_rename_leaves_no_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    c.put(&key(1), b"hello").unwrap();
+    let layer_dir = dir.path().join(key(1).layer.hex());
+    std::fs::write(layer_dir.join(".tmp-2-0-ThreadId(3)"), b"hel").unwrap();
+    std::fs::write(layer_dir.join("partial-9"), b"hel").unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    assert_eq!(std::fs::read_dir(&layer_dir).unwrap().count(), 1);
+    assert_eq!(c.total_bytes(), 5);
+}
+
+#[test]
+fn a_batch_of_chunks_is_stored_durably_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    c.put_many(&[(key(1), &b"one"[..]), (key(2), &b"two"[..]), (key(3), &[0u8; 200][..])])
+        .unwrap();
+    let c = DiskCache::open(dir.path(), 100).unwrap();
+    assert_eq!(c.get(&key(1)).as_deref(), Some(&b"one"[..]));
+    assert_eq!(c.get(&key(2)).as_deref(), Some(&b"two"[..]));
+    assert!(!c.has(&key(3)), "larger than the cache: served, not kept");
+    assert_eq!(c.total_bytes(), 6);
 }
