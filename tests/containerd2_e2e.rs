@@ -38,7 +38,11 @@ fn start(cri: CriPull) -> Env {
         let pause = build_pause_image(&work.path().join("pause"));
         push(&pause, &registry, Format::Gzip)
     });
-    let serve = ServeProcess::start(&work.path().join("streamsnap"));
+    // Indexes of plain gzip images come from a repository the operator lists (trusted).
+    let serve = ServeProcess::start_with(
+        &work.path().join("streamsnap"),
+        &["--index-repo", &index_repo(&registry)],
+    );
     let containerd = Containerd::start(ContainerdOpts {
         release: Release::V2_1,
         streamsnap_socket: Some(serve.socket.clone()),
@@ -63,7 +67,13 @@ fn push_runnable(env: &Env, weights_mib: u64) -> String {
     push_runnable_as(env, weights_mib, Format::Estargz)
 }
 
-/// Pushes a runnable image in `format`; a plain gzip one gets its index pushed next to it.
+/// The index repository `streamsnap serve` is told to trust.
+fn index_repo(registry: &Registry) -> String {
+    format!("{}/indexes/shared", registry.addr())
+}
+
+/// Pushes a runnable image in `format`; a plain gzip one gets its index published to the
+/// trusted index repository.
 fn push_runnable_as(env: &Env, weights_mib: u64, format: Format) -> String {
     let image = build_runnable_image(&env.work.path().join("image"), weights_mib);
     let reference = push(&image, &env.registry, format);
@@ -71,7 +81,7 @@ fn push_runnable_as(env: &Env, weights_mib: u64, format: Format) -> String {
         index_image(
             &reference,
             &env.work.path().join("indexer"),
-            &["--push", "--min-layer-size", "0"],
+            &["--index-repo", &index_repo(&env.registry), "--min-layer-size", "0"],
         );
     }
     reference

@@ -153,17 +153,37 @@ mod storm {
         }
     }
 
-    /// Snapshot ids in the store, and those of lazily served snapshots (daemon stopped).
-    fn store_ids(state: &Path) -> (HashSet<u64>, HashSet<u64>) {
+    /// What the store holds (read with the daemon stopped).
+    struct Stored {
+        ids: HashSet<u64>,
+        /// Ids of lazily served snapshots.
+        remote: HashSet<u64>,
+        /// Hex digests of the layers they serve.
+        layers: HashSet<String>,
+    }
+
+    fn stored(state: &Path) -> Stored {
         let snapshots = Snapshots::open(state).unwrap();
         let records = snapshots.records().unwrap();
-        let all = records.iter().map(|(_, r)| r.id).collect();
-        let remote = records
-            .iter()
-            .filter(|(_, r)| r.remote.is_some())
-            .map(|(_, r)| r.id)
-            .collect();
-        (all, remote)
+        let remote = records.iter().filter_map(|(_, r)| Some((r.id, r.remote.as_ref()?)));
+        Stored {
+            ids: records.iter().map(|(_, r)| r.id).collect(),
+            remote: remote.clone().map(|(id, _)| id).collect(),
+            layers: remote
+                .map(|(_, l)| l.layer.trim_start_matches("sha256:").to_string())
+                .collect(),
+        }
+    }
+
+    /// Hex digests of the layers with entries in the disk cache.
+    fn cached_layers(state: &Path) -> HashSet<String> {
+        let Ok(dir) = std::fs::read_dir(state.join("cache")) else {
+            return HashSet::new();
+        };
+        dir.map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir() && std::fs::read_dir(p).unwrap().next().is_some())
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
     }
 
     /// Ids of the snapshot directories on disk.
@@ -206,7 +226,9 @@ mod storm {
         let state = root.join("state");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(20);
-        let mut serve = ServeProcess::start(&root);
+        // Background fill caches every mounted layer, so a removal cut short would leak.
+        let flags = ["--background-fill", "--background-fill-delay", "0"];
+        let mut serve = ServeProcess::start_with(&root, &flags);
         for round in 0..20 {
             let stop = Arc::new(AtomicBool::new(false));
             let workers: Vec<_> = (0..4)
@@ -221,14 +243,14 @@ mod storm {
             for w in workers {
                 runtime.block_on(w).unwrap();
             }
-            let (ids, remote) = store_ids(&state);
+            let Stored { ids, remote, layers } = stored(&state);
             let missing: Vec<_> = ids.difference(&dir_ids(&state)).copied().collect();
             assert!(
                 missing.is_empty(),
                 "round {round}: snapshots without a directory: {missing:?}"
             );
 
-            serve = ServeProcess::start(&root);
+            serve = ServeProcess::start_with(&root, &flags);
             wait_until(
                 Duration::from_secs(60),
                 "every lazily served snapshot to be mounted again",
@@ -244,7 +266,17 @@ mod storm {
                 stray.is_empty(),
                 "round {round}: mounts without a lazily served snapshot: {stray:?}"
             );
-            eprintln!("round {round}: {} snapshots, {} served lazily", ids.len(), remote.len());
+            let leaked: Vec<_> = cached_layers(&state).difference(&layers).cloned().collect();
+            assert!(
+                leaked.is_empty(),
+                "round {round}: cache of layers no snapshot serves: {leaked:?}"
+            );
+            eprintln!(
+                "round {round}: {} snapshots, {} served lazily, {} layers cached",
+                ids.len(),
+                remote.len(),
+                cached_layers(&state).len()
+            );
         }
         serve.stop();
     }

@@ -489,6 +489,11 @@ impl DiskCache {
         let _ = std::fs::remove_file(self.path(&e));
     }
 
+    /// Layers with entries in the cache.
+    pub fn layers(&self) -> Vec<Digest> {
+        self.lru.lock().by_layer.keys().cloned().collect()
+    }
+
     /// Drops every cached chunk of a layer (its last user is gone).
     pub fn remove_layer(&self, layer: &Digest) {
         {

@@ -328,6 +328,17 @@ impl RemoteLayers {
             warn!(error = %e, "cannot list snapshots to re-mount");
             Vec::new()
         });
+        // A crash between containerd's Remove and our release leaves a layer's chunks behind.
+        let served: std::collections::HashSet<&str> = records
+            .iter()
+            .filter_map(|(_, rec)| rec.remote.as_ref().map(|r| r.layer.as_str()))
+            .collect();
+        for layer in self.ctx.fetch.disk.layers() {
+            if !served.contains(layer.to_string().as_str()) {
+                info!(layer = %layer, "dropping the cache of a layer no snapshot serves");
+                self.ctx.fetch.disk.remove_layer(&layer);
+            }
+        }
         let attempts: Vec<_> = records
             .into_iter()
             .filter_map(|(name, rec)| {
