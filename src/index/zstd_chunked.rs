@@ -6,18 +6,17 @@
 //! Both start with: manifest offset, compressed length, uncompressed length,
 //! type (LE u64 each).
 
+use super::limits::{self, MAX_TOC_COMPRESSED, MAX_TOC_JSON};
 use super::toc::{self, Toc};
 use super::{Encoding, IndexError, LayerIndex};
 use crate::digest::Digest;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Read;
 
 const SKIPPABLE_HEADER: u64 = 8;
 const FOOTER_V1: u64 = 40;
 const FOOTER_V2: u64 = 64;
-const MAX_TOC: u64 = 512 << 20;
 
 /// Annotation keys that locate and check the manifest (old and new spellings).
 pub const POSITION_KEYS: [&str; 2] = [
@@ -103,9 +102,15 @@ where
         }
     };
     let end = pos.offset.checked_add(pos.compressed).filter(|e| *e <= size);
-    if end.is_none() || pos.offset < SKIPPABLE_HEADER || pos.uncompressed > MAX_TOC {
+    if end.is_none() || pos.offset < SKIPPABLE_HEADER {
         return Err(bad(format!(
             "manifest position {pos:?} does not fit a blob of {size} bytes"
+        )));
+    }
+    if pos.uncompressed > MAX_TOC_JSON || pos.compressed > MAX_TOC_COMPRESSED {
+        return Err(bad(format!(
+            "manifest of {} bytes ({} compressed) is over the limit of {MAX_TOC_JSON}",
+            pos.uncompressed, pos.compressed
         )));
     }
     let compressed = read(pos.offset, pos.compressed)
@@ -122,7 +127,8 @@ where
 
 /// The CPU part: checks the compressed manifest against its annotated
 /// checksum, decompresses it, checks the TOC digest, parses and builds.
-fn parse_manifest(
+/// Public for the fuzz targets.
+pub fn parse_manifest(
     layer: &Digest,
     compressed: &[u8],
     pos: ManifestPosition,
@@ -142,12 +148,19 @@ fn parse_manifest(
             )));
         }
     }
-    let mut json = Vec::with_capacity(pos.uncompressed as usize);
-    zstd::stream::read::Decoder::new(compressed)
-        .map_err(|e| bad(format!("manifest: {e}")))?
-        .take(pos.uncompressed + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| bad(format!("manifest is not valid zstd: {e}")))?;
+    // Stops one byte past the stated size (itself capped): a manifest that
+    // inflates further (a zstd bomb) is refused without being held.
+    let decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| bad(format!("manifest: {e}")))?;
+    let json = match limits::read_capped(decoder, pos.uncompressed.min(MAX_TOC_JSON)) {
+        Ok(json) => json,
+        Err(Some(e)) => return Err(bad(format!("manifest is not valid zstd: {e}"))),
+        Err(None) => {
+            return Err(bad(format!(
+                "manifest inflates past its stated {} bytes",
+                pos.uncompressed
+            )))
+        }
+    };
     if json.len() as u64 != pos.uncompressed {
         return Err(bad(format!(
             "manifest decompresses to {} bytes, not the stated {}",
@@ -166,12 +179,17 @@ fn parse_manifest(
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
     // Payload frames end where the manifest's skippable frame begins.
-    toc::build(layer, &toc, Encoding::Zstd, pos.offset - SKIPPABLE_HEADER, size)
+    let payload_end = pos
+        .offset
+        .checked_sub(SKIPPABLE_HEADER)
+        .ok_or_else(|| bad(format!("manifest offset {} is inside the first frame", pos.offset)))?;
+    toc::build(layer, &toc, Encoding::Zstd, payload_end, size)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn footer_fields_are_little_endian() {
@@ -201,5 +219,20 @@ mod tests {
             })
         );
         assert_eq!(parse_position("1:2:3"), None);
+    }
+
+    #[test]
+    fn a_manifest_inflating_past_its_stated_size_is_refused_while_inflating() {
+        let bomb = zstd::encode_all(std::io::repeat(0).take(1 << 30), 1).unwrap();
+        let pos = ManifestPosition {
+            offset: 100,
+            compressed: bomb.len() as u64,
+            uncompressed: 1000,
+        };
+        let layer = Digest::of(b"l");
+        let e = parse_manifest(&layer, &bomb, pos, None, None, 1 << 40)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&layer.to_string()) && e.contains("inflates past"), "{e}");
     }
 }

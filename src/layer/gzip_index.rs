@@ -131,7 +131,8 @@ impl IndexStore {
             warn!(repo = %repo, size = blob.size, "gzip index artifact is implausibly large for its layer; ignored");
             return None;
         }
-        let bytes = match registry.read_blob(repo, &blob.digest).await {
+        // At most what the artifact declares (itself capped just above).
+        let bytes = match registry.read_blob_capped(repo, &blob.digest, blob.size).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(repo = %repo, error = %e, "fetching the gzip index failed");

@@ -7,12 +7,14 @@
 //! keeps the `Range` header but drops `Authorization`.
 
 mod auth;
+mod bounded;
 mod client;
 mod manifest;
 mod reference;
 pub mod referrers;
 
 pub use auth::{Challenge, Credentials, DockerConfig};
+pub use bounded::CappedReadError;
 pub use client::{Registry, RegistryOptions};
 pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
 pub use reference::{Reference, ReferenceError};
