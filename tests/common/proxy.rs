@@ -22,6 +22,8 @@ pub enum Fault {
     Garbage(Vec<u8>),
     /// Answer 307 to `/redirected<uri>`, which is then forwarded.
     Redirect,
+    /// Declare a body of `len` bytes and send zeros until the client hangs up.
+    Endless { len: u64 },
 }
 
 #[derive(Default)]
@@ -235,6 +237,21 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
             lines.push(format!("Content-Length: {}", g.len()));
             conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
             return conn.write_all(&g);
+        }
+        Some(Fault::Endless { len }) => {
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let mut lines: Vec<String> = text.trim_end().split("\r\n").map(str::to_string).collect();
+            lines.retain(|l| !l.to_ascii_lowercase().starts_with("content-length"));
+            lines.push(format!("Content-Length: {len}"));
+            conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut sent = 0u64;
+            while sent < len {
+                let n = zeros.len().min((len - sent) as usize);
+                conn.write_all(&zeros[..n])?;
+                sent += n as u64;
+            }
+            return Ok(());
         }
         _ => {}
     }

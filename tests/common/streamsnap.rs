@@ -182,6 +182,16 @@ impl ServeProcess {
         self.log.lock().unwrap().clone()
     }
 
+    /// The daemon's process id (for /proc/<pid>/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM; panics unless it exits 0.
     pub fn stop(mut self) -> String {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
