@@ -179,7 +179,8 @@ impl LayerIndex {
 
     /// Total decoded bytes of all files.
     pub fn content_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.len).sum()
+        // Saturating: the sizes come from the image.
+        self.chunks.iter().fold(0u64, |sum, c| sum.saturating_add(c.len))
     }
 }
 

@@ -25,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
     let mut tmp = tempfile::NamedTempFile::new().expect("temp file");
     tmp.write_all(&file).expect("write");
     // The layer the meta names, so validation goes past the layer check.
-    let Ok((meta, _)) = format::read(tmp.as_file()) else { return };
-    let Ok(layer) = meta.layer.parse::<Digest>() else { return };
+    let Ok((meta, _)) = format::read(tmp.as_file()) else {
+        return;
+    };
+    let Ok(layer) = meta.layer.parse::<Digest>() else {
+        return;
+    };
     let _ = gzip::open(tmp.path(), &layer, meta.compressed_size);
 });
