@@ -353,6 +353,17 @@ fn a_leap_second_modtime_with_nanoseconds_of_a_second_is_served_without_a_panic(
 
 #[test]
 fn an_8_gib_profile_blob_claiming_1_byte_is_refused_naming_the_image() {
+    profile_blob_is_refused(true);
+}
+
+#[test]
+fn an_8_gib_profile_body_of_no_stated_length_is_cut_at_its_descriptor_size() {
+    profile_blob_is_refused(false);
+}
+
+/// A profile artifact whose descriptor says 1 byte, served as 8 GiB (with
+/// that length declared, or not: then the limit holds while streaming).
+fn profile_blob_is_refused(declare: bool) {
     let mut node = start();
     let proxy = FaultProxy::start(&node.registry.addr());
     // The good image, reached through the proxy, with a profile referring to it.
@@ -362,7 +373,7 @@ fn an_8_gib_profile_blob_claiming_1_byte_is_refused_naming_the_image() {
     push_profile(&node.registry.addr(), "prof/app", &pushed.manifest, &profile_blob);
     proxy.set(
         &format!("/blobs/{}", sha256(&profile_blob)),
-        Fault::Endless { len: 8 << 30 },
+        Fault::Endless { len: 8 << 30, declare },
     );
     let image = Image {
         reference: pushed.reference.replacen(&node.registry.addr(), &proxy.addr(), 1),

@@ -348,6 +348,10 @@ fn parse_time(v: &[u8]) -> Option<Timestamp> {
         None => (false, s),
     };
     let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    // Digits only: a second sign would make `-secs` below overflow.
+    if !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let secs: i64 = whole.parse().ok()?;
     let mut digits: String = frac.chars().take(9).collect();
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -483,5 +487,18 @@ mod tests {
             let e = index(data).await.unwrap_err().to_string();
             assert!(e.contains("layer sha256:") && e.contains(&size.to_string()), "{e}");
         }
+    }
+
+    #[test]
+    fn a_pax_mtime_with_two_signs_is_refused_not_negated_past_i64() {
+        assert_eq!(parse_time(b"--9223372036854775808"), None);
+        assert_eq!(parse_time(b"-+5"), None);
+        assert_eq!(
+            parse_time(b"-1.5"),
+            Some(Timestamp {
+                secs: -2,
+                nanos: 500_000_000
+            })
+        );
     }
 }

@@ -22,8 +22,9 @@ pub enum Fault {
     Garbage(Vec<u8>),
     /// Answer 307 to `/redirected<uri>`, which is then forwarded.
     Redirect,
-    /// Declare a body of `len` bytes and send zeros until the client hangs up.
-    Endless { len: u64 },
+    /// Send `len` zero bytes (declared in Content-Length when `declare`, else
+    /// ended by closing) unless the client hangs up first.
+    Endless { len: u64, declare: bool },
 }
 
 #[derive(Default)]
@@ -238,11 +239,13 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
             conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
             return conn.write_all(&g);
         }
-        Some(Fault::Endless { len }) => {
+        Some(Fault::Endless { len, declare }) => {
             let text = String::from_utf8_lossy(&head).into_owned();
             let mut lines: Vec<String> = text.trim_end().split("\r\n").map(str::to_string).collect();
             lines.retain(|l| !l.to_ascii_lowercase().starts_with("content-length"));
-            lines.push(format!("Content-Length: {len}"));
+            if declare {
+                lines.push(format!("Content-Length: {len}"));
+            }
             conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
             let zeros = vec![0u8; 1 << 20];
             let mut sent = 0u64;
