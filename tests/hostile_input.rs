@@ -295,12 +295,8 @@ fn a_toc_of_ten_million_entries_is_refused_naming_the_layer() {
 #[test]
 fn a_toc_that_inflates_to_1_gib_is_refused_naming_the_layer() {
     let mut node = start();
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let zeros = vec![0u8; 1 << 20];
-    for _ in 0..1024 {
-        e.write_all(&zeros).unwrap();
-    }
-    let bomb = e.finish().unwrap();
+    // 1 GiB of zeros as 1024 gzip members of 1 MiB (members decode as one stream).
+    let bomb = gz(&vec![0u8; 1 << 20]).repeat(1024);
     let ann = serde_json::json!({ TOC_DIGEST: sha256(b"whatever") });
     let image = push_one(
         &node.registry.addr(),
@@ -316,7 +312,8 @@ fn a_toc_that_inflates_to_1_gib_is_refused_naming_the_layer() {
 fn a_zstd_chunked_manifest_that_inflates_to_1_gib_is_refused_naming_the_layer() {
     let mut node = start();
     let payload = zstd::encode_all(&b"some file bytes"[..], 1).unwrap();
-    let bomb = zstd::encode_all(std::io::Read::take(std::io::repeat(b' '), 1 << 30), 1).unwrap();
+    // 1 GiB of spaces as 1024 frames of 1 MiB (frames decode as one stream).
+    let bomb = zstd::encode_all(&vec![b' '; 1 << 20][..], 1).unwrap().repeat(1024);
     let mut blob = payload;
     // The manifest sits in a skippable frame.
     blob.extend_from_slice(&0x184D_2A50u32.to_le_bytes());

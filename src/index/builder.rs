@@ -34,6 +34,8 @@ pub struct TreeBuilder {
     nodes: Vec<BNode>,
     /// Chunks of every node added so far (replaced ones included).
     chunks: usize,
+    /// Nodes allowed ([`MAX_ENTRIES`]; smaller in tests).
+    max_entries: usize,
 }
 
 impl TreeBuilder {
@@ -46,6 +48,7 @@ impl TreeBuilder {
             layer,
             nodes: vec![root],
             chunks: 0,
+            max_entries: MAX_ENTRIES,
         }
     }
 
@@ -108,8 +111,8 @@ impl TreeBuilder {
     }
 
     fn push(&mut self, path: &[u8], meta: EntryMeta) -> Result<NodeId, IndexError> {
-        if self.nodes.len() > MAX_ENTRIES {
-            return Err(self.err(path, format!("layer has more than {MAX_ENTRIES} entries")));
+        if self.nodes.len() > self.max_entries {
+            return Err(self.err(path, format!("layer has more than {} entries", self.max_entries)));
         }
         self.nodes.push(BNode {
             meta,
@@ -522,7 +525,9 @@ mod tests {
     #[test]
     fn a_layer_of_more_entries_than_the_cap_is_refused() {
         let mut b = TreeBuilder::new(layer());
-        let e = (0..=MAX_ENTRIES)
+        assert_eq!(b.max_entries, MAX_ENTRIES);
+        b.max_entries = 1000;
+        let e = (0..=1000)
             .map(|i| b.add(format!("f{i}").as_bytes(), file(0, 0)))
             .find_map(Result::err)
             .expect("refused");

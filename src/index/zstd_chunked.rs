@@ -223,7 +223,9 @@ mod tests {
 
     #[test]
     fn a_manifest_inflating_past_its_stated_size_is_refused_while_inflating() {
-        let bomb = zstd::encode_all(std::io::repeat(0).take(1 << 30), 1).unwrap();
+        // 1 GiB of zeros as 1024 frames of 1 MiB (frames decode as one stream).
+        let frame = zstd::encode_all(std::io::repeat(0).take(1 << 20), 1).unwrap();
+        let bomb = frame.repeat(1024);
         let pos = ManifestPosition {
             offset: 100,
             compressed: bomb.len() as u64,
