@@ -3,8 +3,15 @@
 #![no_main]
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
 use streamsnap::digest::Digest;
 use streamsnap::index::tar::index_tar;
+
+/// The walk's final tree build runs on tokio's blocking pool, as in the daemon.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("runtime"))
+}
 
 fuzz_target!(|data: &[u8]| {
     let layer = Digest::of(b"fuzz");
@@ -18,5 +25,5 @@ fuzz_target!(|data: &[u8]| {
             Ok::<_, std::io::Error>(b.slice(start as usize..end as usize))
         }
     };
-    let _ = futures::executor::block_on(index_tar(&layer, size, 4096, read));
+    let _ = runtime().block_on(index_tar(&layer, size, 4096, read));
 });
