@@ -197,6 +197,7 @@ fn chunk_decode(c: &mut Criterion) {
                 inner_offset: 0,
                 encoding,
                 digest: Some(Digest::of(&data)),
+                whole: None,
             };
             let raw = Bytes::from(raw);
             eprintln!("chunk {encoding:?}/{kind}: 1 MiB stored as {} bytes", raw.len());
@@ -221,6 +222,7 @@ fn chunk_decode(c: &mut Criterion) {
         inner_offset: 0,
         encoding: Encoding::Raw,
         digest: Some(Digest::of(&data)),
+        whole: None,
     };
     g.bench_function("verify_sha256_1MiB", |b| {
         b.iter(|| verify(&chunk, black_box(&data)).unwrap())

@@ -3,7 +3,7 @@
 # containerd, runc, image tools, FUSE). Idempotent; needs root.
 set -euo pipefail
 packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr
-          golang-go golang-github-containerd-containerd-dev busybox-static tar)
+          golang-go golang-github-containerd-containerd-dev busybox-static tar g++)
 # The start-up benchmark also builds a Debian userland, shapes a link and plots.
 if [ "${1:-}" = "--bench" ]; then
   packages+=(debootstrap gnuplot-nox iputils-ping)
@@ -47,3 +47,9 @@ if [ ! -x "$containerd2_dir/root/usr/bin/containerd" ]; then
   mv "$containerd2_dir/root.partial" "$containerd2_dir/root"
 fi
 "$containerd2_dir/root/usr/bin/containerd" --version
+
+# cargo-fuzz for the fuzz targets (tests/fuzz; libfuzzer-sys compiles libFuzzer with g++).
+fuzz_version=0.13.2
+if ! "$HOME/.cargo/bin/cargo-fuzz" --version 2>/dev/null | grep -q " $fuzz_version"; then
+  "$HOME/.cargo/bin/cargo" install --locked cargo-fuzz --version "$fuzz_version"
+fi

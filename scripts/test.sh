@@ -12,3 +12,5 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --no-fail-fast 2>&1
+# Every fuzz target for 20 s from the committed corpus (scripts/fuzz-soak.sh runs them long).
+bash scripts/fuzz.sh 20

@@ -43,6 +43,11 @@ impl AlignedVec {
         self.vec.len() - self.pad
     }
 
+    /// The bytes read so far.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.vec[self.pad..]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

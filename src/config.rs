@@ -378,13 +378,29 @@ impl Config {
         if md.len() > MAX_SIZE {
             return Err(ConfigError::TooLarge { path });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        // The cap holds while reading too: a file may grow, or be a device.
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_SIZE + 1), &mut bytes))
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if bytes.len() as u64 > MAX_SIZE {
+            return Err(ConfigError::TooLarge { path });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Parse {
             path: path.clone(),
-            source,
+            message: e.to_string(),
         })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses config text read from `path` (public for the fuzz targets).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         // toml's error quotes the offending line (key and value).
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path,
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
             message: e.to_string(),
         })
     }

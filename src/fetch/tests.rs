@@ -282,6 +282,7 @@ fn neighbours_coalesce_and_distant_chunks_do_not() {
         inner_offset: 0,
         encoding: crate::index::Encoding::Raw,
         digest: None,
+        whole: None,
     };
     let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
     assert_eq!(coalesce(&chunks, vec![0, 1, 2], |i| *i), vec![vec![0, 1], vec![2]]);

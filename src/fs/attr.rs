@@ -15,12 +15,16 @@ pub fn file_type(kind: &Kind) -> FileType {
     }
 }
 
+/// Never panics on a FUSE thread: out-of-range nanoseconds carry into the
+/// seconds and a time the platform cannot represent becomes the epoch.
 fn system_time(t: Timestamp) -> SystemTime {
-    if t.secs >= 0 {
-        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    let nanos = Duration::from_nanos(t.nanos.into());
+    let at = if t.secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(t.secs as u64))
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
-    }
+        UNIX_EPOCH.checked_sub(Duration::from_secs(t.secs.unsigned_abs()))
+    };
+    at.and_then(|at| at.checked_add(nanos)).unwrap_or(UNIX_EPOCH)
 }
 
 /// The kernel's `new_encode_dev`: the device number layout FUSE carries.
@@ -61,6 +65,33 @@ mod tests {
     fn device_numbers_use_the_kernel_encoding() {
         assert_eq!(encode_dev(1, 3), 0x103);
         assert_eq!(encode_dev(8, 0x1234), 0x34 | (8 << 8) | (0x1200 << 12));
+    }
+
+    #[test]
+    fn nanoseconds_of_a_full_second_or_more_carry_instead_of_panicking() {
+        let t = system_time(Timestamp {
+            secs: 1,
+            nanos: 1_000_000_000,
+        });
+        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap(), Duration::from_secs(2));
+        let t = system_time(Timestamp {
+            secs: 0,
+            nanos: u32::MAX,
+        });
+        assert!(t > UNIX_EPOCH);
+    }
+
+    #[test]
+    fn times_the_platform_cannot_hold_become_the_epoch() {
+        let t = system_time(Timestamp {
+            secs: i64::MAX,
+            nanos: u32::MAX,
+        });
+        assert_eq!(t, UNIX_EPOCH);
+        system_time(Timestamp {
+            secs: i64::MIN,
+            nanos: u32::MAX,
+        });
     }
 
     #[test]

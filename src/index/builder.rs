@@ -1,6 +1,7 @@
 //! Builds a [`LayerIndex`] from tar-like entries: path checks, implicit
 //! parents, overlayfs whiteout conversion, hard links, last-entry-wins.
 
+use super::limits::{MAX_CHUNKS, MAX_DEPTH, MAX_ENTRIES, MAX_PATH, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use super::{Chunk, IndexError, Kind, LayerIndex, Node, NodeId, Timestamp, OPAQUE_XATTR};
 use crate::digest::Digest;
 use std::collections::BTreeMap;
@@ -31,6 +32,10 @@ struct BNode {
 pub struct TreeBuilder {
     layer: Digest,
     nodes: Vec<BNode>,
+    /// Chunks of every node added so far (replaced ones included).
+    chunks: usize,
+    /// Nodes allowed ([`MAX_ENTRIES`]; smaller in tests).
+    max_entries: usize,
 }
 
 impl TreeBuilder {
@@ -42,13 +47,21 @@ impl TreeBuilder {
         Self {
             layer,
             nodes: vec![root],
+            chunks: 0,
+            max_entries: MAX_ENTRIES,
         }
     }
 
     fn err(&self, path: &[u8], reason: impl Into<String>) -> IndexError {
+        // A hostile path can be long: the message names its start.
+        let shown = &path[..path.len().min(256)];
+        let mut entry = String::from_utf8_lossy(shown).into_owned();
+        if shown.len() < path.len() {
+            entry.push('…');
+        }
         IndexError::Entry {
             layer: self.layer.clone(),
-            entry: String::from_utf8_lossy(path).into_owned(),
+            entry,
             reason: reason.into(),
         }
     }
@@ -58,8 +71,17 @@ impl TreeBuilder {
         if path.first() == Some(&b'/') {
             return Err(self.err(path, "absolute path in layer"));
         }
+        if path.len() > MAX_PATH {
+            return Err(self.err(
+                path,
+                format!("path of {} bytes is over the limit of {MAX_PATH}", path.len()),
+            ));
+        }
         let mut out = Vec::new();
         for c in path.split(|b| *b == b'/') {
+            if out.len() == MAX_DEPTH {
+                return Err(self.err(path, format!("path deeper than {MAX_DEPTH} components")));
+            }
             match c {
                 b"" | b"." => {}
                 b".." => return Err(self.err(path, "path escapes the layer root (`..`)")),
@@ -79,7 +101,7 @@ impl TreeBuilder {
                 Some(id) if self.nodes[id as usize].meta.kind == Kind::Dir => id,
                 Some(_) => return Err(self.err(path, "parent is not a directory")),
                 None => {
-                    let id = self.push(dir_meta(Timestamp::default()));
+                    let id = self.push(path, dir_meta(Timestamp::default()))?;
                     self.nodes[dir as usize].kids.insert((*c).into(), id);
                     id
                 }
@@ -88,17 +110,46 @@ impl TreeBuilder {
         Ok(dir)
     }
 
-    fn push(&mut self, meta: EntryMeta) -> NodeId {
+    fn push(&mut self, path: &[u8], meta: EntryMeta) -> Result<NodeId, IndexError> {
+        if self.nodes.len() > self.max_entries {
+            return Err(self.err(path, format!("layer has more than {} entries", self.max_entries)));
+        }
         self.nodes.push(BNode {
             meta,
             kids: BTreeMap::new(),
         });
-        (self.nodes.len() - 1) as NodeId
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    /// Per-entry caps: symlink target, xattrs, chunks of the whole layer.
+    fn check_meta(&mut self, path: &[u8], meta: &EntryMeta) -> Result<(), IndexError> {
+        if let Kind::Symlink(target) = &meta.kind {
+            if target.len() > MAX_PATH {
+                return Err(self.err(
+                    path,
+                    format!("symlink target of {} bytes is over the limit", target.len()),
+                ));
+            }
+        }
+        for (k, v) in &meta.xattrs {
+            if k.len() > MAX_XATTR_NAME || v.len() > MAX_XATTR_VALUE {
+                return Err(self.err(
+                    path,
+                    format!("xattr of {}+{} bytes is over the kernel's limits", k.len(), v.len()),
+                ));
+            }
+        }
+        self.chunks = self.chunks.saturating_add(meta.chunks.len());
+        if self.chunks > MAX_CHUNKS {
+            return Err(self.err(path, format!("layer has more than {MAX_CHUNKS} chunks")));
+        }
+        Ok(())
     }
 
     /// Adds an entry; whiteouts become 0/0 char devices, opaque markers an xattr.
     pub fn add(&mut self, path: &[u8], mut meta: EntryMeta) -> Result<(), IndexError> {
         drop_admin_xattrs(&mut meta.xattrs);
+        self.check_meta(path, &meta)?;
         let comps = self.components(path)?;
         let Some((name, parents)) = comps.split_last() else {
             // The root itself ("./"): keep its metadata.
@@ -142,7 +193,7 @@ impl TreeBuilder {
                 *old = EntryMeta { xattrs, ..meta };
             }
             _ => {
-                let id = self.push(meta);
+                let id = self.push(path, meta)?;
                 self.nodes[dir as usize].kids.insert(name.into(), id);
             }
         }
@@ -153,6 +204,7 @@ impl TreeBuilder {
     /// the shared inode, as containerd's unpack leaves it.
     pub fn add_hardlink(&mut self, path: &[u8], target: &[u8], mut meta: EntryMeta) -> Result<(), IndexError> {
         drop_admin_xattrs(&mut meta.xattrs);
+        self.check_meta(path, &meta)?;
         let tcomps = self.components(target)?;
         let mut cur: NodeId = 0;
         for c in &tcomps {
@@ -250,7 +302,8 @@ impl TreeBuilder {
                             ),
                         });
                     }
-                    expect += c.len;
+                    // Each chunk lies in the blob; their sum is checked too.
+                    expect = expect.saturating_add(c.len);
                 }
                 if expect != b.meta.size {
                     return Err(IndexError::Entry {
@@ -347,6 +400,7 @@ mod tests {
                     inner_offset: 0,
                     encoding: Encoding::Raw,
                     digest: None,
+                    whole: None,
                 }]
             },
         }
@@ -455,5 +509,39 @@ mod tests {
             assert_eq!(idx.node_of_chunk(id), Some(node), "{path}");
         }
         assert_eq!(idx.node_of_chunk(3), None);
+    }
+
+    #[test]
+    fn paths_longer_or_deeper_than_the_caps_are_refused() {
+        let mut b = TreeBuilder::new(layer());
+        let long = "a/".repeat(MAX_PATH / 2 + 1);
+        let e = b.add(long.as_bytes(), file(0, 0)).unwrap_err().to_string();
+        assert!(e.contains("over the limit") && e.contains('…'), "{e}");
+        let deep = "a/".repeat(MAX_DEPTH + 1);
+        let e = b.add(deep.as_bytes(), file(0, 0)).unwrap_err().to_string();
+        assert!(e.contains("deeper than"), "{e}");
+    }
+
+    #[test]
+    fn a_layer_of_more_entries_than_the_cap_is_refused() {
+        let mut b = TreeBuilder::new(layer());
+        assert_eq!(b.max_entries, MAX_ENTRIES);
+        b.max_entries = 1000;
+        let e = (0..=1000)
+            .map(|i| b.add(format!("f{i}").as_bytes(), file(0, 0)))
+            .find_map(Result::err)
+            .expect("refused");
+        assert!(e.to_string().contains("more than"), "{e}");
+    }
+
+    #[test]
+    fn oversized_xattrs_and_symlink_targets_are_refused() {
+        let mut b = TreeBuilder::new(layer());
+        let mut m = file(0, 0);
+        m.xattrs = vec![(b"user.k".to_vec(), vec![0; MAX_XATTR_VALUE + 1])];
+        assert!(b.add(b"x", m).is_err());
+        let mut m = file(0, 0);
+        m.kind = Kind::Symlink(vec![b'a'; MAX_PATH + 1]);
+        assert!(b.add(b"l", m).is_err());
     }
 }

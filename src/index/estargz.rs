@@ -1,25 +1,25 @@
 //! eStargz: a gzip layer whose last 51 bytes locate a TOC (`stargz.index.json`,
 //! itself a gzip member holding a one-entry tar) describing every file's chunks.
 
+use super::limits::{self, MAX_TOC_COMPRESSED, MAX_TOC_JSON};
 use super::toc::{self, Toc};
 use super::{Encoding, IndexError, LayerIndex};
 use crate::digest::Digest;
 use bytes::Bytes;
 use std::future::Future;
-use std::io::Read;
 
 /// Size of the eStargz footer (a gzip member with an `SG` extra field).
 pub const FOOTER_SIZE: u64 = 51;
 /// Size of the legacy stargz footer (extra field without subfield header).
 const LEGACY_FOOTER_SIZE: u64 = 47;
-/// Largest decompressed TOC we accept.
-const MAX_TOC: u64 = 512 << 20;
 
 /// A TOC member that does not hold a readable `stargz.index.json`.
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {
     #[error("not gzip: {0}")]
     NotGzip(#[source] std::io::Error),
+    #[error("inflates to more than {MAX_TOC_JSON} bytes")]
+    TooLarge,
     #[error("not a tar: {0}")]
     NotTar(#[source] std::io::Error),
     #[error("empty TOC archive")]
@@ -85,7 +85,13 @@ where
             "footer points at TOC offset {toc_offset}, past the blob ({size} bytes)"
         )));
     }
-    let compressed = read(toc_offset, size - footer_len - toc_offset)
+    let toc_len = size - footer_len - toc_offset;
+    if toc_len > MAX_TOC_COMPRESSED {
+        return Err(bad(format!(
+            "TOC at offset {toc_offset} is {toc_len} bytes, over the limit of {MAX_TOC_COMPRESSED}"
+        )));
+    }
+    let compressed = read(toc_offset, toc_len)
         .await
         .map_err(|e| fetch_err("eStargz TOC", e))?;
     let (l, expected) = (layer.clone(), toc_digest.clone());
@@ -93,8 +99,8 @@ where
 }
 
 /// The CPU part: inflates the TOC member at `toc_offset`, checks it against
-/// `toc_digest`, parses it and builds the index.
-fn parse_toc(
+/// `toc_digest`, parses it and builds the index. Public for the fuzz targets.
+pub fn parse_toc(
     layer: &Digest,
     compressed: &[u8],
     toc_offset: u64,
@@ -117,13 +123,12 @@ fn parse_toc(
     toc::build(layer, &toc, Encoding::Gzip, toc_offset, size)
 }
 
-/// Decompresses the TOC member and takes the `stargz.index.json` tar entry.
-fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, TocError> {
-    let mut tar_bytes = Vec::new();
-    flate2::read::MultiGzDecoder::new(compressed)
-        .take(MAX_TOC)
-        .read_to_end(&mut tar_bytes)
-        .map_err(TocError::NotGzip)?;
+/// Decompresses the TOC member (refused while inflating once past the cap)
+/// and takes the `stargz.index.json` tar entry.
+pub fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, TocError> {
+    // The tar around the JSON adds headers and padding: a few blocks.
+    let tar_bytes = limits::read_capped(flate2::read::MultiGzDecoder::new(compressed), MAX_TOC_JSON + 4096)
+        .map_err(|e| e.map_or(TocError::TooLarge, TocError::NotGzip))?;
     let mut archive = tar::Archive::new(&tar_bytes[..]);
     let mut entries = archive.entries().map_err(TocError::NotTar)?;
     let mut entry = entries.next().ok_or(TocError::Empty)?.map_err(TocError::NotTar)?;
@@ -131,8 +136,8 @@ fn toc_json(compressed: &[u8]) -> Result<Vec<u8>, TocError> {
     if name != b"stargz.index.json" {
         return Err(TocError::FirstEntry(String::from_utf8_lossy(&name).into_owned()));
     }
-    let mut json = Vec::new();
-    entry.read_to_end(&mut json).map_err(TocError::ReadEntry)?;
+    let json =
+        limits::read_capped(&mut entry, MAX_TOC_JSON).map_err(|e| e.map_or(TocError::TooLarge, TocError::ReadEntry))?;
     Ok(json)
 }
 
@@ -157,5 +162,15 @@ mod tests {
     #[test]
     fn plain_gzip_tail_is_not_a_footer() {
         assert_eq!(parse_footer(&[0u8; 64]), None);
+    }
+
+    #[test]
+    fn a_toc_that_inflates_past_the_cap_is_refused_while_inflating() {
+        use std::io::Write;
+        // 1 GiB of zeros as 1024 gzip members of 1 MiB (members decode as one stream).
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&vec![0u8; 1 << 20]).unwrap();
+        let bomb = e.finish().unwrap().repeat(1024);
+        assert!(matches!(toc_json(&bomb), Err(TocError::TooLarge)));
     }
 }

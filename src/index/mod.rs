@@ -8,6 +8,7 @@
 mod builder;
 pub mod estargz;
 pub mod gzip;
+pub mod limits;
 pub mod tar;
 pub mod toc;
 pub mod zstd_chunked;
@@ -29,6 +30,18 @@ pub const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 pub struct Timestamp {
     pub secs: i64,
     pub nanos: u32,
+}
+
+impl Timestamp {
+    /// A time from input whose nanoseconds may be out of range (a leap
+    /// second, or a hostile field): the excess carries into the seconds.
+    pub fn normalized(secs: i64, nanos: u64) -> Option<Self> {
+        let secs = secs.checked_add(i64::try_from(nanos / 1_000_000_000).ok()?)?;
+        Some(Self {
+            secs,
+            nanos: (nanos % 1_000_000_000) as u32,
+        })
+    }
 }
 
 /// What a node is; type-specific data lives here.
@@ -85,6 +98,17 @@ pub struct Chunk {
     pub encoding: Encoding,
     /// sha256 of the decoded chunk; `None` where the format has none.
     pub digest: Option<Digest>,
+    /// Set on a piece of a chunk too large to decode at once: `digest` is the
+    /// whole chunk's.
+    pub whole: Option<Whole>,
+}
+
+/// The chunk a piece belongs to: its decoded bytes start at inner offset
+/// `start` and run `len` bytes; the chunk digest covers exactly those.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Whole {
+    pub start: u64,
+    pub len: u64,
 }
 
 /// The index of one layer.
@@ -155,7 +179,8 @@ impl LayerIndex {
 
     /// Total decoded bytes of all files.
     pub fn content_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.len).sum()
+        // Saturating: the sizes come from the image.
+        self.chunks.iter().fold(0u64, |sum, c| sum.saturating_add(c.len))
     }
 }
 

@@ -88,7 +88,7 @@ where
     let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
     let mut global: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
-        if pos + BLOCK > size {
+        if pos.checked_add(BLOCK).is_none_or(|end| end > size) {
             if pos == size {
                 break; // no end-of-archive blocks: accept a tar that ends on a boundary
             }
@@ -108,14 +108,19 @@ where
         if let Some(s) = pax.get("size").or_else(|| global.get("size")) {
             entry_size = parse_num(s).ok_or_else(|| bad(pos, "invalid PAX size".into()))?;
         }
+        // Sizes come from the archive (a PAX size may be near u64::MAX): every
+        // sum is checked, so nothing wraps.
         let data_at = pos + BLOCK;
         let typ = header.entry_type();
         let header_only = matches!(typ.as_byte(), b'1' | b'2' | b'3' | b'4' | b'5' | b'6');
         let payload = if header_only { 0 } else { entry_size };
-        let next = data_at
-            .checked_add(payload.div_ceil(BLOCK) * BLOCK)
-            .ok_or_else(|| bad(pos, "size overflows".into()))?;
-        if data_at + payload > size {
+        let overflows = || bad(pos, format!("entry size {payload} overflows the archive offsets"));
+        let next = payload
+            .div_ceil(BLOCK)
+            .checked_mul(BLOCK)
+            .and_then(|padded| data_at.checked_add(padded))
+            .ok_or_else(overflows)?;
+        if data_at.checked_add(payload).is_none_or(|end| end > size) {
             return Err(bad(
                 pos,
                 format!("entry size {payload} runs past the end of the blob ({size})"),
@@ -251,7 +256,16 @@ where
 {
     async fn get(&mut self, offset: u64, len: u64) -> Result<Bytes, IndexError> {
         let end = self.start + self.data.len() as u64;
-        if offset < self.start || offset + len > end {
+        let Some(wanted_end) = offset.checked_add(len).filter(|e| *e <= self.size) else {
+            return Err(IndexError::Layer {
+                layer: self.layer.clone(),
+                reason: format!(
+                    "read of {len} bytes at {offset} runs past the blob ({} bytes)",
+                    self.size
+                ),
+            });
+        };
+        if offset < self.start || wanted_end > end {
             let want = len.max(WINDOW).min(self.size - offset);
             let data = (self.read)(offset, want).await.map_err(|e| IndexError::Fetch {
                 layer: self.layer.clone(),
@@ -286,6 +300,7 @@ pub fn raw_chunks(at: u64, len: u64, chunk_size: u64) -> Vec<Chunk> {
                 inner_offset: 0,
                 encoding: Encoding::Raw,
                 digest: None,
+                whole: None,
             }
         })
         .collect()
@@ -333,6 +348,10 @@ fn parse_time(v: &[u8]) -> Option<Timestamp> {
         None => (false, s),
     };
     let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    // Digits only: a second sign would make `-secs` below overflow.
+    if !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let secs: i64 = whole.parse().ok()?;
     let mut digits: String = frac.chars().take(9).collect();
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -447,6 +466,33 @@ mod tests {
 
     #[test]
     fn negative_fractional_pax_time() {
+        assert_eq!(
+            parse_time(b"-1.5"),
+            Some(Timestamp {
+                secs: -2,
+                nanos: 500_000_000
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pax_size_near_u64_max_is_refused_without_wrapping() {
+        for size in [u64::MAX, u64::MAX - 511, u64::MAX / 2] {
+            let data = build_tar(|b| {
+                b.append_pax_extensions([("size", size.to_string().as_bytes())])
+                    .unwrap();
+                let mut h = header("f", 0, tar::EntryType::Regular);
+                b.append_data(&mut h, "f", &[][..]).unwrap();
+            });
+            let e = index(data).await.unwrap_err().to_string();
+            assert!(e.contains("layer sha256:") && e.contains(&size.to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_pax_mtime_with_two_signs_is_refused_not_negated_past_i64() {
+        assert_eq!(parse_time(b"--9223372036854775808"), None);
+        assert_eq!(parse_time(b"-+5"), None);
         assert_eq!(
             parse_time(b"-1.5"),
             Some(Timestamp {

@@ -1,7 +1,8 @@
 //! The JSON TOC shared by eStargz and zstd:chunked (same entry schema), and
 //! its conversion into a [`LayerIndex`].
 
-use super::{Chunk, Encoding, EntryMeta, IndexError, Kind, LayerIndex, Timestamp, TreeBuilder};
+use super::limits::{self, MAX_PIECE};
+use super::{Chunk, Encoding, EntryMeta, IndexError, Kind, LayerIndex, Timestamp, TreeBuilder, Whole};
 use crate::digest::Digest;
 use base64::Engine as _;
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 #[derive(serde::Deserialize, Debug)]
 pub struct Toc {
     pub version: u32,
+    #[serde(deserialize_with = "limits::bounded_entries")]
     pub entries: Vec<TocEntry>,
 }
 
@@ -94,7 +96,7 @@ pub fn build(
                 return Err(err(e, format!("chunk entry follows file {:?}", reg.name)));
             }
             let c = chunk(layer, e, reg.size, encoding, extent_end(e)?)?;
-            meta.chunks.push(c);
+            meta.chunks.extend(c);
             continue;
         }
         flush(&mut builder, pending.take())?;
@@ -151,7 +153,7 @@ pub fn build(
         match e.kind.as_str() {
             "hardlink" => builder.add_hardlink(e.name.as_bytes(), e.link_name.as_bytes(), meta)?,
             "reg" if e.size > 0 => {
-                meta.chunks.push(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
+                meta.chunks.extend(chunk(layer, e, e.size, encoding, extent_end(e)?)?);
                 pending = Some((e.clone(), meta));
             }
             _ => builder.add(e.name.as_bytes(), meta)?,
@@ -165,7 +167,10 @@ pub fn build(
     Ok(index)
 }
 
-fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: u64) -> Result<Chunk, IndexError> {
+/// The chunk an entry describes, as pieces of at most [`MAX_PIECE`] decoded
+/// bytes: eStargz allows chunks of any size, and a piece is what one read
+/// decodes and holds (each piece checks the whole chunk's digest).
+fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: u64) -> Result<Vec<Chunk>, IndexError> {
     let err = |reason: String| IndexError::Entry {
         layer: layer.clone(),
         entry: e.name.clone(),
@@ -182,7 +187,28 @@ fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: 
     } else {
         file_size.saturating_sub(e.chunk_offset)
     };
-    let digest = match &e.chunk_digest {
+    if e.chunk_offset.checked_add(len).is_none_or(|end| end > file_size) {
+        return Err(err(format!(
+            "chunk {}+{len} runs past the file's {file_size} bytes",
+            e.chunk_offset
+        )));
+    }
+    // No stream decodes to more than its format's largest ratio allows, so
+    // a larger claim is a lie (a chunk "of 2^40 bytes") refused here.
+    let most = (end - e.offset)
+        .saturating_mul(limits::max_ratio(encoding))
+        .saturating_add(limits::RATIO_SLACK);
+    if e.inner_offset.checked_add(len).is_none_or(|n| n > most) {
+        return Err(err(format!(
+            "chunk of {len} bytes at inner offset {} cannot come from {} compressed bytes",
+            e.inner_offset,
+            end - e.offset
+        )));
+    }
+    if len.div_ceil(MAX_PIECE) > limits::MAX_CHUNKS as u64 {
+        return Err(err(format!("chunk of {len} bytes is too large to index")));
+    }
+    let digest: Option<Digest> = match &e.chunk_digest {
         Some(d) if !d.is_empty() => Some(d.parse().map_err(|x: crate::digest::DigestError| err(x.to_string()))?),
         // A file stored as one chunk is verified by its whole-file digest.
         _ if e.chunk_offset == 0 && len == file_size => match &e.digest {
@@ -194,24 +220,33 @@ fn chunk(layer: &Digest, e: &TocEntry, file_size: u64, encoding: Encoding, end: 
     if digest.is_none() {
         return Err(err("chunk has no digest to verify it against".into()));
     }
-    Ok(Chunk {
-        file_offset: e.chunk_offset,
+    let whole = (len > MAX_PIECE).then_some(Whole {
+        start: e.inner_offset,
         len,
-        blob_offset: e.offset,
-        blob_len: end - e.offset,
-        inner_offset: e.inner_offset,
-        encoding,
-        digest,
-    })
+    });
+    // Within the chunk and the file (both checked above), so no overflow.
+    Ok((0..len.div_ceil(MAX_PIECE))
+        .map(|i| {
+            let at = i * MAX_PIECE;
+            Chunk {
+                file_offset: e.chunk_offset + at,
+                len: MAX_PIECE.min(len - at),
+                blob_offset: e.offset,
+                blob_len: end - e.offset,
+                inner_offset: e.inner_offset + at,
+                encoding,
+                digest: digest.clone(),
+                whole,
+            }
+        })
+        .collect())
 }
 
 /// Parses the RFC 3339 times Go's `time.Time` writes.
 fn parse_rfc3339(s: &str) -> Option<Timestamp> {
     let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
-    Some(Timestamp {
-        secs: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos(),
-    })
+    // A leap second (`…:60Z`) comes back as nanoseconds of 10^9 or more.
+    Timestamp::normalized(t.timestamp(), t.timestamp_subsec_nanos().into())
 }
 
 #[cfg(test)]
@@ -261,5 +296,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"f\"") && e.contains("digest"), "{e}");
+    }
+
+    #[test]
+    fn a_chunk_declaring_2_pow_40_bytes_is_refused_naming_the_layer_and_entry() {
+        let d = Digest::of(b"x");
+        let toc = Toc {
+            version: 1,
+            entries: vec![entry(&format!(
+                r#"{{"name":"huge","type":"reg","size":1099511627776,"offset":100,"digest":"{d}"}}"#
+            ))],
+        };
+        let layer = Digest::of(b"l");
+        let e = build(&layer, &toc, Encoding::Gzip, 200, 300).unwrap_err().to_string();
+        assert!(
+            e.contains(&layer.to_string()) && e.contains("huge") && e.contains("cannot come from"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_large_chunk_is_served_as_bounded_pieces_of_the_whole_chunk() {
+        let d = Digest::of(b"x");
+        let size = 2 * MAX_PIECE + 5;
+        let toc = Toc {
+            version: 1,
+            entries: vec![entry(&format!(
+                r#"{{"name":"big","type":"reg","size":{size},"offset":100,"digest":"{d}"}}"#
+            ))],
+        };
+        let idx = build(&Digest::of(b"l"), &toc, Encoding::Gzip, 1 << 20, 2 << 20).unwrap();
+        let c = idx.file_chunks(idx.resolve("big").unwrap());
+        assert_eq!(c.len(), 3);
+        assert!(c
+            .iter()
+            .all(|c| c.len <= MAX_PIECE && c.whole == Some(Whole { start: 0, len: size })));
+        assert_eq!(
+            (c[2].file_offset, c[2].inner_offset, c[2].len),
+            (2 * MAX_PIECE, 2 * MAX_PIECE, 5)
+        );
+    }
+
+    #[test]
+    fn a_leap_second_modtime_carries_into_the_next_second() {
+        let t = parse_rfc3339("2016-12-31T23:59:60.5Z").unwrap();
+        assert!(t.nanos < 1_000_000_000, "{t:?}");
+        assert_eq!(t.secs, 1_483_228_800);
+    }
+
+    #[test]
+    fn a_toc_of_more_entries_than_the_cap_is_refused_while_parsing() {
+        let json = format!(
+            r#"{{"version":1,"entries":[{}{{}}]}}"#,
+            "{},".repeat(limits::MAX_ENTRIES)
+        );
+        let e = serde_json::from_str::<Toc>(&json).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
     }
 }

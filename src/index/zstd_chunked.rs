@@ -6,18 +6,17 @@
 //! Both start with: manifest offset, compressed length, uncompressed length,
 //! type (LE u64 each).
 
+use super::limits::{self, MAX_TOC_COMPRESSED, MAX_TOC_JSON};
 use super::toc::{self, Toc};
 use super::{Encoding, IndexError, LayerIndex};
 use crate::digest::Digest;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Read;
 
 const SKIPPABLE_HEADER: u64 = 8;
 const FOOTER_V1: u64 = 40;
 const FOOTER_V2: u64 = 64;
-const MAX_TOC: u64 = 512 << 20;
 
 /// Annotation keys that locate and check the manifest (old and new spellings).
 pub const POSITION_KEYS: [&str; 2] = [
@@ -111,9 +110,15 @@ where
         }
     };
     let end = pos.offset.checked_add(pos.compressed).filter(|e| *e <= size);
-    if end.is_none() || pos.offset < SKIPPABLE_HEADER || pos.uncompressed > MAX_TOC {
+    if end.is_none() || pos.offset < SKIPPABLE_HEADER {
         return Err(bad(format!(
             "manifest position {pos:?} does not fit a blob of {size} bytes"
+        )));
+    }
+    if pos.uncompressed > MAX_TOC_JSON || pos.compressed > MAX_TOC_COMPRESSED {
+        return Err(bad(format!(
+            "manifest of {} bytes ({} compressed) is over the limit of {MAX_TOC_JSON}",
+            pos.uncompressed, pos.compressed
         )));
     }
     let compressed = read(pos.offset, pos.compressed)
@@ -129,8 +134,9 @@ where
 
 /// The CPU part: checks the compressed manifest against its annotated
 /// checksum (required: it is what binds the TOC to the image), decompresses
-/// it, checks the TOC digest when annotated too, parses and builds.
-fn parse_manifest(
+/// it, checks the TOC digest when annotated too, parses and builds. Public
+/// for the fuzz targets.
+pub fn parse_manifest(
     layer: &Digest,
     compressed: &[u8],
     pos: ManifestPosition,
@@ -145,12 +151,19 @@ fn parse_manifest(
             "manifest checksum {actual} does not match the annotated {checksum}"
         )));
     }
-    let mut json = Vec::with_capacity(pos.uncompressed as usize);
-    zstd::stream::read::Decoder::new(compressed)
-        .map_err(|e| bad(format!("manifest: {e}")))?
-        .take(pos.uncompressed + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| bad(format!("manifest is not valid zstd: {e}")))?;
+    // Stops one byte past the stated size (itself capped): a manifest that
+    // inflates further (a zstd bomb) is refused without being held.
+    let decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| bad(format!("manifest: {e}")))?;
+    let json = match limits::read_capped(decoder, pos.uncompressed.min(MAX_TOC_JSON)) {
+        Ok(json) => json,
+        Err(Some(e)) => return Err(bad(format!("manifest is not valid zstd: {e}"))),
+        Err(None) => {
+            return Err(bad(format!(
+                "manifest inflates past its stated {} bytes",
+                pos.uncompressed
+            )))
+        }
+    };
     if json.len() as u64 != pos.uncompressed {
         return Err(bad(format!(
             "manifest decompresses to {} bytes, not the stated {}",
@@ -169,12 +182,17 @@ fn parse_manifest(
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
     // Payload frames end where the manifest's skippable frame begins.
-    toc::build(layer, &toc, Encoding::Zstd, pos.offset - SKIPPABLE_HEADER, size)
+    let payload_end = pos
+        .offset
+        .checked_sub(SKIPPABLE_HEADER)
+        .ok_or_else(|| bad(format!("manifest offset {} is inside the first frame", pos.offset)))?;
+    toc::build(layer, &toc, Encoding::Zstd, payload_end, size)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn footer_fields_are_little_endian() {
@@ -236,5 +254,22 @@ mod tests {
         let wrong = Digest::of(b"another manifest").to_string();
         let e = index_with(&[(CHECKSUM_KEYS[0], &wrong)]).await.unwrap_err().to_string();
         assert!(e.contains("does not match the annotated"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_inflating_past_its_stated_size_is_refused_while_inflating() {
+        // 1 GiB of zeros as 1024 frames of 1 MiB (frames decode as one stream).
+        let frame = zstd::encode_all(std::io::repeat(0).take(1 << 20), 1).unwrap();
+        let bomb = frame.repeat(1024);
+        let pos = ManifestPosition {
+            offset: 100,
+            compressed: bomb.len() as u64,
+            uncompressed: 1000,
+        };
+        let layer = Digest::of(b"l");
+        let e = parse_manifest(&layer, &bomb, pos, &Digest::of(&bomb), None, 1 << 40)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&layer.to_string()) && e.contains("inflates past"), "{e}");
     }
 }

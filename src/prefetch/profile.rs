@@ -33,6 +33,8 @@ use tracing::{info, warn};
 pub const ARTIFACT_TYPE: &str = "application/vnd.streamsnap.profile.v1+json";
 /// Profile format version.
 pub const VERSION: u32 = 1;
+/// Largest profile read, local or published (about 100k reads).
+pub const MAX_PROFILE: u64 = 16 << 20;
 /// A recording that never sees a read ends after this long.
 const MAX_IDLE_RECORDING: Duration = Duration::from_secs(600);
 /// Blob bytes of chunks asked for together when replaying, and how many such batches at once.
@@ -45,6 +47,7 @@ pub struct Profile {
     pub version: u32,
     /// The image manifest the profile was recorded for.
     pub image: Digest,
+    #[serde(deserialize_with = "crate::index::limits::bounded_entries")]
     pub reads: Vec<ProfileRead>,
 }
 
@@ -405,10 +408,22 @@ impl Profiles {
             let Some(b) = blobs.into_iter().find(|b| b.media_type == ARTIFACT_TYPE) else {
                 continue;
             };
-            let Ok(data) = registry.read_blob(&repo, &b.digest, BodyLimit::PROFILE).await else {
+            if b.size > MAX_PROFILE {
+                warn!(image = %image, repo = %repo, size = b.size, "profile artifact is over the size limit; ignored");
                 continue;
+            }
+            // No more than the descriptor declares, whatever the registry sends.
+            let data = match registry
+                .read_blob(&repo, &b.digest, BodyLimit::new("start-up profile", b.size))
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(image = %image, repo = %repo, error = %e, "fetching the profile artifact failed; ignored");
+                    continue;
+                }
             };
-            match serde_json::from_slice::<Profile>(&data) {
+            match parse(&data) {
                 Ok(p) if p.version == VERSION && &p.image == manifest => {
                     if let Err(e) = self.store_at(&keep_at, &p) {
                         warn!(error = %e, "cannot keep the fetched profile");
@@ -425,8 +440,8 @@ impl Profiles {
 
 /// A stored profile of `image`, if it is one and for that image.
 fn load_from(path: &Path, image: &Digest) -> Option<Profile> {
-    let text = std::fs::read(path).ok()?;
-    match serde_json::from_slice::<Profile>(&text) {
+    let text = read_capped(path).ok()?;
+    match parse(&text) {
         Ok(p) if p.version == VERSION && &p.image == image => Some(p),
         Ok(_) => {
             warn!(image = %image, "profile of another image or version ignored");
@@ -540,13 +555,25 @@ pub enum ProfileError {
     },
 }
 
+/// Parses a profile document (public for the fuzz targets).
+pub fn parse(text: &[u8]) -> Result<Profile, serde_json::Error> {
+    serde_json::from_slice(text)
+}
+
+/// A local profile file's bytes, refused past [`MAX_PROFILE`].
+fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    crate::index::limits::read_capped(file, MAX_PROFILE)
+        .map_err(|e| e.unwrap_or_else(|| std::io::Error::other(format!("profile is over {MAX_PROFILE} bytes"))))
+}
+
 /// Reads a stored profile (for `streamsnap profile show`).
 pub fn read_file(path: &Path) -> Result<Profile, ProfileError> {
-    let text = std::fs::read(path).map_err(|source| ProfileError::Read {
+    let text = read_capped(path).map_err(|source| ProfileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice(&text).map_err(|source| ProfileError::Parse {
+    parse(&text).map_err(|source| ProfileError::Parse {
         path: path.to_path_buf(),
         source,
     })

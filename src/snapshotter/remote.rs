@@ -28,6 +28,8 @@ const LAYER_LABELS: [&str; 2] = [
     "containerd.io/snapshot/remote/stargz.digest",
 ];
 const MANIFEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// containerd's limit on one label's key and value together.
+const MAX_LABEL: usize = 4096;
 /// Marks snapshots we serve lazily (stargz-snapshotter sets the same).
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
@@ -163,12 +165,15 @@ impl RemoteLayers {
         }
     }
 
-    /// Reads the labels of either family (CRI's or ctr-remote's).
+    /// Reads the labels of either family (CRI's or ctr-remote's). A label
+    /// over containerd's own size limit (key and value, 4096 bytes) is not
+    /// one containerd sent: the snapshot is then not served lazily.
     pub fn target(labels: &BTreeMap<String, String>) -> Option<Target> {
-        let name = labels.get(TARGET_REF)?.clone();
-        let image = IMAGE_LABELS.iter().find_map(|k| labels.get(*k))?.parse().ok()?;
-        let layer = LAYER_LABELS.iter().find_map(|k| labels.get(*k))?.parse().ok()?;
-        let manifest = labels.get(MANIFEST_LABEL).and_then(|d| d.parse().ok());
+        let get = |k: &str| labels.get(k).filter(|v| k.len() + v.len() <= MAX_LABEL);
+        let name = get(TARGET_REF)?.clone();
+        let image = IMAGE_LABELS.iter().find_map(|k| get(k))?.parse().ok()?;
+        let layer = LAYER_LABELS.iter().find_map(|k| get(k))?.parse().ok()?;
+        let manifest = get(MANIFEST_LABEL).and_then(|d| d.parse().ok());
         Some(Target {
             name,
             image,
@@ -494,4 +499,27 @@ impl RemoteLayers {
 
 fn remote(e: RemoteError) -> SnapshotError {
     SnapshotError::Remote(Arc::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(image: &str) -> BTreeMap<String, String> {
+        [
+            (TARGET_REF, "chain".to_string()),
+            (IMAGE_LABELS[0], image.to_string()),
+            (LAYER_LABELS[0], Digest::of(b"l").to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    #[test]
+    fn labels_over_containerds_size_limit_are_not_a_target() {
+        assert!(RemoteLayers::target(&labels("registry.local/a:b")).is_some());
+        let long = format!("registry.local/{}:b", "a".repeat(MAX_LABEL));
+        assert!(RemoteLayers::target(&labels(&long)).is_none());
+    }
 }

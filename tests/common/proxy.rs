@@ -29,6 +29,9 @@ pub enum Fault {
     RedirectTo(String),
     /// Send the headers, then one byte of the body every `every` (a stalled registry).
     Stall { every: std::time::Duration },
+    /// Send `len` zero bytes (declared in Content-Length when `declare`, else
+    /// ended by closing) unless the client hangs up first.
+    Endless { len: u64, declare: bool },
 }
 
 #[derive(Default)]
@@ -270,6 +273,23 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
             lines.push(format!("Content-Length: {}", g.len()));
             conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
             return conn.write_all(&g);
+        }
+        Some(Fault::Endless { len, declare }) => {
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let mut lines: Vec<String> = text.trim_end().split("\r\n").map(str::to_string).collect();
+            lines.retain(|l| !l.to_ascii_lowercase().starts_with("content-length"));
+            if declare {
+                lines.push(format!("Content-Length: {len}"));
+            }
+            conn.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut sent = 0u64;
+            while sent < len {
+                let n = zeros.len().min((len - sent) as usize);
+                conn.write_all(&zeros[..n])?;
+                sent += n as u64;
+            }
+            return Ok(());
         }
         _ => {}
     }

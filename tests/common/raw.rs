@@ -34,6 +34,11 @@ pub fn tar_end(mut tar: Vec<u8>) -> Vec<u8> {
     tar
 }
 
+/// Uploads a blob; returns its digest.
+pub fn put_blob(registry: &str, repo: &str, data: &[u8]) -> String {
+    upload(registry, repo, data)
+}
+
 fn upload(registry: &str, repo: &str, data: &[u8]) -> String {
     let digest = sha256(data);
     let tmp = tempfile::NamedTempFile::new().unwrap();
@@ -77,14 +82,28 @@ pub fn push_layers(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u
 
 /// Like `push_layers`; returns the manifest's digest and size.
 pub fn push_image(registry: &str, repo: &str, tag: &str, layers: &[(&str, Vec<u8>)]) -> (String, usize) {
-    let diff_ids: Vec<String> = layers.iter().map(|(_, b)| sha256(b)).collect();
+    let layers: Vec<(&str, Vec<u8>, serde_json::Value)> = layers
+        .iter()
+        .map(|(mt, b)| (*mt, b.clone(), serde_json::json!({})))
+        .collect();
+    push_annotated(registry, repo, tag, &layers)
+}
+
+/// Like `push_image`, with annotations on each layer descriptor.
+pub fn push_annotated(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    layers: &[(&str, Vec<u8>, serde_json::Value)],
+) -> (String, usize) {
+    let diff_ids: Vec<String> = layers.iter().map(|(_, b, _)| sha256(b)).collect();
     let config =
         serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
     let config = serde_json::to_vec(&config).unwrap();
     let config_digest = upload(registry, repo, &config);
     let descs: Vec<serde_json::Value> = layers
         .iter()
-        .map(|(mt, blob)| serde_json::json!({"mediaType": mt, "digest": upload(registry, repo, blob), "size": blob.len()}))
+        .map(|(mt, blob, ann)| serde_json::json!({"mediaType": mt, "digest": upload(registry, repo, blob), "size": blob.len(), "annotations": ann}))
         .collect();
     let manifest = serde_json::json!({
         "schemaVersion": 2,

@@ -182,7 +182,7 @@ impl ServeProcess {
         self.log.lock().unwrap().clone()
     }
 
-    /// The daemon's process id.
+    /// The daemon's process id (for /proc/<pid>/status).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -191,6 +191,11 @@ impl ServeProcess {
     pub fn kill(mut self) {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = self.child.wait();
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM; panics unless it exits 0.

@@ -9,13 +9,18 @@
 
 use super::{inflate::WINDOW, Layout, MAX_SPAN_OUTPUT};
 use crate::digest::Digest;
+use crate::index::limits;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileExt;
 
 pub const MAGIC: &[u8; 8] = b"SSGZIDX\n";
 pub const VERSION: u32 = 1;
-/// Largest meta section we accept (entry tables of huge layers fit easily).
-const MAX_META: u32 = 256 << 20;
+/// Largest meta section we accept, compressed and inflated (entry tables of
+/// huge layers fit easily); the inflated cap is enforced while inflating.
+const MAX_META: u32 = 64 << 20;
+const MAX_META_INFLATED: u64 = 128 << 20;
+/// Largest compressed window: a 32 KiB window never compresses to more.
+const MAX_WINDOW_ZLEN: u32 = 64 << 10;
 
 /// An index file that cannot be written, read, or trusted for a layer.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,8 @@ pub enum FormatError {
     ReadMeta(#[source] std::io::Error),
     #[error("meta section: {0}")]
     DecompressMeta(#[source] std::io::Error),
+    #[error("meta section inflates past {MAX_META_INFLATED} bytes")]
+    MetaInflatesTooFar,
     #[error("meta section: {0}")]
     DecodeMeta(#[source] postcard::Error),
     #[error("built for layer {0}, not this one")]
@@ -62,6 +69,8 @@ pub enum FormatError {
         "an index of an uncompressed layer must have equal blob, tar and data sizes and checkpoints without windows"
     )]
     NotStored,
+    #[error("entry {entry:?}: mtime nanoseconds {nanos} are not under a second")]
+    Nanoseconds { entry: String, nanos: u32 },
     #[error("entry {entry:?}: data {offset}+{size} lies outside the tar stream ({tar_size} bytes)")]
     EntryOutside {
         entry: String,
@@ -84,8 +93,10 @@ pub struct IndexMeta {
     pub deflate_end: u64,
     /// Output bytes between checkpoints the builder aimed for.
     pub span_size: u64,
+    #[serde(deserialize_with = "limits::bounded_entries")]
     pub checkpoints: Vec<Checkpoint>,
     /// Tar entries in archive order.
+    #[serde(deserialize_with = "limits::bounded_entries")]
     pub entries: Vec<IndexEntry>,
 }
 
@@ -168,9 +179,16 @@ pub fn read(file: &std::fs::File) -> Result<(IndexMeta, u64), FormatError> {
     }
     let mut packed = vec![0u8; len as usize];
     file.read_exact_at(&mut packed, 16).map_err(FormatError::ReadMeta)?;
-    let payload = zstd::bulk::decompress(&packed, 1 << 30).map_err(FormatError::DecompressMeta)?;
-    let meta: IndexMeta = postcard::from_bytes(&payload).map_err(FormatError::DecodeMeta)?;
-    Ok((meta, 16 + len as u64))
+    Ok((decode_meta(&packed)?, 16 + len as u64))
+}
+
+/// Inflates and decodes the meta section, refusing it once it inflates past
+/// its cap (a zstd bomb is never held). Public for the fuzz targets.
+pub fn decode_meta(packed: &[u8]) -> Result<IndexMeta, FormatError> {
+    let decoder = zstd::stream::read::Decoder::new(packed).map_err(FormatError::DecompressMeta)?;
+    let payload = limits::read_capped(decoder, MAX_META_INFLATED)
+        .map_err(|e| e.map_or(FormatError::MetaInflatesTooFar, FormatError::DecompressMeta))?;
+    postcard::from_bytes(&payload).map_err(FormatError::DecodeMeta)
 }
 
 /// Checks an index against the layer it is meant for, and for internal
@@ -213,7 +231,9 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64, layout: Layout
             && match layout {
                 Layout::Deflate => cp.window_len as u64 == cp.out_offset.min(WINDOW as u64),
                 Layout::Stored => cp.window_len == 0 && cp.bits == 0 && cp.blob_offset == cp.out_offset,
-            };
+            }
+            && cp.window_zlen <= MAX_WINDOW_ZLEN
+            && cp.window_at.checked_add(cp.window_zlen.into()).is_some();
         if !ok {
             return Err(FormatError::Checkpoint {
                 index: i,
@@ -226,6 +246,12 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64, layout: Layout
     for e in &meta.entries {
         let has_data = matches!(e.kind, EntryKind::File);
         let end = e.data_offset.checked_add(if has_data { e.size } else { 0 });
+        if e.mtime_nanos >= 1_000_000_000 {
+            return Err(FormatError::Nanoseconds {
+                entry: String::from_utf8_lossy(&e.path).into_owned(),
+                nanos: e.mtime_nanos,
+            });
+        }
         if end.is_none_or(|end| end > meta.uncompressed_size) || (!has_data && e.size != 0) {
             return Err(FormatError::EntryOutside {
                 entry: String::from_utf8_lossy(&e.path).into_owned(),
@@ -236,4 +262,18 @@ pub fn validate(meta: &IndexMeta, layer: &Digest, blob_size: u64, layout: Layout
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_meta_section_inflating_to_1_gib_is_refused_while_inflating() {
+        // 1 GiB of zeros as 1024 frames of 1 MiB (frames decode as one stream).
+        let frame = zstd::encode_all(std::io::repeat(0).take(1 << 20), 1).unwrap();
+        let bomb = frame.repeat(1024);
+        assert!(matches!(decode_meta(&bomb), Err(FormatError::MetaInflatesTooFar)));
+    }
 }

@@ -238,10 +238,10 @@ pub fn open(path: &Path, layer: &Digest, blob_size: u64, layout: Layout) -> Resu
             Some(next) => (next.blob_offset, next.out_offset),
             None => (meta.deflate_end, meta.uncompressed_size),
         };
-        let window_at = windows_base + cp.window_at;
-        if window_at + cp.window_zlen as u64 > file_len {
-            return Err(bad(OpenError::WindowPastEnd(i)));
-        }
+        let window_at = windows_base
+            .checked_add(cp.window_at)
+            .filter(|at| at.checked_add(cp.window_zlen.into()).is_some_and(|end| end <= file_len))
+            .ok_or_else(|| bad(OpenError::WindowPastEnd(i)))?;
         spans.push(Span {
             blob_offset: start,
             blob_len: end - start,
@@ -300,6 +300,7 @@ fn span_chunks(spans: &[Span], at: u64, len: u64) -> Vec<Chunk> {
             inner_offset: pos - s.out_offset,
             encoding: Encoding::Span(i as u32),
             digest: None,
+            whole: None,
         });
         pos = to;
         i += 1;
@@ -479,5 +480,18 @@ mod tests {
         gz.extend_from_slice(&second);
         let e = build(&Digest::of(&gz), 1 << 20, &gz[..]).unwrap_err().to_string();
         assert!(e.contains("multi-member"), "{e}");
+    }
+
+    #[test]
+    fn an_entry_with_nanoseconds_of_a_whole_second_is_rejected() {
+        let (gz, d) = layer(&sample());
+        let (mut meta, windows) = build(&d, 1 << 20, &gz[..]).unwrap();
+        meta.entries[0].mtime_nanos = 1_000_000_000;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&format::write(&meta, &windows).unwrap()).unwrap();
+        let e = open(f.path(), &d, gz.len() as u64, Layout::Deflate)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&d.to_string()) && e.contains("nanoseconds"), "{e}");
     }
 }
