@@ -80,16 +80,7 @@ impl Node {
         .collect();
         let socket = self.serve.socket.clone();
         self.rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::try_from("http://streamsnap.sock")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
+            let channel = ::streamsnap::pull::connect(&socket)
                 .await
                 .expect("connect to streamsnap");
             let mut client = api::snapshots_client::SnapshotsClient::new(channel);

@@ -333,8 +333,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::io::Write;
 
-    /// A gzip tar holding `files` (path, content), and its layer digest.
-    fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, Digest) {
+    /// A tar holding `files` (path, content): regular files, mode 0644.
+    pub(super) fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, data) in files {
             let mut h = tar::Header::new_gnu();
@@ -343,7 +343,12 @@ mod tests {
             h.set_mtime(1_700_000_000);
             b.append_data(&mut h, path, &data[..]).unwrap();
         }
-        let tar = b.into_inner().unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// A gzip tar holding `files` (path, content), and its layer digest.
+    fn layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, Digest) {
+        let tar = tar_of(files);
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(&tar).unwrap();
         let gz = e.finish().unwrap();

@@ -173,15 +173,7 @@ mod tests {
     use std::io::Write;
 
     fn tar_layer(files: &[(&str, Vec<u8>)]) -> (Vec<u8>, Digest) {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(1_700_000_000);
-            b.append_data(&mut h, path, &data[..]).unwrap();
-        }
-        let tar = b.into_inner().unwrap();
+        let tar = super::super::tests::tar_of(files);
         let d = Digest::of(&tar);
         (tar, d)
     }
