@@ -226,7 +226,7 @@ impl Fetcher {
             Err(_) => None,
         };
         let Some(parts) = parts else {
-            let path = path_of(&self.index, node);
+            let path = self.index.path_of(node);
             error!(image = %self.source.origin(), layer = %self.layer, path = %path, ?deadline, "read deadline passed, answering EIO");
             return Err(FetchError::Deadline {
                 layer: self.layer.clone(),
@@ -618,24 +618,6 @@ impl Drop for Fetcher {
     fn drop(&mut self) {
         self.node.disk.unpin(&self.layer);
     }
-}
-
-/// A path of file `node` in the layer, for messages (a search of the tree:
-/// only failed reads ask).
-fn path_of(index: &LayerIndex, node: NodeId) -> String {
-    let mut stack: Vec<(NodeId, String)> = vec![(0, String::new())];
-    while let Some((dir, path)) = stack.pop() {
-        for (name, child) in index.node(dir).map_or(&[][..], |n| &n.children[..]) {
-            let p = format!("{path}/{}", String::from_utf8_lossy(name));
-            if *child == node {
-                return p;
-            }
-            if index.node(*child).is_some_and(|n| n.kind == crate::index::Kind::Dir) && *child != dir {
-                stack.push((*child, p));
-            }
-        }
-    }
-    format!("<node {node}>")
 }
 
 /// Groups chunks (in blob order) into runs that one range request can serve.

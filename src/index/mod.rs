@@ -123,6 +123,24 @@ pub struct LayerIndex {
 }
 
 impl LayerIndex {
+    /// A path of file `node` in the layer, for messages (a search of the
+    /// tree: only failed reads ask).
+    pub fn path_of(&self, node: NodeId) -> String {
+        let mut stack: Vec<(NodeId, String)> = vec![(0, String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            for (name, child) in self.node(dir).map_or(&[][..], |n| &n.children[..]) {
+                let p = format!("{path}/{}", String::from_utf8_lossy(name));
+                if *child == node {
+                    return p;
+                }
+                if self.node(*child).is_some_and(|n| n.kind == Kind::Dir) && *child != dir {
+                    stack.push((*child, p));
+                }
+            }
+        }
+        format!("<node {node}>")
+    }
+
     pub fn node(&self, id: NodeId) -> Option<&Node> {
         self.nodes.get(id as usize)
     }
