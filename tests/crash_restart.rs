@@ -109,14 +109,6 @@ fn cache_files(cache: &Path, prefix: &str) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
-    wait_until(
-        Duration::from_secs(180),
-        &format!("{count}x {needle:?} in the log"),
-        || log().matches(needle).count() >= count,
-    );
-}
-
 #[test]
 fn a_file_being_cached_when_the_daemon_is_killed_reads_correctly_after_restart() {
     let mut node = Node::start(SLOW_FILL);

@@ -23,22 +23,23 @@ struct Tampered {
 }
 
 fn tampered(format: Format) -> Tampered {
+    tampered_at(format, |size| size / 2)
+}
+
+/// Like `tampered`, with the byte at `at(blob size)` flipped.
+fn tampered_at(format: Format, at: fn(u64) -> u64) -> Tampered {
     require_root();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let image = build_big_layer_image(&work.path().join("image"), 8);
     let honest = push(&image.image, &registry, format);
-    tamper(registry, image, honest, work)
-}
-
-fn tamper(registry: Registry, image: BigLayerImage, honest: String, work: tempfile::TempDir) -> Tampered {
     let layer = registry.manifest(&honest)["layers"][0].clone();
     let (digest, size) = (
         layer["digest"].as_str().unwrap().to_string(),
         layer["size"].as_u64().unwrap(),
     );
     let proxy = FaultProxy::start(&registry.addr());
-    proxy.set(&format!("/blobs/{digest}"), Fault::FlipAt(size / 2));
+    proxy.set(&format!("/blobs/{digest}"), Fault::FlipAt(at(size)));
     let reference = honest.replacen(&registry.addr(), &proxy.addr(), 1);
     Tampered {
         registry,
@@ -345,4 +346,43 @@ fn an_index_the_image_manifest_pins_is_used_without_any_trusted_source() {
         log.contains("format=GzipIndex") && log.contains("gzip index fetched"),
         "{log}"
     );
+}
+
+/// Mounts `t` with a background fill (under an index built on this node
+/// when `indexed`) and waits for the fill to quarantine the layer: then every
+/// read fails.
+fn quarantined_by_its_fill(t: &Tampered, indexed: bool) {
+    let state = t.work.path().join("state");
+    if indexed {
+        index_image(&t.honest, &state, &["--min-layer-size", "0", "--span", "1MiB"]);
+    }
+    let fill = ["--background-fill", "--background-fill-delay", "0"];
+    let mount = t.mount(&state, &fill).unwrap();
+    wait_for_log(|| mount.log(), "layer quarantined", 1);
+    for (path, _) in t.files() {
+        let err = std::fs::read(mount.mountpoint.join(&path)).expect_err(&path);
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{path}: {err}");
+    }
+    let log = mount.stop();
+    let line = log.lines().find(|l| l.contains("layer quarantined")).unwrap();
+    assert!(
+        line.contains(&t.layer) && line.contains(&t.reference),
+        "names image and layer: {line}"
+    );
+    assert!(line.contains("content hashes to"), "{line}");
+    assert!(!log.contains("background fill complete"), "{log}");
+}
+
+#[test]
+fn a_gzip_layer_tampered_outside_every_span_is_quarantined_when_its_fill_completes() {
+    // The gzip trailer's last byte: no span covers it, only the layer digest does.
+    let t = tampered_at(Format::Gzip, |size| size - 1);
+    quarantined_by_its_fill(&t, true);
+}
+
+#[test]
+fn an_estargz_layer_tampered_outside_every_chunk_is_quarantined_when_its_fill_completes() {
+    // The first gzip member's MTIME: no chunk digest covers it, only the layer digest does.
+    let t = tampered_at(Format::Estargz, |_| 4);
+    quarantined_by_its_fill(&t, false);
 }

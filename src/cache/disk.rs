@@ -14,6 +14,7 @@
 
 mod books;
 mod files;
+mod proven;
 
 use super::seal::{self, Record};
 use super::ChunkKey;
@@ -511,6 +512,7 @@ impl DiskCache {
             lru.partials.retain(|(l, _), _| l != layer);
             lru.unchecked.retain(|(l, _), _| l != layer);
         }
+        self.forget_proven(layer);
         let _ = std::fs::remove_dir_all(self.dir.join(layer.hex()));
     }
 

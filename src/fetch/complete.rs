@@ -1,16 +1,17 @@
 //! The check that ends a layer's background fill, and quarantine.
 //!
 //! Every chunk is read back from the disk cache and verified as on any disk
-//! read (its chunk digest where the format has one, and the cache's own seal).
-//! Where the blob holds the chunks' bytes as they are (uncompressed tar), the
-//! whole blob is then hashed in order, the cached chunks plus the bytes
-//! between them (tar headers, padding) fetched at background priority, and
-//! compared with the layer digest: a mismatch means the registry served wrong
-//! bytes that no chunk digest caught, and the layer is quarantined. Compressed
-//! blobs are never fetched whole by the fill (it caches decoded chunks), so
-//! for them the chunk and span digests, checked when fetched, are the check.
+//! read (its chunk digest where the format has one, and the cache's own seal);
+//! then the whole blob must hash to the layer digest. Where the blob holds the
+//! chunks' bytes as they are (uncompressed tar), the cached chunks are hashed
+//! in order with the bytes between them (tar headers, padding) fetched at
+//! background priority. Compressed blobs were hashed in order while the fill
+//! fetched them (`tap`). A mismatch means the registry served wrong bytes that
+//! no chunk digest caught: the layer is quarantined. A proven layer is
+//! recorded in the disk cache, so a later fill (after a restart) re-checks its
+//! chunks but does not fetch or hash the blob again.
 
-use super::{ChunkId, FetchError, Fetcher, Urgency, MAX_GAP, MAX_REQUEST};
+use super::{BlobHash, ChunkId, FetchError, Fetcher, Urgency, MAX_GAP, MAX_REQUEST};
 use crate::digest::Digest;
 use crate::index::Encoding;
 use crate::metrics::Cause;
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use std::ops::Range;
 use std::sync::Arc;
-use tracing::error;
+use tracing::{error, warn};
 
 /// Cached bytes read and hashed per blocking task.
 const BATCH: u64 = 16 << 20;
@@ -28,8 +29,9 @@ const BATCH: u64 = 16 << 20;
 pub enum Proof {
     /// The blob hashes to the layer digest.
     LayerDigest,
-    /// Every cached chunk passed its checks (the blob is not fetched whole).
-    Chunks,
+    /// An earlier check on this node hashed the blob to the layer digest,
+    /// and every cached chunk passed its checks now.
+    Recorded,
 }
 
 /// Why a filled layer is not proven complete.
@@ -78,19 +80,40 @@ impl Fetcher {
         }
     }
 
+    /// Does the layer's blob have to be hashed in order as the fill fetches
+    /// it (compressed, and not proven before)?
+    pub fn hashes_while_filling(&self) -> bool {
+        !self.blob_is_chunks() && !self.node.disk.is_proven(&self.layer)
+    }
+
+    /// Does the blob hold the chunks' bytes as they are (uncompressed tar)?
+    fn blob_is_chunks(&self) -> bool {
+        self.index.spans.is_none() && self.index.chunks.iter().all(|c| c.encoding == Encoding::Raw)
+    }
+
     /// Checks a layer whose chunks are all cached (see the module doc);
-    /// `blob_size` is the blob's size from the manifest.
-    pub async fn check_complete(self: &Arc<Self>, blob_size: u64) -> Result<Proof, CompleteError> {
+    /// `blob_size` is the blob's size from the manifest, `hashed` what the
+    /// fill hashed of a compressed blob (the rest is fetched to finish it).
+    pub async fn check_complete(
+        self: &Arc<Self>,
+        blob_size: u64,
+        hashed: Option<BlobHash>,
+    ) -> Result<Proof, CompleteError> {
         let chunks = &self.index.chunks;
         let mut ids: Vec<ChunkId> = (0..chunks.len() as ChunkId).collect();
         ids.sort_by_key(|&id| (chunks[id as usize].blob_offset, chunks[id as usize].inner_offset));
-        let whole = self.index.spans.is_none() && chunks.iter().all(|c| c.encoding == Encoding::Raw);
-        if !whole {
+        let recorded = self.node.disk.is_proven(&self.layer);
+        if recorded || !self.blob_is_chunks() {
             for batch in self.batches(&ids) {
                 let pieces = batch.into_iter().map(Piece::Chunk).collect();
                 self.hash_pieces(pieces, Vec::new(), None).await?;
             }
-            return Ok(Proof::Chunks);
+            if recorded {
+                return Ok(Proof::Recorded);
+            }
+            let hashed = hashed.unwrap_or_else(|| self.begin_blob_hash(blob_size));
+            let got = self.finish_blob_hash(hashed).await?;
+            return self.judge(got);
         }
         let pieces = self.pieces(&ids, blob_size)?;
         let requests = gap_requests(&pieces);
@@ -124,14 +147,21 @@ impl Fetcher {
             }
             hasher = Some(self.hash_pieces(batch, gaps, hasher.take()).await?.expect("a hasher"));
         }
-        let got = Digest::from_hasher(hasher.expect("a hasher"));
-        match got == self.layer {
-            true => Ok(Proof::LayerDigest),
-            false => Err(CompleteError::Mismatch {
+        self.judge(Digest::from_hasher(hasher.expect("a hasher")))
+    }
+
+    /// The blob hashed to `got`: proven (and recorded) or a mismatch.
+    fn judge(&self, got: Digest) -> Result<Proof, CompleteError> {
+        if got != self.layer {
+            return Err(CompleteError::Mismatch {
                 layer: self.layer.clone(),
                 got,
-            }),
+            });
         }
+        if let Err(e) = self.node.disk.mark_proven(&self.layer) {
+            warn!(layer = %self.layer, error = %e, "cannot record the proven layer in the disk cache");
+        }
+        Ok(Proof::LayerDigest)
     }
 
     /// Chunk ids in runs of about `BATCH` bytes.

@@ -14,6 +14,7 @@ mod observe;
 mod sched;
 mod source;
 mod spans;
+mod tap;
 pub mod testing;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ pub use complete::{CompleteError, Proof};
 pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
 pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
+pub use tap::BlobHash;
 
 use crate::cache::{ChunkKey, DiskCache, FileEntry, FileSlot, MemCache};
 use crate::digest::Digest;
@@ -151,6 +153,8 @@ pub struct Fetcher {
     runtime: Option<tokio::runtime::Handle>,
     /// Why the layer is known to serve wrong bytes (`complete`): every read fails.
     quarantined: OnceLock<String>,
+    /// Verified fetched bytes, held while the fill hashes the blob (`tap`).
+    tap: tap::Tap,
 }
 
 impl Fetcher {
@@ -168,6 +172,7 @@ impl Fetcher {
             observer: ObserverSlot::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             quarantined: OnceLock::new(),
+            tap: tap::Tap::default(),
         })
     }
 
@@ -533,10 +538,10 @@ impl Fetcher {
                     break;
                 }
             };
-            let this = Arc::clone(&self);
+            let (this, held) = (Arc::clone(&self), data.clone());
             let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
             results =
-                tokio::task::spawn_blocking(move || ids.iter().map(|&id| this.decode_in(&data, start, id)).collect())
+                tokio::task::spawn_blocking(move || ids.iter().map(|&id| this.decode_in(&held, start, id)).collect())
                     .await
                     .unwrap_or_else(|e| {
                         run.iter()
@@ -544,6 +549,7 @@ impl Fetcher {
                             .collect()
                     });
             if !results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. }))) {
+                self.tap.offer(start, &data);
                 break;
             }
             if attempt == 0 {

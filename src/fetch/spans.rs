@@ -119,9 +119,12 @@ impl Fetcher {
         let mut reason = String::new();
         for attempt in 0..2 {
             let data = self.fetch_range(sp.blob_offset, sp.blob_len, urgency, cause).await?;
-            let spans = Arc::clone(&spans);
-            match tokio::task::spawn_blocking(move || spans.decode(s, &data)).await {
-                Ok(Ok(out)) => return Ok(out),
+            let (spans, held) = (Arc::clone(&spans), data.clone());
+            match tokio::task::spawn_blocking(move || spans.decode(s, &held)).await {
+                Ok(Ok(out)) => {
+                    self.tap.offer(sp.blob_offset, &data);
+                    return Ok(out);
+                }
                 Ok(Err(r)) => reason = r.to_string(),
                 Err(e) => reason = format!("decoder panicked: {e}"),
             }

@@ -44,6 +44,8 @@ pub struct TestSource {
     link_free: Mutex<Instant>,
     /// Faults for the next requests, in order.
     faults: Mutex<VecDeque<Fault>>,
+    /// A blob byte served flipped in every answer that holds it.
+    flipped: Mutex<Option<u64>>,
     log: Mutex<Vec<(u64, u64)>>,
 }
 
@@ -54,8 +56,19 @@ impl TestSource {
             link: None,
             link_free: Mutex::new(Instant::now()),
             faults: Mutex::default(),
+            flipped: Mutex::default(),
             log: Mutex::default(),
         }
+    }
+
+    /// The blob as it should be.
+    pub fn blob(&self) -> &Bytes {
+        &self.blob
+    }
+
+    /// From now on, the byte at `offset` is served flipped (a tampering registry).
+    pub fn flip_at(&self, offset: u64) {
+        *self.flipped.lock() = Some(offset);
     }
 
     /// Answers come over a simulated link.
@@ -110,7 +123,12 @@ impl RangeSource for TestSource {
                     self.blob.len()
                 )));
             };
-            let data = self.blob.slice(offset as usize..end as usize);
+            let mut data = self.blob.slice(offset as usize..end as usize);
+            if let Some(at) = (*self.flipped.lock()).filter(|at| (offset..end).contains(at)) {
+                let mut wrong = BytesMut::from(&data[..]);
+                wrong[(at - offset) as usize] ^= 0x01;
+                data = wrong.freeze();
+            }
             match fault {
                 None => {}
                 Some(Fault::Error) => return Err(SourceError::Injected("connection reset".into())),

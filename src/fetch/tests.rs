@@ -409,13 +409,56 @@ async fn fill_all(f: &Arc<Fetcher>) {
 }
 
 #[tokio::test]
-async fn a_filled_compressed_layer_is_proven_by_its_chunks_not_its_layer_digest() {
+async fn a_filled_compressed_layer_is_proven_by_its_layer_digest_once() {
     let l = SpanLayer::new().await;
     fill_all(&l.fetcher).await;
+    let size = l.source.blob().len() as u64;
+    assert_eq!(l.fetcher.check_complete(size, None).await.unwrap(), Proof::LayerDigest);
+    // Recorded: a later check (a fill after a restart) fetches nothing.
     let before = l.source.requests().len();
-    let size = l.source.bytes_requested(); // any size: a compressed blob is not re-read
-    assert_eq!(l.fetcher.check_complete(size).await.unwrap(), Proof::Chunks);
-    assert_eq!(l.source.requests().len(), before, "the check fetches nothing");
+    assert_eq!(l.fetcher.check_complete(size, None).await.unwrap(), Proof::Recorded);
+    assert_eq!(l.source.requests().len(), before);
+}
+
+#[tokio::test]
+async fn a_compressed_blob_hashed_while_filling_is_fetched_once() {
+    let l = SpanLayer::new().await;
+    let size = l.source.blob().len() as u64;
+    let mut hash = l.fetcher.begin_blob_hash(size);
+    let ids: Vec<ChunkId> = (0..l.fetcher.index().chunks.len() as ChunkId).collect();
+    for batch in ids.chunks(4) {
+        let first = l.fetcher.index().chunks[batch[0] as usize].blob_offset;
+        l.fetcher.hash_blob_to(&mut hash, first).await.unwrap();
+        l.fetcher.chunks(None, batch.to_vec(), Cause::Background).await.unwrap();
+    }
+    fill_all(&l.fetcher).await;
+    assert_eq!(
+        l.fetcher.check_complete(size, Some(hash)).await.unwrap(),
+        Proof::LayerDigest
+    );
+    // Once each, but for the byte a checkpoint sits in, which two spans share.
+    let spans = l.fetcher.index().spans.as_ref().unwrap().len() as u64;
+    let fetched = l.source.bytes_requested();
+    assert!(
+        size <= fetched && fetched <= size + spans,
+        "{fetched} bytes fetched of {size}"
+    );
+}
+
+#[tokio::test]
+async fn a_compressed_blob_with_a_byte_flipped_outside_every_span_fails_the_completion_check() {
+    let l = SpanLayer::new().await;
+    // The gzip trailer's last byte: no span covers it, only the layer digest does.
+    let size = l.source.blob().len() as u64;
+    l.source.flip_at(size - 1);
+    l.fetcher
+        .read(l.weights_node(), 0, 4096)
+        .await
+        .expect("spans are intact");
+    fill_all(&l.fetcher).await;
+    let err = l.fetcher.check_complete(size, None).await.unwrap_err();
+    assert!(matches!(err, CompleteError::Mismatch { .. }), "{err}");
+    assert!(!l.fetcher.disk().is_proven(l.fetcher.layer()));
 }
 
 #[tokio::test]
@@ -427,7 +470,7 @@ async fn a_filled_layer_whose_cache_lost_a_chunk_is_not_complete_and_not_quarant
         panic!("weights cached whole: {weights:?}")
     };
     std::fs::remove_file(&path).unwrap();
-    let err = l.fetcher.check_complete(0).await.unwrap_err();
+    let err = l.fetcher.check_complete(0, None).await.unwrap_err();
     assert!(matches!(err, CompleteError::Missing { .. }), "{err}");
     assert!(l.fetcher.quarantined().is_none());
 }

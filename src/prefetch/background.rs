@@ -6,7 +6,10 @@
 //! cache bound cannot hold the layer next to the other mounted layers' data.
 //! A fill that caches every chunk ends with the fetcher's completion check
 //! (`Fetcher::check_complete`): a layer whose content does not match its
-//! digest is quarantined.
+//! digest is quarantined. A compressed blob is hashed in blob order while the
+//! fill fetches it, so its chunks are fetched in that order too; bytes that
+//! reads cached before the fill began are fetched again for the hash (the
+//! start-up set: a few percent of the layer).
 
 use crate::fetch::{CompleteError, Fetcher, Proof};
 use crate::index::ChunkId;
@@ -129,6 +132,12 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target) -> FillEnd
         }
         (ids, f.disk().evictions_in_use())
     };
+    // A compressed blob is hashed in order as the fill goes (`Fetcher::hash_blob_to`).
+    let mut hash = match weak.upgrade() {
+        Some(f) if f.hashes_while_filling() => Some(f.begin_blob_hash(target.size)),
+        Some(_) => None,
+        None => return FillEnd::Unmounted,
+    };
     let started = Instant::now();
     let (mut chunks, mut fetched) = (0usize, 0u64);
     let mut pos = 0;
@@ -155,6 +164,12 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target) -> FillEnd
             continue;
         }
         let n = batch.len();
+        if let Some(h) = hash.as_mut() {
+            let first = index.chunks[batch[0] as usize].blob_offset;
+            if let Err(e) = f.hash_blob_to(h, first).await {
+                return FillEnd::Failed(format!("hashing the blob: {e}"));
+            }
+        }
         if let Err(e) = f.chunks(None, batch, Cause::Background).await {
             return FillEnd::Failed(e.to_string());
         }
@@ -176,7 +191,7 @@ async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target) -> FillEnd
             return FillEnd::Unmounted;
         };
         if ids.iter().all(|&id| f.is_cached(id)) {
-            return match f.check_complete(target.size).await {
+            return match f.check_complete(target.size, hash.take()).await {
                 Ok(proof) => FillEnd::Complete {
                     chunks,
                     bytes: fetched,

@@ -114,6 +114,19 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `log()` holds `needle` `count` times (or panics with the log).
+pub fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while log().matches(needle).count() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {count}x {needle:?} in:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Sends SIGTERM to a child, waits up to `grace`, then SIGKILLs it; used by the Drop impls.
 pub fn terminate(child: &mut std::process::Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
