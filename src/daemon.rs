@@ -1,4 +1,5 @@
-//! `streamsnap serve`: the snapshotter daemon on a unix socket, until SIGTERM/SIGINT.
+//! `streamsnap serve`: the snapshotter daemon on a unix socket, until SIGTERM/SIGINT
+//! (which leave the layer mounts to the descriptor keeper, for the next daemon).
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -11,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use tracing::info;
 
-/// Serves until `shutdown` completes, then unmounts what it mounted.
+/// Serves until `shutdown` completes, then leaves its mounts to the keeper (or, without one, unmounts them).
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // First: nothing in the state dir is touched unless this process owns it.
     let owner = node::StateLock::acquire(&config.root)?;
@@ -39,10 +40,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     snapshots
         .cleanup()
         .with_context(|| format!("removing orphan snapshot dirs in {}", config.root.display()))?;
+    // Holds the mounts' descriptors, so that they outlive this process (`lifecycle`).
+    let keeper = match crate::lifecycle::Keeper::connect_or_start(&config.root) {
+        Ok(k) => Some(Arc::new(k)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no descriptor keeper: layer mounts end with this process");
+            None
+        }
+    };
     let remote = Arc::new(RemoteLayers::new(
         ctx,
         config.registry.platform.clone(),
         tokio::runtime::Handle::current(),
+        keeper,
     ));
 
     if let Some(dir) = config.address.parent() {
@@ -69,7 +79,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .context("gRPC server")?;
     info!("shutting down");
     let _ = std::fs::remove_file(&config.address);
-    tokio::task::spawn_blocking(move || remote.release_all()).await?;
+    tokio::task::spawn_blocking(move || remote.stop()).await?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@
 //! - [`cache`]: bounded on-disk chunk store and in-memory LRU.
 //! - [`layer`]: chooses the index form for a layer and builds its fetcher.
 //! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
+//! - [`lifecycle`]: the descriptor keeper: layer mounts that outlive the daemon.
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
 //! - [`node`]: the composition root: what one node's layers share, built from config.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
@@ -38,6 +39,7 @@ pub mod image_mount;
 pub mod index;
 pub mod indexer;
 pub mod layer;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod overlay;

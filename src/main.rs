@@ -41,6 +41,19 @@ enum Command {
     /// Build the checkpoint index of each plain gzip or uncompressed tar layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index(IndexArgs),
+    /// Hold the FUSE descriptors of a state dir's layer mounts across daemon restarts (`serve` starts it).
+    Keeper {
+        /// The keeper's socket (`<state dir>/keeper.sock`).
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Take every lazily served layer of a state dir down (stop the daemon first): the keeper
+    /// closes its descriptors and exits, and the layer mounts are unmounted.
+    Shutdown {
+        /// State directory of the daemon.
+        #[arg(long, default_value = "/var/lib/streamsnap")]
+        root: PathBuf,
+    },
 }
 
 /// The defaults of flags that set a config value.
@@ -265,6 +278,19 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Plain blocking commands: the keeper must stay a single small thread.
+    match &cli.command {
+        Command::Keeper { socket } => {
+            return streamsnap::lifecycle::keeper::run(socket)
+                .with_context(|| format!("keeper at {}", socket.display()))
+        }
+        Command::Shutdown { root } => {
+            let n = streamsnap::lifecycle::shutdown(root)?;
+            println!("{n} layer mounts taken down under {}", root.display());
+            return Ok(());
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -273,6 +299,7 @@ fn main() -> anyhow::Result<()> {
             Command::Mount(args) => mount(args).await,
             Command::Profile { action } => profile(action).await,
             Command::Index(args) => index(args).await,
+            Command::Keeper { .. } | Command::Shutdown { .. } => unreachable!("run before the runtime"),
         }
     })
 }

@@ -131,6 +131,34 @@ fn escape_mountinfo(path: &str) -> String {
         .replace('\n', "\\012")
 }
 
+/// FUSE mount points under `dir` (per /proc/self/mountinfo; nothing under it is touched).
+pub fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let prefix = format!("{}/", escape_mountinfo(&dir.to_string_lossy()));
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let fs_type = right.split(' ').next()?;
+            let fuse = fs_type == "fuse" || fs_type.starts_with("fuse.");
+            (fuse && point.starts_with(&prefix)).then(|| PathBuf::from(unescape_mountinfo(point)))
+        })
+        .collect()
+}
+
+/// The inverse of `escape_mountinfo`.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
 /// Is `path` a mount point (per /proc/self/mountinfo)?
 pub fn is_mountpoint(path: &Path) -> bool {
     mount_at(path).is_some()

@@ -7,6 +7,9 @@
 //! cache file itself, at local-disk speed.
 
 mod attr;
+mod session;
+
+pub use session::{InitRecord, MountedLayer};
 
 use crate::fetch::Fetcher;
 use crate::index::{Kind, LayerIndex, NodeId};
@@ -18,7 +21,6 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -27,9 +29,6 @@ use tracing::{error, info, warn};
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Largest read the kernel may send (and read-ahead it may do).
 const MAX_READ: u32 = 1 << 20;
-/// Read-ahead window for the mount's backing device: FUSE_INIT can only lower
-/// the kernel's 128 KiB default, so it is raised through sysfs after mounting.
-const READ_AHEAD_KB: u32 = 4096;
 
 /// File handles: how an open file is served.
 const FH_FUSE: FileHandle = FileHandle(0);
@@ -50,6 +49,10 @@ pub struct LayerFs {
     runtime: tokio::runtime::Handle,
     passthrough: bool,
     open: Mutex<OpenFiles>,
+    /// What the kernel offered at FUSE_INIT (kept for a later takeover).
+    offered: Arc<std::sync::OnceLock<InitRecord>>,
+    /// Serving a connection an earlier process set up (see `session`).
+    taken_over: bool,
 }
 
 impl LayerFs {
@@ -61,6 +64,8 @@ impl LayerFs {
             runtime,
             passthrough: false,
             open: Mutex::default(),
+            offered: Arc::default(),
+            taken_over: false,
         }
     }
 
@@ -103,34 +108,6 @@ impl LayerFs {
     fn attr(&self, id: NodeId) -> fuser::FileAttr {
         attr::file_attr(id, &self.index.nodes[id as usize])
     }
-
-    /// Mounts this layer read-only at `mountpoint`; unmounted when the result is dropped.
-    pub fn mount(self, mountpoint: &Path, name: &str) -> std::io::Result<MountedLayer> {
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::RO,
-            fuser::MountOption::FSName(format!("streamsnap:{name}")),
-            fuser::MountOption::Subtype("streamsnap".into()),
-            fuser::MountOption::DefaultPermissions,
-            // Containers see a layer through overlayfs, whose own mount decides on setuid
-            // bits and device nodes and which reaches the layer with its mounter's (root's)
-            // credentials: the layer mount itself needs neither, nor other users.
-            fuser::MountOption::NoDev,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::Exec,
-        ];
-        config.acl = fuser::SessionACL::Owner;
-        config.n_threads = Some(2);
-        config.clone_fd = true;
-        let session = fuser::spawn_mount(self, mountpoint, &config)?;
-        raise_read_ahead(mountpoint);
-        Ok(MountedLayer { _session: session })
-    }
-}
-
-/// A layer's FUSE mount, served by its own threads; dropping it unmounts.
-pub struct MountedLayer {
-    _session: fuser::BackgroundSession,
 }
 
 impl Filesystem for LayerFs {
@@ -142,8 +119,15 @@ impl Filesystem for LayerFs {
             | fuser::InitFlags::FUSE_PARALLEL_DIROPS
             | fuser::InitFlags::FUSE_MAX_PAGES;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = self.offered.set(InitRecord {
+            capabilities: config.capabilities().bits(),
+            abi_minor: config.kernel_abi().1,
+        });
         // Depth 1: backing files live on a plain filesystem, and overlayfs can still stack on this one.
-        if config.capabilities().contains(fuser::InitFlags::FUSE_PASSTHROUGH)
+        // Not after a takeover: the earlier process's open files are unknown, and the
+        // kernel fails a passthrough open of an inode open through the page cache.
+        if !self.taken_over
+            && config.capabilities().contains(fuser::InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
@@ -347,20 +331,5 @@ fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(data);
-    }
-}
-
-/// Sets the mount's read-ahead to `READ_AHEAD_KB`: sequential readers then keep
-/// several 1 MiB FUSE reads in flight instead of one 128 KiB read at a time.
-/// Best effort: without it reads are slower, never wrong.
-fn raise_read_ahead(mountpoint: &Path) {
-    // Not stat(2): a request to our own mount would hang this thread for good
-    // if the daemon were killed before answering it.
-    let Some(mount) = crate::overlay::mount_at(mountpoint) else {
-        return warn!(mountpoint = %mountpoint.display(), "the new mount is not in mountinfo");
-    };
-    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", mount.dev.0, mount.dev.1);
-    if let Err(e) = std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
-        warn!(mountpoint = %mountpoint.display(), knob, error = %e, "cannot raise read-ahead");
     }
 }

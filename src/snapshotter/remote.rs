@@ -5,8 +5,9 @@
 use super::{RemoteLayer, SnapshotError, Snapshots};
 use crate::digest::{Digest, DigestError};
 use crate::flight::{Abandoned, Flights};
-use crate::fs::{LayerFs, MountedLayer};
+use crate::fs::{InitRecord, LayerFs, MountedLayer};
 use crate::layer::{self, Fallback, Layer, LayerContext, LayerError};
+use crate::lifecycle::Keeper;
 use crate::registry::{Platform, Reference, ReferenceError, RegistryError, ResolvedImage};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -123,6 +124,20 @@ struct Remount {
     name: String,
     record: RemoteLayer,
     state: RemountState,
+    /// The mount's connection, kept by the keeper across the restart: answered again, not mounted anew.
+    held: Option<HeldMount>,
+}
+
+/// A live mount's descriptor from the keeper, and what its kernel offered at FUSE_INIT.
+struct HeldMount {
+    fd: std::os::fd::OwnedFd,
+    init: InitRecord,
+    at: PathBuf,
+}
+
+/// A snapshot's name at the keeper.
+fn keeper_name(id: u64) -> String {
+    format!("snapshot-{id}")
 }
 
 enum RemountState {
@@ -147,11 +162,19 @@ pub struct RemoteLayers {
     manifests: Flights<String, Resolved>,
     /// Snapshots not mounted since the restart, by id.
     remounts: Mutex<HashMap<u64, Remount>>,
+    /// Holds every mount's descriptor across restarts (`lifecycle`), if it runs.
+    keeper: Option<Arc<Keeper>>,
 }
 
 impl RemoteLayers {
-    pub fn new(ctx: LayerContext, platform: Platform, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        ctx: LayerContext,
+        platform: Platform,
+        runtime: tokio::runtime::Handle,
+        keeper: Option<Arc<Keeper>>,
+    ) -> Self {
         Self {
+            keeper,
             ctx,
             platform,
             runtime,
@@ -261,18 +284,30 @@ impl RemoteLayers {
         }
     }
 
-    /// FUSE-mounts `layer` at `at` (blocking: the kernel answers FUSE_INIT first).
-    fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path) -> Result<(), RemoteError> {
-        // A mount left by a daemon that died.
-        crate::overlay::unmount_stale(at);
+    /// FUSE-mounts `layer` at `at` (blocking: the kernel answers FUSE_INIT
+    /// first), or answers the mount there again when its connection was held
+    /// across a restart; the keeper gets a copy of a new mount's descriptor.
+    fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path, held: Option<HeldMount>) -> Result<(), RemoteError> {
         let fs = LayerFs::new(Arc::clone(&layer.fetcher), self.runtime.clone());
-        let mounted = fs
-            .mount(at, &layer.digest.hex()[..12])
-            .map_err(|source| RemoteError::Mount {
-                layer: layer.digest.clone(),
-                path: at.to_path_buf(),
-                source,
-            })?;
+        let mount_err = |source| RemoteError::Mount {
+            layer: layer.digest.clone(),
+            path: at.to_path_buf(),
+            source,
+        };
+        let mounted = match held {
+            Some(h) => fs.take_over(h.fd, h.init, &h.at).map_err(mount_err)?,
+            None => {
+                // A mount left by a daemon that died.
+                crate::overlay::unmount_stale(at);
+                let mounted = fs.mount(at, &layer.digest.hex()[..12]).map_err(mount_err)?;
+                if let Some(k) = &self.keeper {
+                    if let Err(e) = k.put(&keeper_name(id), mounted.device(), &mounted.init().encode()) {
+                        warn!(layer = %layer.digest, error = %e, "the keeper did not take the mount: it will not outlive this process");
+                    }
+                }
+                mounted
+            }
+        };
         self.mounts.lock().insert(id, (mounted, Arc::clone(layer)));
         Ok(())
     }
@@ -308,7 +343,7 @@ impl RemoteLayers {
         tokio::task::spawn_blocking(move || {
             let id = snaps.reserve_remote(&name, &parent)?;
             let committed = this
-                .mount(&layer, id, &snaps.fs_path(id))
+                .mount(&layer, id, &snaps.fs_path(id), None)
                 .map_err(remote)
                 .and_then(|()| snaps.commit_remote(&name, &parent, id, labels, record));
             match &committed {
@@ -344,13 +379,18 @@ impl RemoteLayers {
                 self.ctx.fetch.disk.remove_layer(&layer);
             }
         }
+        let mut held = self.held_mounts(snapshots);
         let attempts: Vec<_> = records
             .into_iter()
             .filter_map(|(name, rec)| {
                 let record = rec.remote?;
-                Some(self.start_remount(rec.id, name, record))
+                Some(self.start_remount(rec.id, name, record, held.remove(&rec.id)))
             })
             .collect();
+        // Descriptors of mounts no record names any more (containerd removed them meanwhile).
+        for id in held.into_keys() {
+            self.forget_held(id);
+        }
         let (this, snapshots) = (Arc::clone(self), Arc::clone(snapshots));
         tokio::spawn(async move {
             futures::stream::iter(attempts)
@@ -359,11 +399,65 @@ impl RemoteLayers {
         })
     }
 
+    /// The keeper's descriptors of mounts still in place, by snapshot id.
+    fn held_mounts(&self, snapshots: &Snapshots) -> HashMap<u64, HeldMount> {
+        let Some(keeper) = &self.keeper else {
+            return HashMap::new();
+        };
+        let held = keeper.held().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot take the mounts' descriptors back: layers are mounted anew");
+            Vec::new()
+        });
+        let mut out = HashMap::new();
+        for h in held {
+            let id = h.name.strip_prefix("snapshot-").and_then(|n| n.parse::<u64>().ok());
+            let live = id.is_some_and(|id| crate::overlay::mount_at(&snapshots.fs_path(id)).is_some());
+            match (id, InitRecord::decode(&h.meta)) {
+                (Some(id), Some(init)) if live => {
+                    let at = snapshots.fs_path(id);
+                    out.insert(id, HeldMount { fd: h.fd, init, at });
+                }
+                _ => {
+                    if let Err(e) = keeper.forget(&h.name) {
+                        warn!(name = %h.name, error = %e, "cannot drop a stale descriptor at the keeper");
+                    }
+                }
+            }
+        }
+        info!(
+            mounts = out.len(),
+            "mounts held across the restart: their connections are answered again"
+        );
+        out
+    }
+
+    fn forget_held(&self, id: u64) {
+        if let Some(k) = &self.keeper {
+            if let Err(e) = k.forget(&keeper_name(id)) {
+                warn!(snapshot_id = id, error = %e, "cannot drop a descriptor at the keeper");
+            }
+        }
+    }
+
     /// Records snapshot `id` as being re-mounted; the attempt ends when the sender is dropped.
-    fn start_remount(&self, id: u64, name: String, record: RemoteLayer) -> (u64, tokio::sync::watch::Sender<()>) {
+    fn start_remount(
+        &self,
+        id: u64,
+        name: String,
+        record: RemoteLayer,
+        held: Option<HeldMount>,
+    ) -> (u64, tokio::sync::watch::Sender<()>) {
         let (done, pending) = tokio::sync::watch::channel(());
         let state = RemountState::Pending(pending);
-        self.remounts.lock().insert(id, Remount { name, record, state });
+        self.remounts.lock().insert(
+            id,
+            Remount {
+                name,
+                record,
+                state,
+                held,
+            },
+        );
         (id, done)
     }
 
@@ -420,10 +514,21 @@ impl RemoteLayers {
         };
         let resolved = self.resolve(&target).await?;
         let layer = self.open_layer(&resolved, &digest).await?;
+        // Taken only now: a failed open keeps the connection for the next attempt.
+        let held = self.remounts.lock().get_mut(&id).and_then(|r| r.held.take());
         let (this, fs) = (Arc::clone(self), snapshots.fs_path(id));
-        tokio::task::spawn_blocking(move || this.mount(&layer, id, &fs))
-            .await
-            .map_err(|e| bad(format!("mount task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let taken_over = held.is_some();
+            match this.mount(&layer, id, &fs, held) {
+                Err(e) if taken_over => {
+                    warn!(layer = %layer.digest, error = %e, "cannot answer the held connection: mounting anew (open files of the old mount fail)");
+                    this.mount(&layer, id, &fs, None)
+                }
+                done => done,
+            }
+        })
+        .await
+        .map_err(|e| bad(format!("mount task: {e}")))?
     }
 
     /// Waits until the snapshots `ids` are served: those not mounted since the restart
@@ -477,8 +582,15 @@ impl RemoteLayers {
     /// Unmounts the layer behind a removed snapshot; the layer's cached
     /// chunks go too once no snapshot shows it any more.
     pub fn release(&self, id: u64) {
-        self.remounts.lock().remove(&id);
+        let held = self.remounts.lock().remove(&id).and_then(|r| r.held);
         let removed = self.mounts.lock().remove(&id);
+        if held.is_some() || removed.is_some() {
+            self.forget_held(id);
+        }
+        if let Some(h) = held {
+            drop(h.fd);
+            crate::overlay::unmount_stale(&h.at);
+        }
         if let Some((mounted, layer)) = removed {
             drop(mounted);
             let still_used = self.mounts.lock().values().any(|(_, l)| l.digest == layer.digest);
@@ -490,10 +602,16 @@ impl RemoteLayers {
         self.layers.lock().retain(|_, l| l.strong_count() > 0);
     }
 
-    /// Unmounts everything (shutdown).
-    pub fn release_all(&self) {
+    /// The daemon stops: with a keeper, every mount is left to it for the
+    /// next daemon to answer (an upgrade); without one, everything is unmounted.
+    pub fn stop(&self) {
         let mounts: Vec<_> = self.mounts.lock().drain().collect();
-        drop(mounts);
+        if self.keeper.is_some() {
+            info!(mounts = mounts.len(), "leaving the mounts to the descriptor keeper");
+            mounts.into_iter().for_each(|(_, (m, _))| m.abandon());
+        } else {
+            drop(mounts);
+        }
     }
 }
 

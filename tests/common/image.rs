@@ -463,6 +463,20 @@ pub fn build_runnable_image(dir: &Path, size_mib: u64) -> OciImage {
     finish_with_cmd(dir, &img, &bundle, "run", &["/bin/sh", "-c", "cat /etc/greeting"])
 }
 
+/// Busybox (with `date`, `sleep`, `sha256sum`) and one random file per
+/// `(path, MiB, seed)` in a layer of its own each, above the busybox layer.
+pub fn build_files_image(dir: &Path, files: &[(&str, u64, u64)]) -> OciImage {
+    let tools = ["sh", "cat", "echo", "sha256sum", "date", "sleep", "ls", "head"];
+    let (img, bundle) = busybox_bundle(dir, "files", &tools);
+    let root = bundle.join("rootfs");
+    umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
+    for (path, mib, seed) in files {
+        write_random_file(&root.join(path), mib << 20, *seed);
+        umoci(&["repack", "--refresh-bundle", "--image", &img, bundle.to_str().unwrap()]);
+    }
+    finish_with_cmd(dir, &img, &bundle, "files", &["/bin/sh"])
+}
+
 /// A pod "pause" image for CRI sandboxes: one busybox layer, default command
 /// `/bin/sleep 3600` (containerd kills a sandbox with SIGKILL, so no signal handling is needed).
 pub fn build_pause_image(dir: &Path) -> OciImage {

@@ -18,7 +18,8 @@ pub mod tree;
 pub use containerd::{containerd_unpack, Containerd, ContainerdOpts, MountedImage, Release};
 pub use fsutil::write_random_file;
 pub use image::{
-    build_big_layer_image, build_feature_image, build_runnable_image, layer_listings, BigLayerImage, OciImage,
+    build_big_layer_image, build_feature_image, build_files_image, build_runnable_image, layer_listings, BigLayerImage,
+    OciImage,
 };
 pub use proxy::{Fault, FaultProxy};
 pub use push::{push, push_all, verify_pushed, Format};

@@ -1,6 +1,6 @@
 //! Runs the `streamsnap` binary under test as users do.
 use super::{terminate, wait_until};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -122,12 +122,17 @@ impl Drop for MountProcess {
     }
 }
 
-/// A running `streamsnap serve` with its own root and socket; SIGTERM on drop.
+/// A running `streamsnap serve` with its own root and socket. Dropped (or
+/// `stop`ped), it gets SIGTERM and its layers are taken down (`streamsnap
+/// shutdown`), as a node's shutdown would; `kill` and `stop_for_upgrade` leave
+/// them to the descriptor keeper, for the next daemon.
 pub struct ServeProcess {
     child: Child,
     pub root: PathBuf,
     pub socket: PathBuf,
     log: Arc<Mutex<String>>,
+    /// The mounts outlive this process (killed, or stopped for an upgrade).
+    handed_over: bool,
 }
 
 impl ServeProcess {
@@ -138,9 +143,14 @@ impl ServeProcess {
 
     /// Like `start`, with extra `serve` flags.
     pub fn start_with(root: &Path, extra: &[&str]) -> ServeProcess {
+        Self::start_binary(&binary(), root, extra)
+    }
+
+    /// Like `start_with`, running the streamsnap binary at `bin` (an upgrade's new binary).
+    pub fn start_binary(bin: &Path, root: &Path, extra: &[&str]) -> ServeProcess {
         let socket = root.join("streamsnap.sock");
         std::fs::create_dir_all(root).unwrap();
-        let mut child = Command::new(binary())
+        let mut child = Command::new(bin)
             .args(["serve", "--root"])
             .arg(root.join("state"))
             .arg("--address")
@@ -153,13 +163,18 @@ impl ServeProcess {
             .spawn()
             .expect("spawn streamsnap serve");
         let log = Arc::new(Mutex::new(String::new()));
+        // Also on disk, for a test that hangs: `<root>/serve-<pid>.log`.
+        let file = Arc::new(Mutex::new(
+            std::fs::File::create(root.join(format!("serve-{}.log", child.id()))).unwrap(),
+        ));
         for out in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
-            let l = log.clone();
+            let (l, f) = (log.clone(), file.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = writeln!(f.lock().unwrap(), "{line}");
                     l.lock().unwrap().push_str(&format!("{line}\n"));
                 }
             });
@@ -175,6 +190,7 @@ impl ServeProcess {
             root: root.to_path_buf(),
             socket,
             log,
+            handed_over: false,
         }
     }
 
@@ -187,10 +203,35 @@ impl ServeProcess {
         self.child.id()
     }
 
-    /// SIGKILL, as a crash: nothing is cleaned up (mounts stay until `umount_all_under`).
+    /// SIGKILL, as a crash: nothing is cleaned up (the keeper keeps the mounts).
     pub fn kill(mut self) {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = self.child.wait();
+        self.handed_over = true;
+    }
+
+    /// SIGTERM, as for an upgrade: the daemon leaves its mounts to the keeper.
+    pub fn stop_for_upgrade(mut self) -> String {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        self.handed_over = true;
+        let log = self.log();
+        assert!(status.success(), "streamsnap serve exited with {status}:\n{log}");
+        log
+    }
+
+    /// Takes every layer of this daemon's state dir down (`streamsnap shutdown`).
+    pub fn shutdown_layers(root: &Path) {
+        let out = Command::new(binary())
+            .args(["shutdown", "--root"])
+            .arg(root.join("state"))
+            .output()
+            .expect("spawn streamsnap shutdown");
+        assert!(
+            out.status.success(),
+            "streamsnap shutdown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Whether the daemon is still running.
@@ -212,6 +253,14 @@ impl ServeProcess {
 impl Drop for ServeProcess {
     fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(10));
+        if !self.handed_over {
+            // Not asserted: this may run while a test panics.
+            let _ = Command::new(binary())
+                .args(["shutdown", "--root"])
+                .arg(self.root.join("state"))
+                .stdout(Stdio::null())
+                .status();
+        }
         if std::thread::panicking() {
             eprintln!("--- streamsnap serve log tail ---\n{}", super::tail(&self.log(), 60));
         }
