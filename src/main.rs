@@ -11,6 +11,7 @@ use std::sync::Arc;
 use streamsnap::config::{self, Config, RegistryHost, Seconds};
 use streamsnap::image_mount;
 use streamsnap::indexer::{IndexOptions, LayerOutcome};
+use streamsnap::install;
 use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
 use streamsnap::node::{self, StateDir};
@@ -41,6 +42,11 @@ enum Command {
     /// Build the checkpoint index of each plain gzip or uncompressed tar layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index(IndexArgs),
+    /// Merge streamsnap into containerd's config (the original is kept beside it), restart
+    /// containerd if anything changed.
+    Install(InstallArgs),
+    /// Put back the containerd config `install` changed, byte for byte; restart containerd if needed.
+    Uninstall(InstallArgs),
 }
 
 /// The defaults of flags that set a config value.
@@ -223,6 +229,41 @@ struct IndexArgs {
     image: Reference,
 }
 
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// containerd's config file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
+    /// streamsnap's snapshotter socket, as containerd dials it.
+    #[arg(long, default_value_os_t = defaults().address)]
+    address: PathBuf,
+    /// Shell command restarting containerd after a change.
+    #[arg(long, default_value = "systemctl restart containerd")]
+    restart_command: String,
+    /// Never restart containerd.
+    #[arg(long)]
+    no_restart: bool,
+    /// Version of a config that declares none (2: containerd 1.6/1.7, 3: 2.x); default: what
+    /// `containerd --version` implies.
+    #[arg(long)]
+    config_version: Option<install::ConfigVersion>,
+    /// The containerd binary asked for its version (only when the config declares none).
+    #[arg(long, default_value = "containerd")]
+    containerd_bin: PathBuf,
+}
+
+impl InstallArgs {
+    fn options(self) -> install::Options {
+        install::Options {
+            config: self.containerd_config,
+            address: self.address,
+            restart: (!self.no_restart).then_some(self.restart_command),
+            config_version: self.config_version,
+            containerd: self.containerd_bin,
+        }
+    }
+}
+
 /// Background fill flags (`serve`: override the config file).
 #[derive(clap::Args)]
 struct FillArgs {
@@ -273,6 +314,8 @@ fn main() -> anyhow::Result<()> {
             Command::Mount(args) => mount(args).await,
             Command::Profile { action } => profile(action).await,
             Command::Index(args) => index(args).await,
+            Command::Install(args) => install_command(args),
+            Command::Uninstall(args) => uninstall_command(args),
         }
     })
 }
@@ -381,6 +424,22 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     if let Some((repo, digest)) = &report.pushed {
         println!("published {digest} to {repo}");
     }
+    Ok(())
+}
+
+/// `streamsnap install`: what changed, one line each.
+fn install_command(args: InstallArgs) -> anyhow::Result<()> {
+    let opts = args.options();
+    let done = install::install(&opts)?;
+    print!("{}", install::report::installed(&opts, &done));
+    Ok(())
+}
+
+/// `streamsnap uninstall`: the original config back.
+fn uninstall_command(args: InstallArgs) -> anyhow::Result<()> {
+    let opts = args.options();
+    let done = install::uninstall(&opts)?;
+    print!("{}", install::report::uninstalled(&opts, &done));
     Ok(())
 }
 
