@@ -106,6 +106,9 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
     // Never write what does not parse back (the merge cannot produce it, but a node's containerd
     // must not be handed a broken config whatever happens).
     merge::declared_version(&merged.text).map_err(config_error)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
+    }
     let (backup, absent) = (beside(path, BACKUP_SUFFIX), beside(path, ABSENT_SUFFIX));
     if !exists(&backup)? && !exists(&absent)? {
         match &original {
@@ -120,9 +123,6 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         }
     }
     let mode = original.as_ref().map_or(NEW_FILE_MODE, |(_, m)| *m);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
-    }
     write_atomically(path, merged.text.as_bytes(), mode)?;
     installed.restarted = restart(opts)?;
     Ok(installed)
