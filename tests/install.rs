@@ -428,3 +428,31 @@ fn install_refuses_a_config_it_cannot_parse_naming_the_file_and_writing_nothing(
         assert_eq!(node.restarts(), 0, "{name}");
     }
 }
+
+#[test]
+fn a_symlinked_config_is_edited_where_it_points_and_stays_a_link() {
+    let case = Case {
+        release: Release::System1_6,
+        name: "symlink",
+        original: None,
+    };
+    let node = Node::new(&case);
+    let real = node.dir.path().join("managed/containerd.toml");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::write(&real, HAND_KEPT_V2).unwrap();
+    std::fs::create_dir_all(node.config.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&real, &node.config).unwrap();
+    node.streamsnap("install");
+    assert!(node.config.is_symlink());
+    assert!(std::fs::read_to_string(&real)
+        .unwrap()
+        .contains("snapshotter = \"streamsnap\""));
+    assert_eq!(
+        std::fs::read_to_string(real.with_file_name("containerd.toml.streamsnap-orig")).unwrap(),
+        HAND_KEPT_V2
+    );
+    node.streamsnap("uninstall");
+    assert!(node.config.is_symlink());
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), HAND_KEPT_V2);
+    assert_eq!(node.siblings(), ["config.toml"]);
+}

@@ -41,6 +41,8 @@ pub struct Installed {
     pub changes: Vec<Change>,
     /// The snapshotter CRI used before, now replaced by streamsnap.
     pub replaced_snapshotter: Option<String>,
+    /// Files the config imports (containerd merges them over it; install does not edit them).
+    pub imports: Vec<String>,
     /// The backup written by this run (first install only).
     pub backup: Option<PathBuf>,
     pub restarted: bool,
@@ -67,7 +69,7 @@ fn beside(config: &Path, suffix: &str) -> PathBuf {
 /// Merges streamsnap into the config; on the first change backs the original up; writes
 /// atomically and restarts containerd only if the bytes changed.
 pub fn install(opts: &Options) -> Result<Installed, Error> {
-    let path = &opts.config;
+    let path = &through_symlink(&opts.config)?;
     let original = read_if_exists(path)?;
     let text = match &original {
         Some((bytes, _)) => String::from_utf8(bytes.clone()).map_err(|e| Error::Io {
@@ -97,6 +99,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         version: merged.version,
         changes: merged.changes,
         replaced_snapshotter: merged.replaced_snapshotter,
+        imports: merged.imports,
         backup: None,
         restarted: false,
     };
@@ -131,7 +134,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
 /// Puts the original config back byte for byte (or removes the config if there was none) and
 /// removes the backup; restarts containerd if the file changed.
 pub fn uninstall(opts: &Options) -> Result<Uninstalled, Error> {
-    let path = &opts.config;
+    let path = &through_symlink(&opts.config)?;
     let (backup, absent) = (beside(path, BACKUP_SUFFIX), beside(path, ABSENT_SUFFIX));
     match (exists(&backup)?, exists(&absent)?) {
         (true, true) => Err(Error::TwoBackups(backup, absent)),
@@ -160,6 +163,15 @@ pub fn uninstall(opts: &Options) -> Result<Uninstalled, Error> {
             let restarted = changed && restart(opts)?;
             Ok(Uninstalled::Removed { restarted })
         }
+    }
+}
+
+/// The file a symlinked config points to (written in place, so the link stays a link); the path
+/// itself otherwise. The backup goes beside that file.
+fn through_symlink(path: &Path) -> Result<PathBuf, Error> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path).map_err(io("resolving symlink", path)),
+        _ => Ok(path.to_path_buf()),
     }
 }
 

@@ -111,6 +111,8 @@ pub struct Merged {
     pub changes: Vec<Change>,
     /// The other snapshotter CRI used before (install replaced it).
     pub replaced_snapshotter: Option<String>,
+    /// The config's `imports`: files containerd merges over it, which install does not edit.
+    pub imports: Vec<String>,
 }
 
 /// The version the config declares; None for a config without `version` and without plugin
@@ -168,6 +170,11 @@ pub fn merge(text: &str, fallback: Option<ConfigVersion>, socket: &str) -> Resul
     let replaced_snapshotter = old
         .and_then(|v| v.as_str().map(str::to_string))
         .filter(|s| !s.is_empty() && s != SNAPSHOTTER);
+    let imports = doc
+        .get("imports")
+        .and_then(Item::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
     let text = if edit.changes.is_empty() {
         text.to_string()
     } else {
@@ -178,6 +185,7 @@ pub fn merge(text: &str, fallback: Option<ConfigVersion>, socket: &str) -> Resul
         version,
         changes: edit.changes,
         replaced_snapshotter,
+        imports,
     })
 }
 

@@ -8,10 +8,21 @@ use std::fmt::Write as _;
 pub fn installed(opts: &Options, done: &Installed) -> String {
     let path = opts.config.display();
     let version = done.version.number();
-    if done.changes.is_empty() {
-        return format!("{path}: streamsnap already installed (config version {version}); nothing changed\n");
+    let mut out = if done.changes.is_empty() {
+        format!("{path}: streamsnap already installed (config version {version}); nothing changed\n")
+    } else {
+        format!("{path}: installed streamsnap (config version {version}):\n")
+    };
+    if !done.imports.is_empty() {
+        let _ = writeln!(
+            out,
+            "note: it imports {}: containerd merges those over it, and install does not edit them",
+            done.imports.join(", ")
+        );
     }
-    let mut out = format!("{path}: installed streamsnap (config version {version}):\n");
+    if done.changes.is_empty() {
+        return out;
+    }
     for change in &done.changes {
         let _ = writeln!(out, "  {change}");
     }

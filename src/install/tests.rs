@@ -261,3 +261,11 @@ fn the_config_version_follows_the_containerd_release() {
     }
     assert_eq!(ConfigVersion::for_containerd("containerd 3.0.0"), None);
 }
+
+#[test]
+fn imported_files_are_reported_not_edited() {
+    let text = "version = 2\nimports = ['/etc/containerd/conf.d/*.toml']\n";
+    let m = merge(text, None, SOCKET).unwrap();
+    assert_eq!(m.imports, ["/etc/containerd/conf.d/*.toml"]);
+    assert_eq!(merge(DEFAULT_2_1, None, SOCKET).unwrap().imports, Vec::<String>::new());
+}
