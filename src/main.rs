@@ -528,6 +528,25 @@ mod tests {
     }
 
     #[test]
+    fn install_defaults_to_the_node_paths_and_systemd() {
+        let Command::Install(a) = parse(&["install"]) else {
+            panic!()
+        };
+        let o = a.options();
+        assert_eq!(o.config, PathBuf::from("/etc/containerd/config.toml"));
+        assert_eq!(o.address, Config::default().address);
+        assert_eq!(o.restart.as_deref(), Some("systemctl restart containerd"));
+        assert_eq!(o.config_version, None);
+        let Command::Uninstall(a) = parse(&["uninstall", "--no-restart", "--config-version=3"]) else {
+            panic!()
+        };
+        let o = a.options();
+        assert_eq!(o.restart, None);
+        assert_eq!(o.config_version, Some(install::ConfigVersion::V3));
+        assert!(Cli::try_parse_from(["streamsnap", "install", "--config-version=1"]).is_err());
+    }
+
+    #[test]
     fn command_line_values_are_checked_like_the_config_file() {
         for bad in [
             &["serve", "--index-repo=Not A Repo"][..],

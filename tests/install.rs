@@ -141,11 +141,17 @@ impl Node {
             .arg(&self.config)
             .args(["--address", SOCKET])
             .arg("--restart-command")
-            .arg(format!("echo restarted >> {}", self.restarts_file().display()))
+            .arg(self.restart_command())
             // Asked only for configs that declare no version.
             .arg("--containerd-bin")
             .arg(containerd_bin(self.release));
         c
+    }
+
+    /// Counts its runs in `restarts`; fails while a file `restart-fails` exists.
+    fn restart_command(&self) -> String {
+        let d = self.dir.path().display();
+        format!("test ! -e {d}/restart-fails && echo restarted >> {d}/restarts")
     }
 
     fn restarts_file(&self) -> PathBuf {
@@ -455,4 +461,40 @@ fn a_symlinked_config_is_edited_where_it_points_and_stays_a_link() {
     assert!(node.config.is_symlink());
     assert_eq!(std::fs::read_to_string(&real).unwrap(), HAND_KEPT_V2);
     assert_eq!(node.siblings(), ["config.toml"]);
+}
+
+#[test]
+fn a_failed_restart_is_an_error_and_the_next_run_restarts_even_without_changes() {
+    for case in cases().into_iter().filter(|c| c.name == "default") {
+        let node = Node::new(&case);
+        let what = label(&case);
+        let fails = node.dir.path().join("restart-fails");
+        std::fs::write(&fails, "").unwrap();
+        let out = run_output(&mut node.command("install"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: a failed restart went unreported");
+        assert!(stderr.contains("restart command"), "{what}: {stderr}");
+        assert!(
+            node.text().contains("\"streamsnap\""),
+            "{what}: the config was not written"
+        );
+        std::fs::remove_file(&fails).unwrap();
+        let out = node.streamsnap("install");
+        assert!(out.contains("nothing changed"), "{what}: {out}");
+        assert_eq!(node.restarts(), 1, "{what}: the pending restart was not made");
+        node.streamsnap("install");
+        assert_eq!(node.restarts(), 1, "{what}: restarted again with nothing pending");
+        // The same on the way out.
+        std::fs::write(&fails, "").unwrap();
+        assert!(!run_output(&mut node.command("uninstall")).status.success(), "{what}");
+        assert_eq!(
+            std::fs::read_to_string(&node.config).unwrap(),
+            *case.original.as_ref().unwrap()
+        );
+        std::fs::remove_file(&fails).unwrap();
+        let out = node.streamsnap("uninstall");
+        assert!(out.contains("nothing to undo"), "{what}: {out}");
+        assert_eq!(node.restarts(), 2, "{what}");
+        assert_eq!(node.siblings(), ["config.toml"], "{what}");
+    }
 }

@@ -14,6 +14,10 @@ use std::process::Command;
 pub const BACKUP_SUFFIX: &str = ".streamsnap-orig";
 /// Suffix of the marker saying there was no config before install.
 pub const ABSENT_SUFFIX: &str = ".streamsnap-absent";
+/// Suffix of the marker saying the config changed and containerd has not been restarted since
+/// (the restart command failed): the next install or uninstall restarts it even if it changes
+/// nothing.
+pub const RESTART_PENDING_SUFFIX: &str = ".streamsnap-restart-pending";
 
 /// Mode of a config file install creates.
 const NEW_FILE_MODE: u32 = 0o644;
@@ -51,8 +55,9 @@ pub struct Installed {
 /// What `uninstall` did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Uninstalled {
-    /// No backup: install never changed this config.
-    NothingToUndo,
+    /// No backup: install never changed this config (`restarted`: a restart an earlier run
+    /// could not make was made now).
+    NothingToUndo { restarted: bool },
     /// The original bytes are back (from this backup, now removed).
     Restored { backup: PathBuf, restarted: bool },
     /// There was no config before install: it is removed.
@@ -104,6 +109,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         restarted: false,
     };
     if installed.changes.is_empty() {
+        installed.restarted = restart(opts, path, false)?;
         return Ok(installed);
     }
     // Never write what does not parse back (the merge cannot produce it, but a node's containerd
@@ -126,8 +132,9 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         }
     }
     let mode = original.as_ref().map_or(NEW_FILE_MODE, |(_, m)| *m);
+    restart_pending(opts, path)?;
     write_atomically(path, merged.text.as_bytes(), mode)?;
-    installed.restarted = restart(opts)?;
+    installed.restarted = restart(opts, path, true)?;
     Ok(installed)
 }
 
@@ -138,7 +145,9 @@ pub fn uninstall(opts: &Options) -> Result<Uninstalled, Error> {
     let (backup, absent) = (beside(path, BACKUP_SUFFIX), beside(path, ABSENT_SUFFIX));
     match (exists(&backup)?, exists(&absent)?) {
         (true, true) => Err(Error::TwoBackups(backup, absent)),
-        (false, false) => Ok(Uninstalled::NothingToUndo),
+        (false, false) => Ok(Uninstalled::NothingToUndo {
+            restarted: restart(opts, path, false)?,
+        }),
         (true, false) => {
             let (bytes, mode) = read_if_exists(&backup)?.ok_or_else(|| Error::Io {
                 what: "reading backup",
@@ -148,19 +157,21 @@ pub fn uninstall(opts: &Options) -> Result<Uninstalled, Error> {
             let current = read_if_exists(path)?;
             let changed = current.as_ref() != Some(&(bytes.clone(), mode));
             if changed {
+                restart_pending(opts, path)?;
                 write_atomically(path, &bytes, mode)?;
             }
             remove_synced(&backup)?;
-            let restarted = changed && restart(opts)?;
+            let restarted = restart(opts, path, changed)?;
             Ok(Uninstalled::Restored { backup, restarted })
         }
         (false, true) => {
             let changed = exists(path)?;
             if changed {
+                restart_pending(opts, path)?;
                 remove_synced(path)?;
             }
             remove_synced(&absent)?;
-            let restarted = changed && restart(opts)?;
+            let restarted = restart(opts, path, changed)?;
             Ok(Uninstalled::Removed { restarted })
         }
     }
@@ -197,11 +208,24 @@ fn containerd_config_version(config: &Path, binary: &Path) -> Result<ConfigVersi
     ConfigVersion::for_containerd(&text).ok_or_else(|| failed(format!("no 1.x or 2.x version in {:?}", text.trim())))
 }
 
-/// Runs the restart command; false when restarts are off.
-fn restart(opts: &Options) -> Result<bool, Error> {
+/// Marks a restart as pending (when restarts are on) before the config is changed.
+fn restart_pending(opts: &Options, config: &Path) -> Result<(), Error> {
+    if opts.restart.is_none() {
+        return Ok(());
+    }
+    write_atomically(&beside(config, RESTART_PENDING_SUFFIX), b"", 0o600)
+}
+
+/// Runs the restart command if the config `changed` or an earlier restart failed; false when it
+/// did not run (nothing to apply, or restarts are off). The pending mark goes once it succeeds.
+fn restart(opts: &Options, config: &Path, changed: bool) -> Result<bool, Error> {
     let Some(command) = &opts.restart else {
         return Ok(false);
     };
+    let pending = beside(config, RESTART_PENDING_SUFFIX);
+    if !changed && !exists(&pending)? {
+        return Ok(false);
+    }
     let status = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -215,6 +239,9 @@ fn restart(opts: &Options) -> Result<bool, Error> {
             command: command.clone(),
             status: status.to_string(),
         });
+    }
+    if exists(&pending)? {
+        remove_synced(&pending)?;
     }
     Ok(true)
 }

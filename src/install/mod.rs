@@ -40,7 +40,10 @@ pub enum Error {
     },
     #[error("both {0} and {1} exist: cannot tell which original to restore")]
     TwoBackups(PathBuf, PathBuf),
-    #[error("restart command `{command}` failed ({status}); the config file is already written")]
+    #[error(
+        "restart command `{command}` failed ({status}); the config file is written, and the next \
+         install or uninstall restarts containerd again"
+    )]
     Restart { command: String, status: String },
 }
 

@@ -21,6 +21,9 @@ pub fn installed(opts: &Options, done: &Installed) -> String {
         );
     }
     if done.changes.is_empty() {
+        if done.restarted {
+            out += "restarted containerd (its last restart had failed)\n";
+        }
         return out;
     }
     for change in &done.changes {
@@ -42,8 +45,12 @@ pub fn installed(opts: &Options, done: &Installed) -> String {
 pub fn uninstalled(opts: &Options, done: &Uninstalled) -> String {
     let path = opts.config.display();
     let (what, restart) = match done {
-        Uninstalled::NothingToUndo => {
-            return format!("{path}: no backup from `streamsnap install`; nothing to undo\n");
+        Uninstalled::NothingToUndo { restarted } => {
+            let out = format!("{path}: no backup from `streamsnap install`; nothing to undo\n");
+            if *restarted {
+                return out + "restarted containerd (its last restart had failed)\n";
+            }
+            return out;
         }
         Uninstalled::Restored { backup, restarted } => (
             format!("{path}: original restored from {}\n", backup.display()),
