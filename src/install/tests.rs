@@ -269,3 +269,29 @@ fn imported_files_are_reported_not_edited() {
     assert_eq!(m.imports, ["/etc/containerd/conf.d/*.toml"]);
     assert_eq!(merge(DEFAULT_2_1, None, SOCKET).unwrap().imports, Vec::<String>::new());
 }
+
+#[test]
+fn dotted_keys_and_inline_tables_are_edited_where_they_are() {
+    let dotted = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  containerd.snapshotter = \"overlayfs\"\n";
+    let m = merge(dotted, None, SOCKET).unwrap();
+    assert!(
+        m.text.contains("  containerd.snapshotter = \"streamsnap\"\n"),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains("containerd.disable_snapshot_annotations = false"),
+        "{}",
+        m.text
+    );
+    let inline =
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  containerd = { snapshotter = \"overlayfs\" }\n";
+    let m = merge(inline, None, SOCKET).unwrap();
+    let cri = ["plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter"];
+    assert_eq!(string(&m.text, &cri), SNAPSHOTTER);
+    assert_eq!(m.replaced_snapshotter.as_deref(), Some("overlayfs"));
+    for text in [dotted, inline] {
+        let once = merge(text, None, SOCKET).unwrap().text;
+        assert!(merge(&once, None, SOCKET).unwrap().changes.is_empty(), "{once}");
+    }
+}
