@@ -1,6 +1,7 @@
 //! The file side of install/uninstall: the original config is backed up once (its bytes and mode,
 //! or a marker that there was none), every write goes to a temporary file that is synced and
-//! renamed over the config, and containerd is restarted only after a write.
+//! renamed over the config, and containerd is restarted only after a write (or while an earlier
+//! restart is still pending).
 
 use super::merge::{self, Change, ConfigVersion};
 use super::Error;
