@@ -17,6 +17,7 @@
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
 //! - [`node`]: the composition root: what one node's layers share, built from config.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
+//! - [`install`]: `streamsnap install`/`uninstall`, streamsnap merged into containerd's config.
 //! - [`snapshotter`]: containerd's snapshotter semantics, metadata store, gRPC adapter, remote layers.
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
@@ -38,6 +39,7 @@ pub mod fs;
 pub mod image_mount;
 pub mod index;
 pub mod indexer;
+pub mod install;
 pub mod layer;
 pub mod lifecycle;
 pub mod metrics;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use streamsnap::config::{self, Config, RegistryHost, Seconds};
 use streamsnap::image_mount;
 use streamsnap::indexer::{IndexOptions, LayerOutcome};
+use streamsnap::install;
 use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
 use streamsnap::node::{self, StateDir};
@@ -54,6 +55,11 @@ enum Command {
         #[arg(long, default_value = "/var/lib/streamsnap")]
         root: PathBuf,
     },
+    /// Merge streamsnap into containerd's config (the original is kept beside it), restart
+    /// containerd if anything changed.
+    Install(InstallArgs),
+    /// Put back the containerd config `install` changed, byte for byte; restart containerd if needed.
+    Uninstall(InstallArgs),
 }
 
 /// The defaults of flags that set a config value.
@@ -236,6 +242,41 @@ struct IndexArgs {
     image: Reference,
 }
 
+#[derive(clap::Args)]
+struct InstallArgs {
+    /// containerd's config file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
+    /// streamsnap's snapshotter socket, as containerd dials it.
+    #[arg(long, default_value_os_t = defaults().address)]
+    address: PathBuf,
+    /// Shell command restarting containerd after a change.
+    #[arg(long, default_value = "systemctl restart containerd")]
+    restart_command: String,
+    /// Never restart containerd.
+    #[arg(long)]
+    no_restart: bool,
+    /// Version of a config that declares none (2: containerd 1.6/1.7, 3: 2.x); default: what
+    /// `containerd --version` implies.
+    #[arg(long)]
+    config_version: Option<install::ConfigVersion>,
+    /// The containerd binary asked for its version (only when the config declares none).
+    #[arg(long, default_value = "containerd")]
+    containerd_bin: PathBuf,
+}
+
+impl InstallArgs {
+    fn options(self) -> install::Options {
+        install::Options {
+            config: self.containerd_config,
+            address: self.address,
+            restart: (!self.no_restart).then_some(self.restart_command),
+            config_version: self.config_version,
+            containerd: self.containerd_bin,
+        }
+    }
+}
+
 /// Background fill flags (`serve`: override the config file).
 #[derive(clap::Args)]
 struct FillArgs {
@@ -300,6 +341,8 @@ fn main() -> anyhow::Result<()> {
             Command::Profile { action } => profile(action).await,
             Command::Index(args) => index(args).await,
             Command::Keeper { .. } | Command::Shutdown { .. } => unreachable!("run before the runtime"),
+            Command::Install(args) => install_command(args),
+            Command::Uninstall(args) => uninstall_command(args),
         }
     })
 }
@@ -411,6 +454,22 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `streamsnap install`: what changed, one line each.
+fn install_command(args: InstallArgs) -> anyhow::Result<()> {
+    let opts = args.options();
+    let done = install::install(&opts)?;
+    print!("{}", install::report::installed(&opts, &done));
+    Ok(())
+}
+
+/// `streamsnap uninstall`: the original config back.
+fn uninstall_command(args: InstallArgs) -> anyhow::Result<()> {
+    let opts = args.options();
+    let done = install::uninstall(&opts)?;
+    print!("{}", install::report::uninstalled(&opts, &done));
+    Ok(())
+}
+
 /// The registry client of one-shot commands (docker's credentials).
 fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
     node::registry(&config::Registry::default(), &config::Fetch::default(), plain_http)
@@ -493,6 +552,25 @@ mod tests {
         assert_eq!(c.profile.quiet, Seconds::from_secs(2));
         assert!(!c.profile.replay);
         assert_eq!(c.background_fill.delay.0, std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn install_defaults_to_the_node_paths_and_systemd() {
+        let Command::Install(a) = parse(&["install"]) else {
+            panic!()
+        };
+        let o = a.options();
+        assert_eq!(o.config, PathBuf::from("/etc/containerd/config.toml"));
+        assert_eq!(o.address, Config::default().address);
+        assert_eq!(o.restart.as_deref(), Some("systemctl restart containerd"));
+        assert_eq!(o.config_version, None);
+        let Command::Uninstall(a) = parse(&["uninstall", "--no-restart", "--config-version=3"]) else {
+            panic!()
+        };
+        let o = a.options();
+        assert_eq!(o.restart, None);
+        assert_eq!(o.config_version, Some(install::ConfigVersion::V3));
+        assert!(Cli::try_parse_from(["streamsnap", "install", "--config-version=1"]).is_err());
     }
 
     #[test]

@@ -132,6 +132,14 @@ impl Containerd {
         Containerd::spawn(dir, &cfg, None, opts.namespace)
     }
 
+    /// Starts `release` with the caller's whole `config`, whose paths (root, state, sockets) point
+    /// into `dir`; its gRPC address must be `dir/containerd.sock`.
+    pub fn start_with_config(release: Release, dir: tempfile::TempDir, config: &str) -> Containerd {
+        super::require_root();
+        let bin_dir = (release == Release::V2_1).then(super::containerd2::bin_dir);
+        Containerd::spawn(dir, config, bin_dir, ContainerdOpts::default().namespace)
+    }
+
     /// Writes `config` into `dir`, runs containerd (from `bin_dir` if set, with `bin_dir` first on
     /// PATH so it finds its own shim) and waits until `ctr version` answers on its socket.
     pub(super) fn spawn(
