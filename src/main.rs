@@ -82,6 +82,8 @@ struct ServeArgs {
     /// Do not replay start-up profiles (still record them).
     #[arg(long)]
     no_profile_replay: bool,
+    #[command(flatten)]
+    credentials: CredentialArgs,
 }
 
 impl ServeArgs {
@@ -105,6 +107,7 @@ impl ServeArgs {
         if let Some(q) = self.profile_quiet {
             cfg.profile.quiet = q;
         }
+        self.credentials.apply(&mut cfg.credentials);
     }
 }
 
@@ -154,6 +157,8 @@ struct MountArgs {
     stall_timeout: Seconds,
     #[command(flatten)]
     fill: FillArgs,
+    #[command(flatten)]
+    credentials: CredentialArgs,
     image: Reference,
     mountpoint: PathBuf,
 }
@@ -171,6 +176,7 @@ impl MountArgs {
         cfg.fetch.read_deadline = self.read_deadline;
         cfg.fetch.stall_timeout = self.stall_timeout;
         self.fill.apply(&mut cfg.background_fill);
+        self.credentials.apply(&mut cfg.credentials);
         cfg
     }
 }
@@ -235,6 +241,34 @@ struct FillArgs {
     /// Bandwidth cap of the fill per second, e.g. 100MiB.
     #[arg(long)]
     background_fill_rate: Option<ByteSize>,
+}
+
+/// Credential source flags (`serve`: override `[credentials]`); kubelet's flag names.
+#[derive(clap::Args)]
+struct CredentialArgs {
+    /// docker's config.json (default $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
+    /// kubelet's CredentialProviderConfig file (with --image-credential-provider-bin-dir).
+    #[arg(long)]
+    image_credential_provider_config: Option<PathBuf>,
+    /// Directory of the credential-provider plugins the config names.
+    #[arg(long)]
+    image_credential_provider_bin_dir: Option<PathBuf>,
+}
+
+impl CredentialArgs {
+    fn apply(&self, c: &mut config::Credentials) {
+        if let Some(p) = &self.docker_config {
+            c.docker_config = Some(p.clone());
+        }
+        if let Some(p) = &self.image_credential_provider_config {
+            c.provider_config = Some(p.clone());
+        }
+        if let Some(p) = &self.image_credential_provider_bin_dir {
+            c.provider_bin_dir = Some(p.clone());
+        }
+    }
 }
 
 impl FillArgs {
@@ -310,7 +344,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let cfg = args.config();
     let owner = node::StateLock::acquire(&cfg.root)?;
-    let registry = Arc::new(node::registry(&cfg.registry, &cfg.fetch, args.plain_http)?);
+    let registry = Arc::new(node::registry(&cfg, args.plain_http)?);
     let ctx = node::layer_context(&cfg, &owner, registry, Metrics::new())?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
@@ -386,7 +420,7 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
 
 /// The registry client of one-shot commands (docker's credentials).
 fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
-    node::registry(&config::Registry::default(), &config::Fetch::default(), plain_http)
+    node::registry(&Config::default(), plain_http)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
