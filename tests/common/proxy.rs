@@ -47,6 +47,8 @@ struct State {
 
 struct Bearer {
     basic: String,
+    /// Also accepted at `/token`: a POST with `grant_type=refresh_token` and this refresh token.
+    refresh_token: Option<String>,
     lifetime: std::time::Duration,
     issued: Vec<(String, std::time::Instant)>,
 }
@@ -108,9 +110,17 @@ impl FaultProxy {
     pub fn require_bearer(&self, encoded: &str, lifetime: std::time::Duration) {
         self.state.lock().unwrap().bearer = Some(Bearer {
             basic: format!("Basic {encoded}"),
+            refresh_token: None,
             lifetime,
             issued: Vec::new(),
         });
+    }
+
+    /// In bearer mode, `/token` also takes this OAuth2 refresh token (docker's identity token)
+    /// in a form POST, as distribution's token servers do.
+    pub fn accept_refresh_token(&self, token: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.bearer.as_mut().expect("require_bearer first").refresh_token = Some(token.to_string());
     }
 
     /// How many tokens `/token` has issued.
@@ -183,7 +193,7 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
     if redirected {
         uri = uri.trim_start_matches("/redirected").to_string();
         state.lock().unwrap().redirected_auth.push(auth.clone());
-    } else if let Some(answer) = bearer_check(state, &uri, auth.as_deref(), &headers) {
+    } else if let Some(answer) = bearer_check(state, &uri, auth.as_deref(), &headers, &body) {
         return answer(&mut conn);
     } else if let Some(required) = state.lock().unwrap().basic_auth.clone() {
         if auth.as_deref() != Some(required.as_str()) {
@@ -322,16 +332,29 @@ fn body_index(head: &[u8], offset: u64) -> Option<usize> {
 type Answer = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()>>;
 
 /// In bearer mode: serves `/token`, and challenges requests without a live token.
-fn bearer_check(state: &Mutex<State>, uri: &str, auth: Option<&str>, headers: &[(String, String)]) -> Option<Answer> {
+fn bearer_check(
+    state: &Mutex<State>,
+    uri: &str,
+    auth: Option<&str>,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Option<Answer> {
     let mut st = state.lock().unwrap();
     let b = st.bearer.as_mut()?;
     if uri.starts_with("/token") {
-        if auth != Some(b.basic.as_str()) {
+        let form = String::from_utf8_lossy(body);
+        let refreshed = b.refresh_token.as_ref().is_some_and(|t| {
+            form.split('&').any(|kv| kv == "grant_type=refresh_token")
+                && form.split('&').any(|kv| kv == format!("refresh_token={t}"))
+        });
+        if auth != Some(b.basic.as_str()) && !refreshed {
             return Some(Box::new(|c| respond(c, 401, &[], b"")));
         }
         let token = format!("tok-{}", b.issued.len());
         b.issued.push((token.clone(), std::time::Instant::now() + b.lifetime));
-        let body = format!(r#"{{"token":"{token}","expires_in":{}}}"#, b.lifetime.as_secs());
+        // An OAuth2 answer names it access_token.
+        let key = if refreshed { "access_token" } else { "token" };
+        let body = format!(r#"{{"{key}":"{token}","expires_in":{}}}"#, b.lifetime.as_secs());
         return Some(Box::new(move |c| {
             respond(c, 200, &[("Content-Type", "application/json".into())], body.as_bytes())
         }));
