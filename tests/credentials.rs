@@ -326,20 +326,45 @@ fn read_slowly(mount: &MountProcess, image: &BigLayerImage, pause: Duration) {
     }
 }
 
-#[test]
-fn an_expired_token_is_refreshed_without_a_failed_read() {
-    // Tokens live 2 s but say nothing shorter than our 10 s floor: the registry refuses
-    // them mid-mount, and each refusal must turn into a new token, not a failed read.
-    let t = image_behind_token_server(Duration::from_secs(2));
+/// Mounts `t` with alice's password in config.json.
+fn mount_with_password(t: &Tokened) -> MountProcess {
     let json = format!(r#"{{"auths":{{"{}":{{"auth":"{ALICE}"}}}}}}"#, t.proxy.addr());
     let docker = docker_config(&t.work.path().join("docker"), &json);
     let (state, mnt) = (t.work.path().join("state"), t.work.path().join("mnt"));
-    let mount = MountProcess::try_start_env(&t.reference, &state, &mnt, &[], &[("DOCKER_CONFIG", &docker)])
-        .unwrap_or_else(|log| panic!("{log}"));
+    MountProcess::try_start_env(&t.reference, &state, &mnt, &[], &[("DOCKER_CONFIG", &docker)])
+        .unwrap_or_else(|log| panic!("{log}"))
+}
+
+#[test]
+fn short_lived_tokens_are_renewed_before_they_expire() {
+    let t = image_behind_token_server(Duration::from_secs(3));
+    let mount = mount_with_password(&t);
     let first = t.proxy.tokens_issued();
     read_slowly(&mount, &t.image, Duration::from_millis(1500));
-    let issued = t.proxy.tokens_issued();
-    eprintln!("tokens issued: {first} at mount, {issued} after 4 reads 1.5 s apart");
+    let (issued, expired) = (t.proxy.tokens_issued(), t.proxy.expired_tokens_seen());
+    eprintln!("3 s tokens: {first} at mount, {issued} after 4 reads 1.5 s apart; {expired} sent expired");
+    assert!(issued > first, "no token was renewed");
+    assert_eq!(expired, 0, "a request carried an expired token");
+    mount.stop();
+}
+
+#[test]
+fn an_expired_token_refused_mid_read_is_replaced_without_a_failed_read() {
+    // The server says 60 s but refuses tokens after 2 s: the refusals arrive during
+    // reads, and each must turn into a new token and a retried request, not EIO.
+    let t = image_behind_token_server(Duration::from_secs(2));
+    t.proxy.state_lifetime(60);
+    let mount = mount_with_password(&t);
+    let first = t.proxy.tokens_issued();
+    read_slowly(&mount, &t.image, Duration::from_millis(1500));
+    let (issued, expired) = (t.proxy.tokens_issued(), t.proxy.expired_tokens_seen());
+    eprintln!(
+        "2 s tokens stated 60 s: {first} at mount, {issued} after 4 reads 1.5 s apart; {expired} refused expired"
+    );
+    assert!(
+        expired > 0,
+        "no request carried an expired token: the case was not exercised"
+    );
     assert!(issued > first, "no token was refreshed");
     assert!(!mount.log().contains("access denied"), "{}", mount.log());
     mount.stop();

@@ -50,6 +50,10 @@ struct Bearer {
     /// Also accepted at `/token`: a POST with `grant_type=refresh_token` and this refresh token.
     refresh_token: Option<String>,
     lifetime: std::time::Duration,
+    /// `expires_in` told to clients, when not the real lifetime (a server that lies).
+    stated: Option<u64>,
+    /// Requests that came with a token this server issued and that had expired.
+    expired_seen: usize,
     issued: Vec<(String, std::time::Instant)>,
 }
 
@@ -112,6 +116,8 @@ impl FaultProxy {
             basic: format!("Basic {encoded}"),
             refresh_token: None,
             lifetime,
+            stated: None,
+            expired_seen: 0,
             issued: Vec::new(),
         });
     }
@@ -121,6 +127,22 @@ impl FaultProxy {
     pub fn accept_refresh_token(&self, token: &str) {
         let mut st = self.state.lock().unwrap();
         st.bearer.as_mut().expect("require_bearer first").refresh_token = Some(token.to_string());
+    }
+
+    /// In bearer mode, tell clients tokens live `secs` whatever their real lifetime.
+    pub fn state_lifetime(&self, secs: u64) {
+        self.state
+            .lock()
+            .unwrap()
+            .bearer
+            .as_mut()
+            .expect("require_bearer first")
+            .stated = Some(secs);
+    }
+
+    /// In bearer mode: requests refused because their token had expired.
+    pub fn expired_tokens_seen(&self) -> usize {
+        self.state.lock().unwrap().bearer.as_ref().map_or(0, |b| b.expired_seen)
     }
 
     /// How many tokens `/token` has issued.
@@ -354,18 +376,19 @@ fn bearer_check(
         b.issued.push((token.clone(), std::time::Instant::now() + b.lifetime));
         // An OAuth2 answer names it access_token.
         let key = if refreshed { "access_token" } else { "token" };
-        let body = format!(r#"{{"{key}":"{token}","expires_in":{}}}"#, b.lifetime.as_secs());
+        let stated = b.stated.unwrap_or(b.lifetime.as_secs());
+        let body = format!(r#"{{"{key}":"{token}","expires_in":{stated}}}"#);
         return Some(Box::new(move |c| {
             respond(c, 200, &[("Content-Type", "application/json".into())], body.as_bytes())
         }));
     }
-    let live = auth.and_then(|a| a.strip_prefix("Bearer ")).is_some_and(|t| {
-        b.issued
-            .iter()
-            .any(|(v, exp)| v == t && *exp > std::time::Instant::now())
-    });
-    if live {
-        return None;
+    let known = auth
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .and_then(|t| b.issued.iter().find(|(v, _)| v == t));
+    match known {
+        Some((_, exp)) if *exp > std::time::Instant::now() => return None,
+        Some(_) => b.expired_seen += 1,
+        None => {}
     }
     let host = headers
         .iter()
