@@ -410,6 +410,43 @@ fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `streamsnap serve EXTRA…` (with `env`) and a containerd using it.
+fn serve_with(p: &Private, extra: &[&str], env: &[(&str, &Path)]) -> (ServeProcess, Containerd) {
+    let serve = ServeProcess::start_env(&p.work.path().join("streamsnap"), extra, env);
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    (serve, containerd)
+}
+
+/// `ctr-remote image rpull` as alice: containerd needs the password for the manifest
+/// (and to unpack, should streamsnap fall back); streamsnap gets its own from its sources.
+fn rpull_as_alice(containerd: &Containerd, reference: &str) {
+    let user = format!("{USER}:{PASSWORD}");
+    let args = [
+        "image",
+        "rpull",
+        "--plain-http",
+        "--user",
+        &user,
+        "--snapshotter",
+        "streamsnap",
+        reference,
+    ];
+    containerd.ctr_remote(&args);
+}
+
+/// The image's one layer is FUSE-mounted by `serve`, reads right, and was read lazily.
+fn assert_served_lazily(p: &Private, serve: &ServeProcess, size_mib: u64) {
+    let mounts = fuse_mounts_under(&serve.root);
+    assert_eq!(mounts.len(), 1, "layers mounted: {mounts:?}\n{}", serve.log());
+    for (path, content) in p.image.before.iter().chain(&p.image.after) {
+        assert_eq!(&std::fs::read(mounts[0].join(path)).unwrap(), content, "{path}");
+    }
+    assert_lazy(p, size_mib);
+}
+
 #[test]
 fn serve_uses_config_json_rewritten_while_it_runs() {
     let p = private_image(6);
@@ -419,30 +456,9 @@ fn serve_uses_config_json_rewritten_while_it_runs() {
         p.registry.addr()
     );
     docker_config(file.parent().unwrap(), &wrong);
-    let serve = ServeProcess::start_with(
-        &p.work.path().join("streamsnap"),
-        &["--docker-config", file.to_str().unwrap()],
-    );
-    let containerd = Containerd::start(ContainerdOpts {
-        streamsnap_socket: Some(serve.socket.clone()),
-        ..Default::default()
-    });
-    let rpull = |reference: &str| {
-        let user = format!("{USER}:{PASSWORD}");
-        let args = [
-            "image",
-            "rpull",
-            "--plain-http",
-            "--user",
-            &user,
-            "--snapshotter",
-            "streamsnap",
-            reference,
-        ];
-        containerd.ctr_remote(&args);
-    };
+    let (serve, containerd) = serve_with(&p, &["--docker-config", file.to_str().unwrap()], &[]);
     // Wrong password: containerd (which has the right one) unpacks instead, and the log says why.
-    rpull(&p.reference);
+    rpull_as_alice(&containerd, &p.reference);
     assert!(
         fuse_mounts_under(&serve.root).is_empty(),
         "served lazily with a wrong password"
@@ -469,13 +485,67 @@ fn serve_uses_config_json_rewritten_while_it_runs() {
     // The right password, written while serving: the next pull is lazy.
     let right = format!(r#"{{"auths":{{"{}":{{"auth":"{ALICE}"}}}}}}"#, p.registry.addr());
     std::fs::write(&file, right).unwrap();
-    rpull(&p.reference);
-    let mounts = fuse_mounts_under(&serve.root);
-    assert_eq!(mounts.len(), 1, "layers mounted: {mounts:?}\n{}", serve.log());
-    for (path, content) in p.image.before.iter().chain(&p.image.after) {
-        assert_eq!(&std::fs::read(mounts[0].join(path)).unwrap(), content, "{path}");
-    }
-    assert_lazy(&p, 6);
+    rpull_as_alice(&containerd, &p.reference);
+    assert_served_lazily(&p, &serve, 6);
+    drop(containerd);
+    serve.stop();
+}
+
+#[test]
+fn serve_reads_lazily_with_a_credential_helper_named_in_its_config_file() {
+    let p = private_image(4);
+    let bin = p.work.path().join("bin");
+    script(
+        &bin,
+        "docker-credential-streamsnapserve",
+        &format!(r#"read url; printf '{{"ServerURL":"%s","Username":"{USER}","Secret":"{PASSWORD}"}}' "$url""#),
+    );
+    let json = format!(r#"{{"credHelpers":{{"{}":"streamsnapserve"}}}}"#, p.registry.addr());
+    let docker = docker_config(&p.work.path().join("docker"), &json);
+    let config = p.work.path().join("streamsnap.toml");
+    let toml = format!(
+        "[credentials]\ndocker_config = \"{}\"\nexec_timeout = 5\n",
+        docker.join("config.json").display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let path = path_with(&bin);
+    let (serve, containerd) = serve_with(&p, &["--config", config.to_str().unwrap()], &[("PATH", &path)]);
+    rpull_as_alice(&containerd, &p.reference);
+    assert_served_lazily(&p, &serve, 4);
+    drop(containerd);
+    serve.stop();
+}
+
+#[test]
+fn serve_reads_lazily_with_a_credential_provider_plugin_configured_in_yaml() {
+    let p = private_image(4);
+    let bin = p.work.path().join("plugins");
+    let pattern = p.registry.addr();
+    let requests = provider_plugin(&bin, &pattern);
+    // kubelet's usual form of the same config.
+    let config = p.work.path().join("credential-provider.yaml");
+    let yaml = format!(
+        "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n\
+         - name: test-provider\n  matchImages:\n  - \"{pattern}\"\n  defaultCacheDuration: \"1m\"\n\
+         \x20 apiVersion: credentialprovider.kubelet.k8s.io/v1\n  args: [--user, {USER}]\n\
+         \x20 env:\n  - name: TEST_SECRET\n    value: {PASSWORD}\n"
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let empty = p.work.path().join("no-docker/config.json");
+    let flags = [
+        "--image-credential-provider-config",
+        config.to_str().unwrap(),
+        "--image-credential-provider-bin-dir",
+        bin.to_str().unwrap(),
+        "--docker-config",
+        empty.to_str().unwrap(),
+    ];
+    let (serve, containerd) = serve_with(&p, &flags, &[]);
+    rpull_as_alice(&containerd, &p.reference);
+    assert_served_lazily(&p, &serve, 4);
+    let runs = std::fs::read_to_string(&requests).unwrap().lines().count();
+    eprintln!("plugin run {runs} time(s) for a pull through serve");
+    assert_eq!(runs, 1);
     drop(containerd);
     serve.stop();
 }

@@ -1,5 +1,5 @@
 //! kubelet credential-provider plugins, as kubelet runs them: the same
-//! `CredentialProviderConfig` file (JSON; kubelet also reads YAML) and bin
+//! `CredentialProviderConfig` file (YAML or JSON) and bin
 //! dir, a provider asked only for images its `matchImages` match, the plugin
 //! exec'd with a `CredentialProviderRequest` on stdin, its
 //! `CredentialProviderResponse` kept per `cacheKeyType` key (Image, Registry,
@@ -127,8 +127,14 @@ impl Providers {
         if text.len() as u64 > MAX_CONFIG {
             return Err(bad("larger than 1 MiB".into()));
         }
+        let text = String::from_utf8(text).map_err(|e| bad(format!("not text: {e}")))?;
+        // JSON as it is (exact errors); anything else as YAML, kubelet's usual form.
+        let value = match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => v,
+            Err(_) => super::yaml::to_json(&text).map_err(|e| bad(format!("not YAML or JSON: {e}")))?,
+        };
         let file: ConfigFile =
-            serde_json::from_slice(&text).map_err(|e| bad(format!("not a CredentialProviderConfig (JSON): {e}")))?;
+            serde_json::from_value(value).map_err(|e| bad(format!("not a CredentialProviderConfig: {e}")))?;
         if file.kind != "CredentialProviderConfig" || !CONFIG_API_VERSIONS.contains(&file.api_version.as_str()) {
             return Err(bad(format!(
                 "kind {} apiVersion {} is not a kubelet CredentialProviderConfig",

@@ -16,6 +16,7 @@ mod exec;
 pub mod helper;
 pub mod kubelet;
 pub mod matching;
+mod yaml;
 
 pub use exec::ExecError;
 

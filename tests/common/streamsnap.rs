@@ -138,6 +138,11 @@ impl ServeProcess {
 
     /// Like `start`, with extra `serve` flags.
     pub fn start_with(root: &Path, extra: &[&str]) -> ServeProcess {
+        Self::start_env(root, extra, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables for the daemon.
+    pub fn start_env(root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> ServeProcess {
         let socket = root.join("streamsnap.sock");
         std::fs::create_dir_all(root).unwrap();
         let mut child = Command::new(binary())
@@ -147,6 +152,7 @@ impl ServeProcess {
             .arg(&socket)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
