@@ -23,6 +23,8 @@ pub struct DockerConfig {
     helper_timeout: Duration,
     file: Mutex<Loaded>,
     helper_answers: Mutex<HashMap<String, Credential>>,
+    /// Held while a helper runs: concurrent lookups wait for its answer instead of running it again.
+    helper_running: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -76,6 +78,7 @@ impl DockerConfig {
             helper_timeout,
             file: Mutex::new(Loaded::default()),
             helper_answers: Mutex::new(HashMap::new()),
+            helper_running: tokio::sync::Mutex::new(()),
         };
         cfg.refresh()?;
         Ok(cfg)
@@ -173,10 +176,16 @@ impl DockerConfig {
                 (None, None, None) => return Ok(None),
             }
         };
-        if let Some(c) = self.helper_answers.lock().get(&host) {
-            if c.is_fresh(Instant::now()) {
-                return Ok(Some(c.clone()));
-            }
+        let kept = || {
+            let answers = self.helper_answers.lock();
+            answers.get(&host).filter(|c| c.is_fresh(Instant::now())).cloned()
+        };
+        if let Some(c) = kept() {
+            return Ok(Some(c));
+        }
+        let _turn = self.helper_running.lock().await;
+        if let Some(c) = kept() {
+            return Ok(Some(c));
         }
         let server = match host.as_str() {
             "docker.io" => "https://index.docker.io/v1/",

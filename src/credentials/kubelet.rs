@@ -93,6 +93,9 @@ struct Provider {
     api_version: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Held while the plugin runs: callers who find no cached answer meanwhile
+    /// wait for this run's answer instead of starting their own (as kubelet's singleflight).
+    running: tokio::sync::Mutex<()>,
 }
 
 /// A plugin's answer, kept until `expires`: credentials by the pattern they apply to.
@@ -170,6 +173,7 @@ impl Providers {
                 api_version: p.api_version,
                 args: p.args,
                 env: p.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                running: tokio::sync::Mutex::new(()),
             });
         }
         Ok(Providers {
@@ -186,6 +190,11 @@ impl Providers {
             if !p.match_images.iter().any(|m| matches(m, image)) {
                 continue;
             }
+            if let Some(c) = self.cached(i, registry, image) {
+                return Some(c);
+            }
+            let _turn = p.running.lock().await;
+            // The run we waited for may have answered for this image.
             if let Some(c) = self.cached(i, registry, image) {
                 return Some(c);
             }
@@ -413,6 +422,22 @@ echo "{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovid
         providers.lookup("r.test", "r.test/other").await.unwrap();
         let log = std::fs::read_to_string(dir.path().join("bin/test-provider.log")).unwrap();
         assert_eq!(log.lines().count(), 2, "{log}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_share_one_plugin_run() {
+        let slow = format!("sleep 0.3\n{PLUGIN}");
+        let (dir, providers) = setup(&slow, &config(r#""*.test""#));
+        let providers = providers.unwrap();
+        let lookups = (0..8).map(|i| {
+            let image = format!("r.test/app{i}");
+            let providers = &providers;
+            async move { providers.lookup("r.test", &image).await }
+        });
+        let answers = futures::future::join_all(lookups).await;
+        assert!(answers.iter().all(Option::is_some));
+        let log = std::fs::read_to_string(dir.path().join("bin/test-provider.log")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
     }
 
     #[tokio::test]
