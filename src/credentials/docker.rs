@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
+use tracing::warn;
 
 /// How long a helper's answer is used before the helper is asked again.
 pub const HELPER_TTL: Duration = Duration::from_secs(300);
@@ -29,9 +30,11 @@ pub struct DockerConfig {
 
 #[derive(Default)]
 struct Loaded {
-    /// (mtime, size) of the version read; `None` when there was no file.
+    /// (mtime, size) of the version last looked at; `None` when there was no file.
     stamp: Option<(SystemTime, u64)>,
     parsed: Parsed,
+    /// Whether some version was read (then a broken later one is skipped, not fatal).
+    read_once: bool,
 }
 
 /// A config file's content, by normalized registry host.
@@ -96,20 +99,34 @@ impl DockerConfig {
             Err(e) => return Err(self.config_error(format!("reading it: {e}"))),
         };
         let mut file = self.file.lock();
-        if file.stamp == stamp {
+        if file.stamp == stamp && file.read_once {
             return Ok(());
         }
         let parsed = match stamp {
-            None => Parsed::default(),
-            Some((_, len)) if len > MAX_SIZE => return Err(self.config_error("larger than 4 MiB".into())),
-            Some(_) => {
-                let text = std::fs::read(&self.path).map_err(|e| self.config_error(format!("reading it: {e}")))?;
-                self.parse(&text)?
-            }
+            None => Ok(Parsed::default()),
+            Some((_, len)) if len > MAX_SIZE => Err(self.config_error("larger than 4 MiB".into())),
+            Some(_) => std::fs::read(&self.path)
+                .map_err(|e| self.config_error(format!("reading it: {e}")))
+                .and_then(|text| self.parse(&text)),
         };
-        *file = Loaded { stamp, parsed };
-        // Helpers named by the old file may no longer apply.
-        self.helper_answers.lock().clear();
+        match parsed {
+            Ok(parsed) => {
+                *file = Loaded {
+                    stamp,
+                    parsed,
+                    read_once: true,
+                };
+                // Helpers named by the old file may no longer apply.
+                self.helper_answers.lock().clear();
+            }
+            // At start a broken file is an error; later (a half-written file, an
+            // editor's save) the last good content stays in use until the next change.
+            Err(e) if !file.read_once => return Err(e),
+            Err(e) => {
+                warn!(error = %e, "docker config changed but cannot be used; keeping its previous content");
+                file.stamp = stamp;
+            }
+        }
         Ok(())
     }
 
@@ -294,6 +311,16 @@ mod tests {
         let path = dir.path().join("config.json");
         std::fs::write(&path, r#"{"auths":{"r.test":{"username":"a","password":"newer"}}}"#).unwrap();
         assert_eq!(secret(&cfg, "r.test").await, basic("a", "newer"));
+    }
+
+    #[tokio::test]
+    async fn a_broken_rewrite_keeps_the_last_good_content_until_the_next_change() {
+        let (dir, cfg) = open(r#"{"auths":{"r.test":{"username":"a","password":"good"}}}"#);
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"auths":{"r.test":{"username":"a","#).unwrap();
+        assert_eq!(secret(&cfg, "r.test").await, basic("a", "good"));
+        std::fs::write(&path, r#"{"auths":{"r.test":{"username":"a","password":"fixed"}}}"#).unwrap();
+        assert_eq!(secret(&cfg, "r.test").await, basic("a", "fixed"));
     }
 
     #[tokio::test]
