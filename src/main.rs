@@ -503,6 +503,29 @@ mod tests {
     }
 
     #[test]
+    fn credential_flags_set_the_credentials_section_with_kubelets_names() {
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--docker-config=/d/config.json",
+            "--image-credential-provider-config=/k/config.yaml",
+            "--image-credential-provider-bin-dir=/k/bin",
+        ]) else {
+            panic!()
+        };
+        let mut c = Config::default();
+        c.credentials.exec_timeout = Seconds::from_secs(3);
+        s.apply(&mut c);
+        assert_eq!(c.credentials.docker_config, Some(PathBuf::from("/d/config.json")));
+        assert_eq!(c.credentials.provider_config, Some(PathBuf::from("/k/config.yaml")));
+        assert_eq!(c.credentials.provider_bin_dir, Some(PathBuf::from("/k/bin")));
+        assert_eq!(c.credentials.exec_timeout, Seconds::from_secs(3));
+        let Command::Mount(m) = parse(&["mount", "--docker-config=/d/c.json", "img", "/mnt"]) else {
+            panic!()
+        };
+        assert_eq!(m.config().credentials.docker_config, Some(PathBuf::from("/d/c.json")));
+    }
+
+    #[test]
     fn command_line_values_are_checked_like_the_config_file() {
         for bad in [
             &["serve", "--index-repo=Not A Repo"][..],
