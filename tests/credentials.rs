@@ -370,6 +370,23 @@ fn an_expired_token_refused_mid_read_is_replaced_without_a_failed_read() {
     mount.stop();
 }
 
+/// Mounts `t` with `config.json` (and helpers in `bin` on PATH); reads across token
+/// lifetimes; only the refresh_token grant can have issued the tokens.
+fn assert_identity_token_exchanged(t: &Tokened, json: &str, bin: &Path) {
+    let docker = docker_config(&t.work.path().join("docker"), json);
+    let path = path_with(bin);
+    let (state, mnt) = (t.work.path().join("state"), t.work.path().join("mnt"));
+    let env = [("DOCKER_CONFIG", docker.as_path()), ("PATH", path.as_path())];
+    let mount =
+        MountProcess::try_start_env(&t.reference, &state, &mnt, &[], &env).unwrap_or_else(|log| panic!("{log}"));
+    read_slowly(&mount, &t.image, Duration::from_millis(1500));
+    let issued = t.proxy.tokens_issued();
+    eprintln!("tokens issued by refresh_token grant: {issued}");
+    assert!(issued >= 2, "tokens issued: {issued}");
+    assert!(!mount.log().contains("refresh-7f3a"), "the identity token was logged");
+    mount.stop();
+}
+
 #[test]
 fn an_identity_token_from_a_credential_store_is_exchanged_for_bearer_tokens() {
     let t = image_behind_token_server(Duration::from_secs(2));
@@ -381,23 +398,19 @@ fn an_identity_token_from_a_credential_store_is_exchanged_for_bearer_tokens() {
         "docker-credential-streamsnapoauth",
         r#"cat >/dev/null; echo '{"ServerURL":"x","Username":"<token>","Secret":"refresh-7f3a"}'"#,
     );
-    let docker = docker_config(&t.work.path().join("docker"), r#"{"credsStore":"streamsnapoauth"}"#);
-    let path = path_with(&bin);
-    let (state, mnt) = (t.work.path().join("state"), t.work.path().join("mnt"));
-    let mount = MountProcess::try_start_env(
-        &t.reference,
-        &state,
-        &mnt,
-        &[],
-        &[("DOCKER_CONFIG", &docker), ("PATH", &path)],
-    )
-    .unwrap_or_else(|log| panic!("{log}"));
-    read_slowly(&mount, &t.image, Duration::from_millis(1500));
-    let issued = t.proxy.tokens_issued();
-    eprintln!("tokens issued by refresh_token grant: {issued}");
-    assert!(issued >= 2, "tokens issued: {issued}");
-    assert!(!mount.log().contains("refresh-7f3a"), "the identity token was logged");
-    mount.stop();
+    assert_identity_token_exchanged(&t, r#"{"credsStore":"streamsnapoauth"}"#, &bin);
+}
+
+#[test]
+fn an_identitytoken_in_config_json_auths_is_exchanged_for_bearer_tokens() {
+    let t = image_behind_token_server(Duration::from_secs(2));
+    t.proxy.accept_refresh_token("refresh-7f3a");
+    // As `docker login` writes it for an OAuth registry: the token wins over `auth`.
+    let json = format!(
+        r#"{{"auths":{{"{}":{{"auth":"dTpw","identitytoken":"refresh-7f3a"}}}}}}"#,
+        t.proxy.addr()
+    );
+    assert_identity_token_exchanged(&t, &json, &t.work.path().join("no-helpers"));
 }
 
 /// FUSE mount points under `dir` (the layers `serve` mounted).
