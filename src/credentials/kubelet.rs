@@ -28,6 +28,8 @@ const PLUGIN_API_VERSIONS: [&str; 3] = [
 ];
 /// Largest provider config read.
 const MAX_CONFIG: u64 = 1 << 20;
+/// How long a failed plugin run stands for its registry before the plugin is run again.
+const FAILED_RETRY: Duration = Duration::from_secs(10);
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -190,33 +192,49 @@ impl Providers {
             if !p.match_images.iter().any(|m| matches(m, image)) {
                 continue;
             }
-            if let Some(c) = self.cached(i, registry, image) {
-                return Some(c);
+            if let Some(answer) = self.cached(i, registry, image) {
+                match answer {
+                    Some(c) => return Some(c),
+                    None => continue,
+                }
             }
             let _turn = p.running.lock().await;
             // The run we waited for may have answered for this image.
-            if let Some(c) = self.cached(i, registry, image) {
-                return Some(c);
+            if let Some(answer) = self.cached(i, registry, image) {
+                match answer {
+                    Some(c) => return Some(c),
+                    None => continue,
+                }
             }
             match self.ask(i, p, registry, image).await {
                 Ok(Some(c)) => return Some(c),
                 Ok(None) => {}
-                Err(e) => warn!(error = %e, "credential provider failed; trying the next source"),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?FAILED_RETRY, "credential provider failed; trying the next source");
+                    // Not again on every request meanwhile (Basic auth asks per request).
+                    let empty = Answer {
+                        auth: Vec::new(),
+                        expires: Instant::now() + FAILED_RETRY,
+                    };
+                    self.cache.lock().insert((i, registry.to_string()), empty);
+                }
             }
         }
         None
     }
 
-    fn cached(&self, i: usize, registry: &str, image: &str) -> Option<Credential> {
+    /// Provider `i`'s fresh answer for `image` (by image, registry, then global
+    /// key, as kubelet looks): `Some(None)` when that answer has nothing for it.
+    fn cached(&self, i: usize, registry: &str, image: &str) -> Option<Option<Credential>> {
         let now = Instant::now();
         let cache = self.cache.lock();
         [image, registry, ""].iter().find_map(|key| {
             let a = cache.get(&(i, key.to_string())).filter(|a| a.expires > now)?;
-            pick(&a.auth, image).map(|secret| Credential {
+            Some(pick(&a.auth, image).map(|secret| Credential {
                 secret,
                 origin: origin(&self.providers[i].name),
                 expires: Some(a.expires),
-            })
+            }))
         })
     }
 
@@ -448,9 +466,13 @@ echo "{\"kind\":\"CredentialProviderResponse\",\"apiVersion\":\"credentialprovid
     }
 
     #[tokio::test]
-    async fn a_failing_provider_gives_no_credentials() {
-        let (_dir, providers) = setup("echo boom >&2; exit 1", &config(r#""*.test""#));
-        assert!(providers.unwrap().lookup("r.test", "r.test/app").await.is_none());
+    async fn a_failing_provider_gives_no_credentials_and_is_not_rerun_at_once() {
+        let (dir, providers) = setup(r#"echo run >> "$0.log"; echo boom >&2; exit 1"#, &config(r#""*.test""#));
+        let providers = providers.unwrap();
+        assert!(providers.lookup("r.test", "r.test/app").await.is_none());
+        assert!(providers.lookup("r.test", "r.test/app").await.is_none());
+        let runs = std::fs::read_to_string(dir.path().join("bin/test-provider.log")).unwrap();
+        assert_eq!(runs.lines().count(), 1, "{runs}");
     }
 
     #[test]
