@@ -9,7 +9,7 @@ use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_AC
 use super::policy::{self, RedactedUrl};
 use super::retry::{Failure, Retry, RetryPolicy};
 use super::{Platform, Reference, RegistryError};
-use crate::credentials::{Chain, Credential, Secret};
+use crate::credentials::{Chain, Secret};
 use crate::digest::Digest;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -110,23 +110,6 @@ impl Registry {
 
     pub(super) fn stall(&self) -> Duration {
         self.opts.stall_timeout
-    }
-
-    /// Credentials for `repo`'s registry from the chain, or `None` (anonymous).
-    pub(super) async fn credential(
-        &self,
-        op: &'static str,
-        repo: &Reference,
-    ) -> Result<Option<Credential>, RegistryError> {
-        let image = format!("{}/{}", repo.registry, repo.repository);
-        self.opts
-            .credentials
-            .lookup(&repo.registry, &image)
-            .await
-            .map_err(|source| RegistryError::Credentials {
-                op,
-                source: Box::new(source),
-            })
     }
 
     /// The retry policy for an operation moving up to `bytes` in one body: a

@@ -1,4 +1,5 @@
-//! The bearer-token flow: a 401's realm asked for a token for one scope,
+//! Credentials for a request ([`Registry::credential`], from the chain) and
+//! the bearer-token flow: a 401's realm asked for a token for one scope,
 //! with the registry's credentials only where [`policy`] allows: Basic user
 //! and password on a GET, or an identity token as an OAuth2 refresh token
 //! (`grant_type=refresh_token`) on a POST, as docker does.
@@ -8,7 +9,7 @@ use super::body::{self, BodyLimit};
 use super::policy::{self, RedactedUrl};
 use super::retry::Failure;
 use super::{Reference, Registry, RegistryError};
-use crate::credentials::Secret;
+use crate::credentials::{Credential, Secret};
 use reqwest::Url;
 use std::time::Instant;
 use tracing::warn;
@@ -17,6 +18,23 @@ use tracing::warn;
 const CLIENT_ID: &str = "streamsnap";
 
 impl Registry {
+    /// Credentials for `repo`'s registry from the chain, or `None` (anonymous).
+    pub(super) async fn credential(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+    ) -> Result<Option<Credential>, RegistryError> {
+        let image = format!("{}/{}", repo.registry, repo.repository);
+        self.opts
+            .credentials
+            .lookup(&repo.registry, &image)
+            .await
+            .map_err(|source| RegistryError::Credentials {
+                op,
+                source: Box::new(source),
+            })
+    }
+
     /// Gets a bearer token from `realm`. Credentials go along only when the
     /// realm is the registry's own host or https; otherwise the token is asked
     /// for anonymously (enough for public images; a private one then fails with
