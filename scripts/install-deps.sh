@@ -3,7 +3,7 @@
 # containerd, runc, image tools, FUSE). Idempotent; needs root.
 set -euo pipefail
 packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr
-          golang-go golang-github-containerd-containerd-dev busybox-static tar g++)
+          golang-go golang-github-containerd-containerd-dev busybox-static tar g++ apache2-utils)
 # The start-up benchmark also builds a Debian userland, shapes a link and plots.
 if [ "${1:-}" = "--bench" ]; then
   packages+=(debootstrap gnuplot-nox iputils-ping)

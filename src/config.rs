@@ -32,6 +32,11 @@
 //! push = false
 //! replay = true
 //! replay_budget = "1GiB"
+//! [credentials]
+//! docker_config = "/root/.docker/config.json"
+//! provider_config = "/etc/kubernetes/credential-provider.json"
+//! provider_bin_dir = "/usr/libexec/kubernetes/credential-provider"
+//! exec_timeout = 30.0
 //! ```
 
 use crate::registry::{Platform, Reference};
@@ -65,6 +70,7 @@ pub struct Config {
     pub prefetch: Prefetch,
     pub background_fill: BackgroundFill,
     pub profile: Profile,
+    pub credentials: Credentials,
 }
 
 impl Default for Config {
@@ -80,6 +86,7 @@ impl Default for Config {
             prefetch: Prefetch::default(),
             background_fill: BackgroundFill::default(),
             profile: Profile::default(),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -222,6 +229,34 @@ impl Default for Profile {
             push: false,
             replay: true,
             replay_budget: ByteSize::gib(1),
+        }
+    }
+}
+
+/// `[credentials]`: where registry credentials come from besides anonymous
+/// access: kubelet credential-provider plugins (off unless both provider keys
+/// are set), then docker's config.json.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Credentials {
+    /// docker's config.json, re-read when it changes (unset: `$DOCKER_CONFIG/config.json`,
+    /// else `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+    /// kubelet's `CredentialProviderConfig` (its `--image-credential-provider-config`).
+    pub provider_config: Option<PathBuf>,
+    /// Where its plugins are (kubelet's `--image-credential-provider-bin-dir`).
+    pub provider_bin_dir: Option<PathBuf>,
+    /// Longest run of a credential helper or provider plugin before it is killed.
+    pub exec_timeout: Seconds,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Self {
+            docker_config: None,
+            provider_config: None,
+            provider_bin_dir: None,
+            exec_timeout: Seconds::from_secs(30),
         }
     }
 }
@@ -493,6 +528,16 @@ mod tests {
         assert_eq!(c.profile.quiet, Seconds::from_secs(2));
         assert!(c.profile.push && !c.profile.replay);
         assert_eq!(c.profile.replay_budget, ByteSize::mib(64));
+    }
+
+    #[test]
+    fn the_credentials_section_is_read_and_checked_like_the_others() {
+        let c = load("[credentials]\ndocker_config = \"/d/c.json\"\nprovider_config = \"/p.json\"\nprovider_bin_dir = \"/bin\"\nexec_timeout = 2\n").unwrap();
+        assert_eq!(c.credentials.docker_config, Some(PathBuf::from("/d/c.json")));
+        assert_eq!(c.credentials.provider_bin_dir, Some(PathBuf::from("/bin")));
+        assert_eq!(c.credentials.exec_timeout, Seconds::from_secs(2));
+        let e = load("[credentials]\ncreds_store = \"pass\"\n").unwrap_err();
+        assert!(e.contains("creds_store"), "{e}");
     }
 
     #[test]

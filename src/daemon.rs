@@ -16,7 +16,7 @@ use tracing::info;
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // First: nothing in the state dir is touched unless this process owns it.
     let owner = node::StateLock::acquire(&config.root)?;
-    let registry = Arc::new(node::registry(&config.registry, &config.fetch, false)?);
+    let registry = Arc::new(node::registry(&config, false)?);
     let metrics = Metrics::new();
     let _metrics_server = match config.metrics_address {
         Some(addr) => {

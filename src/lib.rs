@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push).
+//! - [`credentials`]: registry credentials: kubelet credential-provider plugins, docker's
+//!   config.json and its credential helpers, in order, refreshed when they expire or change.
 //! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar,
 //!   gzip with a checkpoint index).
 //! - [`indexer`]: `streamsnap index`, checkpoint indexes of gzip and tar layers built and published.
@@ -31,6 +33,7 @@
 pub mod buf;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod digest;
 pub mod fetch;

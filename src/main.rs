@@ -101,6 +101,8 @@ struct ServeArgs {
     /// Do not replay start-up profiles (still record them).
     #[arg(long)]
     no_profile_replay: bool,
+    #[command(flatten)]
+    credentials: CredentialArgs,
 }
 
 impl ServeArgs {
@@ -124,6 +126,7 @@ impl ServeArgs {
         if let Some(q) = self.profile_quiet {
             cfg.profile.quiet = q;
         }
+        self.credentials.apply(&mut cfg.credentials);
     }
 }
 
@@ -173,6 +176,8 @@ struct MountArgs {
     stall_timeout: Seconds,
     #[command(flatten)]
     fill: FillArgs,
+    #[command(flatten)]
+    credentials: CredentialArgs,
     image: Reference,
     mountpoint: PathBuf,
 }
@@ -190,6 +195,7 @@ impl MountArgs {
         cfg.fetch.read_deadline = self.read_deadline;
         cfg.fetch.stall_timeout = self.stall_timeout;
         self.fill.apply(&mut cfg.background_fill);
+        self.credentials.apply(&mut cfg.credentials);
         cfg
     }
 }
@@ -291,6 +297,34 @@ struct FillArgs {
     background_fill_rate: Option<ByteSize>,
 }
 
+/// Credential source flags (`serve`: override `[credentials]`); kubelet's flag names.
+#[derive(clap::Args)]
+struct CredentialArgs {
+    /// docker's config.json (default $DOCKER_CONFIG/config.json, else ~/.docker/config.json).
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
+    /// kubelet's CredentialProviderConfig file (with --image-credential-provider-bin-dir).
+    #[arg(long)]
+    image_credential_provider_config: Option<PathBuf>,
+    /// Directory of the credential-provider plugins the config names.
+    #[arg(long)]
+    image_credential_provider_bin_dir: Option<PathBuf>,
+}
+
+impl CredentialArgs {
+    fn apply(&self, c: &mut config::Credentials) {
+        if let Some(p) = &self.docker_config {
+            c.docker_config = Some(p.clone());
+        }
+        if let Some(p) = &self.image_credential_provider_config {
+            c.provider_config = Some(p.clone());
+        }
+        if let Some(p) = &self.image_credential_provider_bin_dir {
+            c.provider_bin_dir = Some(p.clone());
+        }
+    }
+}
+
 impl FillArgs {
     fn apply(&self, fill: &mut config::BackgroundFill) {
         fill.enabled |= self.background_fill;
@@ -380,7 +414,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let cfg = args.config();
     let owner = node::StateLock::acquire(&cfg.root)?;
-    let registry = Arc::new(node::registry(&cfg.registry, &cfg.fetch, args.plain_http)?);
+    let registry = Arc::new(node::registry(&cfg, args.plain_http)?);
     let ctx = node::layer_context(&cfg, &owner, registry, Metrics::new())?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
@@ -472,7 +506,7 @@ fn uninstall_command(args: InstallArgs) -> anyhow::Result<()> {
 
 /// The registry client of one-shot commands (docker's credentials).
 fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
-    node::registry(&config::Registry::default(), &config::Fetch::default(), plain_http)
+    node::registry(&Config::default(), plain_http)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -571,6 +605,29 @@ mod tests {
         assert_eq!(o.restart, None);
         assert_eq!(o.config_version, Some(install::ConfigVersion::V3));
         assert!(Cli::try_parse_from(["streamsnap", "install", "--config-version=1"]).is_err());
+    }
+
+    #[test]
+    fn credential_flags_set_the_credentials_section_with_kubelets_names() {
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--docker-config=/d/config.json",
+            "--image-credential-provider-config=/k/config.yaml",
+            "--image-credential-provider-bin-dir=/k/bin",
+        ]) else {
+            panic!()
+        };
+        let mut c = Config::default();
+        c.credentials.exec_timeout = Seconds::from_secs(3);
+        s.apply(&mut c);
+        assert_eq!(c.credentials.docker_config, Some(PathBuf::from("/d/config.json")));
+        assert_eq!(c.credentials.provider_config, Some(PathBuf::from("/k/config.yaml")));
+        assert_eq!(c.credentials.provider_bin_dir, Some(PathBuf::from("/k/bin")));
+        assert_eq!(c.credentials.exec_timeout, Seconds::from_secs(3));
+        let Command::Mount(m) = parse(&["mount", "--docker-config=/d/c.json", "img", "/mnt"]) else {
+            panic!()
+        };
+        assert_eq!(m.config().credentials.docker_config, Some(PathBuf::from("/d/c.json")));
     }
 
     #[test]

@@ -10,12 +10,15 @@ pub use lock::{LockError, StateLock};
 
 use crate::cache::{DiskCache, MemCache};
 use crate::config::{self, Config};
+use crate::credentials::docker::DockerConfig;
+use crate::credentials::kubelet::Providers;
+use crate::credentials::{Chain, Source};
 use crate::layer::gzip_index::IndexStore;
 use crate::layer::LayerContext;
 use crate::metrics::Metrics;
 use crate::prefetch::background::FillConfig;
 use crate::prefetch::profile::Profiles;
-use crate::registry::{DockerConfig, Registry, RegistryOptions};
+use crate::registry::{Registry, RegistryOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,11 +45,12 @@ impl StateDir {
     }
 }
 
-/// The registry client: docker's credentials; plain HTTP for loopback
+/// The registry client: credentials from `[credentials]`; plain HTTP for loopback
 /// registries, the `insecure` ones, and with `plain_http` (one-shot
 /// commands' `--plain-http`) every registry; every operation bounded by
 /// `[fetch] read_deadline`, every connection by `stall_timeout`.
-pub fn registry(cfg: &config::Registry, fetch: &config::Fetch, plain_http: bool) -> anyhow::Result<Registry> {
+pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
+    let (cfg, fetch) = (&config.registry, &config.fetch);
     anyhow::ensure!(
         !fetch.read_deadline.0.is_zero() && !fetch.stall_timeout.0.is_zero(),
         "[fetch] read_deadline and stall_timeout must be more than 0 seconds"
@@ -54,11 +58,27 @@ pub fn registry(cfg: &config::Registry, fetch: &config::Fetch, plain_http: bool)
     Ok(Registry::new(RegistryOptions {
         plain_http,
         insecure: cfg.insecure.iter().map(|h| h.as_str().to_string()).collect(),
-        docker_config: DockerConfig::load_default()?,
+        credentials: Arc::new(credentials(&config.credentials)?),
         deadline: fetch.read_deadline.into(),
         stall_timeout: fetch.stall_timeout.into(),
         ..Default::default()
     })?)
+}
+
+/// The credential sources `[credentials]` names, in the order of design §10:
+/// kubelet credential-provider plugins, then docker's config.json. (The CRI
+/// pull's own auth will come first, as another [`Source`].)
+pub fn credentials(cfg: &config::Credentials) -> anyhow::Result<Chain> {
+    let timeout = cfg.exec_timeout.into();
+    let mut sources = Vec::new();
+    match (&cfg.provider_config, &cfg.provider_bin_dir) {
+        (Some(config), Some(bin)) => sources.push(Source::Kubelet(Providers::load(config, bin, timeout)?)),
+        (None, None) => {}
+        _ => anyhow::bail!("[credentials] provider_config and provider_bin_dir are set together or not at all"),
+    }
+    let docker = cfg.docker_config.clone().unwrap_or_else(DockerConfig::default_path);
+    sources.push(Source::Docker(DockerConfig::open(&docker, timeout)?));
+    Ok(Chain::new(sources))
 }
 
 /// What every layer opened on this node shares, under the state dir `owner` holds.

@@ -99,6 +99,7 @@ fn main() {
     let mut registry = Registry::start_with(RegistryOpts {
         netns: link.as_ref().map(|_| net::NETNS.to_string()),
         storage: Some(o.work.join("registry")),
+        ..Default::default()
     });
     if let Some(l) = &link {
         l.start_relay(common::registry::NETNS_PORT);

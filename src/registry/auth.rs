@@ -1,124 +1,10 @@
-//! Registry authentication: docker `config.json` credentials, the bearer-token
-//! challenge flow, and a token cache that refreshes on expiry.
+//! Registry authentication: challenges, and bearer tokens cached until a
+//! little before their stated expiry (then asked for again). Where the
+//! credentials come from is [`crate::credentials`]' job.
 
-use base64::Engine as _;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// User name and password for basic auth (from docker's `config.json`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <hidden>)", self.username)
-    }
-}
-
-/// Credentials by registry host, read from docker's `config.json` (`auths`, base64 `auth`).
-#[derive(Debug, Default, Clone)]
-pub struct DockerConfig {
-    auths: HashMap<String, Credentials>,
-}
-
-#[derive(serde::Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    auths: HashMap<String, AuthEntry>,
-}
-
-#[derive(serde::Deserialize)]
-struct AuthEntry {
-    auth: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-}
-
-/// A docker `config.json` that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthConfigError {
-    #[error("reading docker config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("parsing docker config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
-    #[error("docker config {path}: entry for {host} has an `auth` that is not base64 user:password")]
-    BadAuth { path: PathBuf, host: String },
-}
-
-impl DockerConfig {
-    /// Loads `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; absent files mean anonymous.
-    pub fn load_default() -> Result<Self, AuthConfigError> {
-        let path = match std::env::var_os("DOCKER_CONFIG") {
-            Some(dir) => PathBuf::from(dir).join("config.json"),
-            None => match std::env::var_os("HOME") {
-                Some(home) => PathBuf::from(home).join(".docker/config.json"),
-                None => return Ok(Self::default()),
-            },
-        };
-        if !path.exists() {
-            return Ok(Self::default());
-        }
-        Self::load(&path)
-    }
-
-    /// Loads one config file.
-    pub fn load(path: &Path) -> Result<Self, AuthConfigError> {
-        let text = std::fs::read(path).map_err(|source| AuthConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file: ConfigFile = serde_json::from_slice(&text).map_err(|source| AuthConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut auths = HashMap::new();
-        for (key, entry) in file.auths {
-            let host = normalize_host(&key);
-            let creds = match (entry.auth, entry.username, entry.password) {
-                (Some(auth), _, _) if !auth.is_empty() => {
-                    decode_auth(&auth).ok_or_else(|| AuthConfigError::BadAuth {
-                        path: path.to_path_buf(),
-                        host: key.clone(),
-                    })?
-                }
-                (_, Some(username), Some(password)) => Credentials { username, password },
-                _ => continue,
-            };
-            auths.insert(host, creds);
-        }
-        Ok(Self { auths })
-    }
-
-    /// Credentials for a registry host, if any.
-    pub fn credentials(&self, registry: &str) -> Option<&Credentials> {
-        self.auths.get(&normalize_host(registry))
-    }
-}
-
-fn decode_auth(auth: &str) -> Option<Credentials> {
-    let raw = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (u, p) = text.split_once(':')?;
-    Some(Credentials {
-        username: u.to_string(),
-        password: p.to_string(),
-    })
-}
-
-/// `https://index.docker.io/v1/` and friends all mean Docker Hub.
-fn normalize_host(key: &str) -> String {
-    let h = key.trim_start_matches("https://").trim_start_matches("http://");
-    let h = h.split('/').next().unwrap_or(h);
-    match h {
-        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".to_string(),
-        other => other.to_string(),
-    }
-}
 
 /// A parsed `WWW-Authenticate` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,14 +88,17 @@ pub struct TokenResponse {
 }
 
 impl TokenResponse {
-    /// Turns the answer into a token; refresh a little before the stated expiry.
+    /// Turns the answer into a token, renewed a little before its stated expiry:
+    /// 5 s early, or a quarter of its life for tokens under 20 s, so even a
+    /// short-lived token is replaced before a request can carry it expired.
     pub fn into_token(self, now: Instant) -> Option<Token> {
         let value = self.token.or(self.access_token)?;
-        // The spec's default lifetime is 60 s when none is given.
-        let life = Duration::from_secs(self.expires_in.unwrap_or(60).max(10));
+        // The spec's default lifetime is 60 s when none is given; a token is used at least 1 s.
+        let life = Duration::from_secs(self.expires_in.unwrap_or(60).max(1));
+        let early = Duration::from_secs(5).min(life / 4);
         Some(Token {
             value,
-            expires: now + life - Duration::from_secs(5),
+            expires: now + life - early,
         })
     }
 }
@@ -266,27 +155,23 @@ mod tests {
     }
 
     #[test]
-    fn docker_config_base64_auth_and_hub_aliases() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        std::fs::write(
-            &path,
-            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},"r.test:5000":{"auth":"YWxpY2U6czNjcjN0"}}}"#,
-        )
-        .unwrap();
-        let cfg = DockerConfig::load(&path).unwrap();
-        assert_eq!(cfg.credentials("docker.io").unwrap().username, "u");
-        let c = cfg.credentials("r.test:5000").unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cr3t"));
-    }
-
-    #[test]
-    fn docker_config_with_garbage_auth_is_an_error_naming_the_host() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        std::fs::write(&path, r#"{"auths":{"r.test":{"auth":"!!!"}}}"#).unwrap();
-        let err = DockerConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("r.test"), "{err}");
+    fn tokens_are_renewed_before_their_stated_expiry() {
+        let now = Instant::now();
+        let token = |expires_in| {
+            TokenResponse {
+                token: Some("t".into()),
+                access_token: None,
+                expires_in,
+            }
+            .into_token(now)
+            .unwrap()
+            .expires
+                - now
+        };
+        assert_eq!(token(Some(300)), Duration::from_secs(295));
+        assert_eq!(token(None), Duration::from_secs(55));
+        assert_eq!(token(Some(4)), Duration::from_secs(3));
+        assert_eq!(token(Some(0)), Duration::from_millis(750));
     }
 
     #[test]

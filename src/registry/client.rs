@@ -3,17 +3,19 @@
 //! [`super::policy`] (never forwarding `Authorization`), bodies read under
 //! limits and a stall timer ([`super::body`]), range reads and pushes.
 
-use super::auth::{Challenge, DockerConfig, TokenCache};
+use super::auth::{Challenge, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
 use super::policy::{self, RedactedUrl};
 use super::retry::{Failure, Retry, RetryPolicy};
 use super::{Platform, Reference, RegistryError};
+use crate::credentials::{Chain, Secret};
 use crate::digest::Digest;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
 
@@ -38,7 +40,8 @@ pub struct RegistryOptions {
     /// Bound on one operation, all its attempts and waits included.
     pub deadline: Duration,
     pub connect_timeout: Duration,
-    pub docker_config: DockerConfig,
+    /// Where credentials come from (kubelet providers, docker config); empty: anonymous.
+    pub credentials: Arc<Chain>,
 }
 
 impl Default for RegistryOptions {
@@ -51,7 +54,7 @@ impl Default for RegistryOptions {
             stall_timeout: Duration::from_secs(10),
             deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
-            docker_config: DockerConfig::default(),
+            credentials: Arc::new(Chain::default()),
         }
     }
 }
@@ -392,6 +395,8 @@ impl Registry {
         let mut url = url.to_string();
         let mut authorized = true; // false after any redirect: blob storage never sees our credentials
         let mut redirects = 0;
+        // What the last authorized attempt carried, for a denial's message.
+        let mut used: Option<String> = None;
         loop {
             let redacted = || RedactedUrl::new(&url);
             let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
@@ -399,11 +404,16 @@ impl Registry {
                 req = req.body(b.clone());
             }
             if authorized {
+                let basic = self.basic.lock().contains(host);
                 if let Some(token) = self.tokens.get(host, &scope) {
                     req = req.bearer_auth(token);
-                } else if self.basic.lock().contains(host) {
-                    if let Some(c) = self.opts.docker_config.credentials(host) {
-                        req = req.basic_auth(&c.username, Some(&c.password));
+                    used.get_or_insert_with(|| "a bearer token".to_string());
+                } else if basic {
+                    if let Some(c) = self.credential(op, repo).await? {
+                        if let Secret::Basic { username, password } = &c.secret {
+                            req = req.basic_auth(username, Some(password));
+                        }
+                        used = Some(format!("credentials from {}", c.origin));
                     }
                 }
             }
@@ -439,24 +449,36 @@ impl Registry {
                     .and_then(|v| v.to_str().ok())
                     .and_then(Challenge::parse);
                 match challenge {
+                    // Also how an expired token is replaced mid-read: the retry carries the new one.
                     Some(Challenge::Bearer { realm, service, .. }) => {
                         self.tokens.forget(host, &scope);
-                        self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?;
+                        used = Some(self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?);
                         continue;
                     }
-                    Some(Challenge::Basic) if self.opts.docker_config.credentials(host).is_some() => {
-                        self.basic.lock().insert(host.to_string());
-                        continue;
+                    Some(Challenge::Basic) => {
+                        let has_basic = self
+                            .credential(op, repo)
+                            .await?
+                            .is_some_and(|c| matches!(c.secret, Secret::Basic { .. }));
+                        if has_basic {
+                            self.basic.lock().insert(host.to_string());
+                            continue;
+                        }
                     }
-                    _ => {}
+                    None => {}
                 }
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                if used.is_some() {
+                    // Ask the sources again next time: a helper or provider may have rotated.
+                    self.opts.credentials.forget(host);
+                }
                 return Err(RegistryError::Denied {
                     op,
                     url: redacted(),
                     status: status.as_u16(),
                     registry: host.to_string(),
+                    with: used.unwrap_or_else(|| "no credentials".to_string()).into(),
                 }
                 .into());
             }

@@ -19,7 +19,7 @@ mod retry;
 mod tests;
 mod token;
 
-pub use auth::{Challenge, Credentials, DockerConfig};
+pub use auth::Challenge;
 pub use body::{BodyError, BodyLimit};
 pub use client::{Registry, RegistryOptions};
 pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
@@ -48,12 +48,21 @@ pub enum RegistryError {
         status: u16,
         body: String,
     },
-    #[error("{op} {url}: access denied ({status}); check the credentials for {registry}")]
+    /// `with` says which credentials were refused: "no credentials" or
+    /// "credentials from <source>" (never the credentials themselves).
+    #[error("{op} {url}: access denied ({status}) with {with}; check the credentials for {registry}")]
     Denied {
         op: &'static str,
         url: RedactedUrl,
         status: u16,
         registry: String,
+        with: Box<str>,
+    },
+    #[error("{op}: {source}")]
+    Credentials {
+        op: &'static str,
+        #[source]
+        source: Box<crate::credentials::CredentialError>,
     },
     #[error("{op} {url}: not found (404)")]
     NotFound { op: &'static str, url: RedactedUrl },

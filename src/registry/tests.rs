@@ -1,7 +1,8 @@
 //! The client against scripted HTTP servers on loopback: credentials,
 //! redaction, body limits and stalls through the real reqwest path.
 
-use super::{DockerConfig, Reference, Registry, RegistryError, RegistryOptions};
+use super::{Reference, Registry, RegistryError, RegistryOptions};
+use crate::credentials::{docker::DockerConfig, Chain, Source};
 use crate::digest::Digest;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -108,7 +109,9 @@ async fn a_plain_http_token_realm_on_another_host_gets_no_basic_credentials() {
     let auths = format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, registry.host());
     std::fs::write(&config, auths).unwrap();
     let r = client(RegistryOptions {
-        docker_config: DockerConfig::load(&config).unwrap(),
+        credentials: Arc::new(Chain::new(vec![Source::Docker(
+            DockerConfig::open(&config, Duration::from_secs(5)).unwrap(),
+        )])),
         ..Default::default()
     });
     r.fetch_manifest(&image(&registry.host()), "latest").await.unwrap();

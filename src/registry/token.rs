@@ -1,20 +1,45 @@
-//! The bearer-token flow: a 401's realm asked for a token for one scope,
-//! with the registry's Basic credentials only where [`policy`] allows.
+//! Credentials for a request ([`Registry::credential`], from the chain) and
+//! the bearer-token flow: a 401's realm asked for a token for one scope,
+//! with the registry's credentials only where [`policy`] allows: Basic user
+//! and password on a GET, or an identity token as an OAuth2 refresh token
+//! (`grant_type=refresh_token`) on a POST, as docker does.
 
 use super::auth::TokenResponse;
 use super::body::{self, BodyLimit};
 use super::policy::{self, RedactedUrl};
 use super::retry::Failure;
 use super::{Reference, Registry, RegistryError};
+use crate::credentials::{Credential, Secret};
 use reqwest::Url;
 use std::time::Instant;
 use tracing::warn;
 
+/// Client id sent with OAuth2 token requests (the spec asks for one).
+const CLIENT_ID: &str = "streamsnap";
+
 impl Registry {
-    /// Gets a bearer token from `realm`. Basic credentials go along only when
-    /// the realm is the registry's own host or https; otherwise the token is
-    /// asked for anonymously (enough for public images; a private one then
-    /// fails with access denied, and a warning says why).
+    /// Credentials for `repo`'s registry from the chain, or `None` (anonymous).
+    pub(super) async fn credential(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+    ) -> Result<Option<Credential>, RegistryError> {
+        let image = format!("{}/{}", repo.registry, repo.repository);
+        self.opts
+            .credentials
+            .lookup(&repo.registry, &image)
+            .await
+            .map_err(|source| RegistryError::Credentials {
+                op,
+                source: Box::new(source),
+            })
+    }
+
+    /// Gets a bearer token from `realm`. Credentials go along only when the
+    /// realm is the registry's own host or https; otherwise the token is asked
+    /// for anonymously (enough for public images; a private one then fails with
+    /// access denied, and a warning says why). Returns what was sent, for a
+    /// later denial's message: "credentials from <source>" or "no credentials".
     pub(super) async fn fetch_token(
         &self,
         op: &'static str,
@@ -22,31 +47,65 @@ impl Registry {
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(), Failure> {
+    ) -> Result<String, Failure> {
         let host = repo.registry.as_str();
         let redacted = RedactedUrl::new(realm);
-        let denied = |status: u16| RegistryError::Denied {
-            op,
-            url: redacted.clone(),
-            status,
-            registry: host.to_string(),
-        };
         let realm_url = match Url::parse(realm) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => u,
-            _ => return Err(denied(401).into()),
+            _ => {
+                return Err(RegistryError::Status {
+                    op,
+                    url: redacted,
+                    status: 401,
+                    body: "the token realm is not an http(s) URL".into(),
+                }
+                .into())
+            }
+        };
+        let credential = match self.credential(op, repo).await? {
+            Some(c) if policy::basic_allowed_for_realm(&[host, repo.api_host()], &realm_url) => Some(c),
+            Some(_) => {
+                warn!(registry = host, realm = %redacted, "token realm is plain http on another host: credentials withheld, asking anonymously");
+                None
+            }
+            None => None,
         };
         let mut query = vec![("scope", scope)];
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut req = self.http.get(realm_url.clone()).query(&query);
-        if let Some(c) = self.opts.docker_config.credentials(host) {
-            if policy::basic_allowed_for_realm(&[host, repo.api_host()], &realm_url) {
-                req = req.basic_auth(&c.username, Some(&c.password));
-            } else {
-                warn!(registry = host, realm = %redacted, "token realm is plain http on another host: credentials withheld, asking anonymously");
+        let req = match credential.as_ref().map(|c| &c.secret) {
+            Some(Secret::IdentityToken(refresh)) => {
+                let mut form = query.clone();
+                form.extend([
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh.as_str()),
+                    ("client_id", CLIENT_ID),
+                ]);
+                self.http
+                    .post(realm_url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(form_encode(&form))
             }
-        }
+            Some(Secret::Basic { username, password }) => self
+                .http
+                .get(realm_url.clone())
+                .query(&query)
+                .basic_auth(username, Some(password)),
+            None => self.http.get(realm_url.clone()).query(&query),
+        };
+        let credential_used = credential.is_some();
+        let with = credential.map_or_else(
+            || "no credentials".to_string(),
+            |c| format!("credentials from {}", c.origin),
+        );
+        let denied = |status: u16| RegistryError::Denied {
+            op,
+            url: redacted.clone(),
+            status,
+            registry: host.to_string(),
+            with: with.as_str().into(),
+        };
         let resp = req.send().await.map_err(|e| {
             Failure::retry(RegistryError::Transport {
                 op,
@@ -56,6 +115,9 @@ impl Registry {
         })?;
         let status = resp.status();
         if !status.is_success() {
+            if credential_used {
+                self.opts.credentials.forget(host);
+            }
             return Err(denied(status.as_u16()).into());
         }
         let body = body::read_limited(resp, BodyLimit::TOKEN, self.stall())
@@ -79,6 +141,13 @@ impl Registry {
             .into_token(Instant::now())
             .ok_or_else(|| bad("token response without a token".into()))?;
         self.tokens.put(host, scope, token);
-        Ok(())
+        Ok(with)
     }
+}
+
+/// `application/x-www-form-urlencoded` of `pairs`.
+fn form_encode(pairs: &[(&str, &str)]) -> String {
+    let mut u = Url::parse("http://form.invalid/").expect("a valid URL");
+    u.query_pairs_mut().extend_pairs(pairs);
+    u.query().unwrap_or_default().to_string()
 }

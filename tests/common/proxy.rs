@@ -47,7 +47,13 @@ struct State {
 
 struct Bearer {
     basic: String,
+    /// Also accepted at `/token`: a POST with `grant_type=refresh_token` and this refresh token.
+    refresh_token: Option<String>,
     lifetime: std::time::Duration,
+    /// `expires_in` told to clients, when not the real lifetime (a server that lies).
+    stated: Option<u64>,
+    /// Requests that came with a token this server issued and that had expired.
+    expired_seen: usize,
     issued: Vec<(String, std::time::Instant)>,
 }
 
@@ -108,9 +114,35 @@ impl FaultProxy {
     pub fn require_bearer(&self, encoded: &str, lifetime: std::time::Duration) {
         self.state.lock().unwrap().bearer = Some(Bearer {
             basic: format!("Basic {encoded}"),
+            refresh_token: None,
             lifetime,
+            stated: None,
+            expired_seen: 0,
             issued: Vec::new(),
         });
+    }
+
+    /// In bearer mode, `/token` also takes this OAuth2 refresh token (docker's identity token)
+    /// in a form POST, as distribution's token servers do.
+    pub fn accept_refresh_token(&self, token: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.bearer.as_mut().expect("require_bearer first").refresh_token = Some(token.to_string());
+    }
+
+    /// In bearer mode, tell clients tokens live `secs` whatever their real lifetime.
+    pub fn state_lifetime(&self, secs: u64) {
+        self.state
+            .lock()
+            .unwrap()
+            .bearer
+            .as_mut()
+            .expect("require_bearer first")
+            .stated = Some(secs);
+    }
+
+    /// In bearer mode: requests refused because their token had expired.
+    pub fn expired_tokens_seen(&self) -> usize {
+        self.state.lock().unwrap().bearer.as_ref().map_or(0, |b| b.expired_seen)
     }
 
     /// How many tokens `/token` has issued.
@@ -183,7 +215,7 @@ fn handle(mut conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io:
     if redirected {
         uri = uri.trim_start_matches("/redirected").to_string();
         state.lock().unwrap().redirected_auth.push(auth.clone());
-    } else if let Some(answer) = bearer_check(state, &uri, auth.as_deref(), &headers) {
+    } else if let Some(answer) = bearer_check(state, &uri, auth.as_deref(), &headers, &body) {
         return answer(&mut conn);
     } else if let Some(required) = state.lock().unwrap().basic_auth.clone() {
         if auth.as_deref() != Some(required.as_str()) {
@@ -322,27 +354,41 @@ fn body_index(head: &[u8], offset: u64) -> Option<usize> {
 type Answer = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()>>;
 
 /// In bearer mode: serves `/token`, and challenges requests without a live token.
-fn bearer_check(state: &Mutex<State>, uri: &str, auth: Option<&str>, headers: &[(String, String)]) -> Option<Answer> {
+fn bearer_check(
+    state: &Mutex<State>,
+    uri: &str,
+    auth: Option<&str>,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Option<Answer> {
     let mut st = state.lock().unwrap();
     let b = st.bearer.as_mut()?;
     if uri.starts_with("/token") {
-        if auth != Some(b.basic.as_str()) {
+        let form = String::from_utf8_lossy(body);
+        let refreshed = b.refresh_token.as_ref().is_some_and(|t| {
+            form.split('&').any(|kv| kv == "grant_type=refresh_token")
+                && form.split('&').any(|kv| kv == format!("refresh_token={t}"))
+        });
+        if auth != Some(b.basic.as_str()) && !refreshed {
             return Some(Box::new(|c| respond(c, 401, &[], b"")));
         }
         let token = format!("tok-{}", b.issued.len());
         b.issued.push((token.clone(), std::time::Instant::now() + b.lifetime));
-        let body = format!(r#"{{"token":"{token}","expires_in":{}}}"#, b.lifetime.as_secs());
+        // An OAuth2 answer names it access_token.
+        let key = if refreshed { "access_token" } else { "token" };
+        let stated = b.stated.unwrap_or(b.lifetime.as_secs());
+        let body = format!(r#"{{"{key}":"{token}","expires_in":{stated}}}"#);
         return Some(Box::new(move |c| {
             respond(c, 200, &[("Content-Type", "application/json".into())], body.as_bytes())
         }));
     }
-    let live = auth.and_then(|a| a.strip_prefix("Bearer ")).is_some_and(|t| {
-        b.issued
-            .iter()
-            .any(|(v, exp)| v == t && *exp > std::time::Instant::now())
-    });
-    if live {
-        return None;
+    let known = auth
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .and_then(|t| b.issued.iter().find(|(v, _)| v == t));
+    match known {
+        Some((_, exp)) if *exp > std::time::Instant::now() => return None,
+        Some(_) => b.expired_seen += 1,
+        None => {}
     }
     let host = headers
         .iter()

@@ -27,6 +27,18 @@ pub struct RegistryOpts {
     pub netns: Option<String>,
     /// Keep blobs here instead of in the TempDir, so pushed images survive the process.
     pub storage: Option<PathBuf>,
+    /// Require HTTP Basic auth checked against this htpasswd file (bcrypt; see [`htpasswd`]).
+    pub htpasswd: Option<PathBuf>,
+}
+
+/// Writes an htpasswd file (bcrypt, as docker-registry requires) with `users` (name, password).
+pub fn htpasswd(path: &Path, users: &[(&str, &str)]) {
+    require_tool("htpasswd");
+    let lines: String = users
+        .iter()
+        .map(|(u, p)| run(Command::new("htpasswd").args(["-Bbn", u, p])).trim().to_string() + "\n")
+        .collect();
+    std::fs::write(path, lines).unwrap();
 }
 
 /// One GET of a blob as seen in the registry log ("response completed" line).
@@ -73,8 +85,12 @@ impl Registry {
                     "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: true\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                      maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: streamsnap-test-secret\n",
-                    storage.display()
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: streamsnap-test-secret\n{auth}",
+                    storage.display(),
+                    auth = opts.htpasswd.as_ref().map_or(String::new(), |p| format!(
+                        "auth:\n  htpasswd:\n    realm: streamsnap-test\n    path: {}\n",
+                        p.display()
+                    )),
                 ),
             )
             .unwrap();
@@ -100,7 +116,9 @@ impl Registry {
                 let out = wrap("curl")
                     .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
                     .output();
-                if matches!(&out, Ok(o) if o.stdout == b"200") {
+                // With auth, the 401 challenge of /v2/ says it is up.
+                let up: &[u8] = if opts.htpasswd.is_some() { b"401" } else { b"200" };
+                if matches!(&out, Ok(o) if o.stdout == up) {
                     return Registry {
                         child,
                         addr: format!("127.0.0.1:{port}"),

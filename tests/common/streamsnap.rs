@@ -143,11 +143,20 @@ impl ServeProcess {
 
     /// Like `start`, with extra `serve` flags.
     pub fn start_with(root: &Path, extra: &[&str]) -> ServeProcess {
-        Self::start_binary(&binary(), root, extra)
+        Self::start_env(root, extra, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables for the daemon.
+    pub fn start_env(root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> ServeProcess {
+        Self::start_binary_env(&binary(), root, extra, env)
     }
 
     /// Like `start_with`, running the streamsnap binary at `bin` (an upgrade's new binary).
     pub fn start_binary(bin: &Path, root: &Path, extra: &[&str]) -> ServeProcess {
+        Self::start_binary_env(bin, root, extra, &[])
+    }
+
+    fn start_binary_env(bin: &Path, root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> ServeProcess {
         let socket = root.join("streamsnap.sock");
         std::fs::create_dir_all(root).unwrap();
         let mut child = Command::new(bin)
@@ -157,6 +166,7 @@ impl ServeProcess {
             .arg(&socket)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
