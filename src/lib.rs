@@ -20,7 +20,9 @@
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
 //! - [`config`]: the typed TOML configuration, one section per subsystem (imports no subsystem).
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`endpoint`]: the daemon's HTTP endpoint: metrics, health, readiness, status.
+//! - [`status`]: `streamsnap status`, the typed status document and its table.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
 //! - [`private`]: owner-only directories and files for everything streamsnap keeps.
@@ -31,6 +33,7 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod digest;
+pub mod endpoint;
 pub mod fetch;
 pub mod flight;
 pub mod fs;
@@ -47,3 +50,4 @@ pub mod proto;
 pub mod pull;
 pub mod registry;
 pub mod snapshotter;
+pub mod status;

@@ -41,6 +41,22 @@ enum Command {
     /// Build the checkpoint index of each plain gzip or uncompressed tar layer of IMAGE, so that it
     /// can be served lazily; keep it in the local index cache, and publish it.
     Index(IndexArgs),
+    /// Show what the running daemon serves: per image and layer, its form, how it is served,
+    /// bytes fetched, prefetch and background fill, cache use.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's metrics address (default: `metrics_address` of the config file).
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
+    /// TOML config file of the daemon (default /etc/streamsnap/config.toml, if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The defaults of flags that set a config value.
@@ -273,6 +289,7 @@ fn main() -> anyhow::Result<()> {
             Command::Mount(args) => mount(args).await,
             Command::Profile { action } => profile(action).await,
             Command::Index(args) => index(args).await,
+            Command::Status(args) => status(args).await,
         }
     })
 }
@@ -380,6 +397,24 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
     }
     if let Some((repo, digest)) = &report.pushed {
         println!("published {digest} to {repo}");
+    }
+    Ok(())
+}
+
+/// `streamsnap status`: the daemon's status document, as a table or JSON.
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let address = match args.metrics_address {
+        Some(a) => a,
+        None => Config::load(args.config.as_deref())?.metrics_address.context(
+            "the daemon serves its status on its metrics address: pass --metrics-address or set \
+             metrics_address in the config file",
+        )?,
+    };
+    let (json, status) = streamsnap::status::fetch(&address.to_string()).await?;
+    if args.json {
+        println!("{}", json.trim_end());
+    } else {
+        print!("{}", streamsnap::status::table(&status));
     }
     Ok(())
 }

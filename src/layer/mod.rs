@@ -55,6 +55,12 @@ pub struct Layer {
     pub digest: Digest,
     pub format: LayerFormat,
     pub fetcher: Arc<Fetcher>,
+    /// The blob's size, from the manifest.
+    pub size: u64,
+    /// What the landmark prefetch did (`None`: the layer marks no landmark files).
+    pub prefetched: Option<crate::prefetch::Prefetched>,
+    /// Where the background fill is.
+    pub fill: Arc<crate::prefetch::background::FillState>,
 }
 
 impl Layer {
@@ -202,8 +208,9 @@ pub async fn open(
         "layer indexed"
     );
     let fetcher = Fetcher::new(layer.clone(), index, source, &ctx.fetch);
+    let mut prefetched = None;
     if !fetcher.index().prefetch.is_empty() {
-        crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
+        prefetched = Some(crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await);
     }
     if format != LayerFormat::Downloaded {
         ctx.profiles
@@ -215,11 +222,20 @@ pub async fn open(
         image: name.clone(),
         size: desc.size,
     };
-    drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone(), target));
+    let fill = Arc::default();
+    drop(crate::prefetch::background::spawn_reporting(
+        &fetcher,
+        ctx.fill.clone(),
+        target,
+        Arc::clone(&fill),
+    ));
     Ok(Layer {
         digest: layer,
         format,
         fetcher,
+        size: desc.size,
+        prefetched,
+        fill,
     })
 }
 
