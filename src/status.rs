@@ -176,7 +176,7 @@ pub fn table(s: &NodeStatus) -> String {
         let _ = writeln!(out, "\n{}", image.image);
         let _ = writeln!(
             out,
-            "  {:<19} {:<12} {:<11} {:>23} {:<18} {:<22} {:>10}",
+            "  {:<19} {:<12} {:<11} {:<21} {:<18} {:<22} {:>10}",
             "LAYER", "FORM", "SERVED", "FETCHED / SIZE", "PREFETCH", "FILL", "CACHED"
         );
         for l in &image.layers {
@@ -186,7 +186,7 @@ pub fn table(s: &NodeStatus) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<19} {:<12} {:<11} {:>23} {:<18} {:<22} {:>10}",
+                "  {:<19} {:<12} {:<11} {:<21} {:<18} {:<22} {:>10}",
                 short(&l.digest),
                 form_label(l.form),
                 served_label(l.served),

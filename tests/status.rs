@@ -1,0 +1,171 @@
+//! `streamsnap status` and the daemon's HTTP endpoint with real containerd 1.6,
+//! runc and a registry: health and readiness, the status of an image served
+//! lazily, and the metrics the Grafana dashboard queries.
+mod common;
+use common::*;
+use std::process::Command;
+
+struct Node {
+    registry: Registry,
+    serve: ServeProcess,
+    containerd: Containerd,
+    work: tempfile::TempDir,
+    /// The daemon's `--metrics-address`.
+    addr: String,
+}
+
+fn start() -> Node {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let serve = ServeProcess::start_with(&work.path().join("streamsnap"), &["--metrics-address", &addr]);
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    Node {
+        registry,
+        serve,
+        containerd,
+        work,
+        addr,
+    }
+}
+
+/// An eStargz image pulled lazily, and one container (`id`: unique across tests, runc's
+/// state dir is shared) run from it.
+fn run_estargz(node: &Node, id: &str) -> String {
+    let image = build_runnable_image(&node.work.path().join("image"), 16);
+    let reference = push(&image, &node.registry, Format::Estargz);
+    node.containerd.rpull(&reference);
+    let out = node
+        .containerd
+        .run_script("streamsnap", &reference, id, "cat /etc/greeting");
+    assert_eq!(out.trim(), "hello from streamsnap");
+    reference
+}
+
+fn status(addr: &str, extra: &[&str]) -> String {
+    run(Command::new(common::streamsnap::binary())
+        .args(["status", "--metrics-address", addr])
+        .args(extra))
+}
+
+/// HTTP status code of `GET http://ADDR/PATH`.
+fn http_code(addr: &str, path: &str) -> String {
+    run(Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{addr}{path}"),
+    ]))
+}
+
+#[test]
+fn health_and_readiness_answer_once_the_daemon_serves() {
+    let node = start();
+    wait_until(std::time::Duration::from_secs(30), "/readyz to answer 200", || {
+        http_code(&node.addr, "/readyz") == "200"
+    });
+    assert_eq!(http_code(&node.addr, "/healthz"), "200", "{}", node.serve.log());
+    assert_eq!(http_code(&node.addr, "/nothing"), "404");
+}
+
+#[test]
+fn status_shows_each_layer_of_a_lazily_pulled_image_with_bytes_fetched_of_total() {
+    let node = start();
+    let reference = run_estargz(&node, "status-lazy");
+    let (_, digests) = node.registry.layers(&reference);
+
+    let json = status(&node.addr, &["--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(doc["ready"], true, "{json}");
+    assert!(doc["cache"]["limit_bytes"].as_u64().unwrap() > 0, "{json}");
+    let images = doc["images"].as_array().unwrap();
+    let image = images
+        .iter()
+        .find(|i| i["image"].as_str().unwrap().starts_with(&reference))
+        .unwrap_or_else(|| panic!("{reference} not in the status:\n{json}"));
+    let layers = image["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), digests.len(), "{json}");
+    let (mut fetched, mut total) = (0, 0);
+    for (layer, digest) in layers.iter().zip(&digests) {
+        assert_eq!(layer["digest"].as_str(), Some(digest.as_str()), "{json}");
+        assert_eq!(layer["form"], "estargz", "{json}");
+        assert_eq!(layer["served"], "lazy", "{json}");
+        assert_eq!(layer["fill"]["state"], "off", "{json}");
+        let (f, s) = (
+            layer["fetched_bytes"].as_u64().unwrap(),
+            layer["size_bytes"].as_u64().unwrap(),
+        );
+        assert!(f <= s, "layer {digest}: fetched {f} of {s}:\n{json}");
+        fetched += f;
+        total += s;
+    }
+    eprintln!("status: {} layers, fetched {fetched} of {total} bytes", layers.len());
+    assert!(fetched > 0 && fetched < total, "{json}");
+
+    let table = status(&node.addr, &[]);
+    eprintln!("{table}");
+    assert!(table.starts_with("node: ready"), "{table}");
+    for digest in &digests {
+        let short = &digest[..digest.find(':').unwrap() + 13];
+        let lines: Vec<_> = table.lines().filter(|l| l.trim_start().starts_with(short)).collect();
+        assert_eq!(lines.len(), 1, "{short}:\n{table}");
+        assert!(lines[0].contains("estargz") && lines[0].contains("lazy"), "{table}");
+    }
+}
+
+#[test]
+fn every_metric_the_grafana_dashboard_queries_is_exported_by_a_live_daemon() {
+    let node = start();
+    run_estargz(&node, "status-dashboard");
+    let text = run(Command::new("curl").args(["-sSf", &format!("http://{}/metrics", node.addr)]));
+    let samples: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/streamsnap-dashboard.json"
+    ))
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in doc["panels"].as_array().unwrap() {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(
+                !names.is_empty(),
+                "panel {}: {expr} names no streamsnap metric",
+                panel["title"]
+            );
+            queried.extend(names);
+        }
+    }
+    let missing: Vec<_> = queried.iter().filter(|n| !samples.contains(n.as_str())).collect();
+    eprintln!("dashboard queries {} metrics: {queried:?}", queried.len());
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{text}");
+}
+
+/// The `streamsnap_…` names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("streamsnap_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
