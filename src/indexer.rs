@@ -29,6 +29,8 @@ pub struct IndexOptions {
     pub push: bool,
     /// Publish in this repository instead, tagged per layer.
     pub index_repo: Option<Reference>,
+    /// Where the layers' downloads show their progress.
+    pub progress: crate::progress::Progress,
 }
 
 /// What happened to one layer.
@@ -205,9 +207,14 @@ async fn index_layer(
             source,
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
+    let task = opts.progress.task(&short(&layer), desc.size);
+    let counted = &task;
     let forward = async move {
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
+            if let Ok(c) = &chunk {
+                counted.advance(c.len() as u64);
+            }
             // `without_url`: after a redirect the URL may be a presigned one.
             if tx
                 .send(chunk.map_err(|e| std::io::Error::other(e.without_url())))
@@ -245,6 +252,7 @@ async fn index_layer(
             image: name.clone(),
             source,
         })?;
+    task.finish(&format!("indexed: {} checkpoints", meta.checkpoints.len()));
     store.store(&layer, &bytes).map_err(|e| IndexerError::Layer {
         image: name.clone(),
         layer: layer.clone(),
@@ -265,6 +273,12 @@ async fn index_layer(
         checkpoints: meta.checkpoints.len(),
         entries: meta.entries.len(),
     })
+}
+
+/// `sha256:` and 12 hex digits: a layer's name on a progress bar.
+fn short(layer: &Digest) -> String {
+    let s = layer.to_string();
+    s[..s.len().min(s.find(':').map_or(12, |i| i + 13))].to_string()
 }
 
 /// The layer's bytes as they arrive, for the blocking indexer.

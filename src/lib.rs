@@ -22,6 +22,7 @@
 //! - [`config`]: the typed TOML configuration, one section per subsystem (imports no subsystem).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`endpoint`]: the daemon's HTTP endpoint: metrics, health, readiness, status.
+//! - [`progress`]: progress bars of long one-shot work on a terminal.
 //! - [`status`]: `streamsnap status`, the typed status document and its table.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
@@ -46,6 +47,7 @@ pub mod node;
 pub mod overlay;
 pub mod prefetch;
 pub mod private;
+pub mod progress;
 pub mod proto;
 pub mod pull;
 pub mod registry;

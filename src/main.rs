@@ -15,6 +15,7 @@ use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
 use streamsnap::node::{self, StateDir};
 use streamsnap::prefetch::profile::Profiles;
+use streamsnap::progress::Progress;
 use streamsnap::registry::{Platform, Reference, Registry};
 use tracing::info;
 
@@ -313,9 +314,12 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         platform: args.platform,
         snapshotter: args.snapshotter,
+        progress: Progress::stderr(),
     };
     let image = args.image;
-    let report = streamsnap::pull::pull(&registry, &image, &opts).await?;
+    let report = streamsnap::pull::pull(&registry, &image, &opts).await;
+    opts.progress.clear();
+    let report = report?;
     println!(
         "pulled {image}: {} layers served lazily, {} unpacked",
         report.lazy_layers, report.unpacked_layers
@@ -378,8 +382,11 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
         platform: args.platform,
         push: args.push,
         index_repo: args.index_repo,
+        progress: Progress::stderr(),
     };
-    let report = streamsnap::indexer::index_image(&registry, &store, &args.image, &opts).await?;
+    let report = streamsnap::indexer::index_image(&registry, &store, &args.image, &opts).await;
+    opts.progress.clear();
+    let report = report?;
     for l in &report.layers {
         match l {
             LayerOutcome::Indexed {
