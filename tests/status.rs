@@ -169,3 +169,27 @@ fn metric_names(expr: &str) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn status_names_layers_containerd_unpacked_itself() {
+    let node = start();
+    // Plain gzip without an index: not servable lazily, so containerd unpacks it.
+    let image = build_runnable_image(&node.work.path().join("image"), 8);
+    let reference = push(&image, &node.registry, Format::Gzip);
+    let (_, digests) = node.registry.layers(&reference);
+    node.containerd.rpull(&reference);
+    let json = status(&node.addr, &["--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let image = doc["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image"].as_str().unwrap().starts_with(&reference))
+        .unwrap_or_else(|| panic!("{reference} not in the status:\n{json}"));
+    let layers = image["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), digests.len(), "{json}");
+    for (layer, digest) in layers.iter().zip(&digests) {
+        assert_eq!(layer["digest"].as_str(), Some(digest.as_str()), "{json}");
+        assert_eq!(layer["served"], "unpacked_by_containerd", "{json}");
+    }
+}
