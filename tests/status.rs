@@ -7,7 +7,7 @@ use std::process::Command;
 
 struct Node {
     registry: Registry,
-    serve: ServeProcess,
+    serve: Option<ServeProcess>,
     containerd: Containerd,
     work: tempfile::TempDir,
     /// The daemon's `--metrics-address`.
@@ -15,22 +15,47 @@ struct Node {
 }
 
 fn start() -> Node {
+    start_with(&[])
+}
+
+/// Registry, `streamsnap serve --metrics-address ADDR EXTRA…` and a containerd using it.
+fn start_with(extra: &[&str]) -> Node {
     require_root();
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let serve = ServeProcess::start_with(&work.path().join("streamsnap"), &["--metrics-address", &addr]);
+    let serve = serve(work.path(), &addr, extra);
     let containerd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),
         ..Default::default()
     });
     Node {
         registry,
-        serve,
+        serve: Some(serve),
         containerd,
         work,
         addr,
     }
+}
+
+fn serve(work: &std::path::Path, addr: &str, extra: &[&str]) -> ServeProcess {
+    let mut args = vec!["--metrics-address", addr];
+    args.extend(extra);
+    ServeProcess::start_with(&work.join("streamsnap"), &args)
+}
+
+/// The status document of the daemon at `addr`, and the entry of the image `reference`.
+fn image_status(addr: &str, reference: &str) -> (serde_json::Value, serde_json::Value) {
+    let json = status(addr, &["--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let image = doc["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image"].as_str().unwrap().starts_with(reference))
+        .unwrap_or_else(|| panic!("{reference} not in the status:\n{json}"))
+        .clone();
+    (doc, image)
 }
 
 /// An eStargz image pulled lazily, and one container (`id`: unique across tests, runc's
@@ -70,7 +95,12 @@ fn health_and_readiness_answer_once_the_daemon_serves() {
     wait_until(std::time::Duration::from_secs(30), "/readyz to answer 200", || {
         http_code(&node.addr, "/readyz") == "200"
     });
-    assert_eq!(http_code(&node.addr, "/healthz"), "200", "{}", node.serve.log());
+    assert_eq!(
+        http_code(&node.addr, "/healthz"),
+        "200",
+        "{}",
+        node.serve.as_ref().unwrap().log()
+    );
     assert_eq!(http_code(&node.addr, "/nothing"), "404");
 }
 
@@ -192,4 +222,73 @@ fn status_names_layers_containerd_unpacked_itself() {
         assert_eq!(layer["digest"].as_str(), Some(digest.as_str()), "{json}");
         assert_eq!(layer["served"], "unpacked_by_containerd", "{json}");
     }
+}
+
+#[test]
+fn status_shows_a_background_fill_complete_with_its_proof() {
+    let node = start_with(&["--background-fill", "--background-fill-delay", "0"]);
+    let reference = run_estargz(&node, "status-fill");
+    let (_, digests) = node.registry.layers(&reference);
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "every layer's fill to complete",
+        || {
+            last = image_status(&node.addr, &reference).1;
+            last["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["fill"]["state"] == "complete")
+        },
+    );
+    let layers = last["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), digests.len(), "{last:#}");
+    for l in layers {
+        let proof = l["fill"]["proof"].as_str();
+        assert!(matches!(proof, Some("layer_digest" | "chunks")), "{last:#}");
+        assert!(l["cached_bytes"].as_u64().unwrap() > 0, "{last:#}");
+    }
+    let table = status(&node.addr, &[]);
+    assert_eq!(table.matches(" complete(").count(), digests.len(), "{table}");
+}
+
+#[test]
+fn after_a_restart_the_daemon_is_ready_once_its_layers_are_mounted_again() {
+    let mut node = start();
+    let reference = run_estargz(&node, "status-restart");
+    let (_, digests) = node.registry.layers(&reference);
+    node.serve.take().unwrap().stop();
+    node.serve = Some(serve(node.work.path(), &node.addr, &[]));
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "/readyz to answer 200 after the restart",
+        || http_code(&node.addr, "/readyz") == "200",
+    );
+    let (doc, image) = image_status(&node.addr, &reference);
+    assert_eq!(doc["ready"], true, "{doc:#}");
+    let layers = image["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), digests.len(), "{doc:#}");
+    assert!(layers.iter().all(|l| l["served"] == "lazy"), "{doc:#}");
+}
+
+#[test]
+fn status_finds_the_daemon_through_its_config_file() {
+    let node = start();
+    let config = node.work.path().join("config.toml");
+    std::fs::write(&config, format!("metrics_address = \"{}\"\n", node.addr)).unwrap();
+    let table = run(Command::new(common::streamsnap::binary())
+        .args(["status", "--config"])
+        .arg(&config));
+    assert!(table.starts_with("node: ready"), "{table}");
+    // Without an address anywhere it says where to give one.
+    let empty = node.work.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = run_output(
+        Command::new(common::streamsnap::binary())
+            .args(["status", "--config"])
+            .arg(&empty),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--metrics-address"), "{err}");
 }
