@@ -207,7 +207,7 @@ async fn index_layer(
             source,
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
-    let task = opts.progress.task(&short(&layer), desc.size);
+    let task = opts.progress.layer(&layer, desc.size);
     let counted = &task;
     let forward = async move {
         let mut body = resp.bytes_stream();
@@ -273,12 +273,6 @@ async fn index_layer(
         checkpoints: meta.checkpoints.len(),
         entries: meta.entries.len(),
     })
-}
-
-/// `sha256:` and 12 hex digits: a layer's name on a progress bar.
-fn short(layer: &Digest) -> String {
-    let s = layer.to_string();
-    s[..s.len().min(s.find(':').map_or(12, |i| i + 13))].to_string()
 }
 
 /// The layer's bytes as they arrive, for the blocking indexer.

@@ -2,6 +2,7 @@
 //! bar per layer on stderr when it is a terminal; nothing otherwise (logs,
 //! CI, tests), and nothing for library callers that do not ask.
 
+use crate::digest::Digest;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Where progress goes; cheap to clone (bars of one command share it).
@@ -24,6 +25,11 @@ impl Progress {
     /// Erases the bars (before the command prints its report).
     pub fn clear(&self) {
         let _ = self.0.clear();
+    }
+
+    /// Work on one layer, named `sha256:` and 12 hex digits.
+    pub fn layer(&self, digest: &Digest, total: u64) -> Task {
+        self.task(&format!("sha256:{}", &digest.hex()[..12]), total)
     }
 
     /// One piece of work: `total` bytes (0: unknown), named by `what`.

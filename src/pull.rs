@@ -242,8 +242,7 @@ impl Puller<'_> {
             labels.insert(format!("containerd.io/snapshot/{k}"), v.clone());
         }
         let key = format!("extract-{} {target}", std::process::id());
-        let digest = desc.digest.to_string();
-        let task = self.opts.progress.task(&digest[..digest.len().min(19)], desc.size);
+        let task = self.opts.progress.layer(&desc.digest, desc.size);
         let prepared = self
             .snapshots
             .prepare(snapshots::PrepareSnapshotRequest {
