@@ -42,6 +42,7 @@ pub struct LayerStatus {
     /// Bytes of this layer in the disk cache.
     pub cached_bytes: u64,
     pub prefetch: Prefetch,
+    pub profile: Profile,
     pub fill: Fill,
 }
 
@@ -91,6 +92,21 @@ pub enum Prefetch {
     TimedOut { files: usize, bytes: u64 },
 }
 
+/// What a start-up profile did when the layer was mounted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Profile {
+    None,
+    /// None was known: the layer's start-up reads were recorded.
+    Recorded,
+    /// The profile's ranges of the layer were fetched before the mount was reported
+    /// (`complete`: all in time).
+    Replayed {
+        chunks: usize,
+        complete: bool,
+    },
+}
+
 /// The background fill of the layer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
@@ -128,13 +144,26 @@ impl Fill {
     }
 }
 
-impl Prefetch {
-    fn label(&self) -> String {
-        match self {
-            Prefetch::None => "-".into(),
-            Prefetch::Complete { files, .. } => format!("done({files} files)"),
-            Prefetch::TimedOut { files, .. } => format!("timed-out({files} files)"),
-        }
+/// The PREFETCH column: landmarks, then the profile.
+fn prefetch_label(l: &LayerStatus) -> String {
+    let landmarks = match &l.prefetch {
+        Prefetch::None => None,
+        Prefetch::Complete { files, .. } => Some(format!("done({files} files)")),
+        Prefetch::TimedOut { files, .. } => Some(format!("timed-out({files} files)")),
+    };
+    let profile = match &l.profile {
+        Profile::None => None,
+        Profile::Recorded => Some("recorded".to_string()),
+        Profile::Replayed { chunks, complete: true } => Some(format!("replayed({chunks})")),
+        Profile::Replayed {
+            chunks,
+            complete: false,
+        } => Some(format!("replaying({chunks})")),
+    };
+    match (landmarks, profile) {
+        (None, None) => "-".into(),
+        (Some(a), None) | (None, Some(a)) => a,
+        (Some(a), Some(b)) => format!("{a}+{b}"),
     }
 }
 
@@ -191,7 +220,7 @@ pub fn table(s: &NodeStatus) -> String {
                 form_label(l.form),
                 served_label(l.served),
                 fetched,
-                l.prefetch.label(),
+                prefetch_label(l),
                 l.fill.label(),
                 size(l.cached_bytes)
             );
@@ -270,6 +299,7 @@ mod tests {
             size_bytes: 4 << 20,
             cached_bytes: 1024,
             prefetch: Prefetch::Complete { files: 2, bytes: 100 },
+            profile: Profile::Recorded,
             fill: Fill::Complete {
                 proof: "layer_digest".into(),
             },

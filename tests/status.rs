@@ -127,6 +127,8 @@ fn status_shows_each_layer_of_a_lazily_pulled_image_with_bytes_fetched_of_total(
         assert_eq!(layer["form"], "estargz", "{json}");
         assert_eq!(layer["served"], "lazy", "{json}");
         assert_eq!(layer["fill"]["state"], "off", "{json}");
+        // The first node to mount the image records its start-up.
+        assert_eq!(layer["profile"]["state"], "recorded", "{json}");
         let (f, s) = (
             layer["fetched_bytes"].as_u64().unwrap(),
             layer["size_bytes"].as_u64().unwrap(),

@@ -59,6 +59,8 @@ pub struct Layer {
     pub size: u64,
     /// What the landmark prefetch did (`None`: the layer marks no landmark files).
     pub prefetched: Option<crate::prefetch::Prefetched>,
+    /// What a start-up profile did when the layer was opened.
+    pub profile: crate::prefetch::ProfileUse,
     /// Where the background fill is.
     pub fill: Arc<crate::prefetch::background::FillState>,
 }
@@ -212,8 +214,10 @@ pub async fn open(
     if !fetcher.index().prefetch.is_empty() {
         prefetched = Some(crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await);
     }
+    let mut profile = crate::prefetch::ProfileUse::None;
     if format != LayerFormat::Downloaded {
-        ctx.profiles
+        profile = ctx
+            .profiles
             .on_layer_open(&ctx.registry, image, &fetcher, ctx.prefetch_timeout)
             .await;
     }
@@ -235,6 +239,7 @@ pub async fn open(
         fetcher,
         size: desc.size,
         prefetched,
+        profile,
         fill,
     })
 }

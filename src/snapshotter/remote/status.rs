@@ -8,8 +8,9 @@ use crate::endpoint::StatusSource;
 use crate::fetch::Proof;
 use crate::layer::{Layer, LayerFormat};
 use crate::prefetch::background::{FillEnd, FillPhase};
+use crate::prefetch::ProfileUse;
 use crate::snapshotter::{Kind, Snapshots};
-use crate::status::{CacheUse, Fill, Form, ImageStatus, LayerStatus, NodeStatus, Prefetch, Served};
+use crate::status::{CacheUse, Fill, Form, ImageStatus, LayerStatus, NodeStatus, Prefetch, Profile, Served};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::warn;
@@ -109,6 +110,11 @@ impl RemoteLayers {
                 bytes: p.bytes,
             },
         };
+        let profile = match layer.profile {
+            ProfileUse::None => Profile::None,
+            ProfileUse::Recorded => Profile::Recorded,
+            ProfileUse::Replayed { chunks, complete } => Profile::Replayed { chunks, complete },
+        };
         let fill = match layer.fetcher.quarantined() {
             Some(reason) => Fill::Quarantined {
                 reason: reason.to_string(),
@@ -123,6 +129,7 @@ impl RemoteLayers {
             size_bytes: layer.size,
             cached_bytes: self.ctx.fetch.disk.layer_bytes(&layer.digest),
             prefetch,
+            profile,
             fill,
         }
     }
@@ -165,6 +172,7 @@ fn unpacked(digest: &str) -> LayerStatus {
         size_bytes: 0,
         cached_bytes: 0,
         prefetch: Prefetch::None,
+        profile: Profile::None,
         fill: Fill::Off,
     }
 }
