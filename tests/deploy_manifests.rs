@@ -238,3 +238,85 @@ fn the_gpu_overlay_selects_gpu_nodes_and_tolerates_the_gpu_and_spot_taints() {
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["hostPID"], true);
 }
+
+#[test]
+fn the_pods_script_installs_starts_and_then_only_watches() {
+    let (_, docs) = daemonset_pod("base");
+    let files = &object(&docs, "ConfigMap")["data"];
+    let dir = tempfile::tempdir().unwrap();
+    let (cm, host, bin) = (dir.path().join("cm"), dir.path().join("host"), dir.path().join("bin"));
+    for d in [&cm, &host.join("etc/systemd/system"), &bin] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for name in ["install.sh", "config.toml", "streamsnap.service"] {
+        std::fs::write(cm.join(name), files[name].as_str().unwrap()).unwrap();
+    }
+    // What the image ships, and an nsenter that records what it was asked to run on the host.
+    let shipped = dir.path().join("streamsnap");
+    std::fs::write(&shipped, "#!/bin/sh\necho streamsnap\n").unwrap();
+    let calls = dir.path().join("calls");
+    let nsenter = bin.join("nsenter");
+    std::fs::write(&nsenter, format!("#!/bin/sh\necho \"$*\" >> {}\n", calls.display())).unwrap();
+    std::fs::set_permissions(&nsenter, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let mut child = Command::new("sh")
+        .arg(cm.join("install.sh"))
+        .env("PATH", path)
+        .env("HOST_ROOT", &host)
+        .env("STREAMSNAP_BINARY", &shipped)
+        .env("HOST_FILES", &cm)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = || std::fs::read_to_string(&calls).unwrap_or_default();
+    while log().lines().count() < 3 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "install.sh exited early: {:?}",
+            child.wait_with_output()
+        );
+        assert!(std::time::Instant::now() < deadline, "install.sh stalled: {}", log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let host_root = "-t 1 -m -u -i -n -p --";
+    assert_eq!(
+        log().lines().collect::<Vec<_>>(),
+        [
+            format!("{host_root} systemctl daemon-reload"),
+            format!("{host_root} systemctl enable --now streamsnap.service"),
+            format!(
+                "{host_root} /opt/streamsnap/bin/streamsnap install --containerd-config /etc/containerd/config.toml"
+            ),
+        ]
+    );
+    let installed = host.join("opt/streamsnap/bin/streamsnap");
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(&shipped).unwrap());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&installed).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o755);
+    for (on_host, name) in [
+        ("etc/streamsnap/config.toml", "config.toml"),
+        ("etc/systemd/system/streamsnap.service", "streamsnap.service"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(host.join(on_host)).unwrap(),
+            files[name].as_str().unwrap()
+        );
+    }
+    // Still running: it watches. SIGTERM (pod deletion) ends it at once, and cleanly.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "install.sh did not stay to watch");
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(log().lines().count(), 3, "nothing more ran on the host: {}", log());
+}
