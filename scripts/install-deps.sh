@@ -53,3 +53,15 @@ fuzz_version=0.13.2
 if ! "$HOME/.cargo/bin/cargo-fuzz" --version 2>/dev/null | grep -q " $fuzz_version"; then
   "$HOME/.cargo/bin/cargo" install --locked cargo-fuzz --version "$fuzz_version"
 fi
+
+# tests/deploy_manifests.rs: kustomize (kubectl's built-in one; Debian's kubernetes-client when no
+# kubectl or kustomize is installed) and kubernetes-validate, which ships the Kubernetes schemas
+# it validates against (no network when it runs); PyYAML comes with it.
+if ! command -v kustomize >/dev/null && ! command -v kubectl >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
+k8s_validate_version=1.37.0
+if ! kubernetes-validate --version 2>/dev/null | grep -q "$k8s_validate_version"; then
+  python3 -m pip install --quiet "kubernetes-validate==$k8s_validate_version"
+fi

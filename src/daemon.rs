@@ -2,9 +2,10 @@
 //! (which leave the layer mounts to the descriptor keeper, for the next daemon).
 
 use crate::config::Config;
+use crate::endpoint::Endpoint;
 use crate::metrics::Metrics;
 use crate::node;
-use crate::snapshotter::remote::RemoteLayers;
+use crate::snapshotter::remote::{DaemonStatus, RemoteLayers};
 use crate::snapshotter::service::{Service, SnapshotsServer};
 use crate::snapshotter::Snapshots;
 use anyhow::Context as _;
@@ -18,15 +19,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let owner = node::StateLock::acquire(&config.root)?;
     let registry = Arc::new(node::registry(&config, false)?);
     let metrics = Metrics::new();
+    let endpoint = Endpoint::new(Arc::clone(&metrics));
     let _metrics_server = match config.metrics_address {
         Some(addr) => {
             // Bound now, so a bad address fails the daemon at start, not later.
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the metrics address {addr}"))?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+            Some(AbortOnDrop(tokio::spawn(crate::endpoint::serve(
                 listener,
-                Arc::clone(&metrics),
+                Arc::clone(&endpoint),
             ))))
         }
         None => None,
@@ -70,6 +72,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .with_context(|| format!("chmod {}", config.address.display()))?;
     // Marked before the first request; mounted while the socket serves.
     let _remounts = AbortOnDrop(remote.remount_all(&snapshots));
+    // Connections queue on the bound socket from now on: ready once the re-mounts are done.
+    endpoint.serving(Arc::new(DaemonStatus {
+        remote: Arc::clone(&remote),
+        snapshots: Arc::clone(&snapshots),
+    }));
     info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshotter");
     let service = Service::new(Arc::clone(&snapshots), Arc::clone(&remote));
     tonic::transport::Server::builder()

@@ -29,6 +29,8 @@ pub struct IndexOptions {
     pub push: bool,
     /// Publish in this repository instead, tagged per layer.
     pub index_repo: Option<Reference>,
+    /// Where the layers' downloads show their progress.
+    pub progress: crate::progress::Progress,
 }
 
 /// What happened to one layer.
@@ -205,9 +207,14 @@ async fn index_layer(
             source,
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
+    let task = opts.progress.layer(&layer, desc.size);
+    let counted = &task;
     let forward = async move {
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
+            if let Ok(c) = &chunk {
+                counted.advance(c.len() as u64);
+            }
             // `without_url`: after a redirect the URL may be a presigned one.
             if tx
                 .send(chunk.map_err(|e| std::io::Error::other(e.without_url())))
@@ -245,6 +252,7 @@ async fn index_layer(
             image: name.clone(),
             source,
         })?;
+    task.finish(&format!("indexed: {} checkpoints", meta.checkpoints.len()));
     store.store(&layer, &bytes).map_err(|e| IndexerError::Layer {
         image: name.clone(),
         layer: layer.clone(),

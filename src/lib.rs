@@ -24,7 +24,10 @@
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
 //! - [`config`]: the typed TOML configuration, one section per subsystem (imports no subsystem).
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`endpoint`]: the daemon's HTTP endpoint: metrics, health, readiness, status.
+//! - [`progress`]: progress bars of long one-shot work on a terminal.
+//! - [`status`]: `streamsnap status`, the typed status document and its table.
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
 //! - [`private`]: owner-only directories and files for everything streamsnap keeps.
@@ -36,6 +39,7 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod digest;
+pub mod endpoint;
 pub mod fetch;
 pub mod flight;
 pub mod fs;
@@ -50,7 +54,9 @@ pub mod node;
 pub mod overlay;
 pub mod prefetch;
 pub mod private;
+pub mod progress;
 pub mod proto;
 pub mod pull;
 pub mod registry;
 pub mod snapshotter;
+pub mod status;

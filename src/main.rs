@@ -16,6 +16,7 @@ use streamsnap::layer::gzip_index::IndexStore;
 use streamsnap::metrics::Metrics;
 use streamsnap::node::{self, StateDir};
 use streamsnap::prefetch::profile::Profiles;
+use streamsnap::progress::Progress;
 use streamsnap::registry::{Platform, Reference, Registry};
 use tracing::info;
 
@@ -60,6 +61,22 @@ enum Command {
     Install(InstallArgs),
     /// Put back the containerd config `install` changed, byte for byte; restart containerd if needed.
     Uninstall(InstallArgs),
+    /// Show what the running daemon serves: per image and layer, its form, how it is served,
+    /// bytes fetched, prefetch and background fill, cache use.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The daemon's metrics address (default: `metrics_address` of the config file).
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
+    /// TOML config file of the daemon (default /etc/streamsnap/config.toml, if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the status document as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The defaults of flags that set a config value.
@@ -377,6 +394,7 @@ fn main() -> anyhow::Result<()> {
             Command::Keeper { .. } | Command::Shutdown { .. } => unreachable!("run before the runtime"),
             Command::Install(args) => install_command(args),
             Command::Uninstall(args) => uninstall_command(args),
+            Command::Status(args) => status(args).await,
         }
     })
 }
@@ -400,9 +418,12 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         platform: args.platform,
         snapshotter: args.snapshotter,
+        progress: Progress::stderr(),
     };
     let image = args.image;
-    let report = streamsnap::pull::pull(&registry, &image, &opts).await?;
+    let report = streamsnap::pull::pull(&registry, &image, &opts).await;
+    opts.progress.clear();
+    let report = report?;
     println!(
         "pulled {image}: {} layers served lazily, {} unpacked",
         report.lazy_layers, report.unpacked_layers
@@ -465,8 +486,11 @@ async fn index(args: IndexArgs) -> anyhow::Result<()> {
         platform: args.platform,
         push: args.push,
         index_repo: args.index_repo,
+        progress: Progress::stderr(),
     };
-    let report = streamsnap::indexer::index_image(&registry, &store, &args.image, &opts).await?;
+    let report = streamsnap::indexer::index_image(&registry, &store, &args.image, &opts).await;
+    opts.progress.clear();
+    let report = report?;
     for l in &report.layers {
         match l {
             LayerOutcome::Indexed {
@@ -501,6 +525,24 @@ fn uninstall_command(args: InstallArgs) -> anyhow::Result<()> {
     let opts = args.options();
     let done = install::uninstall(&opts)?;
     print!("{}", install::report::uninstalled(&opts, &done));
+    Ok(())
+}
+
+/// `streamsnap status`: the daemon's status document, as a table or JSON.
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let address = match args.metrics_address {
+        Some(a) => a,
+        None => Config::load(args.config.as_deref())?.metrics_address.context(
+            "the daemon serves its status on its metrics address: pass --metrics-address or set \
+             metrics_address in the config file",
+        )?,
+    };
+    let (json, status) = streamsnap::status::fetch(&address.to_string()).await?;
+    if args.json {
+        println!("{}", json.trim_end());
+    } else {
+        print!("{}", streamsnap::status::table(&status));
+    }
     Ok(())
 }
 

@@ -1,10 +1,6 @@
 //! Prometheus metrics: what was fetched and why, how reads were served, how
-//! long FUSE reads and layer mounts took. Served on `--metrics-address`.
+//! long FUSE reads and layer mounts took. Served on `--metrics-address` (`endpoint`).
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,7 +10,6 @@ use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
 
 /// Why bytes were fetched from the registry; variants in priority order.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -194,51 +189,6 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
-}
-
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    info!(address = ?listener.local_addr().ok(), "serving metrics");
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "metrics listener");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = Arc::clone(&metrics);
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, &metrics)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                warn!(%peer, error = %e, "metrics connection");
-            }
-        });
-    }
-}
-
-fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string()),
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", ctype)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts")
 }
 
 #[cfg(test)]

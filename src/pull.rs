@@ -28,6 +28,8 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Snapshotter name containerd knows streamsnap by.
     pub snapshotter: String,
+    /// Where each layer shows its progress.
+    pub progress: crate::progress::Progress,
 }
 
 /// A pull that failed; names the image and the step.
@@ -240,6 +242,7 @@ impl Puller<'_> {
             labels.insert(format!("containerd.io/snapshot/{k}"), v.clone());
         }
         let key = format!("extract-{} {target}", std::process::id());
+        let task = self.opts.progress.layer(&desc.digest, desc.size);
         let prepared = self
             .snapshots
             .prepare(snapshots::PrepareSnapshotRequest {
@@ -252,13 +255,14 @@ impl Puller<'_> {
         match prepared {
             Err(s) if s.code() == Code::AlreadyExists => {
                 report.lazy_layers += 1;
+                task.finish("served lazily");
                 info!(layer = %desc.digest, "layer served lazily");
                 Ok(())
             }
             Err(s) => Err(self.err(format!("preparing layer {}", desc.digest))(s)),
             Ok(resp) => {
                 let mounts = resp.into_inner().mounts;
-                let applied = self.unpack(desc, mounts).await;
+                let applied = self.unpack(desc, mounts, &task).await;
                 if let Err(e) = applied {
                     let _ = self
                         .snapshots
@@ -276,6 +280,7 @@ impl Puller<'_> {
                     .await
                     .map_err(self.err(format!("committing layer {}", desc.digest)))?;
                 report.unpacked_layers += 1;
+                task.finish("unpacked by containerd");
                 info!(layer = %desc.digest, "layer unpacked by containerd");
                 Ok(())
             }
@@ -283,7 +288,12 @@ impl Puller<'_> {
     }
 
     /// Fetches a layer into the content store and has containerd apply it.
-    async fn unpack(&mut self, desc: &LayerDescriptor, mounts: Vec<types::Mount>) -> Result<(), PullError> {
+    async fn unpack(
+        &mut self,
+        desc: &LayerDescriptor,
+        mounts: Vec<types::Mount>,
+        task: &crate::progress::Task,
+    ) -> Result<(), PullError> {
         if !self.has_content(&desc.digest).await {
             let blob = self
                 .registry
@@ -293,6 +303,7 @@ impl Puller<'_> {
                     image: self.image.to_string(),
                     source,
                 })?;
+            task.advance(blob.len() as u64);
             self.write_content(&desc.digest, blob.to_vec(), HashMap::new()).await?;
         }
         let d = types::Descriptor {

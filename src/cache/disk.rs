@@ -591,6 +591,11 @@ impl DiskCache {
         self.limit
     }
 
+    /// Bytes stored for `layer`.
+    pub fn layer_bytes(&self, layer: &Digest) -> u64 {
+        self.lru.lock().by_layer.get(layer).copied().unwrap_or(0)
+    }
+
     /// Bytes currently stored.
     pub fn total_bytes(&self) -> u64 {
         self.lru.lock().total

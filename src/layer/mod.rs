@@ -55,6 +55,14 @@ pub struct Layer {
     pub digest: Digest,
     pub format: LayerFormat,
     pub fetcher: Arc<Fetcher>,
+    /// The blob's size, from the manifest.
+    pub size: u64,
+    /// What the landmark prefetch did (`None`: the layer marks no landmark files).
+    pub prefetched: Option<crate::prefetch::Prefetched>,
+    /// What a start-up profile did when the layer was opened.
+    pub profile: crate::prefetch::ProfileUse,
+    /// Where the background fill is.
+    pub fill: Arc<crate::prefetch::background::FillState>,
 }
 
 impl Layer {
@@ -202,11 +210,14 @@ pub async fn open(
         "layer indexed"
     );
     let fetcher = Fetcher::new(layer.clone(), index, source, &ctx.fetch);
+    let mut prefetched = None;
     if !fetcher.index().prefetch.is_empty() {
-        crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await;
+        prefetched = Some(crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await);
     }
+    let mut profile = crate::prefetch::ProfileUse::None;
     if format != LayerFormat::Downloaded {
-        ctx.profiles
+        profile = ctx
+            .profiles
             .on_layer_open(&ctx.registry, image, &fetcher, ctx.prefetch_timeout)
             .await;
     }
@@ -215,11 +226,21 @@ pub async fn open(
         image: name.clone(),
         size: desc.size,
     };
-    drop(crate::prefetch::background::spawn(&fetcher, ctx.fill.clone(), target));
+    let fill = Arc::default();
+    drop(crate::prefetch::background::spawn_reporting(
+        &fetcher,
+        ctx.fill.clone(),
+        target,
+        Arc::clone(&fill),
+    ));
     Ok(Layer {
         digest: layer,
         format,
         fetcher,
+        size: desc.size,
+        prefetched,
+        profile,
+        fill,
     })
 }
 

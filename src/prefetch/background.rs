@@ -14,6 +14,7 @@
 use crate::fetch::{CompleteError, Fetcher, Proof};
 use crate::index::ChunkId;
 use crate::metrics::Cause;
+use parking_lot::Mutex;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -81,16 +82,54 @@ pub enum FillEnd {
     Failed(String),
 }
 
+/// Where a layer's fill is (`streamsnap status` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FillPhase {
+    /// No fill: disabled, or the layer is local.
+    #[default]
+    Off,
+    /// Waiting for its delay after the mount.
+    Waiting,
+    Running,
+    Ended(FillEnd),
+}
+
+/// A fill's phase, shared with whoever reports it.
+#[derive(Debug, Default)]
+pub struct FillState(Mutex<FillPhase>);
+
+impl FillState {
+    pub fn phase(&self) -> FillPhase {
+        self.0.lock().clone()
+    }
+
+    fn set(&self, phase: FillPhase) {
+        *self.0.lock() = phase;
+    }
+}
+
 /// Starts filling the layer behind `fetcher` (held weakly: unmounting the
 /// layer ends the fill).
 pub fn spawn(fetcher: &Arc<Fetcher>, cfg: FillConfig, target: Target) -> Option<tokio::task::JoinHandle<FillEnd>> {
+    spawn_reporting(fetcher, cfg, target, Arc::default())
+}
+
+/// Like [`spawn`], keeping `state` up to date.
+pub fn spawn_reporting(
+    fetcher: &Arc<Fetcher>,
+    cfg: FillConfig,
+    target: Target,
+    state: Arc<FillState>,
+) -> Option<tokio::task::JoinHandle<FillEnd>> {
     if !cfg.enabled || fetcher.is_local() {
         return None;
     }
+    state.set(FillPhase::Waiting);
     let weak = Arc::downgrade(fetcher);
     let layer = fetcher.layer().to_string();
     Some(tokio::spawn(async move {
-        let end = fill(weak.clone(), &cfg, &target).await;
+        let end = fill(weak.clone(), &cfg, &target, &state).await;
+        state.set(FillPhase::Ended(end.clone()));
         let image = &target.image;
         match &end {
             FillEnd::Complete { chunks, bytes, proof } => {
@@ -108,8 +147,9 @@ pub fn spawn(fetcher: &Arc<Fetcher>, cfg: FillConfig, target: Target) -> Option<
     }))
 }
 
-async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target) -> FillEnd {
+async fn fill(weak: Weak<Fetcher>, cfg: &FillConfig, target: &Target, state: &FillState) -> FillEnd {
     tokio::time::sleep(cfg.delay).await;
+    state.set(FillPhase::Running);
     let (ids, evictions_at_start) = {
         let Some(f) = weak.upgrade() else {
             return FillEnd::Unmounted;

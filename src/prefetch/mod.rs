@@ -25,6 +25,19 @@ pub struct Prefetched {
     pub complete: bool,
 }
 
+/// What a start-up profile did for a layer when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProfileUse {
+    /// None was used or recorded (replay off without a known profile, or no manifest digest).
+    #[default]
+    None,
+    /// None was known: the layer's start-up reads were recorded.
+    Recorded,
+    /// Its ranges of the layer were fetched before the mount was reported
+    /// (`complete`: all of them in time; the rest went on in the background).
+    Replayed { chunks: usize, complete: bool },
+}
+
 /// Fetches the layer's landmark files at prefetch priority, waiting at most
 /// `timeout`; what is still in flight then completes in the background.
 pub async fn landmarks(fetcher: &Arc<Fetcher>, timeout: Duration) -> Prefetched {

@@ -11,6 +11,7 @@
 //! operator's listed repositories; ones pushed as referrers of the image only
 //! when referrers are trusted, kept apart (`<hex>.referrer.json`).
 
+use super::ProfileUse;
 use crate::digest::Digest;
 use crate::fetch::{Fetcher, ReadObserver};
 use crate::flight::Flights;
@@ -247,8 +248,10 @@ impl Profiles {
         image: &Reference,
         fetcher: &Arc<Fetcher>,
         timeout: Duration,
-    ) {
-        let Some(manifest) = image.digest.clone() else { return };
+    ) -> ProfileUse {
+        let Some(manifest) = image.digest.clone() else {
+            return ProfileUse::None;
+        };
         let profile = match self.load(&manifest) {
             Some(p) => Some(Arc::new(p)),
             None if self.replay => {
@@ -261,8 +264,11 @@ impl Profiles {
         };
         match profile {
             Some(p) if self.replay => replay(fetcher, &p, timeout, self.replay_budget).await,
-            Some(_) => {}
-            None => self.record(registry, image, &manifest, fetcher),
+            Some(_) => ProfileUse::None,
+            None => {
+                self.record(registry, image, &manifest, fetcher);
+                ProfileUse::Recorded
+            }
         }
     }
 
@@ -480,12 +486,12 @@ pub fn replay_chunks(index: &LayerIndex, layer: &Digest, profile: &Profile, budg
 /// Fetches the profile's ranges of this layer, in profile order, at prefetch
 /// priority, in large batches, at most `budget` blob bytes; waits at most
 /// `timeout` (the rest goes on).
-pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration, budget: u64) {
+pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration, budget: u64) -> ProfileUse {
     let index = fetcher.index();
     let ids = replay_chunks(index, fetcher.layer(), profile, budget);
     let chunks = ids.len();
     if ids.is_empty() {
-        return;
+        return ProfileUse::None;
     }
     let mut batches: Vec<Vec<ChunkId>> = vec![Vec::new()];
     let mut bytes = 0;
@@ -526,6 +532,7 @@ pub async fn replay(fetcher: &Arc<Fetcher>, profile: &Profile, timeout: Duration
         ms = started.elapsed().as_millis() as u64,
         "start-up profile replayed"
     );
+    ProfileUse::Replayed { chunks, complete }
 }
 
 /// A profile that cannot be published; names the image.

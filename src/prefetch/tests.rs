@@ -331,3 +331,24 @@ async fn a_filled_layer_without_chunk_digests_is_proven_by_its_layer_digest() {
     );
     assert_eq!(fx.fetcher.metrics().quarantined_total(), 0);
 }
+
+#[tokio::test]
+async fn a_fills_state_tells_waiting_then_how_it_ended() {
+    let fx = fixture(1 << 30).await;
+    let state = std::sync::Arc::new(background::FillState::default());
+    let off = FillConfig {
+        enabled: false,
+        ..fill_now()
+    };
+    assert!(background::spawn_reporting(&fx.fetcher, off, target(&fx), state.clone()).is_none());
+    assert_eq!(state.phase(), background::FillPhase::Off);
+    let cfg = FillConfig {
+        delay: Duration::from_millis(200),
+        ..fill_now()
+    };
+    let fill = background::spawn_reporting(&fx.fetcher, cfg, target(&fx), state.clone()).expect("fill starts");
+    assert_eq!(state.phase(), background::FillPhase::Waiting);
+    let end = fill.await.unwrap();
+    assert!(matches!(end, FillEnd::Complete { .. }), "{end:?}");
+    assert_eq!(state.phase(), background::FillPhase::Ended(end));
+}

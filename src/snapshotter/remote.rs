@@ -2,6 +2,10 @@
 //! with labels naming its image and digest, mount the layer lazily as the
 //! committed target snapshot, so containerd skips download and unpack.
 
+mod status;
+
+pub use status::DaemonStatus;
+
 use super::{RemoteLayer, SnapshotError, Snapshots};
 use crate::digest::{Digest, DigestError};
 use crate::flight::{Abandoned, Flights};

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Runs in the DaemonSet's pod (privileged, hostPID): puts streamsnap on the
+# host and starts it as a systemd unit through nsenter, then stays as a
+# watcher whose probes ask the daemon's /healthz and /readyz. Never stops the
+# host unit: pod deletion, restarts and rollouts leave the daemon running.
+set -eu
+# Where the host's directories are mounted, the binary shipped in the image,
+# and the ConfigMap's files (tests point these elsewhere).
+host=${HOST_ROOT:-/host}
+binary=${STREAMSNAP_BINARY:-/usr/local/bin/streamsnap}
+files=${HOST_FILES:-/etc/streamsnap-host}
+on_host() { nsenter -t 1 -m -u -i -n -p -- "$@"; }
+
+test -c /dev/fuse || { echo "no /dev/fuse on this node" >&2; exit 1; }
+
+# Replaced by rename: a running daemon keeps its binary; a new one is used at
+# the unit's next (deliberate) restart.
+mkdir -p "$host/opt/streamsnap/bin" "$host/etc/streamsnap"
+cp "$binary" "$host/opt/streamsnap/bin/.streamsnap.new"
+chmod 0755 "$host/opt/streamsnap/bin/.streamsnap.new"
+mv -f "$host/opt/streamsnap/bin/.streamsnap.new" "$host/opt/streamsnap/bin/streamsnap"
+cp "$files/config.toml" "$host/etc/streamsnap/.config.toml.new"
+mv -f "$host/etc/streamsnap/.config.toml.new" "$host/etc/streamsnap/config.toml"
+cp "$files/streamsnap.service" "$host/etc/systemd/system/.streamsnap.service.new"
+mv -f "$host/etc/systemd/system/.streamsnap.service.new" "$host/etc/systemd/system/streamsnap.service"
+
+on_host systemctl daemon-reload
+# Starts the daemon if it is not running; a running one is left alone.
+on_host systemctl enable --now streamsnap.service
+# containerd's proxy plugin entry (restarts containerd only when it changed).
+on_host /opt/streamsnap/bin/streamsnap install --containerd-config "${CONTAINERD_CONFIG:-/etc/containerd/config.toml}"
+
+echo "streamsnap installed and running on the host; watching"
+trap 'kill "$nap" 2>/dev/null; exit 0' TERM INT
+while :; do
+  sleep 3600 &
+  nap=$!
+  wait "$nap" || true
+done
