@@ -3,7 +3,7 @@
 # containerd, runc, image tools, FUSE). Idempotent; needs root.
 set -euo pipefail
 packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr
-          golang-go golang-github-containerd-containerd-dev busybox-static tar g++ apache2-utils)
+          golang-go golang-github-containerd-containerd-dev busybox-static tar g++ apache2-utils python3-pip)
 # The start-up benchmark also builds a Debian userland, shapes a link and plots.
 if [ "${1:-}" = "--bench" ]; then
   packages+=(debootstrap gnuplot-nox iputils-ping)
@@ -63,5 +63,6 @@ if ! command -v kustomize >/dev/null && ! command -v kubectl >/dev/null; then
 fi
 k8s_validate_version=1.37.0
 if ! kubernetes-validate --version 2>/dev/null | grep -q "$k8s_validate_version"; then
-  python3 -m pip install --quiet "kubernetes-validate==$k8s_validate_version"
+  # Debian's python3 is externally managed (PEP 668); this one tool goes beside it.
+  python3 -m pip install --quiet --break-system-packages "kubernetes-validate==$k8s_validate_version"
 fi

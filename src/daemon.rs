@@ -86,7 +86,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .context("gRPC server")?;
     info!("shutting down");
     let _ = std::fs::remove_file(&config.address);
-    tokio::task::spawn_blocking(move || remote.stop()).await?;
+    if tokio::task::spawn_blocking(move || remote.stop()).await? {
+        // Reads in progress must not be answered at all: unwinding would drop
+        // their pending replies, and fuser answers a dropped reply with EIO. The
+        // next daemon has the kernel send them again (FUSE_NOTIFY_RESEND).
+        info!("mounts handed over: exiting without unwinding");
+        std::process::exit(0);
+    }
     Ok(())
 }
 

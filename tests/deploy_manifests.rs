@@ -198,11 +198,11 @@ fn the_pod_installs_a_host_unit_whose_daemon_serves_the_probed_address() {
     ] {
         assert!(script.contains(step), "install.sh lacks {step}:\n{script}");
     }
-    // A rollout replaces the pod, never the daemon.
-    assert!(
-        !script.contains("systemctl restart") && !script.contains("systemctl stop"),
-        "{script}"
-    );
+    // A rollout replaces the pod; the daemon only when the pod brings a new
+    // binary (an upgrade the mounts survive), and it is never stopped.
+    assert!(!script.contains("systemctl stop"), "{script}");
+    assert_eq!(script.matches("systemctl restart").count(), 1, "{script}");
+    assert!(script.contains("cmp -s"), "restarted only for a new binary: {script}");
     assert!(pod["containers"][0].get("lifecycle").is_none(), "no preStop: {pod:#}");
 }
 

@@ -18,7 +18,7 @@ const FILES: [(&str, u64, u64); 3] = [
 
 /// A node serving an image of three 100 MiB files lazily (eStargz), pulled into containerd.
 struct Node {
-    _registry: Registry,
+    registry: Mutex<Option<Registry>>,
     work: tempfile::TempDir,
     root: PathBuf,
     serve: Mutex<Option<ServeProcess>>,
@@ -53,7 +53,7 @@ impl Node {
             .collect();
         std::fs::create_dir_all(work.path().join("out")).unwrap();
         Node {
-            _registry: registry,
+            registry: Mutex::new(Some(registry)),
             work,
             root,
             serve: Mutex::new(Some(serve)),
@@ -76,7 +76,23 @@ impl Node {
     }
 
     fn start_serve(&self, bin: &Path) {
-        *self.serve.lock().unwrap() = Some(ServeProcess::start_binary(bin, &self.root, &[]));
+        self.start_serve_with(bin, &[]);
+    }
+
+    fn start_serve_with(&self, bin: &Path, extra: &[&str]) {
+        *self.serve.lock().unwrap() = Some(ServeProcess::start_binary(bin, &self.root, extra));
+    }
+
+    /// As at a reboot: the daemon stops and its layers are taken down (`streamsnap shutdown`).
+    fn reboot(&self) {
+        self.serve.lock().unwrap().take().unwrap().stop();
+    }
+
+    /// Runs `script` in a container of the image (its stdout), or its error.
+    fn run(&self, id: &str, script: &str) -> Result<String, String> {
+        self.containerd.try_ctr(&[
+            "run", "--rm", "--snapshotter", "streamsnap", &self.reference, id, "/bin/sh", "-c", script,
+        ])
     }
 
     fn serve_log(&self) -> String {
@@ -309,4 +325,44 @@ fn a_read_in_flight_when_the_daemon_is_killed_completes_after_the_restart() {
         Some(node.expected[2].1.as_str()),
         "c.bin read across the kill"
     );
+}
+
+#[test]
+fn after_a_reboot_with_the_registry_down_cached_files_read_and_uncached_ones_fail_with_eio() {
+    let node = Node::start();
+    let a = node.run("warm", "sha256sum /models/a.bin").unwrap();
+    assert!(a.starts_with(&node.expected[0].1), "{a}");
+    node.reboot();
+    assert!(
+        common::no_fuse_mount_under(&node.root.join("state/snapshots")),
+        "the layers' FUSE mounts are gone"
+    );
+    drop(node.registry.lock().unwrap().take());
+    let config = node.work.path().join("deadline.toml");
+    std::fs::write(&config, "[fetch]\nread_deadline = 5.0\n").unwrap();
+    node.start_serve_with(&common::streamsnap::binary(), &["--config", config.to_str().unwrap()]);
+    // Every layer is there again, from its record: no file is missing.
+    wait_until(Duration::from_secs(30), "the layers to be mounted again", || {
+        node.serve_log().matches("re-mounted lazy layer").count() >= 4
+    });
+    wait_until(Duration::from_secs(60), "containerd to reconnect to streamsnap", || {
+        node.containerd
+            .try_ctr(&["snapshots", "--snapshotter", "streamsnap", "ls"])
+            .is_ok()
+    });
+    let listing = node.run("list", "ls /models").unwrap();
+    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["a.bin", "b.bin", "c.bin"]);
+    // Cached before the reboot: read from the node alone.
+    let a = node.run("cached", "sha256sum /models/a.bin").unwrap();
+    assert!(a.starts_with(&node.expected[0].1), "{a}");
+    // Never fetched: the read fails (EIO) once the registry's retries are
+    // spent, at the latest after the read deadline (5 s here).
+    let started = Instant::now();
+    let c = node.run("uncached", "sha256sum /models/c.bin && echo read-ok");
+    let waited = started.elapsed();
+    assert!(c.as_ref().map_or(true, |out| !out.contains("read-ok")), "{c:?}");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    let log = node.serve_log();
+    assert!(log.contains("read failed, answering EIO"), "{log}");
+    assert!(!log.contains("asking the registry"), "every layer came from its record: {log}");
 }

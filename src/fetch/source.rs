@@ -46,6 +46,8 @@ pub enum SourceError {
     Injected(String),
     #[error("the source is gone: {0}")]
     NotFound(String),
+    #[error("blob bytes {offset}+{len} are not in the layer's record")]
+    NotRecorded { offset: u64, len: u64 },
 }
 
 impl SourceError {

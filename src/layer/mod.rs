@@ -3,15 +3,16 @@
 
 mod download;
 pub mod gzip_index;
+pub mod record;
 
 use crate::digest::Digest;
-use crate::fetch::{self, Fetcher, RangeSource, RegistrySource};
+use crate::fetch::{self, Fetcher, RangeSource, RegistrySource, SourceError};
 use crate::index::{self, IndexError, LayerIndex};
 use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Chunk size used to split files of tar layers downloaded whole.
 pub const TAR_CHUNK_SIZE: u64 = 1 << 20;
@@ -132,6 +133,26 @@ pub async fn open(
     desc: &LayerDescriptor,
     fallback: Fallback,
 ) -> Result<Layer, LayerError> {
+    open_from(ctx, image, desc, fallback, None).await
+}
+
+/// Opens a layer served before (a restart, a reboot) from its record alone
+/// (`record`): no registry request until a read needs bytes not cached, no
+/// prefetch. `None` when there is no usable record.
+pub async fn reopen(ctx: &LayerContext, layer: &Digest) -> Option<Result<Layer, LayerError>> {
+    let record = record::load(&ctx.layers_dir, layer)?;
+    let image: Reference = record.image.parse().ok()?;
+    let desc = record.descriptor()?;
+    Some(open_from(ctx, &image, &desc, Fallback::Refuse, Some(Arc::new(record))).await)
+}
+
+async fn open_from(
+    ctx: &LayerContext,
+    image: &Reference,
+    desc: &LayerDescriptor,
+    fallback: Fallback,
+    recorded: Option<Arc<record::LayerRecord>>,
+) -> Result<Layer, LayerError> {
     let started = Instant::now();
     let name = image.to_string();
     let layer = desc.digest.clone();
@@ -140,9 +161,18 @@ pub async fn open(
         repo: image.clone(),
         digest: desc.digest.clone(),
     });
+    // Index reads come from the record, or from the registry and are recorded.
+    let recorder = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let read = |offset: u64, len: u64| {
-        let remote = Arc::clone(&remote);
-        async move { remote.read(offset, len).await }
+        let (remote, recorded, recorder) = (Arc::clone(&remote), recorded.clone(), Arc::clone(&recorder));
+        async move {
+            if let Some(r) = recorded {
+                return r.read(offset, len).ok_or(SourceError::NotRecorded { offset, len });
+            }
+            let bytes = remote.read(offset, len).await?;
+            recorder.lock().push((offset, bytes.to_vec()));
+            Ok(bytes)
+        }
     };
     let mt = desc.media_type.as_str();
     let index_err = |source| LayerError::Index {
@@ -209,13 +239,19 @@ pub async fn open(
         ms = started.elapsed().as_millis() as u64,
         "layer indexed"
     );
+    if recorded.is_none() && format != LayerFormat::Downloaded {
+        let rec = record::LayerRecord::new(&name, desc, std::mem::take(&mut *recorder.lock()));
+        if let Err(e) = record::save(&ctx.layers_dir, &layer, &rec) {
+            warn!(layer = %layer, error = %e, "cannot record the layer: after a reboot it needs the registry to be mounted");
+        }
+    }
     let fetcher = Fetcher::new(layer.clone(), index, source, &ctx.fetch);
     let mut prefetched = None;
-    if !fetcher.index().prefetch.is_empty() {
+    if !fetcher.index().prefetch.is_empty() && recorded.is_none() {
         prefetched = Some(crate::prefetch::landmarks(&fetcher, ctx.prefetch_timeout).await);
     }
     let mut profile = crate::prefetch::ProfileUse::None;
-    if format != LayerFormat::Downloaded {
+    if format != LayerFormat::Downloaded && recorded.is_none() {
         profile = ctx
             .profiles
             .on_layer_open(&ctx.registry, image, &fetcher, ctx.prefetch_timeout)

@@ -288,6 +288,38 @@ impl RemoteLayers {
         }
     }
 
+    /// The layer opened again from its record (`layer::reopen`), shared like
+    /// `open_layer`'s; `None` when it has no usable record.
+    async fn reopen_layer(self: &Arc<Self>, digest: &Digest) -> Option<Arc<Layer>> {
+        if let Some(l) = self.layers.lock().get(digest).and_then(Weak::upgrade) {
+            return Some(l);
+        }
+        let (this, d) = (Arc::clone(self), digest.clone());
+        let open = move || async move {
+            let opened = layer::reopen(&this.ctx, &d).await;
+            match opened {
+                Some(Ok(layer)) => {
+                    let layer = Arc::new(layer);
+                    this.layers.lock().insert(d, Arc::downgrade(&layer));
+                    Ok(layer)
+                }
+                Some(Err(e)) => Err(Arc::new(RemoteError::Layer(Box::new(e)))),
+                None => Err(Arc::new(RemoteError::BadRecord {
+                    name: d.to_string(),
+                    reason: "no layer record".into(),
+                })),
+            }
+        };
+        match self.opening.run(digest.clone(), open).await {
+            Ok(Ok(layer)) => Some(layer),
+            Ok(Err(e)) => {
+                info!(layer = %digest, error = %e, "layer not opened from its record: asking the registry");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// FUSE-mounts `layer` at `at` (blocking: the kernel answers FUSE_INIT
     /// first), or answers the mount there again when its connection was held
     /// across a restart; the keeper gets a copy of a new mount's descriptor.
@@ -381,6 +413,11 @@ impl RemoteLayers {
             if !served.contains(layer.to_string().as_str()) {
                 info!(layer = %layer, "dropping the cache of a layer no snapshot serves");
                 self.ctx.fetch.disk.remove_layer(&layer);
+            }
+        }
+        for layer in layer::record::recorded(&self.ctx.layers_dir) {
+            if !served.contains(layer.to_string().as_str()) {
+                layer::record::remove(&self.ctx.layers_dir, &layer);
             }
         }
         let mut held = self.held_mounts(snapshots);
@@ -516,8 +553,14 @@ impl RemoteLayers {
             layer: digest.clone(),
             manifest: image.digest.clone(),
         };
-        let resolved = self.resolve(&target).await?;
-        let layer = self.open_layer(&resolved, &digest).await?;
+        // From the layer's record first: a reboot with the registry down still mounts it.
+        let layer = match self.reopen_layer(&digest).await {
+            Some(layer) => layer,
+            None => {
+                let resolved = self.resolve(&target).await?;
+                self.open_layer(&resolved, &digest).await?
+            }
+        };
         // Taken only now: a failed open keeps the connection for the next attempt.
         let held = self.remounts.lock().get_mut(&id).and_then(|r| r.held.take());
         let (this, fs) = (Arc::clone(self), snapshots.fs_path(id));
@@ -600,6 +643,7 @@ impl RemoteLayers {
             let still_used = self.mounts.lock().values().any(|(_, l)| l.digest == layer.digest);
             if !still_used {
                 self.ctx.fetch.disk.remove_layer(&layer.digest);
+                layer::record::remove(&self.ctx.layers_dir, &layer.digest);
                 info!(layer = %layer.digest, "layer unmounted and its cache released");
             }
         }
@@ -607,14 +651,16 @@ impl RemoteLayers {
     }
 
     /// The daemon stops: with a keeper, every mount is left to it for the
-    /// next daemon to answer (an upgrade); without one, everything is unmounted.
-    pub fn stop(&self) {
+    /// next daemon to answer (an upgrade; true); without one, everything is unmounted.
+    pub fn stop(&self) -> bool {
         let mounts: Vec<_> = self.mounts.lock().drain().collect();
         if self.keeper.is_some() {
             info!(mounts = mounts.len(), "leaving the mounts to the descriptor keeper");
             mounts.into_iter().for_each(|(_, (m, _))| m.abandon());
+            true
         } else {
             drop(mounts);
+            false
         }
     }
 }

@@ -115,6 +115,16 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// No FUSE mount under `dir` (per /proc/self/mountinfo)?
+pub fn no_fuse_mount_under(dir: &Path) -> bool {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    !info.lines().any(|l| {
+        let point = l.split(' ').nth(4).map(unescape_mountinfo).unwrap_or_default();
+        l.contains(" - fuse") && Path::new(&point).starts_with(&dir)
+    })
+}
+
 /// Waits until `log()` holds `needle` `count` times (or panics with the log).
 pub fn wait_for_log(log: impl Fn() -> String, needle: &str, count: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
