@@ -91,7 +91,15 @@ impl Node {
     /// Runs `script` in a container of the image (its stdout), or its error.
     fn run(&self, id: &str, script: &str) -> Result<String, String> {
         self.containerd.try_ctr(&[
-            "run", "--rm", "--snapshotter", "streamsnap", &self.reference, id, "/bin/sh", "-c", script,
+            "run",
+            "--rm",
+            "--snapshotter",
+            "streamsnap",
+            &self.reference,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
         ])
     }
 
@@ -351,7 +359,10 @@ fn after_a_reboot_with_the_registry_down_cached_files_read_and_uncached_ones_fai
             .is_ok()
     });
     let listing = node.run("list", "ls /models").unwrap();
-    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["a.bin", "b.bin", "c.bin"]);
+    assert_eq!(
+        listing.split_whitespace().collect::<Vec<_>>(),
+        ["a.bin", "b.bin", "c.bin"]
+    );
     // Cached before the reboot: read from the node alone.
     let a = node.run("cached", "sha256sum /models/a.bin").unwrap();
     assert!(a.starts_with(&node.expected[0].1), "{a}");
@@ -364,5 +375,8 @@ fn after_a_reboot_with_the_registry_down_cached_files_read_and_uncached_ones_fai
     assert!(waited < Duration::from_secs(30), "{waited:?}");
     let log = node.serve_log();
     assert!(log.contains("read failed, answering EIO"), "{log}");
-    assert!(!log.contains("asking the registry"), "every layer came from its record: {log}");
+    assert!(
+        !log.contains("asking the registry"),
+        "every layer came from its record: {log}"
+    );
 }
