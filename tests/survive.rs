@@ -291,7 +291,7 @@ fn reads_go_on_across_sigterm_and_the_start_of_a_different_binary() {
     let other = node.work.path().join("bin/streamsnap-next");
     std::fs::create_dir_all(other.parent().unwrap()).unwrap();
     std::fs::copy(common::streamsnap::binary(), &other).unwrap();
-    let stalls = survive(&node, 4, |node, cycle| {
+    let stalls = survive(&node, 10, |node, cycle| {
         node.stop_for_upgrade();
         let bin = if cycle % 2 == 0 {
             other.clone()
