@@ -403,12 +403,10 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(args.config.as_deref())?;
     args.apply(&mut cfg);
-    streamsnap::daemon::serve(cfg, async {
-        if let Err(e) = wait_for_signal().await {
-            tracing::error!(error = %e, "signal handling failed");
-        }
-    })
-    .await
+    // Installed before the socket exists: a SIGTERM the moment it appears must
+    // stop the daemon cleanly, not kill it by the default action.
+    let signals = Signals::install()?;
+    streamsnap::daemon::serve(cfg, signals.wait()).await
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
@@ -433,6 +431,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
 
 /// `streamsnap mount`: the node built from the flags, as `serve` builds it from its config.
 async fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let signals = Signals::install()?;
     let cfg = args.config();
     let owner = node::StateLock::acquire(&cfg.root)?;
     let registry = Arc::new(node::registry(&cfg, args.plain_http)?);
@@ -443,7 +442,7 @@ async fn mount(args: MountArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("mounting {image}"))?;
     println!("mounted {image} at {}", mountpoint.display());
-    wait_for_signal().await?;
+    signals.wait().await;
     info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
     drop(mounted);
     Ok(())
@@ -551,15 +550,27 @@ fn registry_client(plain_http: bool) -> anyhow::Result<Registry> {
     node::registry(&Config::default(), plain_http)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment `install` returns.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 #[cfg(test)]
