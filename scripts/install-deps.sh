@@ -6,7 +6,8 @@ packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 
           golang-go golang-github-containerd-containerd-dev busybox-static tar g++ apache2-utils python3-pip)
 # The start-up benchmark also builds a Debian userland, shapes a link and plots.
 if [ "${1:-}" = "--bench" ]; then
-  packages+=(debootstrap gnuplot-nox iputils-ping)
+  # The stargz baseline: its daemon built from Debian's packaged sources (benches/startup/build-stargz.sh).
+  packages+=(debootstrap gnuplot-nox iputils-ping golang-go golang-github-containerd-stargz-snapshotter-dev)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,6 @@
 //! Start-up benchmark: how soon a fresh node's model server is `ready` and
-//! `serving`, overlayfs full pull vs streamsnap lazy pull vs the raw transfer,
-//! side by side in one run. Run as root: `bash benches/startup/run.sh [OPTIONS]`.
+//! `serving`, overlayfs full pull (containerd 1.6 and 2.1) vs streamsnap lazy
+//! pull vs the stargz snapshotter vs the raw transfer, side by side in one run. Run as root: `bash benches/startup/run.sh [OPTIONS]`.
 //!
 //! Options: --rate MBIT (default 1000) --rtt MS (default 2) --unshaped (registry
 //! on loopback, no shaping) --runs N (default 3) --weights-mib N (default 2048)
@@ -12,6 +12,7 @@ mod image;
 mod net;
 mod report;
 mod scenario;
+mod stargz;
 
 use common::{push_all, Format, Registry, RegistryOpts};
 use scenario::{Scenario, Target};
@@ -114,6 +115,8 @@ fn main() {
     let mut layer_bytes = BTreeMap::new();
     layer_bytes.insert(Scenario::Curl, registry.layers(&gzip_ref).0);
     layer_bytes.insert(Scenario::Overlay, registry.layers(&gzip_ref).0);
+    layer_bytes.insert(Scenario::Overlay21, registry.layers(&gzip_ref).0);
+    layer_bytes.insert(Scenario::Stargz, registry.layers(&estargz_ref).0);
     layer_bytes.insert(Scenario::Streamsnap, registry.layers(&estargz_ref).0);
     layer_bytes.insert(Scenario::GzipIndex, registry.layers(&gzip_ref).0);
     layer_bytes.insert(Scenario::Profile, registry.layers(&estargz_ref).0);
@@ -133,7 +136,9 @@ fn main() {
     let order = [
         Scenario::Curl,
         Scenario::Overlay,
+        Scenario::Overlay21,
         Scenario::Streamsnap,
+        Scenario::Stargz,
         Scenario::GzipIndex,
         Scenario::Profile,
     ];
@@ -169,7 +174,7 @@ fn main() {
         layer_bytes[&Scenario::Streamsnap],
         report::table(&results, &layer_bytes),
         report::ratios(&results) + &report::profile(&results, startup_bytes),
-        report::warm(&results),
+        report::warm(&results) + &report::memory(&results),
         png.display()
     );
     std::fs::write(o.out.join(format!("startup-{label}.md")), &md).unwrap();

@@ -11,4 +11,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 bash scripts/install-deps.sh --bench
 export PATH="$HOME/.cargo/bin:$PATH"
+STREAMSNAP_STARGZ_BIN="$(bash benches/startup/build-stargz.sh)"
+export STREAMSNAP_STARGZ_BIN
 cargo bench --bench startup -- "$@"

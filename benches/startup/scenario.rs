@@ -1,7 +1,9 @@
 //! One timed run of each way to start the server: containerd's overlayfs full
-//! pull, streamsnap's lazy pull, and the raw transfer of every layer blob.
-use crate::common::{run, umount_all_under, Containerd, ContainerdOpts, Registry, ServeProcess};
+//! pull (1.6, and 2.1 at its fastest), streamsnap's lazy pull, the stargz
+//! snapshotter's, and the raw transfer of every layer blob.
+use crate::common::{run, umount_all_under, Containerd, ContainerdOpts, Registry, Release, ServeProcess};
 use crate::net::Link;
+use crate::stargz::{peak_rss, Stargz};
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -10,9 +12,11 @@ use std::time::{Duration, Instant};
 pub enum Scenario {
     Curl,
     Overlay,
+    Overlay21,
     Streamsnap,
     GzipIndex,
     Profile,
+    Stargz,
 }
 
 impl Scenario {
@@ -21,19 +25,23 @@ impl Scenario {
         match self {
             Scenario::Curl => "curl (floor)",
             Scenario::Overlay => "overlayfs",
+            Scenario::Overlay21 => "overlayfs, 2.1",
             Scenario::Streamsnap => "eStargz",
             Scenario::GzipIndex => "gzip + index",
             Scenario::Profile => "eStargz + profile",
+            Scenario::Stargz => "stargz snapshotter",
         }
     }
 
     pub fn label(self) -> &'static str {
         match self {
             Scenario::Curl => "raw curl of all layer blobs",
-            Scenario::Overlay => "overlayfs full pull (gzip)",
+            Scenario::Overlay => "overlayfs full pull (gzip), containerd 1.6",
+            Scenario::Overlay21 => "overlayfs full pull (gzip), containerd 2.1, parallel ranges",
             Scenario::Streamsnap => "streamsnap lazy pull (eStargz)",
             Scenario::GzipIndex => "streamsnap lazy pull (unmodified gzip + index)",
             Scenario::Profile => "streamsnap lazy pull (eStargz) + start-up profile",
+            Scenario::Stargz => "stargz snapshotter lazy pull (eStargz)",
         }
     }
 }
@@ -47,6 +55,8 @@ pub struct Sample {
     pub bytes_total: u64,
     /// (bytes, seconds) of a warm read of one weight file, page caches dropped first.
     pub warm_read: Option<(u64, f64)>,
+    /// Peak resident memory of the snapshotter daemon (lazy pulls only).
+    pub peak_rss: Option<u64>,
 }
 
 /// The registry and what the runs pull from it.
@@ -58,7 +68,9 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Received bytes: on the wire when shaped, else blob bytes the registry logged.
+    /// Received bytes: on the wire when shaped (IP packets: about 3% over the bodies), else blob
+    /// bytes the registry logged. Not the registry's count on a shaped link: its relay reads
+    /// ahead, so a request the client drops (containerd 2.1's parallel ranges do) counts in full.
     fn counter(&self) -> impl Fn() -> u64 + '_ {
         let mark = self.registry.mark();
         let rx0 = self.link.map(|l| l.rx_bytes()).unwrap_or(0);
@@ -76,7 +88,9 @@ pub fn drop_caches() {
 pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
     match s {
         Scenario::Curl => curl(t),
-        Scenario::Overlay => overlay(t, id, warm),
+        Scenario::Overlay => overlay(t, id, warm, Release::System1_6),
+        Scenario::Overlay21 => overlay(t, id, warm, Release::V2_1),
+        Scenario::Stargz => stargz(t, id, warm),
         Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, COLD),
         Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, COLD),
         // The profile recorded by `record_profile` is found next to the image and replayed.
@@ -95,7 +109,7 @@ fn curl(t: &Target) -> Sample {
             .arg(format!("http://{}/v2/{repo}/blobs/{d}", t.registry.addr()));
     }
     drop_caches();
-    let mark = t.registry.mark();
+    let bytes = t.counter();
     let t0 = Instant::now();
     run(&mut cmd);
     let serving = t0.elapsed();
@@ -103,15 +117,19 @@ fn curl(t: &Target) -> Sample {
         ready: None,
         serving,
         bytes_before_ready: None,
-        bytes_total: t.registry.bytes_served_since(mark),
+        bytes_total: bytes(),
         warm_read: None,
+        peak_rss: None,
     }
 }
 
-fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
-    let ctd = Containerd::start(ContainerdOpts::default());
+fn overlay(t: &Target, id: usize, warm: bool, release: Release) -> Sample {
+    let ctd = Containerd::start(ContainerdOpts {
+        release,
+        parallel_pull: release == Release::V2_1,
+        ..Default::default()
+    });
     drop_caches();
-    let mark = t.registry.mark();
     let bytes = t.counter();
     let t0 = Instant::now();
     ctd.ctr(&["images", "pull", "--plain-http", &t.gzip_ref]);
@@ -121,8 +139,9 @@ fn overlay(t: &Target, id: usize, warm: bool) -> Sample {
         ready: Some(ready),
         serving,
         bytes_before_ready: Some(before),
-        bytes_total: t.registry.bytes_served_since(mark),
+        bytes_total: bytes(),
         warm_read,
+        peak_rss: None,
     }
 }
 
@@ -142,7 +161,6 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         ..Default::default()
     });
     drop_caches();
-    let mark = t.registry.mark();
     let bytes = t.counter();
     let t0 = Instant::now();
     let snap = ["--snapshotter", "streamsnap"];
@@ -161,7 +179,8 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         );
         r
     });
-    let total = t.registry.bytes_served_since(mark);
+    let total = bytes();
+    let peak_rss = peak_rss(serve.pid());
     drop(ctd);
     drop(serve);
     umount_all_under(root.path());
@@ -171,6 +190,41 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         bytes_before_ready: Some(before),
         bytes_total: total,
         warm_read,
+        peak_rss,
+    }
+}
+
+/// A fresh stargz snapshotter and containerd 1.6; `ctr-remote images rpull` of the same eStargz
+/// image, run.
+fn stargz(t: &Target, id: usize, warm: bool) -> Sample {
+    let daemon = Stargz::start(&t.registry.addr());
+    let ctd = Containerd::start(ContainerdOpts {
+        proxy_snapshotters: vec![("stargz".into(), daemon.socket.clone())],
+        ..Default::default()
+    });
+    drop_caches();
+    let bytes = t.counter();
+    let t0 = Instant::now();
+    let snap = ["--snapshotter", "stargz"];
+    let image = &t.estargz_ref;
+    ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
+    let name = format!("stargz-{id}");
+    let (ready, serving, before) = watch(&ctd, &snap, image, &name, t0, &bytes);
+    let warm_read = warm.then(|| {
+        settle(&daemon.state());
+        warm_read(&ctd, &snap, image, &name)
+    });
+    let total = bytes();
+    let peak_rss = peak_rss(daemon.pid());
+    drop(ctd);
+    drop(daemon);
+    Sample {
+        ready: Some(ready),
+        serving,
+        bytes_before_ready: Some(before),
+        bytes_total: total,
+        warm_read,
+        peak_rss,
     }
 }
 
@@ -320,18 +374,31 @@ fn settle(cache: &std::path::Path) {
     );
 }
 
-/// Reads the first weight file in a second container after dropping page caches.
+/// Warm reads of one weight file, each in a new container after dropping page caches.
+const WARM_READS: usize = 5;
+
+/// Reads the first weight file `WARM_READS` times, each in a new container after dropping page
+/// caches; returns the bytes and the median time (one sample varies too much on shared machines).
 fn warm_read(ctd: &Containerd, snap: &[&str], image: &str, id: &str) -> (u64, f64) {
-    drop_caches();
-    let name = format!("warm-{id}");
-    let args = [
-        &["run", "--rm"][..],
-        snap,
-        &[image, &name, "python3", "/app/read.py", "/models/weights-0.bin"],
-    ]
-    .concat();
-    let out = ctd.ctr(&args);
-    let mut it = out.split_whitespace();
-    let parsed = (|| Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?)))();
-    parsed.unwrap_or_else(|| panic!("warm read printed {out:?}"))
+    let mut bytes = 0;
+    let mut times = Vec::new();
+    for i in 0..WARM_READS {
+        drop_caches();
+        let name = format!("warm-{id}-{i}");
+        let args = [
+            &["run", "--rm"][..],
+            snap,
+            &[image, &name, "python3", "/app/read.py", "/models/weights-0.bin"],
+        ]
+        .concat();
+        let out = ctd.ctr(&args);
+        let mut it = out.split_whitespace();
+        let parsed: Option<(u64, f64)> = (|| Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?)))();
+        let (b, secs) = parsed.unwrap_or_else(|| panic!("warm read printed {out:?}"));
+        bytes = b;
+        times.push(secs);
+    }
+    eprintln!("[bench] {id}: warm reads of {bytes} bytes took {times:?} s");
+    let (median, _, _) = crate::report::spread(times).expect("warm reads");
+    (bytes, median)
 }

@@ -42,7 +42,7 @@ pub fn start(opts: ContainerdOpts) -> Containerd {
         .prefix("containerd2-")
         .tempdir()
         .expect("tempdir");
-    let cfg = config(dir.path(), &opts);
+    let cfg = config(dir.path(), &opts) + &super::containerd::proxy_plugins(&opts.proxy_snapshotters);
     Containerd::spawn(dir, &cfg, Some(bin), opts.namespace)
 }
 
@@ -77,6 +77,10 @@ fn config(d: &std::path::Path, opts: &ContainerdOpts) -> String {
         lvl = opts.log_level,
         disabled = disabled.join(", "),
     );
+    if opts.parallel_pull {
+        // 2.1's fastest pull: several layers at once, each fetched as parallel 8 MiB ranges.
+        cfg += "  max_concurrent_downloads = 8\n  concurrent_layer_fetch_buffer = 8388608\n";
+    }
     if let Some(s) = &opts.streamsnap_socket {
         cfg += &format!(
             "[proxy_plugins.streamsnap]\n  type = 'snapshot'\n  address = '{}'\n  \
