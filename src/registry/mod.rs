@@ -14,6 +14,8 @@ mod endpoints;
 pub mod hosts;
 mod manifest;
 mod mirror;
+#[cfg(test)]
+mod mirror_tests;
 pub mod policy;
 mod push;
 mod range;

@@ -140,6 +140,12 @@ impl Registry {
         panic!("could not start docker-registry (port races?): {last_err}");
     }
 
+    /// SIGKILLs the registry now (a mirror dying mid-transfer); its log stays readable.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// "HOST:PORT", the host part of image references pushed here.
     pub fn addr(&self) -> String {
         self.addr.clone()

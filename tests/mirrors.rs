@@ -1,0 +1,176 @@
+//! Mirrors from containerd's `hosts.toml` (`--registry-config-path`), with
+//! real docker-registry instances as origin and mirror and `streamsnap
+//! mount` reading through FUSE: a mirror that dies mid-read and a mirror
+//! without the blob both leave the read to the origin, with the right bytes.
+mod common;
+use common::raw::sha256;
+use common::*;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+/// `<root>/<host>_<port>_/hosts.toml` naming `mirror` (pull and resolve)
+/// before `origin` (as `server`, or implied when `server` is false).
+fn hosts_dir(root: &Path, origin: &str, mirror: &str, server: bool) -> PathBuf {
+    let dir = root.join(format!("{}_", origin.replace(':', "_")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = match server {
+        true => format!("server = \"http://{origin}\"\n\n"),
+        false => String::new(),
+    };
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!("{server}[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    root.to_path_buf()
+}
+
+/// Copies an image between registries byte for byte (same manifest digest).
+fn copy_image(from: &str, to: &str) {
+    common::run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{from}"),
+        &format!("docker://{to}"),
+    ]));
+}
+
+#[test]
+fn a_mirror_killed_while_a_large_file_is_read_leaves_the_rest_to_the_origin() {
+    require_root();
+    let origin = Registry::start();
+    let mut mirror = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let big = build_big_layer_image(&work.path().join("image"), 64);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    copy_image(&reference, &reference.replacen(&origin.addr(), &mirror.addr(), 1));
+    let (_, layers) = origin.layers(&reference);
+    let layer = &layers[0];
+    let config = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &mirror.addr(), true);
+    let (origin_mark, mirror_mark) = (origin.mark(), mirror.mark());
+
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--registry-config-path", config.to_str().unwrap()],
+    );
+    assert_eq!(
+        origin.bytes_served_for_blob_since(layer, origin_mark),
+        0,
+        "the mount's footer and TOC came from the mirror"
+    );
+
+    // One thread reads the whole file; the mirror is killed once 4 MiB are read
+    // (with read-ahead, larger requests to it are then in flight).
+    let read = Arc::new(AtomicU64::new(0));
+    let path = mount.mountpoint.join(&big.big_path);
+    let reader = {
+        let read = Arc::clone(&read);
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::open(&path).unwrap();
+            let mut all = Vec::with_capacity(64 << 20);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+                if n == 0 {
+                    return all;
+                }
+                all.extend_from_slice(&buf[..n]);
+                read.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until(Duration::from_secs(120), "4 MiB read through the mirror", || {
+        read.load(Ordering::Relaxed) >= 4 * MIB
+    });
+    let at_kill = read.load(Ordering::Relaxed);
+    mirror.kill();
+    let content = reader.join().expect("the read completes");
+    assert_eq!(content.len() as u64, big.big_size);
+    assert_eq!(
+        sha256(&content),
+        sha256(&common::fsutil::random_bytes(big.big_size as usize, 42)),
+        "bytes of {}",
+        big.big_path
+    );
+
+    let from_mirror = mirror.bytes_served_for_blob_since(layer, mirror_mark);
+    let from_origin = origin.bytes_served_for_blob_since(layer, origin_mark);
+    let log = mount.log();
+    eprintln!(
+        "mirror killed after {} MiB read: mirror served {from_mirror} layer bytes (completed responses), origin {from_origin}",
+        at_kill / MIB
+    );
+    let mid_body = log
+        .lines()
+        .filter(|l| l.contains("range read failed") && l.contains(&mirror.addr()))
+        .count();
+    eprintln!("range reads the kill cut off mid-body: {mid_body}");
+    assert!(from_mirror >= 4 * MIB, "the mirror served the start: {from_mirror}");
+    assert!(from_origin > 0, "the origin served the rest");
+    assert!(
+        from_mirror + from_origin >= big.big_size,
+        "mirror {from_mirror} + origin {from_origin} cover the file"
+    );
+    assert!(
+        log.contains("falling over") && log.contains(&mirror.addr()),
+        "a log line names the failed mirror:\n{}",
+        tail(&log, 40)
+    );
+    mount.stop();
+}
+
+#[test]
+fn a_mirror_without_the_blob_leaves_it_to_the_origin_lazily() {
+    require_root();
+    let origin = Registry::start();
+    let mirror = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let big = build_big_layer_image(&work.path().join("image"), 16);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    let (size, layers) = origin.layers(&reference);
+    let layer = &layers[0];
+    let config = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &mirror.addr(), false);
+    let mark = origin.mark();
+
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--registry-config-path", config.to_str().unwrap()],
+    );
+    for (path, content) in big.before.iter().chain(&big.after) {
+        let got = std::fs::read(mount.mountpoint.join(path)).unwrap();
+        assert_eq!(&got, content, "{path}");
+    }
+    let from_origin = origin.bytes_served_for_blob_since(layer, mark);
+    let misses: Vec<BlobRequest> = mirror
+        .blob_requests()
+        .into_iter()
+        .filter(|r| &r.digest == layer)
+        .collect();
+    eprintln!(
+        "layer {size} bytes: origin served {from_origin}; mirror answered {} blob requests with {:?}",
+        misses.len(),
+        misses.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(
+        !misses.is_empty() && misses.iter().all(|r| r.status == 404),
+        "{misses:?}"
+    );
+    assert!(from_origin > 0, "the origin served the blob");
+    assert!(from_origin < size / 4, "lazily: {from_origin} of {size} bytes");
+    mount.stop();
+}
