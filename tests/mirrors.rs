@@ -174,3 +174,130 @@ fn a_mirror_without_the_blob_leaves_it_to_the_origin_lazily() {
     assert!(from_origin < size / 4, "lazily: {from_origin} of {size} bytes");
     mount.stop();
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    common::run(Command::new("openssl").args(["req", "-x509"]).args(ec).args([
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=streamsnap test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]));
+    common::run(Command::new("openssl").args(["req"]).args(ec).args([
+        "-keyout",
+        &p("mirror.key"),
+        "-out",
+        &p("mirror.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]));
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    common::run(Command::new("openssl").args([
+        "x509",
+        "-req",
+        "-in",
+        &p("mirror.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("mirror.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("ext"),
+    ]));
+    (dir.join("ca.pem"), dir.join("mirror.pem"), dir.join("mirror.key"))
+}
+
+#[test]
+fn a_tls_mirror_is_used_with_its_ca_or_skip_verify_and_passed_over_without() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("storage");
+    let origin = Registry::start_with(RegistryOpts {
+        storage: Some(storage.clone()),
+        ..Default::default()
+    });
+    let big = build_big_layer_image(&work.path().join("image"), 2);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    let (_, layers) = origin.layers(&reference);
+    let layer = &layers[0];
+    let (ca, cert, key) = certificates(&work.path().join("pki"));
+    // The same storage over HTTPS: a mirror holding a copy.
+    let mirror = Registry::start_with(RegistryOpts {
+        storage: Some(storage),
+        tls: Some((cert, key)),
+        ..Default::default()
+    });
+    // `ca` relative to the hosts.toml's directory, as containerd reads it.
+    let cases = [
+        ("ca", "ca = \"mirror-ca.pem\"\n", true),
+        ("skip_verify", "skip_verify = true\n", true),
+        ("nothing", "", false),
+    ];
+    for (name, tls, via_mirror) in cases {
+        let root = work.path().join(format!("certs-{name}"));
+        let dir = root.join(format!("{}_", origin.addr().replace(':', "_")));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&ca, dir.join("mirror-ca.pem")).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "[host.\"https://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n{tls}",
+                mirror.addr()
+            ),
+        )
+        .unwrap();
+        let (origin_mark, mirror_mark) = (origin.mark(), mirror.mark());
+        let mount = MountProcess::start(
+            &reference,
+            &work.path().join(format!("state-{name}")),
+            &work.path().join(format!("mnt-{name}")),
+            &["--registry-config-path", root.to_str().unwrap()],
+        );
+        for (path, content) in big.before.iter().chain(&big.after) {
+            assert_eq!(
+                &std::fs::read(mount.mountpoint.join(path)).unwrap(),
+                content,
+                "{name}: {path}"
+            );
+        }
+        let from_mirror = mirror.bytes_served_for_blob_since(layer, mirror_mark);
+        let from_origin = origin.bytes_served_for_blob_since(layer, origin_mark);
+        eprintln!("{name}: mirror served {from_mirror} layer bytes, origin {from_origin}");
+        match via_mirror {
+            true => assert!(
+                from_mirror > 0 && from_origin == 0,
+                "{name}: mirror {from_mirror}, origin {from_origin}"
+            ),
+            false => {
+                assert!(
+                    from_mirror == 0 && from_origin > 0,
+                    "{name}: mirror {from_mirror}, origin {from_origin}"
+                );
+                let log = mount.log();
+                assert!(log.contains("falling over"), "{name}: {}", tail(&log, 20));
+            }
+        }
+        mount.stop();
+    }
+}

@@ -21,6 +21,7 @@ mod push;
 mod range;
 mod reference;
 pub mod referrers;
+mod resolve;
 mod retry;
 #[cfg(test)]
 mod tests;
