@@ -221,3 +221,21 @@ fn a_directory_without_hosts_toml_gives_dockers_certificate_files() {
     std::fs::write(d.path().join("hosts.toml"), "server = \"https://s.test\"\n").unwrap();
     assert_eq!(load_dir(d.path()).unwrap()[0].url, url("https", "s.test", "/v2"));
 }
+
+#[test]
+fn the_files_spegel_and_dragonfly_write_are_read() {
+    // Spegel: literal strings, an empty [host] table first, a short dial timeout.
+    let h = parsed(
+        "server = 'https://registry-1.docker.io'\n\n[host]\n[host.'http://10.0.0.7:30020']\ncapabilities = ['pull', 'resolve']\ndial_timeout = '200ms'\n\n[host.'http://10.0.0.7:30021']\ncapabilities = ['pull', 'resolve']\ndial_timeout = '200ms'\n",
+    );
+    let hosts: Vec<_> = h.iter().map(|e| e.url.as_ref().unwrap().host.clone()).collect();
+    assert_eq!(hosts, ["10.0.0.7:30020", "10.0.0.7:30021", "registry-1.docker.io"]);
+    assert_eq!(h[1].tls.dial_timeout, Some(Duration::from_millis(200)));
+    // Dragonfly: the origin registry in a header for its peer proxy.
+    let h = parsed(
+        "server = \"https://docker.io\"\n\n[host.\"http://127.0.0.1:4001\"]\n  capabilities = [\"pull\", \"resolve\"]\n  [host.\"http://127.0.0.1:4001\".header]\n    X-Dragonfly-Registry = [\"https://registry-1.docker.io\"]\n  [host.\"https://registry-1.docker.io\"]\n    capabilities = [\"pull\", \"resolve\"]\n",
+    );
+    let hosts: Vec<_> = h.iter().map(|e| e.url.as_ref().unwrap().host.clone()).collect();
+    assert_eq!(hosts, ["127.0.0.1:4001", "registry-1.docker.io", "docker.io"]);
+    assert_eq!(h[0].header[0].0, "X-Dragonfly-Registry");
+}
