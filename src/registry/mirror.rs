@@ -120,13 +120,15 @@ impl Registry {
     {
         let list = self.endpoints_for(job.repo, job.caps)?;
         let last_url = list.last().expect("not empty").base(&job.repo.repository);
-        let (list, job, attempt) = (&list, &job, &attempt);
+        // Misses are per repository: a mirror may hold a blob or tag in one and not another.
+        let object = format!("{} {}", job.repo.repository, job.object);
+        let (list, job, attempt, object) = (&list, &job, &attempt, object.as_str());
         policy
             .run(job.op, &last_url, |_| async move {
                 let n = list.len();
                 for (i, ep) in list.iter().enumerate() {
                     let key = ep.key();
-                    if i + 1 < n && self.health.skipped(&key, job.object, Instant::now()) {
+                    if i + 1 < n && self.health.skipped(&key, object, Instant::now()) {
                         continue;
                     }
                     let failure = match attempt(Arc::clone(ep)).await {
@@ -140,7 +142,7 @@ impl Registry {
                     let wide = host_wide(&failure.error);
                     let fresh = self
                         .health
-                        .failed(&key, (!wide).then_some(job.object), Instant::now());
+                        .failed(&key, (!wide).then_some(object), Instant::now());
                     let next = list[i + 1].key();
                     if wide && fresh {
                         warn!(op = job.op, image = %job.repo, object = job.object, host = %key, next = %next,
