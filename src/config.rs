@@ -100,9 +100,9 @@ pub struct Registry {
     pub insecure: Vec<RegistryHost>,
     /// Platform whose manifest is used when an image is an index.
     pub platform: Platform,
-    /// containerd's registry host directory (its CRI `registry.config_path`):
-    /// `<dir>/<host>/hosts.toml` names mirrors tried before the registry.
-    /// Unset: registries are reached directly.
+    /// containerd's registry host directory (its CRI `registry.config_path`;
+    /// several separated by ':' are searched in order): `<dir>/<host>/hosts.toml`
+    /// names mirrors tried before the registry. Unset: registries are reached directly.
     pub config_path: Option<PathBuf>,
 }
 

@@ -153,7 +153,9 @@ impl Endpoints {
             return Stamp(None);
         };
         let times = |m: &std::fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ino());
-        for dir in hosts::host_dirs(root, registry) {
+        // Several roots separated by ':' (as containerd's CRI takes them): the first hit wins.
+        let dirs = std::env::split_paths(root).flat_map(|r| hosts::host_dirs(&r, registry));
+        for dir in dirs {
             if let Ok(m) = std::fs::metadata(&dir) {
                 let file = std::fs::metadata(dir.join("hosts.toml"))
                     .ok()
@@ -372,6 +374,18 @@ mod tests {
             keys(&e.list(&r, &ORIGIN)),
             vec!["https://m.test/v2", "https://other.test/v2"]
         );
+    }
+
+    #[test]
+    fn several_roots_are_searched_in_order() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let dir = b.path().join("r.test");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts.toml"), "server = \"https://b.test\"\n").unwrap();
+        let roots = std::env::join_paths([a.path(), b.path()]).unwrap();
+        let e = endpoints(Path::new(&roots));
+        let r: Reference = "r.test/a:1".parse().unwrap();
+        assert_eq!(keys(&e.list(&r, &ORIGIN)), vec!["https://b.test/v2"]);
     }
 
     #[test]
