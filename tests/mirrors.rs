@@ -301,3 +301,86 @@ fn a_tls_mirror_is_used_with_its_ca_or_skip_verify_and_passed_over_without() {
         mount.stop();
     }
 }
+
+/// FUSE mount points (the daemon's layer mounts) under `root`.
+fn fuse_mounts_under(root: &Path) -> Vec<PathBuf> {
+    let root = std::fs::canonicalize(root).unwrap();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = PathBuf::from(pre.split(' ').nth(4)?);
+            (post.starts_with("fuse") && point.starts_with(&root)).then_some(point)
+        })
+        .collect()
+}
+
+/// The value of `name{host="HOST"}` in a Prometheus exposition (0 when absent).
+fn metric(text: &str, name: &str, host: &str) -> u64 {
+    let key = format!("{name}{{host=\"{host}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn serve_takes_mirrors_from_its_config_file_and_counts_bytes_per_host() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("storage");
+    let origin = Registry::start_with(RegistryOpts {
+        storage: Some(storage.clone()),
+        ..Default::default()
+    });
+    let big = build_big_layer_image(&work.path().join("image"), 4);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    let (_, layers) = origin.layers(&reference);
+    // The same storage on another port: a mirror holding a copy.
+    let mirror = Registry::start_with(RegistryOpts {
+        storage: Some(storage),
+        ..Default::default()
+    });
+    let certs = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &mirror.addr(), false);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let config = work.path().join("streamsnap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_address = \"{metrics}\"\n[registry]\nconfig_path = \"{}\"\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let root = work.path().join("streamsnap");
+    let serve = ServeProcess::start_with(&root, &["--config", config.to_str().unwrap()]);
+    let containerd = Containerd::start(ContainerdOpts {
+        streamsnap_socket: Some(serve.socket.clone()),
+        ..Default::default()
+    });
+    let (origin_mark, mirror_mark) = (origin.mark(), mirror.mark());
+    containerd.rpull(&reference);
+    let (path, content) = &big.after[1];
+    let file = fuse_mounts_under(&root)
+        .iter()
+        .map(|m| m.join(path))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no layer mount holds {path}"));
+    assert_eq!(&std::fs::read(&file).unwrap(), content);
+    let from_mirror = mirror.layer_bytes_served_since(&layers, mirror_mark);
+    let from_origin = origin.layer_bytes_served_since(&layers, origin_mark);
+    let text = common::run(Command::new("curl").args(["-sSf", &format!("http://{metrics}/metrics")]));
+    let counted = metric(&text, "streamsnap_registry_endpoint_bytes_total", &mirror.addr());
+    eprintln!("layer bytes: mirror {from_mirror}, origin {from_origin}; metric for the mirror {counted}");
+    assert!(
+        from_mirror > 0 && from_origin == 0,
+        "mirror {from_mirror}, origin {from_origin}"
+    );
+    assert!(
+        counted >= from_mirror,
+        "the daemon counted {counted} bytes from the mirror:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "streamsnap_registry_endpoint_failures_total", &mirror.addr()),
+        0
+    );
+}
