@@ -384,3 +384,41 @@ fn serve_takes_mirrors_from_its_config_file_and_counts_bytes_per_host() {
         0
     );
 }
+
+#[test]
+fn a_mirror_serving_wrong_bytes_costs_a_request_to_the_origin_not_a_failed_read() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("storage");
+    let origin = Registry::start_with(RegistryOpts {
+        storage: Some(storage.clone()),
+        ..Default::default()
+    });
+    let big = build_big_layer_image(&work.path().join("image"), 2);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    let (_, layers) = origin.layers(&reference);
+    let mirror = Registry::start_with(RegistryOpts {
+        storage: Some(storage),
+        ..Default::default()
+    });
+    let lying = FaultProxy::start(&mirror.addr());
+    let certs = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &lying.addr(), false);
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--registry-config-path", certs.to_str().unwrap()],
+    );
+    // From now on every blob body from the mirror has one byte flipped.
+    lying.set("/blobs/", Fault::FlipByte);
+    let mark = origin.mark();
+    for (path, content) in big.before.iter().chain(&big.after) {
+        assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content, "{path}");
+    }
+    let from_origin = origin.layer_bytes_served_since(&layers, mark);
+    let log = mount.log();
+    eprintln!("the origin served {from_origin} layer bytes after the mirror's bytes failed verification");
+    assert!(from_origin > 0, "the second try went to the origin");
+    assert!(log.contains("failed verification"), "{}", tail(&log, 20));
+    mount.stop();
+}
