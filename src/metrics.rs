@@ -271,4 +271,21 @@ mod tests {
         );
         assert!(text.contains("streamsnap_fuse_read_seconds_count 1"), "{text}");
     }
+
+    #[test]
+    fn the_registry_clients_counters_are_exported_per_host() {
+        let m = Metrics::new();
+        let counters = m.endpoints();
+        counters.served("127.0.0.1:30020", 4096);
+        counters.failure("mirror.test");
+        let text = m.encode();
+        assert!(
+            text.contains("streamsnap_registry_endpoint_bytes_total{host=\"127.0.0.1:30020\"} 4096"),
+            "{text}"
+        );
+        assert!(
+            text.contains("streamsnap_registry_endpoint_failures_total{host=\"mirror.test\"} 1"),
+            "{text}"
+        );
+    }
 }
