@@ -214,7 +214,8 @@ impl Endpoints {
             }
         }
         let is_origin = host == registry || (registry == DOCKER_HUB && host == DOCKER_HUB_API);
-        let auth_host = if host == DOCKER_HUB_API {
+        // Docker Hub's credentials are kept under docker.io whichever of its API hosts is named.
+        let auth_host = if host == DOCKER_HUB_API || host == "index.docker.io" {
             DOCKER_HUB.to_string()
         } else {
             host.clone()
