@@ -422,3 +422,45 @@ fn a_mirror_serving_wrong_bytes_costs_a_request_to_the_origin_not_a_failed_read(
     assert!(log.contains("failed verification"), "{}", tail(&log, 20));
     mount.stop();
 }
+
+#[test]
+fn a_mirror_added_while_mounted_serves_the_next_read() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let storage = work.path().join("storage");
+    let origin = Registry::start_with(RegistryOpts {
+        storage: Some(storage.clone()),
+        ..Default::default()
+    });
+    let big = build_big_layer_image(&work.path().join("image"), 2);
+    let reference = push(&big.image, &origin, Format::Estargz);
+    let (_, layers) = origin.layers(&reference);
+    let mirror = Registry::start_with(RegistryOpts {
+        storage: Some(storage),
+        ..Default::default()
+    });
+    let certs = work.path().join("certs.d");
+    std::fs::create_dir_all(&certs).unwrap();
+    let mount = MountProcess::start(
+        &reference,
+        &work.path().join("state"),
+        &work.path().join("mnt"),
+        &["--registry-config-path", certs.to_str().unwrap()],
+    );
+    let (path, content) = &big.before[1];
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
+    assert_eq!(mirror.layer_bytes_served_since(&layers, 0), 0, "no hosts.toml yet");
+
+    hosts_dir(&certs, &origin.addr(), &mirror.addr(), false);
+    let (origin_mark, mirror_mark) = (origin.mark(), mirror.mark());
+    let (path, content) = &big.after[1];
+    assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
+    let from_mirror = mirror.layer_bytes_served_since(&layers, mirror_mark);
+    let from_origin = origin.layer_bytes_served_since(&layers, origin_mark);
+    eprintln!("after hosts.toml appeared: mirror {from_mirror} layer bytes, origin {from_origin}");
+    assert!(
+        from_mirror > 0 && from_origin == 0,
+        "mirror {from_mirror}, origin {from_origin}"
+    );
+    mount.stop();
+}
