@@ -120,6 +120,13 @@ struct ServeArgs {
     no_profile_replay: bool,
     #[command(flatten)]
     credentials: CredentialArgs,
+    /// Serve CRI's ImageService on this socket, in front of containerd's (kubelet's
+    /// --image-service-endpoint), so that pull secrets reach lazily served layers.
+    #[arg(long)]
+    cri_proxy_address: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy passes every call (default /run/containerd/containerd.sock).
+    #[arg(long)]
+    cri_containerd_address: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -144,6 +151,12 @@ impl ServeArgs {
             cfg.profile.quiet = q;
         }
         self.credentials.apply(&mut cfg.credentials);
+        if self.cri_proxy_address.is_some() {
+            cfg.cri.proxy_address = self.cri_proxy_address;
+        }
+        if let Some(a) = self.cri_containerd_address {
+            cfg.cri.containerd_address = a;
+        }
     }
 }
 

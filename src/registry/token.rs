@@ -24,10 +24,9 @@ impl Registry {
         op: &'static str,
         repo: &Reference,
     ) -> Result<Option<Credential>, RegistryError> {
-        let image = format!("{}/{}", repo.registry, repo.repository);
         self.opts
             .credentials
-            .lookup(&repo.registry, &image)
+            .lookup(&repo.key())
             .await
             .map_err(|source| RegistryError::Credentials {
                 op,
@@ -92,7 +91,8 @@ impl Registry {
                 .get(realm_url.clone())
                 .query(&query)
                 .basic_auth(username, Some(password)),
-            None => self.http.get(realm_url.clone()).query(&query),
+            // Handed over as the bearer token itself (see `Registry::send`); never sent to a realm.
+            Some(Secret::RegistryToken(_)) | None => self.http.get(realm_url.clone()).query(&query),
         };
         let credential_used = credential.is_some();
         let with = credential.map_or_else(
