@@ -572,7 +572,10 @@ mod tests {
         assert_eq!(Config::default().cri.proxy_address, None);
         let c = load("[cri]\nproxy_address = \"/run/s/cri.sock\"\n").unwrap();
         assert_eq!(c.cri.proxy_address, Some(PathBuf::from("/run/s/cri.sock")));
-        assert_eq!(c.cri.containerd_address, PathBuf::from("/run/containerd/containerd.sock"));
+        assert_eq!(
+            c.cri.containerd_address,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
     }
 
     #[test]

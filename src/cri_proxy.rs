@@ -44,12 +44,11 @@ impl CriProxy {
     pub fn new(containerd_address: &Path, auths: Arc<PullAuths>, after_pull: Arc<dyn Fn() + Send + Sync>) -> Self {
         let path = containerd_address.to_path_buf();
         // The URI is a placeholder: the connector always dials the unix socket.
-        let containerd = Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(tower::service_fn(
-            move |_: Uri| {
+        let containerd =
+            Endpoint::from_static("http://[::]:0").connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            },
-        ));
+            }));
         Self {
             containerd,
             containerd_address: containerd_address.to_path_buf(),
@@ -118,7 +117,9 @@ impl CriProxy {
             Err(e) => return status(tonic::Status::cancelled(format!("reading the PullImage request: {e}"))),
         };
         let pulling = self.begin(&body);
-        let resp = self.forward(Request::from_parts(parts, Body::new(Full::new(body)))).await;
+        let resp = self
+            .forward(Request::from_parts(parts, Body::new(Full::new(body))))
+            .await;
         let Some((pulling, image)) = pulling else {
             return resp;
         };
@@ -220,7 +221,9 @@ fn secret(auth: &AuthConfig, registry: &str) -> Option<Secret> {
         return Some(Secret::IdentityToken(auth.identity_token.clone()));
     }
     if !auth.auth.is_empty() {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(auth.auth.trim()).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.auth.trim())
+            .ok()?;
         let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
         return Some(Secret::Basic {
             username: user.to_string(),
@@ -275,7 +278,9 @@ mod tests {
             identity_token: "id".into(),
             ..auth()
         };
-        assert!(matches!(secret(&a, "r.test"), Some(Secret::Basic { username, password }) if username == "alice" && password == "pw"));
+        assert!(
+            matches!(secret(&a, "r.test"), Some(Secret::Basic { username, password }) if username == "alice" && password == "pw")
+        );
         let a = AuthConfig {
             auth: "YWxpY2U6czNjcmV0".into(),
             ..auth()

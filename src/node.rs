@@ -58,7 +58,11 @@ pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
 }
 
 /// [`registry`], asking `pull_auths` (the CRI pulls' own auth, `serve`) before every other source.
-pub fn registry_with(config: &Config, plain_http: bool, pull_auths: Option<Arc<PullAuths>>) -> anyhow::Result<Registry> {
+pub fn registry_with(
+    config: &Config,
+    plain_http: bool,
+    pull_auths: Option<Arc<PullAuths>>,
+) -> anyhow::Result<Registry> {
     let (cfg, fetch) = (&config.registry, &config.fetch);
     anyhow::ensure!(
         !fetch.read_deadline.0.is_zero() && !fetch.stall_timeout.0.is_zero(),

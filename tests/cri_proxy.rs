@@ -93,6 +93,10 @@ fn start_serve(work: &Path) -> ServeProcess {
 }
 
 fn start() -> Env {
+    start_on(Release::V2_1)
+}
+
+fn start_on(release: Release) -> Env {
     require_root();
     let work = tempfile::tempdir().unwrap();
     let storage = work.path().join("storage");
@@ -113,7 +117,7 @@ fn start() -> Env {
     let reference = open_reference.replacen(&open.addr(), &private.addr(), 1);
     let serve = start_serve(work.path());
     let containerd = Containerd::start(ContainerdOpts {
-        release: Release::V2_1,
+        release,
         streamsnap_socket: Some(serve.socket.clone()),
         enable_cri: true,
         sandbox_image: Some(pause),
@@ -164,7 +168,16 @@ fn run_in_pod(env: &Env, cri: &Cri, pod: &str, name: &str, image_id: &str, scrip
 
 #[test]
 fn a_pull_with_auth_through_the_proxy_is_lazy_and_its_pod_container_reads_the_weights() {
-    let env = start();
+    pull_with_auth_is_lazy_and_a_pod_container_reads_the_weights(Release::V2_1);
+}
+
+#[test]
+fn on_containerd_1_6_too_a_pull_with_auth_through_the_proxy_is_lazy_and_its_container_reads_the_weights() {
+    pull_with_auth_is_lazy_and_a_pod_container_reads_the_weights(Release::System1_6);
+}
+
+fn pull_with_auth_is_lazy_and_a_pod_container_reads_the_weights(release: Release) {
+    let env = start_on(release);
     let cri = env.cri();
     let mark = env.private.mark();
     let image_id = cri
@@ -180,7 +193,14 @@ fn a_pull_with_auth_through_the_proxy_is_lazy_and_its_pod_container_reads_the_we
     let logs = env.work.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let pod = cri.run_pod(&sandbox_config(&logs));
-    let out = run_in_pod(&env, &cri, &pod.id, "reader", &image_id, "sha256sum /models/weights.bin");
+    let out = run_in_pod(
+        &env,
+        &cri,
+        &pod.id,
+        "reader",
+        &image_id,
+        "sha256sum /models/weights.bin",
+    );
     assert_eq!(
         out.split_whitespace().next(),
         Some(weights_sha256(env.work.path()).as_str()),
@@ -205,6 +225,10 @@ fn after_a_restart_the_kept_pull_secret_lets_a_new_container_read_bytes_not_fetc
 
     // A crash: the next daemon on the same root has only what the first one kept on disk.
     env.serve.take().unwrap().kill();
+    // Their files stay behind; the next daemon binds them anew.
+    for socket in ["streamsnap/streamsnap.sock", "cri.sock"] {
+        std::fs::remove_file(env.work.path().join(socket)).unwrap();
+    }
     env.serve = Some(start_serve(env.work.path()));
     let out = run_in_pod(
         &env,
@@ -223,7 +247,10 @@ fn after_a_restart_the_kept_pull_secret_lets_a_new_container_read_bytes_not_fetc
     let (_, digests) = env.open.layers(&env.open_reference);
     let served = env.private.layer_bytes_served_since(&digests, mark);
     eprintln!("after the restart the registry served {served} layer bytes to the new daemon");
-    assert!(served >= WEIGHTS_MIB << 20, "the weights were not fetched after the restart: {served} bytes");
+    assert!(
+        served >= WEIGHTS_MIB << 20,
+        "the weights were not fetched after the restart: {served} bytes"
+    );
 }
 
 #[test]
@@ -269,7 +296,12 @@ fn other_image_service_calls_pass_through_unchanged() {
             }),
         )
     };
-    let list = |cri: &Cri| cri.call("ListImages", cri.images.clone().list_images(ListImagesRequest::default()));
+    let list = |cri: &Cri| {
+        cri.call(
+            "ListImages",
+            cri.images.clone().list_images(ListImagesRequest::default()),
+        )
+    };
     let fs = |cri: &Cri| cri.call("ImageFsInfo", cri.images.clone().image_fs_info(ImageFsInfoRequest {}));
 
     let through = status(&proxied, &env.reference);
@@ -297,12 +329,17 @@ fn other_image_service_calls_pass_through_unchanged() {
         .map(|r| r.into_inner());
     assert_eq!(format!("{via:?}"), format!("{at:?}"));
     // RuntimeService is containerd's: the proxy refuses it, naming what it serves.
-    let runtime = ::streamsnap::proto::cri::runtime_service_client::RuntimeServiceClient::new(
-        common::cri::channel(&proxied.rt, &env.proxy_socket()),
-    );
+    let runtime = ::streamsnap::proto::cri::runtime_service_client::RuntimeServiceClient::new(common::cri::channel(
+        &proxied.rt,
+        &env.proxy_socket(),
+    ));
     let refused = proxied
         .rt
-        .block_on(runtime.clone().version(::streamsnap::proto::cri::VersionRequest::default()))
+        .block_on(
+            runtime
+                .clone()
+                .version(::streamsnap::proto::cri::VersionRequest::default()),
+        )
         .expect_err("the proxy answered RuntimeService");
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
 
@@ -325,10 +362,7 @@ fn the_pull_secret_is_gone_from_disk_once_the_image_is_removed_and_gc_ran() {
     let kept = env.kept_secrets();
     assert_eq!(kept.len(), 1, "{kept:?}");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&kept[0]).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&kept[0]).unwrap().permissions().mode() & 0o777, 0o600);
     cri.call(
         "RemoveImage",
         cri.images.clone().remove_image(RemoveImageRequest {

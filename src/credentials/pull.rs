@@ -397,10 +397,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(files[0].metadata().unwrap().permissions().mode() & 0o777, 0o600);
         let again = PullAuths::open(dir.path()).unwrap();
-        assert_eq!(
-            again.lookup(&key("app", None, Some(M1))).unwrap().secret,
-            basic("pw")
-        );
+        assert_eq!(again.lookup(&key("app", None, Some(M1))).unwrap().secret, basic("pw"));
         // Dropped with the image's last snapshot, file included.
         again.retain_used(&[key("app", Some("v1"), Some(M2))]);
         assert!(again.is_empty());
@@ -447,7 +444,12 @@ mod tests {
         let auths = PullAuths::open(dir.path()).unwrap();
         auths.begin(key("app", Some("v1"), None), basic("s3cret"));
         assert!(!format!("{auths:?}").contains("s3cret"));
-        let name = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().file_name();
+        let name = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
         assert!(!name.to_string_lossy().contains("app"));
     }
 }

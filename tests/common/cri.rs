@@ -3,9 +3,8 @@
 //! CNI), containers run to exit, their CRI logs read back.
 use super::containerd::Containerd;
 use ::streamsnap::proto::cri::{
-    AuthConfig,
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, ContainerConfig,
-    ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest,
@@ -187,9 +186,15 @@ impl Cri {
             auth: Some(auth),
             sandbox_config: None,
         });
-        match self.rt.block_on(async { tokio::time::timeout(RPC_TIMEOUT, call).await }) {
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(RPC_TIMEOUT, call).await })
+        {
             Ok(r) => r.map(|r| r.into_inner().image_ref),
-            Err(_) => panic!("CRI PullImage {reference} timed out after {RPC_TIMEOUT:?}\n{}", self.log_tail()),
+            Err(_) => panic!(
+                "CRI PullImage {reference} timed out after {RPC_TIMEOUT:?}\n{}",
+                self.log_tail()
+            ),
         }
     }
 
