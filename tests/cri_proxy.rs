@@ -381,3 +381,25 @@ fn the_pull_secret_is_gone_from_disk_once_the_image_is_removed_and_gc_ran() {
         env.serve().log()
     );
 }
+
+#[test]
+fn the_same_pull_with_auth_straight_to_containerd_is_not_lazy() {
+    // What the proxy is for: containerd uses the auth for manifest and config only, streamsnap
+    // has none, so every layer falls back to containerd's own download and unpack.
+    let env = start();
+    let direct = Cri::connect(&env.containerd);
+    let mark = env.private.mark();
+    direct
+        .try_pull_image_with(&env.reference, alice(PASSWORD))
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let (total, digests) = env.open.layers(&env.open_reference);
+    let served = env.private.layer_bytes_served_since(&digests, mark);
+    eprintln!("without the proxy: layers {total} bytes, registry served {served}");
+    assert!(served >= total, "served {served} of {total}");
+    assert!(
+        !env.serve().log().contains("layer served lazily"),
+        "{}",
+        env.serve().log()
+    );
+    assert!(env.kept_secrets().is_empty());
+}
