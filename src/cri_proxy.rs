@@ -184,6 +184,18 @@ impl CriProxy {
         let name = req.image.map(|i| i.image).unwrap_or_default();
         let auth = req.auth?;
         let image: Reference = match name.parse() {
+            // containerd names an image without tag or digest `:latest` in its layers' labels.
+            Ok(Reference {
+                tag: None,
+                digest: None,
+                registry,
+                repository,
+            }) => Reference {
+                tag: Some("latest".into()),
+                digest: None,
+                registry,
+                repository,
+            },
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "PullImage of an image streamsnap cannot name: its pull secret is not used");

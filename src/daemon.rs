@@ -113,6 +113,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .context("gRPC server")?;
     info!("shutting down");
     let _ = std::fs::remove_file(&config.address);
+    if let Some(address) = &config.cri.proxy_address {
+        drop(_cri_proxy);
+        let _ = std::fs::remove_file(address);
+    }
     if tokio::task::spawn_blocking(move || remote.stop()).await? {
         // Reads in progress must not be answered at all: unwinding would drop
         // their pending replies, and fuser answers a dropped reply with EIO. The

@@ -121,8 +121,10 @@ impl Entry {
                 return (true, false);
             }
         }
-        let by_tag = self.pulling > 0 && self.image.tag.is_some() && self.image.tag == key.tag;
-        if !by_tag {
+        // While the pull runs: its tag; a pull by digest (an index's, say, whose
+        // platform manifest the lookups carry) matches lookups without a tag.
+        let by_name = self.pulling > 0 && self.image.tag == key.tag;
+        if !by_name {
             return (false, false);
         }
         let learnt = key.digest.as_ref().is_some_and(|d| self.manifests.insert(d.clone()));
@@ -402,6 +404,19 @@ mod tests {
         again.retain_used(&[key("app", Some("v1"), Some(M2))]);
         assert!(again.is_empty());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_pull_by_index_digest_learns_the_platform_manifest_its_layers_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let auths = PullAuths::open(dir.path()).unwrap();
+        let p = auths.begin(key("app", None, Some(M1)), basic("pw"));
+        assert!(auths.lookup(&key("app", None, Some(M2))).is_some());
+        let m3 = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+        assert!(auths.lookup(&key("app", Some("v1"), Some(m3))).is_none());
+        auths.end(p, true);
+        assert!(auths.lookup(&key("app", None, Some(M2))).is_some());
+        assert!(auths.lookup(&key("app", None, Some(M1))).is_some());
     }
 
     #[test]
