@@ -162,8 +162,13 @@ impl CriProxy {
                 self.auths.end(pulling, false);
             }
         }
-        let mut frames = vec![Ok::<_, Infallible>(Frame::data(data))];
-        frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+        // The same frames: the message (none in a trailers-only error answer), then the trailers.
+        let frames: Vec<Result<_, Infallible>> = (!data.is_empty())
+            .then(|| Frame::data(data))
+            .into_iter()
+            .chain(trailers.map(Frame::trailers))
+            .map(Ok)
+            .collect();
         Response::from_parts(parts, Body::new(StreamBody::new(futures::stream::iter(frames))))
     }
 
@@ -209,11 +214,10 @@ impl CriProxy {
 
 /// The message of a one-message gRPC body (uncompressed: kubelet does not compress).
 fn frame(body: &[u8]) -> Option<&[u8]> {
-    let (&flag, rest) = body.split_first()?;
-    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    (flag == 0).then_some(())?;
-    let msg = rest.get(4..)?;
-    (msg.len() == len).then_some(msg)
+    let (&compressed, rest) = body.split_first()?;
+    let (len, msg) = rest.split_first_chunk::<4>()?;
+    let whole = msg.len() == u32::from_be_bytes(*len) as usize;
+    (compressed == 0 && whole).then_some(msg)
 }
 
 /// What containerd itself would use of `auth` for `registry` (its CRI's

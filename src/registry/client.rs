@@ -3,13 +3,13 @@
 //! [`super::policy`] (never forwarding `Authorization`), bodies read under
 //! limits and a stall timer ([`super::body`]), range reads and pushes.
 
-use super::auth::{Challenge, Token, TokenCache};
+use super::auth::{Challenge, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
 use super::policy::{self, RedactedUrl};
 use super::retry::{Failure, Retry, RetryPolicy};
 use super::{Platform, Reference, RegistryError};
-use crate::credentials::{Chain, Credential, Secret};
+use crate::credentials::{Chain, Secret};
 use crate::digest::Digest;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -18,9 +18,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
-
-/// How long a registry token handed by a pull is used before the sources are asked again.
-const REGISTRY_TOKEN_LIFE: Duration = Duration::from_secs(60);
 
 /// Slowest transfer rate (bytes per second) whole-body deadlines allow for.
 const MIN_RATE: u64 = 64 << 10;
@@ -455,19 +452,7 @@ impl Registry {
                     // Also how an expired token is replaced mid-read: the retry carries the new one.
                     Some(Challenge::Bearer { realm, service, .. }) => {
                         self.tokens.forget(host, &scope);
-                        used = Some(match self.credential(op, repo).await? {
-                            // A pull's registry token is the bearer token itself.
-                            Some(Credential {
-                                secret: Secret::RegistryToken(value),
-                                origin,
-                                ..
-                            }) => {
-                                let expires = std::time::Instant::now() + REGISTRY_TOKEN_LIFE;
-                                self.tokens.put(host, &scope, Token { value, expires });
-                                format!("credentials from {origin}")
-                            }
-                            _ => self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?,
-                        });
+                        used = Some(self.bearer(op, repo, &realm, service.as_deref(), &scope).await?);
                         continue;
                     }
                     Some(Challenge::Basic) => {

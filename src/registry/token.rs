@@ -4,7 +4,7 @@
 //! and password on a GET, or an identity token as an OAuth2 refresh token
 //! (`grant_type=refresh_token`) on a POST, as docker does.
 
-use super::auth::TokenResponse;
+use super::auth::{Token, TokenResponse};
 use super::body::{self, BodyLimit};
 use super::policy::{self, RedactedUrl};
 use super::retry::Failure;
@@ -13,6 +13,9 @@ use crate::credentials::{Credential, Secret};
 use reqwest::Url;
 use std::time::Instant;
 use tracing::warn;
+
+/// How long a registry token handed by a pull is used before the sources are asked again.
+const REGISTRY_TOKEN_LIFE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Client id sent with OAuth2 token requests (the spec asks for one).
 const CLIENT_ID: &str = "streamsnap";
@@ -32,6 +35,30 @@ impl Registry {
                 op,
                 source: Box::new(source),
             })
+    }
+
+    /// A bearer token for `scope` after a Bearer challenge: a pull's registry
+    /// token as it is (the realm is not asked), else one from the realm
+    /// ([`Self::fetch_token`]). Returns what was sent, as `fetch_token` does.
+    pub(super) async fn bearer(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, Failure> {
+        if let Some(Credential {
+            secret: Secret::RegistryToken(value),
+            origin,
+            ..
+        }) = self.credential(op, repo).await?
+        {
+            let expires = Instant::now() + REGISTRY_TOKEN_LIFE;
+            self.tokens.put(&repo.registry, scope, Token { value, expires });
+            return Ok(format!("credentials from {origin}"));
+        }
+        self.fetch_token(op, repo, realm, service, scope).await
     }
 
     /// Gets a bearer token from `realm`. Credentials go along only when the
