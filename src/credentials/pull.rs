@@ -152,6 +152,9 @@ pub struct Pulling {
 pub struct PullAuths {
     dir: PathBuf,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Held while an entry's file is written or removed (never with `entries`
+    /// held across the I/O), so the last write shows the latest state.
+    files: Mutex<()>,
 }
 
 impl std::fmt::Debug for PullAuths {
@@ -203,6 +206,7 @@ impl PullAuths {
         Ok(Self {
             dir: dir.to_path_buf(),
             entries: Mutex::new(entries),
+            files: Mutex::new(()),
         })
     }
 
@@ -210,62 +214,67 @@ impl PullAuths {
     /// now on (replacing what an earlier pull of the same reference left).
     pub fn begin(&self, image: ImageKey, secret: Secret) -> Pulling {
         let id = id_of(&image);
-        let mut entries = self.entries.lock();
-        let entry = entries.entry(id.clone()).or_insert_with(|| Entry {
-            image: image.clone(),
-            secret: secret.clone(),
-            manifests: BTreeSet::new(),
-            pulling: 0,
-        });
-        let before = (entry.pulling > 0 || !entry.manifests.is_empty()).then(|| entry.secret.clone());
-        entry.secret = secret;
-        entry.pulling += 1;
-        self.keep(&id, entry);
+        let before = {
+            let mut entries = self.entries.lock();
+            let entry = entries.entry(id.clone()).or_insert_with(|| Entry {
+                image: image.clone(),
+                secret: secret.clone(),
+                manifests: BTreeSet::new(),
+                pulling: 0,
+            });
+            let before = (entry.pulling > 0 || !entry.manifests.is_empty()).then(|| entry.secret.clone());
+            entry.secret = secret;
+            entry.pulling += 1;
+            before
+        };
+        self.sync(&id);
         Pulling { id, before }
     }
 
     /// The pull ended; a failed one takes its secret back (a wrong password
     /// is not kept), or puts back the one an earlier pull left.
     pub fn end(&self, pulling: Pulling, succeeded: bool) {
-        let mut entries = self.entries.lock();
-        let Some(entry) = entries.get_mut(&pulling.id) else {
-            return;
-        };
-        entry.pulling = entry.pulling.saturating_sub(1);
-        if succeeded {
-            return;
-        }
-        match pulling.before {
-            Some(before) => {
-                entry.secret = before;
-                self.keep(&pulling.id, entry);
+        {
+            let mut entries = self.entries.lock();
+            let Some(entry) = entries.get_mut(&pulling.id) else {
+                return;
+            };
+            entry.pulling = entry.pulling.saturating_sub(1);
+            if succeeded {
+                return;
             }
-            None if entry.pulling == 0 => {
-                entries.remove(&pulling.id);
-                self.discard(&pulling.id);
+            match pulling.before {
+                Some(before) => entry.secret = before,
+                None if entry.pulling == 0 => {
+                    entries.remove(&pulling.id);
+                }
+                None => return,
             }
-            None => {}
         }
+        self.sync(&pulling.id);
     }
 
     /// Credentials for a read of `key`'s registry for `key`, if a pull of
     /// that image carried some.
     pub fn lookup(&self, key: &ImageKey) -> Option<Credential> {
-        let mut entries = self.entries.lock();
-        for (id, entry) in entries.iter_mut() {
-            let (answers, learnt) = entry.answers(key);
-            if learnt {
-                self.keep(id, entry);
-            }
-            if answers {
-                return Some(Credential {
-                    secret: entry.secret.clone(),
-                    origin: Origin::new(format!("pull secret of {}", entry.image)),
-                    expires: None,
-                });
-            }
+        let (credential, learnt) = {
+            let mut entries = self.entries.lock();
+            let found = entries.iter_mut().find_map(|(id, entry)| match entry.answers(key) {
+                (true, learnt) => Some((id.clone(), entry, learnt)),
+                _ => None,
+            });
+            let (id, entry, learnt) = found?;
+            let credential = Credential {
+                secret: entry.secret.clone(),
+                origin: Origin::new(format!("pull secret of {}", entry.image)),
+                expires: None,
+            };
+            (credential, learnt.then_some(id))
+        };
+        if let Some(id) = learnt {
+            self.sync(&id);
         }
-        None
+        Some(credential)
     }
 
     /// The registry refused credentials: tokens (which expire) of its pulls
@@ -273,35 +282,35 @@ impl PullAuths {
     /// that a registry's passing refusal does not cut running containers off
     /// for good (kubelet does not pull a present image again).
     pub fn forget(&self, registry: &str) {
-        let mut entries = self.entries.lock();
-        let gone: Vec<String> = entries
-            .iter()
-            .filter(|(_, e)| e.image.registry == registry && matches!(e.secret, Secret::RegistryToken(_)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            if let Some(e) = entries.remove(&id) {
-                info!(image = %e.image, "pull secret refused by the registry: forgotten");
-            }
-            self.discard(&id);
-        }
+        self.drop_where("pull secret refused by the registry: forgotten", |e| {
+            e.image.registry == registry && matches!(e.secret, Secret::RegistryToken(_))
+        });
     }
 
     /// Drops the entries of images no lazily served layer uses any more
     /// (`in_use`: the images of the snapshots left), except pulls under way.
     pub fn retain_used(&self, in_use: &[ImageKey]) {
-        let mut entries = self.entries.lock();
-        let gone: Vec<String> = entries
-            .iter()
-            .filter(|(_, e)| e.pulling == 0 && !in_use.iter().any(|i| e.is(i)))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            if let Some(e) = entries.remove(&id) {
-                info!(image = %e.image, "no snapshot of the image is left: its pull secret is dropped");
+        self.drop_where("no snapshot of the image is left: its pull secret is dropped", |e| {
+            e.pulling == 0 && !in_use.iter().any(|i| e.is(i))
+        });
+    }
+
+    fn drop_where(&self, why: &'static str, gone: impl Fn(&Entry) -> bool) {
+        let ids: Vec<String> = {
+            let mut entries = self.entries.lock();
+            let ids: Vec<String> = entries
+                .iter()
+                .filter(|(_, e)| gone(e))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &ids {
+                if let Some(e) = entries.remove(id) {
+                    info!(image = %e.image, "{why}");
+                }
             }
-            self.discard(&id);
-        }
+            ids
+        };
+        ids.iter().for_each(|id| self.sync(id));
     }
 
     /// How many images have a pull secret (for tests and status).
@@ -313,25 +322,27 @@ impl PullAuths {
         self.len() == 0
     }
 
-    /// Writes `entry` durably; a failure is logged (the pull goes on: the
-    /// secret then lasts only as long as this process).
-    fn keep(&self, id: &str, entry: &Entry) {
-        let file = File {
+    /// Makes `id`'s file say what its entry says now (written durably, or
+    /// removed when the entry is gone). A failure is logged: the pull goes on,
+    /// and the secret then lasts only as long as this process.
+    fn sync(&self, id: &str) {
+        let _files = self.files.lock();
+        let file = self.entries.lock().get(id).map(|e| File {
             version: VERSION,
-            image: entry.image.clone(),
-            manifests: entry.manifests.clone(),
-            secret: Stored::from(&entry.secret),
+            image: e.image.clone(),
+            manifests: e.manifests.clone(),
+            secret: Stored::from(&e.secret),
+        });
+        let done = match &file {
+            Some(f) => write(&self.dir, id, f),
+            None => match std::fs::remove_file(self.dir.join(id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
         };
-        if let Err(e) = write(&self.dir, id, &file) {
-            warn!(image = %entry.image, dir = %self.dir.display(), error = %e, "could not keep the pull secret on disk: it will not outlive this process");
-        }
-    }
-
-    fn discard(&self, id: &str) {
-        match std::fs::remove_file(self.dir.join(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(dir = %self.dir.display(), error = %e, "could not remove a kept pull secret"),
+        if let Err(e) = done {
+            let image = file.map_or_else(|| id.to_string(), |f| f.image.to_string());
+            warn!(%image, dir = %self.dir.display(), error = %e, "could not keep the pull secret's file in step: it lasts as long as this process");
         }
     }
 }
