@@ -5,7 +5,7 @@ use super::containerd::Containerd;
 use ::streamsnap::proto::cri::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig,
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest,
 };
@@ -208,6 +208,19 @@ impl Cri {
         name: &str,
         command: &[&str],
     ) -> (i32, String) {
+        self.run_to_exit_with(pod, sandbox, image, name, command, Vec::new())
+    }
+
+    /// [`Cri::run_to_exit`] with `mounts` (as the kubelet passes volumes, image volumes included).
+    pub fn run_to_exit_with(
+        &self,
+        pod: &str,
+        sandbox: &PodSandboxConfig,
+        image: &str,
+        name: &str,
+        command: &[&str],
+        mounts: Vec<Mount>,
+    ) -> (i32, String) {
         let created = self.call(
             &format!("CreateContainer {name}"),
             self.runtime.clone().create_container(CreateContainerRequest {
@@ -222,6 +235,7 @@ impl Cri {
                         ..Default::default()
                     }),
                     command: command.iter().map(|c| c.to_string()).collect(),
+                    mounts,
                     log_path: format!("{name}.log"),
                     ..Default::default()
                 }),

@@ -514,3 +514,47 @@ pub fn build_privileged_image(dir: &Path) -> OciImage {
     umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
     finish_with_cmd(dir, &img, &bundle, "privileged", &["/bin/sh"])
 }
+
+/// One file of a model packaged as an image.
+#[derive(Debug, Clone)]
+pub struct ModelFile {
+    /// Path inside the image, e.g. `shard-1.bin`.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the content, as `sha256sum` prints it.
+    pub sha256: String,
+}
+
+/// A model as an image volume wants it (KEP-4639): no userland, no command, one layer of
+/// incompressible files `(path, MiB, seed)`; returns the image (tag "model") and its files.
+pub fn build_model_image(dir: &Path, files: &[(&str, u64, u64)]) -> (OciImage, Vec<ModelFile>) {
+    use sha2::{Digest, Sha256};
+    require_tool("umoci");
+    let layout = dir.join("layout");
+    let img = format!("{}:model", layout.display());
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &img]);
+    let bundle = dir.join("bundle");
+    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
+    let mut model = Vec::new();
+    for (path, mib, seed) in files {
+        let p = bundle.join("rootfs").join(path);
+        write_random_file(&p, mib << 20, *seed);
+        let mut hash = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&p).unwrap(), &mut hash).unwrap();
+        model.push(ModelFile {
+            path: path.to_string(),
+            size: mib << 20,
+            sha256: hex::encode(hash.finalize()),
+        });
+    }
+    umoci(&["repack", "--image", &img, bundle.to_str().unwrap()]);
+    std::fs::remove_dir_all(&bundle).unwrap();
+    (
+        OciImage {
+            layout,
+            tag: "model".into(),
+        },
+        model,
+    )
+}
