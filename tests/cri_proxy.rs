@@ -9,7 +9,7 @@ use ::streamsnap::proto::cri::{
     AuthConfig, ImageFsInfoRequest, ImageSpec, ImageStatusRequest, ListImagesRequest, RemoveImageRequest,
 };
 use common::cri::{sandbox_config, Cri};
-use common::image::build_pause_image;
+use common::image::{build_files_image, build_pause_image};
 use common::registry::htpasswd;
 use common::*;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,9 @@ use std::time::Duration;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cret-for-cri";
+/// A second user of the same registry, for a second image.
+const OTHER_USER: &str = "bob";
+const OTHER_PASSWORD: &str = "bobs-own-s3cret";
 /// MiB of incompressible weights in the image (start-up never reads them).
 const WEIGHTS_MIB: u64 = 32;
 
@@ -105,7 +108,7 @@ fn start_on(release: Release) -> Env {
         ..Default::default()
     });
     let users = work.path().join("htpasswd");
-    htpasswd(&users, &[(USER, PASSWORD)]);
+    htpasswd(&users, &[(USER, PASSWORD), (OTHER_USER, OTHER_PASSWORD)]);
     let private = Registry::start_with(RegistryOpts {
         storage: Some(storage),
         htpasswd: Some(users),
@@ -406,4 +409,56 @@ fn the_same_pull_with_auth_straight_to_containerd_is_not_lazy() {
         env.serve().log()
     );
     assert!(env.kept_secrets().is_empty());
+}
+
+#[test]
+fn two_images_pulled_with_two_users_secrets_are_both_lazy_and_each_keeps_its_own() {
+    let env = start();
+    let cri = env.cri();
+    // A second image (other layers, another repository), pulled with bob's secret in kubelet's
+    // other form: `auth` (base64 of user:password) and the registry it is for.
+    let other = build_files_image(&env.work.path().join("other"), &[("data/other.bin", 8, 5)]);
+    let other_open = push(&other, &env.open, Format::Estargz);
+    let other_reference = other_open.replacen(&env.open.addr(), &env.private.addr(), 1);
+    let mark = env.private.mark();
+    cri.try_pull_image_with(&env.reference, alice(PASSWORD))
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let bob = AuthConfig {
+        auth: base64_of(&format!("{OTHER_USER}:{OTHER_PASSWORD}")),
+        server_address: format!("http://{}", env.private.addr()),
+        ..Default::default()
+    };
+    cri.try_pull_image_with(&other_reference, bob)
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    env.assert_lazy(mark, "after both pulls (first image)");
+    let (total, digests) = env.open.layers(&other_open);
+    let served = env.private.layer_bytes_served_since(&digests, mark);
+    eprintln!("second image: layers {total} bytes, registry served {served}");
+    assert!(served * 5 < total, "second image not lazy: {served} of {total}");
+    let log = env.serve().log();
+    assert!(log.matches("layer served lazily").count() >= 4, "{log}");
+    // One kept secret per image, each with its own user.
+    let kept: Vec<serde_json::Value> = env
+        .kept_secrets()
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect();
+    let user_of = |repository: &str| {
+        kept.iter()
+            .find(|k| {
+                k["image"]["repository"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with(repository))
+            })
+            .map(|k| k["secret"]["username"].as_str().unwrap().to_string())
+    };
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert_eq!(user_of("/run").as_deref(), Some(USER));
+    assert_eq!(user_of("/files").as_deref(), Some(OTHER_USER));
+    assert!(!log.contains(OTHER_PASSWORD) && !log.contains(PASSWORD));
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
