@@ -417,9 +417,7 @@ fn two_images_pulled_with_two_users_secrets_are_both_lazy_and_each_keeps_its_own
     let cri = env.cri();
     // A second image (other layers, another repository), pulled with bob's secret in kubelet's
     // other form: `auth` (base64 of user:password) and the registry it is for.
-    let other = build_files_image(&env.work.path().join("other"), &[("data/other.bin", 8, 5)]);
-    let other_open = push(&other, &env.open, Format::Estargz);
-    let other_reference = other_open.replacen(&env.open.addr(), &env.private.addr(), 1);
+    let (other_open, other_reference) = push_other(&env);
     let mark = env.private.mark();
     cri.try_pull_image_with(&env.reference, alice(PASSWORD))
         .unwrap_or_else(|s| panic!("{s:?}"));
@@ -456,6 +454,40 @@ fn two_images_pulled_with_two_users_secrets_are_both_lazy_and_each_keeps_its_own
     assert_eq!(user_of("/run").as_deref(), Some(USER));
     assert_eq!(user_of("/files").as_deref(), Some(OTHER_USER));
     assert!(!log.contains(OTHER_PASSWORD) && !log.contains(PASSWORD));
+}
+
+/// A second eStargz image (other layers, another repository); its names at the open and the
+/// private registry.
+fn push_other(env: &Env) -> (String, String) {
+    let other = build_files_image(&env.work.path().join("other"), &[("data/other.bin", 8, 5)]);
+    let open = push(&other, &env.open, Format::Estargz);
+    let private = open.replacen(&env.open.addr(), &env.private.addr(), 1);
+    (open, private)
+}
+
+#[test]
+fn a_pull_secret_never_answers_for_another_image_of_the_same_registry() {
+    let env = start();
+    let (other_open, other_reference) = push_other(&env);
+    env.cri()
+        .try_pull_image_with(&env.reference, alice(PASSWORD))
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    // The other image straight to containerd: streamsnap gets no secret for it, and alice's
+    // (same registry) must not answer, so its layers fall back to containerd's unpack.
+    let mark = env.private.mark();
+    Cri::connect(&env.containerd)
+        .try_pull_image_with(&other_reference, alice(PASSWORD))
+        .unwrap_or_else(|s| panic!("{s:?}"));
+    let (total, digests) = env.open.layers(&other_open);
+    let served = env.private.layer_bytes_served_since(&digests, mark);
+    eprintln!("the other image: layers {total} bytes, registry served {served}");
+    assert!(
+        served >= total,
+        "the other image was served lazily: {served} of {total}"
+    );
+    let log = env.serve().log();
+    assert!(log.contains("no credentials"), "{log}");
+    assert_eq!(env.kept_secrets().len(), 1, "{:?}", env.kept_secrets());
 }
 
 fn base64_of(text: &str) -> String {
