@@ -107,6 +107,8 @@ struct Entry {
     manifests: BTreeSet<String>,
     /// Pulls of it under way.
     pulling: usize,
+    /// A pull with it succeeded (or it was kept by an earlier process).
+    proven: bool,
 }
 
 impl Entry {
@@ -144,7 +146,9 @@ impl Entry {
 /// A pull under way, from [`PullAuths::begin`] to [`PullAuths::end`].
 pub struct Pulling {
     id: String,
-    /// The entry this pull replaced, put back if the pull fails.
+    /// This pull's secret.
+    secret: Secret,
+    /// The secret it replaced, put back if the pull fails while its own is still there.
     before: Option<Secret>,
 }
 
@@ -190,6 +194,7 @@ impl PullAuths {
                             secret: f.secret.into(),
                             manifests: f.manifests,
                             pulling: 0,
+                            proven: true,
                         },
                     );
                 }
@@ -216,23 +221,25 @@ impl PullAuths {
         let id = id_of(&image);
         let before = {
             let mut entries = self.entries.lock();
+            let before = entries.get(&id).map(|e| e.secret.clone());
             let entry = entries.entry(id.clone()).or_insert_with(|| Entry {
                 image: image.clone(),
                 secret: secret.clone(),
                 manifests: BTreeSet::new(),
                 pulling: 0,
+                proven: false,
             });
-            let before = (entry.pulling > 0 || !entry.manifests.is_empty()).then(|| entry.secret.clone());
-            entry.secret = secret;
+            entry.secret = secret.clone();
             entry.pulling += 1;
             before
         };
         self.sync(&id);
-        Pulling { id, before }
+        Pulling { id, secret, before }
     }
 
-    /// The pull ended; a failed one takes its secret back (a wrong password
-    /// is not kept), or puts back the one an earlier pull left.
+    /// The pull ended. A failed one takes its secret back (a wrong password is
+    /// not kept): the secret before it is put back, unless another pull has
+    /// replaced it since; an entry no pull proved goes once no pull runs.
     pub fn end(&self, pulling: Pulling, succeeded: bool) {
         {
             let mut entries = self.entries.lock();
@@ -241,14 +248,16 @@ impl PullAuths {
             };
             entry.pulling = entry.pulling.saturating_sub(1);
             if succeeded {
+                entry.proven = true;
                 return;
             }
-            match pulling.before {
-                Some(before) => entry.secret = before,
-                None if entry.pulling == 0 => {
-                    entries.remove(&pulling.id);
+            if entry.secret == pulling.secret {
+                if let Some(before) = pulling.before {
+                    entry.secret = before;
                 }
-                None => return,
+            }
+            if !entry.proven && entry.pulling == 0 {
+                entries.remove(&pulling.id);
             }
         }
         self.sync(&pulling.id);
@@ -446,6 +455,29 @@ mod tests {
         auths.end(p, false);
         assert_eq!(
             auths.lookup(&key("app", None, Some(M1))).unwrap().secret,
+            basic("right")
+        );
+    }
+
+    #[test]
+    fn concurrent_pulls_of_one_image_keep_the_secret_that_worked() {
+        let dir = tempfile::tempdir().unwrap();
+        let auths = PullAuths::open(dir.path()).unwrap();
+        let wrong = auths.begin(key("app", Some("v1"), None), basic("wrong"));
+        let right = auths.begin(key("app", Some("v1"), None), basic("right"));
+        assert!(auths.lookup(&key("app", Some("v1"), Some(M1))).is_some());
+        auths.end(right, true);
+        auths.end(wrong, false);
+        assert_eq!(
+            auths.lookup(&key("app", None, Some(M1))).unwrap().secret,
+            basic("right")
+        );
+        // A later pull that fails puts the proven secret back, on disk too.
+        let bad = auths.begin(key("app", Some("v1"), None), basic("bad"));
+        auths.end(bad, false);
+        let again = PullAuths::open(dir.path()).unwrap();
+        assert_eq!(
+            again.lookup(&key("app", None, Some(M1))).unwrap().secret,
             basic("right")
         );
     }
