@@ -336,6 +336,47 @@ mod tests {
         assert!(secret(&a, "docker.io").is_some());
     }
 
+    #[tokio::test]
+    async fn without_containerd_calls_fail_unavailable_naming_its_socket_and_keep_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let auths = Arc::new(PullAuths::open(&dir.path().join("pull")).unwrap());
+        let containerd = dir.path().join("no-containerd.sock");
+        let proxy = CriProxy::new(&containerd, Arc::clone(&auths), Arc::new(|| {}));
+        let socket = dir.path().join("cri.sock");
+        let _serving = start(&socket, proxy).unwrap();
+        let channel = Endpoint::from_static("http://[::]:0")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap();
+        let mut images = crate::proto::cri::image_service_client::ImageServiceClient::new(channel);
+        let e = images
+            .image_fs_info(crate::proto::cri::ImageFsInfoRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains(&containerd.display().to_string()), "{e:?}");
+        let e = images
+            .pull_image(PullImageRequest {
+                image: Some(crate::proto::cri::ImageSpec {
+                    image: "r.test/app:v1".into(),
+                    ..Default::default()
+                }),
+                auth: Some(AuthConfig {
+                    username: "alice".into(),
+                    password: "pw".into(),
+                    ..auth()
+                }),
+                sandbox_config: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(auths.is_empty(), "a failed pull kept its secret");
+    }
+
     #[test]
     fn a_grpc_frame_is_read_only_when_whole_and_uncompressed() {
         let msg = PullImageResponse {

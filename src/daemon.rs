@@ -92,7 +92,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         remote: Arc::clone(&remote),
         snapshots: Arc::clone(&snapshots),
     }));
-    let _cri_proxy = match &config.cri.proxy_address {
+    let cri_proxy = match &config.cri.proxy_address {
         Some(address) => {
             let (remote, snapshots) = (Arc::clone(&remote), Arc::clone(&snapshots));
             let proxy = CriProxy::new(
@@ -114,7 +114,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     info!("shutting down");
     let _ = std::fs::remove_file(&config.address);
     if let Some(address) = &config.cri.proxy_address {
-        drop(_cri_proxy);
+        drop(cri_proxy);
         let _ = std::fs::remove_file(address);
     }
     if tokio::task::spawn_blocking(move || remote.stop()).await? {
