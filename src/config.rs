@@ -38,6 +38,9 @@
 //! provider_config = "/etc/kubernetes/credential-provider.json"
 //! provider_bin_dir = "/usr/libexec/kubernetes/credential-provider"
 //! exec_timeout = 30.0
+//! [cri]
+//! proxy_address = "/run/streamsnap/cri.sock"
+//! containerd_address = "/run/containerd/containerd.sock"
 //! ```
 
 use crate::registry::{Platform, Reference};
@@ -72,6 +75,7 @@ pub struct Config {
     pub background_fill: BackgroundFill,
     pub profile: Profile,
     pub credentials: Credentials,
+    pub cri: Cri,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             background_fill: BackgroundFill::default(),
             profile: Profile::default(),
             credentials: Credentials::default(),
+            cri: Cri::default(),
         }
     }
 }
@@ -263,6 +268,28 @@ impl Default for Credentials {
             provider_config: None,
             provider_bin_dir: None,
             exec_timeout: Seconds::from_secs(30),
+        }
+    }
+}
+
+/// `[cri]`: CRI's ImageService served on a socket of ours in front of
+/// containerd's (kubelet's `--image-service-endpoint`), so that each pull's
+/// own auth reaches the lazily served layers of its image. Off unless
+/// `proxy_address` is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cri {
+    /// The proxy's unix socket (e.g. `/run/streamsnap/cri.sock`).
+    pub proxy_address: Option<PathBuf>,
+    /// containerd's socket, where every call goes on.
+    pub containerd_address: PathBuf,
+}
+
+impl Default for Cri {
+    fn default() -> Self {
+        Self {
+            proxy_address: None,
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
         }
     }
 }
@@ -545,6 +572,17 @@ mod tests {
         assert_eq!(c.credentials.exec_timeout, Seconds::from_secs(2));
         let e = load("[credentials]\ncreds_store = \"pass\"\n").unwrap_err();
         assert!(e.contains("creds_store"), "{e}");
+    }
+
+    #[test]
+    fn the_cri_proxy_is_off_unless_its_address_is_set() {
+        assert_eq!(Config::default().cri.proxy_address, None);
+        let c = load("[cri]\nproxy_address = \"/run/s/cri.sock\"\n").unwrap();
+        assert_eq!(c.cri.proxy_address, Some(PathBuf::from("/run/s/cri.sock")));
+        assert_eq!(
+            c.cri.containerd_address,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! (which leave the layer mounts to the descriptor keeper, for the next daemon).
 
 use crate::config::Config;
+use crate::credentials::PullAuths;
+use crate::cri_proxy::{self, CriProxy};
 use crate::endpoint::Endpoint;
 use crate::metrics::Metrics;
 use crate::node;
@@ -17,8 +19,21 @@ use tracing::info;
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // First: nothing in the state dir is touched unless this process owns it.
     let owner = node::StateLock::acquire(&config.root)?;
+    // Pull secrets of CRI pulls (kept across restarts: their layers still read).
+    let pull_dir = node::StateDir {
+        root: owner.root().to_path_buf(),
+    }
+    .pull_auths();
+    let pull_auths = Arc::new(
+        PullAuths::open(&pull_dir).with_context(|| format!("opening pull secrets in {}", pull_dir.display()))?,
+    );
     let metrics = Metrics::new();
-    let registry = Arc::new(node::registry_counted(&config, false, metrics.endpoints())?);
+    let registry = Arc::new(node::registry_with(
+        &config,
+        false,
+        metrics.endpoints(),
+        Some(Arc::clone(&pull_auths)),
+    )?);
     let endpoint = Endpoint::new(Arc::clone(&metrics));
     let _metrics_server = match config.metrics_address {
         Some(addr) => {
@@ -50,12 +65,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             None
         }
     };
-    let remote = Arc::new(RemoteLayers::new(
-        ctx,
-        config.registry.platform.clone(),
-        tokio::runtime::Handle::current(),
-        keeper,
-    ));
+    let remote = Arc::new(
+        RemoteLayers::new(
+            ctx,
+            config.registry.platform.clone(),
+            tokio::runtime::Handle::current(),
+            keeper,
+        )
+        .with_pull_auths(Arc::clone(&pull_auths)),
+    );
+    // Snapshots removed while no daemon ran (or pulls that ended with it) leave secrets to drop.
+    remote.drop_unused_pull_auths(&snapshots);
 
     if let Some(dir) = config.address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -77,6 +97,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         remote: Arc::clone(&remote),
         snapshots: Arc::clone(&snapshots),
     }));
+    let cri_proxy = match &config.cri.proxy_address {
+        Some(address) => {
+            let (remote, snapshots) = (Arc::clone(&remote), Arc::clone(&snapshots));
+            let proxy = CriProxy::new(
+                &config.cri.containerd_address,
+                pull_auths,
+                Arc::new(move || remote.drop_unused_pull_auths(&snapshots)),
+            );
+            Some(cri_proxy::start(address, proxy).with_context(|| format!("binding {}", address.display()))?)
+        }
+        None => None,
+    };
     info!(address = %config.address.display(), root = %config.root.display(), "serving containerd snapshotter");
     let service = Service::new(Arc::clone(&snapshots), Arc::clone(&remote));
     tonic::transport::Server::builder()
@@ -86,6 +118,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .context("gRPC server")?;
     info!("shutting down");
     let _ = std::fs::remove_file(&config.address);
+    if let Some(address) = &config.cri.proxy_address {
+        drop(cri_proxy);
+        let _ = std::fs::remove_file(address);
+    }
     if tokio::task::spawn_blocking(move || remote.stop()).await? {
         // Reads in progress must not be answered at all: unwinding would drop
         // their pending replies, and fuser answers a dropped reply with EIO. The

@@ -24,6 +24,7 @@
 //! - [`snapshotter`]: containerd's snapshotter semantics, metadata store, gRPC adapter, remote layers.
 //! - [`pull`]: `streamsnap pull`, an image pulled through containerd's API with lazy layers.
 //! - [`daemon`]: `streamsnap serve`, the snapshotter on a unix socket.
+//! - [`cri_proxy`]: CRI's ImageService passed on to containerd, each pull's own auth kept for its layers.
 //! - [`config`]: the typed TOML configuration, one section per subsystem (imports no subsystem).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`endpoint`]: the daemon's HTTP endpoint: metrics, health, readiness, status.
@@ -38,6 +39,7 @@ pub mod buf;
 pub mod cache;
 pub mod config;
 pub mod credentials;
+pub mod cri_proxy;
 pub mod daemon;
 pub mod digest;
 pub mod endpoint;

@@ -122,6 +122,13 @@ struct ServeArgs {
     credentials: CredentialArgs,
     #[command(flatten)]
     hosts: HostsArgs,
+    /// Serve CRI's ImageService on this socket, in front of containerd's (kubelet's
+    /// --image-service-endpoint), so that pull secrets reach lazily served layers.
+    #[arg(long)]
+    cri_proxy_address: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy passes every call (default /run/containerd/containerd.sock).
+    #[arg(long)]
+    cri_containerd_address: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -147,6 +154,12 @@ impl ServeArgs {
         }
         self.credentials.apply(&mut cfg.credentials);
         self.hosts.apply(&mut cfg.registry);
+        if self.cri_proxy_address.is_some() {
+            cfg.cri.proxy_address = self.cri_proxy_address;
+        }
+        if let Some(a) = self.cri_containerd_address {
+            cfg.cri.containerd_address = a;
+        }
     }
 }
 
@@ -468,7 +481,7 @@ async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let cfg = args.config();
     let owner = node::StateLock::acquire(&cfg.root)?;
     let metrics = Metrics::new();
-    let registry = Arc::new(node::registry_counted(&cfg, args.plain_http, metrics.endpoints())?);
+    let registry = Arc::new(node::registry_with(&cfg, args.plain_http, metrics.endpoints(), None)?);
     let ctx = node::layer_context(&cfg, &owner, registry, metrics)?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);

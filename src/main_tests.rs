@@ -66,6 +66,21 @@ fn serve_flags_override_and_extend_the_config() {
 }
 
 #[test]
+fn cri_proxy_flags_set_the_cri_section() {
+    let Command::Serve(s) = parse(&[
+        "serve",
+        "--cri-proxy-address=/run/s/cri.sock",
+        "--cri-containerd-address=/run/c.sock",
+    ]) else {
+        panic!()
+    };
+    let mut c = Config::default();
+    s.apply(&mut c);
+    assert_eq!(c.cri.proxy_address, Some(PathBuf::from("/run/s/cri.sock")));
+    assert_eq!(c.cri.containerd_address, PathBuf::from("/run/c.sock"));
+}
+
+#[test]
 fn install_defaults_to_the_node_paths_and_systemd() {
     let Command::Install(a) = parse(&["install"]) else {
         panic!()

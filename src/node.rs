@@ -12,7 +12,7 @@ use crate::cache::{DiskCache, MemCache};
 use crate::config::{self, Config};
 use crate::credentials::docker::DockerConfig;
 use crate::credentials::kubelet::Providers;
-use crate::credentials::{Chain, Source};
+use crate::credentials::{Chain, PullAuths, Source};
 use crate::layer::gzip_index::IndexStore;
 use crate::layer::LayerContext;
 use crate::metrics::{EndpointMetrics, Metrics};
@@ -43,6 +43,10 @@ impl StateDir {
     pub fn profiles(&self) -> PathBuf {
         self.root.join("profiles")
     }
+    /// Pull secrets of CRI pulls, one file per image (`credentials::pull`).
+    pub fn pull_auths(&self) -> PathBuf {
+        self.root.join("credentials").join("pull")
+    }
 }
 
 /// The registry client: credentials from `[credentials]`; plain HTTP for loopback
@@ -50,12 +54,18 @@ impl StateDir {
 /// commands' `--plain-http`) every registry; every operation bounded by
 /// `[fetch] read_deadline`, every connection by `stall_timeout`.
 pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
-    registry_counted(config, plain_http, EndpointMetrics::default())
+    registry_with(config, plain_http, EndpointMetrics::default(), None)
 }
 
 /// [`registry`], counting bytes and failures per endpoint host into `counters`
-/// (`Metrics::endpoints`); mirrors come from `[registry] config_path`.
-pub fn registry_counted(config: &Config, plain_http: bool, counters: EndpointMetrics) -> anyhow::Result<Registry> {
+/// (`Metrics::endpoints`; mirrors come from `[registry] config_path`) and asking
+/// `pull_auths` (the CRI pulls' own auth, `serve`) before every other source.
+pub fn registry_with(
+    config: &Config,
+    plain_http: bool,
+    counters: EndpointMetrics,
+    pull_auths: Option<Arc<PullAuths>>,
+) -> anyhow::Result<Registry> {
     let (cfg, fetch) = (&config.registry, &config.fetch);
     anyhow::ensure!(
         !fetch.read_deadline.0.is_zero() && !fetch.stall_timeout.0.is_zero(),
@@ -64,7 +74,7 @@ pub fn registry_counted(config: &Config, plain_http: bool, counters: EndpointMet
     Ok(Registry::new(RegistryOptions {
         plain_http,
         insecure: cfg.insecure.iter().map(|h| h.as_str().to_string()).collect(),
-        credentials: Arc::new(credentials(&config.credentials)?),
+        credentials: Arc::new(credentials(&config.credentials, pull_auths)?),
         deadline: fetch.read_deadline.into(),
         stall_timeout: fetch.stall_timeout.into(),
         config_path: cfg.config_path.clone(),
@@ -73,12 +83,12 @@ pub fn registry_counted(config: &Config, plain_http: bool, counters: EndpointMet
     })?)
 }
 
-/// The credential sources `[credentials]` names, in the order of design §10:
-/// kubelet credential-provider plugins, then docker's config.json. (The CRI
-/// pull's own auth will come first, as another [`Source`].)
-pub fn credentials(cfg: &config::Credentials) -> anyhow::Result<Chain> {
+/// The credential sources in the order of design §10: the CRI pull's own auth
+/// (when given), then what `[credentials]` names: kubelet credential-provider
+/// plugins, then docker's config.json.
+pub fn credentials(cfg: &config::Credentials, pull_auths: Option<Arc<PullAuths>>) -> anyhow::Result<Chain> {
     let timeout = cfg.exec_timeout.into();
-    let mut sources = Vec::new();
+    let mut sources: Vec<Source> = pull_auths.into_iter().map(Source::PullAuth).collect();
     match (&cfg.provider_config, &cfg.provider_bin_dir) {
         (Some(config), Some(bin)) => sources.push(Source::Kubelet(Providers::load(config, bin, timeout)?)),
         (None, None) => {}

@@ -183,7 +183,13 @@ fn the_pod_installs_a_host_unit_whose_daemon_serves_the_probed_address() {
     let addr = cfg.metrics_address.expect("metrics_address is set: the probes need it");
     assert_eq!(addr.port(), pod["containers"][0]["livenessProbe"]["httpGet"]["port"]);
     assert_eq!(cfg.root, Path::new("/var/lib/streamsnap"));
+    // The CRI proxy for pull secrets is served; kubelet is pointed at it by the node's owner.
+    assert_eq!(
+        cfg.cri.proxy_address.as_deref(),
+        Some(Path::new("/run/streamsnap/cri.sock"))
+    );
     let unit = files["streamsnap.service"].as_str().unwrap();
+    assert!(unit.contains("Before=containerd.service kubelet.service"), "{unit}");
     assert!(
         unit.contains("ExecStart=/opt/streamsnap/bin/streamsnap serve --config /etc/streamsnap/config.toml"),
         "{unit}"

@@ -5,8 +5,8 @@
 //! for registry host H and image R" with the time they stop being good; the
 //! registry client asks again after that, and after a refusal ([`Chain::forget`]).
 //!
-//! The seam for the pull's own `auth` (the CRI `ImageService` proxy) is
-//! [`Source`]: it becomes another variant, asked first.
+//! The pull's own `auth` (the CRI `ImageService` proxy, [`pull`]) is asked
+//! first, and answers only for the image that was pulled with it.
 //!
 //! Secrets never reach a log: [`Secret`]'s `Debug` hides them, and errors name
 //! the registry host and the source, never the values.
@@ -16,11 +16,14 @@ mod exec;
 pub mod helper;
 pub mod kubelet;
 pub mod matching;
+pub mod pull;
 mod yaml;
 
 pub use exec::ExecError;
+pub use pull::{ImageKey, PullAuths};
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a source hands over for one registry.
@@ -31,6 +34,8 @@ pub enum Secret {
     /// An OAuth2 refresh token (docker's `identitytoken`): exchanged at the
     /// token realm with `grant_type=refresh_token`.
     IdentityToken(String),
+    /// A bearer token for the registry itself (CRI's `registry_token`), sent as it is.
+    RegistryToken(String),
 }
 
 impl fmt::Debug for Secret {
@@ -38,6 +43,7 @@ impl fmt::Debug for Secret {
         match self {
             Secret::Basic { username, .. } => write!(f, "Basic({username}, <hidden>)"),
             Secret::IdentityToken(_) => f.write_str("IdentityToken(<hidden>)"),
+            Secret::RegistryToken(_) => f.write_str("RegistryToken(<hidden>)"),
         }
     }
 }
@@ -98,20 +104,24 @@ pub enum CredentialError {
 /// One place credentials come from. An enum, not a trait object: the sources
 /// are few and known, and each lookup may run a program (async).
 pub enum Source {
+    /// The auth of the CRI pull of the image (shared with the proxy, which fills it).
+    PullAuth(Arc<PullAuths>),
     Kubelet(kubelet::Providers),
     Docker(docker::DockerConfig),
 }
 
 impl Source {
-    async fn lookup(&self, registry: &str, image: &str) -> Result<Option<Credential>, CredentialError> {
+    async fn lookup(&self, image: &ImageKey) -> Result<Option<Credential>, CredentialError> {
         match self {
-            Source::Kubelet(p) => Ok(p.lookup(registry, image).await),
-            Source::Docker(d) => d.lookup(registry).await,
+            Source::PullAuth(a) => Ok(a.lookup(image)),
+            Source::Kubelet(p) => Ok(p.lookup(&image.registry, &image.path()).await),
+            Source::Docker(d) => d.lookup(&image.registry).await,
         }
     }
 
     fn forget(&self, registry: &str) {
         match self {
+            Source::PullAuth(a) => a.forget(registry),
             Source::Kubelet(p) => p.forget(registry),
             Source::Docker(d) => d.forget(registry),
         }
@@ -135,11 +145,11 @@ impl Chain {
         Chain { sources }
     }
 
-    /// Credentials for `registry` (a host, `host:port`) when pulling `image`
-    /// (`host/repository`), or `None` for anonymous access.
-    pub async fn lookup(&self, registry: &str, image: &str) -> Result<Option<Credential>, CredentialError> {
+    /// Credentials for `image`'s registry when reading `image` (its tag and
+    /// manifest digest matter to pull secrets only), or `None` for anonymous access.
+    pub async fn lookup(&self, image: &ImageKey) -> Result<Option<Credential>, CredentialError> {
         for source in &self.sources {
-            if let Some(c) = source.lookup(registry, image).await? {
+            if let Some(c) = source.lookup(image).await? {
                 return Ok(Some(c));
             }
         }
@@ -177,6 +187,8 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Basic(alice, <hidden>)");
         let t = format!("{:?}", Secret::IdentityToken("refresh-me".into()));
         assert!(!t.contains("refresh-me"), "{t}");
+        let t = format!("{:?}", Secret::RegistryToken("bearer-me".into()));
+        assert!(!t.contains("bearer-me"), "{t}");
     }
 
     #[test]
@@ -188,6 +200,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_chain_means_anonymous() {
-        assert!(Chain::default().lookup("r.test", "r.test/a").await.unwrap().is_none());
+        let image = ImageKey {
+            registry: "r.test".into(),
+            repository: "a".into(),
+            tag: None,
+            digest: None,
+        };
+        assert!(Chain::default().lookup(&image).await.unwrap().is_none());
     }
 }

@@ -380,10 +380,7 @@ impl Registry {
                     // Also how an expired token is replaced mid-read: the retry carries the new one.
                     Some(Challenge::Bearer { realm, service, .. }) => {
                         self.tokens.forget(host, &scope);
-                        used = Some(
-                            self.fetch_token(op, repo, ep, &realm, service.as_deref(), &scope)
-                                .await?,
-                        );
+                        used = Some(self.bearer(op, repo, ep, &realm, service.as_deref(), &scope).await?);
                         continue;
                     }
                     Some(Challenge::Basic) => {

@@ -59,6 +59,16 @@ impl Reference {
                 .unwrap_or(false)
     }
 
+    /// The image as credential sources see it.
+    pub fn key(&self) -> crate::credentials::ImageKey {
+        crate::credentials::ImageKey {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            tag: self.tag.clone(),
+            digest: self.digest.as_ref().map(|d| d.to_string()),
+        }
+    }
+
     /// The same repository at another digest.
     pub fn with_digest(&self, digest: Digest) -> Self {
         Self {

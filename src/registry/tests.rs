@@ -2,7 +2,7 @@
 //! redaction, body limits and stalls through the real reqwest path.
 
 use super::{Reference, Registry, RegistryError, RegistryOptions};
-use crate::credentials::{docker::DockerConfig, Chain, Source};
+use crate::credentials::{docker::DockerConfig, Chain, Secret, Source};
 use crate::digest::Digest;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -121,6 +121,43 @@ async fn a_plain_http_token_realm_on_another_host_gets_no_basic_credentials() {
         !asked[0].to_ascii_lowercase().contains("authorization"),
         "credentials went to the realm: {}",
         asked[0]
+    );
+}
+
+#[tokio::test]
+async fn a_pulls_registry_token_is_sent_as_the_bearer_token_for_that_image_only() {
+    let tokens = Script::start(|_, c| answer(c, "200 OK", &[], br#"{"token":"from-realm"}"#));
+    let realm = format!("http://{}/token", tokens.host());
+    let registry = Script::start(move |head, c| match head.contains("Bearer kubelet-token") {
+        true => answer(c, "200 OK", &[], b"{}"),
+        false => answer(
+            c,
+            "401 Unauthorized",
+            &[format!(r#"WWW-Authenticate: Bearer realm="{realm}",service="s""#)],
+            b"",
+        ),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let auths = Arc::new(crate::credentials::PullAuths::open(dir.path()).unwrap());
+    let r = client(RegistryOptions {
+        credentials: Arc::new(Chain::new(vec![Source::PullAuth(Arc::clone(&auths))])),
+        max_attempts: 1,
+        ..Default::default()
+    });
+    let pulled = image(&registry.host());
+    let pulling = auths.begin(pulled.key(), Secret::RegistryToken("kubelet-token".into()));
+    r.fetch_manifest(&pulled, "latest").await.unwrap();
+    auths.end(pulling, true);
+    assert!(tokens.heads().is_empty(), "the realm was asked: {:?}", tokens.heads());
+    // Another repository of the registry gets no credentials: the realm's anonymous token is refused.
+    let other: Reference = format!("{}/team/other:latest", registry.host()).parse().unwrap();
+    let e = r.fetch_manifest(&other, "latest").await.unwrap_err();
+    assert!(error_text(&e).contains("no credentials"), "{}", error_text(&e));
+    let asked = tokens.heads();
+    assert!(!asked.is_empty());
+    assert!(
+        asked.iter().all(|h| !h.to_ascii_lowercase().contains("authorization")),
+        "{asked:?}"
     );
 }
 

@@ -4,16 +4,19 @@
 //! and password on a GET, or an identity token as an OAuth2 refresh token
 //! (`grant_type=refresh_token`) on a POST, as docker does.
 
-use super::auth::TokenResponse;
+use super::auth::{Token, TokenResponse};
 use super::body::{self, BodyLimit};
 use super::endpoints::Endpoint;
 use super::policy::{self, RedactedUrl};
 use super::retry::Failure;
 use super::{Reference, Registry, RegistryError};
-use crate::credentials::{Credential, Secret};
+use crate::credentials::{Credential, ImageKey, Secret};
 use reqwest::Url;
 use std::time::Instant;
 use tracing::warn;
+
+/// How long a registry token handed by a pull is used before the sources are asked again.
+const REGISTRY_TOKEN_LIFE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Client id sent with OAuth2 token requests (the spec asks for one).
 const CLIENT_ID: &str = "streamsnap";
@@ -27,16 +30,44 @@ impl Registry {
         repo: &Reference,
         ep: &Endpoint,
     ) -> Result<Option<Credential>, RegistryError> {
-        let host = ep.auth_host.as_str();
-        let image = format!("{host}/{}", repo.repository);
+        // Keyed by the endpoint's host: a mirror never gets the registry's secrets.
+        let key = ImageKey {
+            registry: ep.auth_host.clone(),
+            ..repo.key()
+        };
         self.opts
             .credentials
-            .lookup(host, &image)
+            .lookup(&key)
             .await
             .map_err(|source| RegistryError::Credentials {
                 op,
                 source: Box::new(source),
             })
+    }
+
+    /// A bearer token for `scope` after a Bearer challenge: a pull's registry
+    /// token as it is (the realm is not asked), else one from the realm
+    /// ([`Self::fetch_token`]). Returns what was sent, as `fetch_token` does.
+    pub(super) async fn bearer(
+        &self,
+        op: &'static str,
+        repo: &Reference,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, Failure> {
+        if let Some(Credential {
+            secret: Secret::RegistryToken(value),
+            origin,
+            ..
+        }) = self.credential(op, repo, ep).await?
+        {
+            let expires = Instant::now() + REGISTRY_TOKEN_LIFE;
+            self.tokens.put(&ep.auth_host, scope, Token { value, expires });
+            return Ok(format!("credentials from {origin}"));
+        }
+        self.fetch_token(op, repo, ep, realm, service, scope).await
     }
 
     /// Gets a bearer token from `realm`. Credentials go along only when the
@@ -98,7 +129,8 @@ impl Registry {
                 .get(realm_url.clone())
                 .query(&query)
                 .basic_auth(username, Some(password)),
-            None => ep.client.get(realm_url.clone()).query(&query),
+            // Handed over as the bearer token itself (see `Registry::bearer`); never sent to a realm.
+            Some(Secret::RegistryToken(_)) | None => ep.client.get(realm_url.clone()).query(&query),
         };
         let credential_used = credential.is_some();
         let with = credential.map_or_else(

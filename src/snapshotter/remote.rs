@@ -9,6 +9,7 @@ use restart::{keeper_name, HeldMount, Remount, RemountState};
 pub use status::DaemonStatus;
 
 use super::{RemoteLayer, SnapshotError, Snapshots};
+use crate::credentials::{ImageKey, PullAuths};
 use crate::digest::Digest;
 use crate::flight::{Abandoned, Flights};
 use crate::fs::{LayerFs, MountedLayer};
@@ -136,6 +137,8 @@ pub struct RemoteLayers {
     remounts: Mutex<HashMap<u64, Remount>>,
     /// Holds every mount's descriptor across restarts (`lifecycle`), if it runs.
     keeper: Option<Arc<Keeper>>,
+    /// The CRI pulls' own auth, kept while a snapshot of their image is left.
+    pull_auths: Option<Arc<PullAuths>>,
 }
 
 impl RemoteLayers {
@@ -147,6 +150,7 @@ impl RemoteLayers {
     ) -> Self {
         Self {
             keeper,
+            pull_auths: None,
             ctx,
             platform,
             runtime,
@@ -157,6 +161,29 @@ impl RemoteLayers {
             manifests: Flights::caching(NonZeroUsize::new(MANIFESTS_KEPT).expect("non-zero"), |r| {
                 r.is_ok().then_some(MANIFEST_KEPT_FOR)
             }),
+        }
+    }
+
+    /// Pull secrets to drop when the last snapshot of their image goes.
+    pub fn with_pull_auths(mut self, auths: Arc<PullAuths>) -> Self {
+        self.pull_auths = Some(auths);
+        self
+    }
+
+    /// Drops the pull secrets of images no lazily served snapshot shows any
+    /// more (after a Remove, a pull, and at start). Blocking: reads the store.
+    pub fn drop_unused_pull_auths(&self, snapshots: &Snapshots) {
+        let Some(auths) = &self.pull_auths else { return };
+        match snapshots.records() {
+            Ok(records) => {
+                let images: Vec<ImageKey> = records
+                    .iter()
+                    .filter_map(|(_, r)| r.remote.as_ref()?.image.parse::<Reference>().ok())
+                    .map(|r| r.key())
+                    .collect();
+                auths.retain_used(&images);
+            }
+            Err(e) => warn!(error = %e, "pull secrets not checked against the snapshots left"),
         }
     }
 

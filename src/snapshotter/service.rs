@@ -170,6 +170,7 @@ impl SnapshotsApi for Service {
             tokio::task::spawn_blocking(move || {
                 remote.release(rec.id);
                 snapshots.forget_dir(rec.id);
+                remote.drop_unused_pull_auths(&snapshots);
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?;

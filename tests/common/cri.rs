@@ -3,8 +3,8 @@
 //! CNI), containers run to exit, their CRI logs read back.
 use super::containerd::Containerd;
 use ::streamsnap::proto::cri::{
-    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, ContainerConfig,
-    ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, AuthConfig,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest, CreateContainerRequest, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopPodSandboxRequest,
@@ -28,29 +28,22 @@ pub struct Cri {
 
 impl Cri {
     pub fn connect(containerd: &Containerd) -> Cri {
-        let socket = containerd.socket();
+        Self::connect_images_at(containerd, containerd.socket())
+    }
+
+    /// RuntimeService at containerd's socket, ImageService at `images` (a CRI proxy's socket,
+    /// as kubelet's `--image-service-endpoint` splits them).
+    pub fn connect_images_at(containerd: &Containerd, images: &Path) -> Cri {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let path = socket.to_path_buf();
-        let channel = rt
-            .block_on(
-                // The URI is a placeholder: the connector always dials the unix socket.
-                Endpoint::from_static("http://[::]:0").connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                })),
-            )
-            .unwrap_or_else(|e| panic!("connect to CRI at {}: {e}", socket.display()));
+        let runtime = channel(&rt, containerd.socket());
+        let images = channel(&rt, images);
         Cri {
             rt,
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            images: ImageServiceClient::new(channel),
+            runtime: RuntimeServiceClient::new(runtime),
+            images: ImageServiceClient::new(images),
             containerd_log: containerd.log_path().to_path_buf(),
         }
     }
@@ -72,6 +65,23 @@ impl Cri {
             lines[lines.len().saturating_sub(40)..].join("\n")
         )
     }
+}
+
+/// A gRPC channel over the unix socket at `socket`.
+pub fn channel(rt: &tokio::runtime::Runtime, socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    rt.block_on(
+        // The URI is a placeholder: the connector always dials the unix socket.
+        Endpoint::from_static("http://[::]:0").connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        })),
+    )
+    .unwrap_or_else(|e| panic!("connect to CRI at {}: {e}", socket.display()))
 }
 
 /// Stops and removes the pod sandbox on the way out (also when an assertion fails),
@@ -157,11 +167,35 @@ impl Cri {
                     image: reference.to_string(),
                     ..Default::default()
                 }),
+                auth: None,
                 sandbox_config: None,
             }),
         );
         assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
         pulled.image_ref
+    }
+
+    /// PullImage of `reference` with kubelet's `auth`; the image id, or containerd's error.
+    pub fn try_pull_image_with(&self, reference: &str, auth: AuthConfig) -> Result<String, tonic::Status> {
+        let mut images = self.images.clone();
+        let call = images.pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: reference.to_string(),
+                ..Default::default()
+            }),
+            auth: Some(auth),
+            sandbox_config: None,
+        });
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(RPC_TIMEOUT, call).await })
+        {
+            Ok(r) => r.map(|r| r.into_inner().image_ref),
+            Err(_) => panic!(
+                "CRI PullImage {reference} timed out after {RPC_TIMEOUT:?}\n{}",
+                self.log_tail()
+            ),
+        }
     }
 
     /// Creates container `name` from `image` in pod `pod` running `command`, starts it and waits
