@@ -1,6 +1,7 @@
 //! The fetcher against an in-process source: what reaches the source, what
 //! readers get when it fails, and how priorities order the work.
 
+use super::load::coalesce;
 use super::testing::{services, tar_blob, tar_fetcher, Fault, TestSource};
 use super::*;
 use std::time::Duration;
