@@ -5,6 +5,7 @@
 
 use super::auth::{Challenge, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
+use super::cold::ColdBlobs;
 use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
 use super::policy::{self, RedactedUrl};
 use super::retry::{Failure, Retry, RetryPolicy};
@@ -12,7 +13,7 @@ use super::{Platform, Reference, RegistryError};
 use crate::credentials::{Chain, Secret};
 use crate::digest::Digest;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub struct RegistryOptions {
     pub connect_timeout: Duration,
     /// Where credentials come from (kubelet providers, docker config); empty: anonymous.
     pub credentials: Arc<Chain>,
+    /// How long a blob's range reads may wait for a registry that answered
+    /// one of them with the whole blob (a pull-through cache still filling,
+    /// see [`super::cold`]) before reading through such answers; zero: never wait.
+    pub cold_blob_wait: Duration,
 }
 
 impl Default for RegistryOptions {
@@ -55,6 +60,7 @@ impl Default for RegistryOptions {
             deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             credentials: Arc::new(Chain::default()),
+            cold_blob_wait: Duration::from_secs(30),
         }
     }
 }
@@ -63,8 +69,10 @@ impl Default for RegistryOptions {
 pub struct Registry {
     pub(super) http: reqwest::Client,
     pub(super) opts: RegistryOptions,
-    retry: RetryPolicy,
+    pub(super) retry: RetryPolicy,
     pub(super) tokens: TokenCache,
+    /// Blobs answered with the whole blob where a range was asked for.
+    pub(super) cold: ColdBlobs,
     /// Registries that asked for basic auth.
     basic: parking_lot::Mutex<HashSet<String>>,
 }
@@ -98,6 +106,7 @@ impl Registry {
             opts,
             retry,
             tokens: TokenCache::default(),
+            cold: ColdBlobs::default(),
             basic: Default::default(),
         })
     }
@@ -237,78 +246,6 @@ impl Registry {
             .await
     }
 
-    /// Reads `len` bytes at `offset` of a blob; exactly those bytes or an error.
-    /// Request and body are one attempt of the client's one retry policy: a
-    /// stalled or truncated body is retried on a new connection, within the deadline.
-    pub async fn read_blob_range(
-        &self,
-        repo: &Reference,
-        digest: &Digest,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, RegistryError> {
-        const OP: &str = "reading blob range";
-        let bad = |reason: String| RegistryError::BadRange {
-            repo: repo.to_string(),
-            digest: digest.clone(),
-            offset,
-            len,
-            reason,
-        };
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let last = offset
-            .checked_add(len - 1)
-            .ok_or_else(|| bad("range runs past 2^64".into()))?;
-        let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let range = HeaderValue::from_str(&format!("bytes={offset}-{last}")).expect("ascii range");
-        self.retry
-            .run(OP, &url, |_| {
-                let range = range.clone();
-                let url = &url;
-                async move {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(RANGE, range);
-                    let resp = self
-                        .send_once(OP, repo, Access::Pull, Method::GET, url, headers, None)
-                        .await?;
-                    // A registry may ignore Range and send the whole blob (200): skip to the offset.
-                    let skip = match resp.status() {
-                        StatusCode::PARTIAL_CONTENT => {
-                            let start = content_range_start(resp.headers());
-                            if start != Some(offset) {
-                                return Err(bad(format!("server answered Content-Range start {start:?}")).into());
-                            }
-                            0
-                        }
-                        StatusCode::OK => offset,
-                        StatusCode::RANGE_NOT_SATISFIABLE => {
-                            return Err(bad("range not satisfiable: the blob is shorter".into()).into())
-                        }
-                        s => return Err(bad(format!("unexpected status {s}")).into()),
-                    };
-                    match body::read_range(resp, skip, len, self.stall()).await {
-                        Ok(b) if b.len() as u64 == len => Ok(b),
-                        Ok(b) => {
-                            warn!(%digest, offset, len, got = b.len(), "short blob range read");
-                            Err(Failure::retry(bad(format!(
-                                "truncated: body ended after {} of {len} bytes",
-                                b.len()
-                            ))))
-                        }
-                        Err((got, e)) => {
-                            warn!(%digest, offset, len, got, error = %e, "blob range read failed");
-                            Err(Failure::retry(bad(format!(
-                                "truncated: body failed after {got} of {len} bytes ({e})"
-                            ))))
-                        }
-                    }
-                }
-            })
-            .await
-    }
-
     /// Opens a whole blob for streaming (caller verifies its digest and bounds its length).
     pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(repo));
@@ -376,7 +313,7 @@ impl Registry {
     /// One attempt: the request, its auth round trips and redirects (each
     /// bounded), no retry; a failure says whether another attempt may help.
     #[allow(clippy::too_many_arguments)]
-    async fn send_once(
+    pub(super) async fn send_once(
         &self,
         op: &'static str,
         repo: &Reference,
@@ -541,7 +478,7 @@ impl Registry {
     }
 }
 
-fn content_range_start(h: &HeaderMap) -> Option<u64> {
+pub(super) fn content_range_start(h: &HeaderMap) -> Option<u64> {
     let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.strip_prefix("bytes ")?;
     rest.split('-').next()?.trim().parse().ok()

@@ -9,9 +9,11 @@
 mod auth;
 mod body;
 mod client;
+mod cold;
 mod manifest;
 pub mod policy;
 mod push;
+mod range;
 mod reference;
 pub mod referrers;
 mod retry;
