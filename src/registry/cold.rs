@@ -7,8 +7,10 @@
 //! such an answer up to a range's offset makes the upstream send the blob's
 //! prefix once more per request and per node (an eStargz footer sits at the
 //! end of its blob). So the read that gets a whole-blob answer drops it, and
-//! the blob's reads wait, one probe at a time with doubling pauses, until the
-//! registry answers with a range: the upstream then sends each blob about once
+//! the blob's reads wait until the registry answers it with a range; probes
+//! go one at a time per registry (its blobs fill side by side), after
+//! doubling pauses, and a range answer lets the next cold blob be probed at
+//! once: the upstream then sends each blob about once
 //! however many nodes ask. A registry that keeps answering 200 (one without
 //! range support) is read through, as before, once the blob's wait budget is
 //! spent (its size at [`FILL_RATE`], at least [`MIN_WAIT`], at most the
@@ -39,18 +41,31 @@ const MAX_BLOBS: usize = 1024;
 struct Cold {
     since: Instant,
     budget: Duration,
-    pause: Duration,
-    next_probe: Instant,
-    /// A probe of this blob is in flight.
-    probing: bool,
     /// The budget ran out: read through the whole-blob answers.
     gave_up: bool,
 }
 
-/// The client's cold blobs, by blob URL.
+/// Probes go to a registry one at a time: its cold blobs fill side by side,
+/// so while one is still cold the others most likely are too.
+struct Pace {
+    pause: Duration,
+    next_probe: Instant,
+    /// A probe to this registry is in flight.
+    probing: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// By blob URL.
+    blobs: HashMap<String, Cold>,
+    /// By registry (the URL up to `/v2/`).
+    hosts: HashMap<String, Pace>,
+}
+
+/// The client's cold blobs.
 #[derive(Default)]
 pub(super) struct ColdBlobs {
-    blobs: Mutex<HashMap<String, Cold>>,
+    state: Mutex<State>,
     changed: Notify,
 }
 
@@ -58,32 +73,42 @@ pub(super) struct ColdBlobs {
 pub(super) struct Turn<'a> {
     cold: &'a ColdBlobs,
     url: &'a str,
-    /// This turn is the blob's probe (clears `probing` when done).
+    /// This turn is its registry's probe (clears `probing` when done).
     probe: AtomicBool,
     /// Read whole-blob answers through (no wait).
     read_through: bool,
 }
 
+fn host(url: &str) -> &str {
+    url.split("/v2/").next().unwrap_or(url)
+}
+
 impl ColdBlobs {
     /// Waits until a request for `url` may go: at once for a blob not known
-    /// cold; else when it is this caller's turn to probe, the blob answers
-    /// ranges again, or its wait is given up.
+    /// cold; else when it is this caller's turn to probe the registry, the
+    /// blob answers ranges again, or its wait is given up.
     pub(super) async fn turn<'a>(&'a self, url: &'a str) -> Turn<'a> {
         loop {
             let (notified, pause) = {
-                let mut blobs = self.blobs.lock();
+                let mut state = self.state.lock();
+                let State { blobs, hosts } = &mut *state;
                 let now = Instant::now();
-                let Some(c) = blobs.get_mut(url) else {
+                let Some(c) = blobs.get(url) else {
                     return self.make_turn(url, false, false);
                 };
                 if c.gave_up {
                     return self.make_turn(url, false, true);
                 }
-                if !c.probing && now >= c.next_probe {
-                    c.probing = true;
+                let pace = hosts.entry(host(url).to_string()).or_insert(Pace {
+                    pause: MIN_PAUSE,
+                    next_probe: now,
+                    probing: false,
+                });
+                if !pace.probing && now >= pace.next_probe {
+                    pace.probing = true;
                     return self.make_turn(url, true, false);
                 }
-                let pause = if c.probing { MAX_PAUSE } else { c.next_probe - now };
+                let pause = if pace.probing { MAX_PAUSE } else { pace.next_probe - now };
                 // Created under the lock: a change after it is not missed.
                 (self.changed.notified(), pause)
             };
@@ -106,17 +131,34 @@ impl ColdBlobs {
     /// Blobs currently waited on (for tests).
     #[cfg(test)]
     pub(super) fn waiting(&self) -> usize {
-        self.blobs.lock().values().filter(|c| !c.gave_up).count()
+        self.state.lock().blobs.values().filter(|c| !c.gave_up).count()
     }
 }
 
 impl Turn<'_> {
-    /// The registry answered with a range: the blob is served from its store now.
+    /// The registry answered with a range: the blob is served from its store
+    /// now, and the registry's next cold blob may be probed at once.
     pub(super) fn ranges(&self) {
-        if self.cold.blobs.lock().remove(self.url).is_some() {
+        let was_probe = self.probe.swap(false, Ordering::Relaxed);
+        let mut state = self.cold.state.lock();
+        let State { blobs, hosts } = &mut *state;
+        let removed = blobs.remove(self.url).is_some();
+        let h = host(self.url);
+        if let Some(pace) = hosts.get_mut(h) {
+            if was_probe {
+                pace.probing = false;
+            }
+            if removed {
+                pace.next_probe = Instant::now();
+            }
+            if !pace.probing && !blobs.keys().any(|u| host(u) == h) {
+                hosts.remove(h);
+            }
+        }
+        drop(state);
+        if removed || was_probe {
             self.cold.changed.notify_waiters();
         }
-        self.probe.store(false, Ordering::Relaxed);
     }
 
     /// The registry answered with the whole blob of `size` bytes; true when the
@@ -127,44 +169,48 @@ impl Turn<'_> {
             return false;
         }
         let was_probe = self.probe.swap(false, Ordering::Relaxed);
-        let mut blobs = self.cold.blobs.lock();
+        let mut state = self.cold.state.lock();
+        let State { blobs, hosts } = &mut *state;
         let now = Instant::now();
         let full = blobs.len() >= MAX_BLOBS;
+        let at = |rate: u64| Duration::from_secs_f64(size as f64 / rate as f64);
+        let pace = hosts.entry(host(self.url).to_string()).or_insert_with(|| {
+            let pause = at(GUESS_RATE).clamp(MIN_PAUSE, MAX_PAUSE);
+            Pace {
+                pause,
+                next_probe: now + pause,
+                probing: false,
+            }
+        });
+        if was_probe {
+            pace.probing = false;
+        }
         let wait = match blobs.get_mut(self.url) {
             None if full => false,
             None => {
-                let at = |rate: u64| Duration::from_secs_f64(size as f64 / rate as f64);
                 let budget = at(FILL_RATE).clamp(MIN_WAIT, cap.max(MIN_WAIT));
-                let pause = at(GUESS_RATE).clamp(MIN_PAUSE, MAX_PAUSE);
-                blobs.insert(
-                    self.url.to_string(),
-                    Cold {
-                        since: now,
-                        budget,
-                        pause,
-                        next_probe: now + pause,
-                        probing: false,
-                        gave_up: false,
-                    },
-                );
+                let cold = Cold {
+                    since: now,
+                    budget,
+                    gave_up: false,
+                };
+                blobs.insert(self.url.to_string(), cold);
                 true
             }
             Some(c) if c.gave_up => false,
             Some(c) if now.duration_since(c.since) >= c.budget => {
                 c.gave_up = true;
-                c.probing = false;
                 false
             }
-            Some(c) => {
+            Some(_) => {
                 if was_probe {
-                    c.probing = false;
-                    c.pause = (c.pause * 2).min(MAX_PAUSE);
-                    c.next_probe = now + c.pause;
+                    pace.pause = (pace.pause * 2).min(MAX_PAUSE);
+                    pace.next_probe = now + pace.pause;
                 }
                 true
             }
         };
-        drop(blobs);
+        drop(state);
         self.cold.changed.notify_waiters();
         wait
     }
@@ -174,8 +220,8 @@ impl Drop for Turn<'_> {
     /// A probe that ended without an answer (an error) hands the turn on.
     fn drop(&mut self) {
         if self.probe.load(Ordering::Relaxed) {
-            if let Some(c) = self.cold.blobs.lock().get_mut(self.url) {
-                c.probing = false;
+            if let Some(pace) = self.cold.state.lock().hosts.get_mut(host(self.url)) {
+                pace.probing = false;
             }
             self.cold.changed.notify_waiters();
         }
@@ -254,6 +300,31 @@ mod tests {
         );
         let t = cold.turn("u").await;
         assert!(t.read_through && !t.whole(4 << 20, CAP));
+    }
+
+    #[tokio::test]
+    async fn one_probe_goes_to_a_registry_at_a_time_and_a_range_answer_lets_the_next_blob_probe_at_once() {
+        let cold = ColdBlobs::default();
+        let (a, b) = ("http://r/v2/x/blobs/a", "http://r/v2/x/blobs/b");
+        assert!(cold.turn(a).await.whole(16 << 20, CAP));
+        assert!(cold.turn(b).await.whole(16 << 20, CAP));
+        let probe_a = cold.turn(a).await;
+        assert!(probe_a.probe.load(Ordering::Relaxed));
+        let started = Instant::now();
+        let probe_b = async {
+            let t = cold.turn(b).await;
+            assert!(t.probe.load(Ordering::Relaxed));
+            started.elapsed()
+        };
+        let answer = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            probe_a.ranges();
+        };
+        let (waited, ()) = tokio::join!(probe_b, answer);
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_millis(400),
+            "b probed {waited:?} after a's probe went, not while it was out nor a pause later"
+        );
     }
 
     #[tokio::test]

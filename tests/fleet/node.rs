@@ -159,10 +159,11 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
     };
     if let Some(m) = &mirror {
         let log = std::fs::read_to_string(m.log_path()).unwrap_or_default();
-        for l in log
-            .lines()
-            .filter(|l| l.contains("level=error") && !l.contains("broken pipe") && !l.contains("connection reset"))
-        {
+        for l in log.lines().filter(|l| {
+            l.contains("level=error")
+                && !l.contains("error serving error json")
+                && !l.contains("response completed with error")
+        }) {
             eprintln!("[fleet] {name}: mirror error: {}", &l[..l.len().min(400)]);
         }
     }
