@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and the demo drive (real registry,
 # containerd, runc, image tools, FUSE). Idempotent; needs root.
 set -euo pipefail
-packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr
+packages=(containerd runc docker-registry skopeo umoci stargz-snapshotter fuse3 iproute2 curl jq attr openssl
           golang-go golang-github-containerd-containerd-dev busybox-static tar g++ apache2-utils python3-pip)
 # The start-up benchmark also builds a Debian userland, shapes a link and plots.
 if [ "${1:-}" = "--bench" ]; then

@@ -12,6 +12,7 @@
 //! [registry]
 //! insecure = ["host:5000"]
 //! platform = "linux/amd64"
+//! config_path = "/etc/containerd/certs.d"
 //! [cache]
 //! disk_size = "10GiB"
 //! memory_size = "256MiB"
@@ -99,6 +100,10 @@ pub struct Registry {
     pub insecure: Vec<RegistryHost>,
     /// Platform whose manifest is used when an image is an index.
     pub platform: Platform,
+    /// containerd's registry host directory (its CRI `registry.config_path`;
+    /// several separated by ':' are searched in order): `<dir>/<host>/hosts.toml`
+    /// names mirrors tried before the registry. Unset: registries are reached directly.
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for Registry {
@@ -106,6 +111,7 @@ impl Default for Registry {
         Self {
             insecure: Vec::new(),
             platform: "linux/amd64".parse().expect("a valid platform"),
+            config_path: None,
         }
     }
 }
@@ -515,6 +521,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.metrics_address, Some("127.0.0.1:9580".parse().unwrap()));
         assert_eq!(c.registry.insecure[0].as_str(), "r:5000");
+        assert_eq!(c.registry.config_path, None);
         assert_eq!(c.registry.platform.variant.as_deref(), Some("v8"));
         assert_eq!(c.cache.disk_size, ByteSize::gib(1));
         assert_eq!(c.cache.memory_size, ByteSize::mib(1));
@@ -569,6 +576,8 @@ mod tests {
 
     #[test]
     fn a_bad_platform_is_rejected_naming_the_key_and_the_value() {
+        let c = load("[registry]\nconfig_path = \"/etc/containerd/certs.d\"\n").unwrap();
+        assert_eq!(c.registry.config_path, Some(PathBuf::from("/etc/containerd/certs.d")));
         let e = load("[registry]\nplatform = \"amd64\"\n").unwrap_err();
         assert!(
             e.contains("platform") && e.contains("amd64") && e.contains("os/arch"),

@@ -17,8 +17,8 @@ use tracing::info;
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // First: nothing in the state dir is touched unless this process owns it.
     let owner = node::StateLock::acquire(&config.root)?;
-    let registry = Arc::new(node::registry(&config, false)?);
     let metrics = Metrics::new();
+    let registry = Arc::new(node::registry_counted(&config, false, metrics.endpoints())?);
     let endpoint = Endpoint::new(Arc::clone(&metrics));
     let _metrics_server = match config.metrics_address {
         Some(addr) => {

@@ -2,7 +2,8 @@
 //! as read-only FUSE filesystems whose contents are fetched on first read.
 //!
 //! # Layout
-//! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push).
+//! - [`registry`]: OCI distribution client (references, auth, manifests, blob ranges, push;
+//!   mirrors from containerd's `hosts.toml`, with failover).
 //! - [`credentials`]: registry credentials: kubelet credential-provider plugins, docker's
 //!   config.json and its credential helpers, in order, refreshed when they expire or change.
 //! - [`index`]: one file-tree-and-chunk model for every layer form (eStargz, zstd:chunked, tar,

@@ -120,6 +120,8 @@ struct ServeArgs {
     no_profile_replay: bool,
     #[command(flatten)]
     credentials: CredentialArgs,
+    #[command(flatten)]
+    hosts: HostsArgs,
 }
 
 impl ServeArgs {
@@ -144,6 +146,7 @@ impl ServeArgs {
             cfg.profile.quiet = q;
         }
         self.credentials.apply(&mut cfg.credentials);
+        self.hosts.apply(&mut cfg.registry);
     }
 }
 
@@ -161,6 +164,8 @@ struct PullArgs {
     /// Name containerd knows the snapshotter by.
     #[arg(long, default_value = "streamsnap")]
     snapshotter: String,
+    #[command(flatten)]
+    hosts: HostsArgs,
     image: Reference,
 }
 
@@ -195,6 +200,8 @@ struct MountArgs {
     fill: FillArgs,
     #[command(flatten)]
     credentials: CredentialArgs,
+    #[command(flatten)]
+    hosts: HostsArgs,
     image: Reference,
     mountpoint: PathBuf,
 }
@@ -213,6 +220,7 @@ impl MountArgs {
         cfg.fetch.stall_timeout = self.stall_timeout;
         self.fill.apply(&mut cfg.background_fill);
         self.credentials.apply(&mut cfg.credentials);
+        self.hosts.apply(&mut cfg.registry);
         cfg
     }
 }
@@ -262,6 +270,8 @@ struct IndexArgs {
     state_dir: PathBuf,
     #[arg(long, default_value_t = defaults().registry.platform)]
     platform: Platform,
+    #[command(flatten)]
+    hosts: HostsArgs,
     image: Reference,
 }
 
@@ -326,6 +336,29 @@ struct CredentialArgs {
     /// Directory of the credential-provider plugins the config names.
     #[arg(long)]
     image_credential_provider_bin_dir: Option<PathBuf>,
+}
+
+/// Mirrors: containerd's registry host directory (`[registry] config_path`).
+#[derive(clap::Args)]
+struct HostsArgs {
+    /// containerd's registry `config_path` (`<DIR>/<host>/hosts.toml`: mirrors tried before the registry).
+    #[arg(long, value_name = "DIR")]
+    registry_config_path: Option<PathBuf>,
+}
+
+impl HostsArgs {
+    fn apply(&self, r: &mut config::Registry) {
+        if let Some(p) = &self.registry_config_path {
+            r.config_path = Some(p.clone());
+        }
+    }
+
+    /// The config of a one-shot command: the defaults and this flag.
+    fn config(&self) -> Config {
+        let mut cfg = defaults();
+        self.apply(&mut cfg.registry);
+        cfg
+    }
 }
 
 impl CredentialArgs {
@@ -410,7 +443,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let registry = registry_client(args.plain_http)?;
+    let registry = node::registry(&args.hosts.config(), args.plain_http)?;
     let opts = streamsnap::pull::PullOptions {
         address: args.address,
         namespace: args.namespace,
@@ -434,8 +467,9 @@ async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let cfg = args.config();
     let owner = node::StateLock::acquire(&cfg.root)?;
-    let registry = Arc::new(node::registry(&cfg, args.plain_http)?);
-    let ctx = node::layer_context(&cfg, &owner, registry, Metrics::new())?;
+    let metrics = Metrics::new();
+    let registry = Arc::new(node::registry_counted(&cfg, args.plain_http, metrics.endpoints())?);
+    let ctx = node::layer_context(&cfg, &owner, registry, metrics)?;
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
     let mounted = image_mount::mount_image(&ctx, &state, image, &cfg.registry.platform, mountpoint)
@@ -477,7 +511,7 @@ async fn profile(action: ProfileAction) -> anyhow::Result<()> {
 
 async fn index(args: IndexArgs) -> anyhow::Result<()> {
     let _owner = node::StateLock::acquire(&args.state_dir)?;
-    let registry = registry_client(args.plain_http)?;
+    let registry = node::registry(&args.hosts.config(), args.plain_http)?;
     let store = IndexStore::new(StateDir { root: args.state_dir }.indexes(), Vec::new(), false);
     let opts = IndexOptions {
         span: args.span.as_u64(),

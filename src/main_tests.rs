@@ -122,3 +122,36 @@ fn command_line_values_are_checked_like_the_config_file() {
         );
     }
 }
+
+#[test]
+fn registry_config_path_is_a_flag_of_serve_mount_pull_and_index() {
+    let dir = Some(PathBuf::from("/etc/containerd/certs.d"));
+    let Command::Serve(s) = parse(&["serve", "--registry-config-path=/etc/containerd/certs.d"]) else {
+        panic!()
+    };
+    let mut c = Config::default();
+    s.apply(&mut c);
+    assert_eq!(c.registry.config_path, dir);
+    let Command::Mount(m) = parse(&[
+        "mount",
+        "--registry-config-path",
+        "/etc/containerd/certs.d",
+        "img",
+        "/mnt",
+    ]) else {
+        panic!()
+    };
+    assert_eq!(m.config().registry.config_path, dir);
+    let Command::Pull(p) = parse(&["pull", "--registry-config-path=/etc/containerd/certs.d", "img"]) else {
+        panic!()
+    };
+    assert_eq!(p.hosts.config().registry.config_path, dir);
+    let Command::Index(i) = parse(&["index", "--registry-config-path=/etc/containerd/certs.d", "img"]) else {
+        panic!()
+    };
+    assert_eq!(i.hosts.config().registry.config_path, dir);
+    let Command::Serve(s) = parse(&["serve"]) else { panic!() };
+    let mut c = Config::default();
+    s.apply(&mut c);
+    assert_eq!(c.registry.config_path, None, "no mirrors unless configured");
+}

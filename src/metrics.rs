@@ -70,9 +70,51 @@ struct LookupLabels {
     result: Lookup,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
+}
+
+/// Bytes served and failures per registry endpoint host (mirrors and
+/// registries); the registry client keeps a clone and counts into it.
+#[derive(Clone, Default, Debug)]
+pub struct EndpointMetrics {
+    bytes: Family<HostLabels, Counter>,
+    failures: Family<HostLabels, Counter>,
+}
+
+impl EndpointMetrics {
+    /// `bytes` of blob or manifest content received from `host`.
+    pub fn served(&self, host: &str, bytes: u64) {
+        self.bytes
+            .get_or_create(&HostLabels { host: host.to_string() })
+            .inc_by(bytes);
+    }
+
+    /// A request to `host` failed (it fell over to the next host, or failed the attempt).
+    pub fn failure(&self, host: &str) {
+        self.failures
+            .get_or_create(&HostLabels { host: host.to_string() })
+            .inc();
+    }
+
+    /// Bytes received from `host` so far.
+    pub fn served_total(&self, host: &str) -> u64 {
+        self.bytes.get_or_create(&HostLabels { host: host.to_string() }).get()
+    }
+
+    /// Failures of `host` so far.
+    pub fn failures_total(&self, host: &str) -> u64 {
+        self.failures
+            .get_or_create(&HostLabels { host: host.to_string() })
+            .get()
+    }
+}
+
 /// The daemon's metrics; cheap to update whether or not they are served.
 pub struct Metrics {
     registry: Registry,
+    endpoints: EndpointMetrics,
     fetched_bytes: Family<CauseLabels, Counter>,
     fetch_requests: Family<CauseLabels, Counter>,
     chunk_lookups: Family<LookupLabels, Counter>,
@@ -129,8 +171,20 @@ impl Metrics {
             "Layers whose filled content failed its check against the layer digest; their reads fail",
             quarantined_layers.clone(),
         );
+        let endpoints = EndpointMetrics::default();
+        registry.register(
+            "registry_endpoint_bytes",
+            "Content bytes received per registry endpoint host (mirrors and registries)",
+            endpoints.bytes.clone(),
+        );
+        registry.register(
+            "registry_endpoint_failures",
+            "Failed requests per registry endpoint host (each fell over to the next host or failed an attempt)",
+            endpoints.failures.clone(),
+        );
         Arc::new(Self {
             registry,
+            endpoints,
             quarantined_layers,
             fetched_bytes,
             fetch_requests,
@@ -139,6 +193,11 @@ impl Metrics {
             layer_mount_seconds,
             reads_waiting,
         })
+    }
+
+    /// The per-endpoint counters, for the registry client (`RegistryOptions::endpoint_metrics`).
+    pub fn endpoints(&self) -> EndpointMetrics {
+        self.endpoints.clone()
     }
 
     /// On-demand range requests waiting for admission or on the registry now (set by the scheduler).

@@ -15,7 +15,7 @@ use crate::credentials::kubelet::Providers;
 use crate::credentials::{Chain, Source};
 use crate::layer::gzip_index::IndexStore;
 use crate::layer::LayerContext;
-use crate::metrics::Metrics;
+use crate::metrics::{EndpointMetrics, Metrics};
 use crate::prefetch::background::FillConfig;
 use crate::prefetch::profile::Profiles;
 use crate::registry::{Registry, RegistryOptions};
@@ -50,6 +50,12 @@ impl StateDir {
 /// commands' `--plain-http`) every registry; every operation bounded by
 /// `[fetch] read_deadline`, every connection by `stall_timeout`.
 pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
+    registry_counted(config, plain_http, EndpointMetrics::default())
+}
+
+/// [`registry`], counting bytes and failures per endpoint host into `counters`
+/// (`Metrics::endpoints`); mirrors come from `[registry] config_path`.
+pub fn registry_counted(config: &Config, plain_http: bool, counters: EndpointMetrics) -> anyhow::Result<Registry> {
     let (cfg, fetch) = (&config.registry, &config.fetch);
     anyhow::ensure!(
         !fetch.read_deadline.0.is_zero() && !fetch.stall_timeout.0.is_zero(),
@@ -61,6 +67,8 @@ pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
         credentials: Arc::new(credentials(&config.credentials)?),
         deadline: fetch.read_deadline.into(),
         stall_timeout: fetch.stall_timeout.into(),
+        config_path: cfg.config_path.clone(),
+        endpoint_metrics: counters,
         ..Default::default()
     })?)
 }

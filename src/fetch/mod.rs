@@ -350,22 +350,27 @@ impl Fetcher {
             let from = offset.max(c.file_offset);
             let to = end.min(c.file_offset + c.len);
             let data = self
-                .read_source(c.blob_offset + (from - c.file_offset), to - from)
+                .read_source(c.blob_offset + (from - c.file_offset), to - from, false)
                 .await?;
             out.extend_from_slice(&data);
         }
         Ok(out.freeze())
     }
 
-    /// Exactly `len` bytes at `offset` of the blob, or a source error.
-    async fn read_source(&self, offset: u64, len: u64) -> Result<Bytes, FetchError> {
+    /// Exactly `len` bytes at `offset` of the blob, or a source error;
+    /// `again`: the range failed verification once (the source avoids mirrors).
+    async fn read_source(&self, offset: u64, len: u64, again: bool) -> Result<Bytes, FetchError> {
         let err = |source| FetchError::Source {
             layer: self.layer.clone(),
             offset,
             len,
             source: Arc::new(source),
         };
-        let data = self.source.read(offset, len).await.map_err(err)?;
+        let read = match again {
+            false => self.source.read(offset, len),
+            true => self.source.read_again(offset, len),
+        };
+        let data = read.await.map_err(err)?;
         if data.len() as u64 != len {
             return Err(err(SourceError::Short { got: data.len() as u64 }));
         }
@@ -374,8 +379,20 @@ impl Fetcher {
 
     /// A remote range read, admitted by the scheduler at `urgency`, counted as `cause`.
     async fn fetch_range(&self, offset: u64, len: u64, urgency: &Arc<Urgency>, cause: Cause) -> Fetched {
+        self.fetch_range_from(offset, len, urgency, cause, false).await
+    }
+
+    /// [`Self::fetch_range`]; `again` after the range failed verification.
+    async fn fetch_range_from(
+        &self,
+        offset: u64,
+        len: u64,
+        urgency: &Arc<Urgency>,
+        cause: Cause,
+        again: bool,
+    ) -> Fetched {
         let _permit = self.node.scheduler.admit(urgency, len).await;
-        let data = self.read_source(offset, len).await?;
+        let data = self.read_source(offset, len, again).await?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
         self.node.metrics.fetched(cause, len);
@@ -531,7 +548,10 @@ impl Fetcher {
             .unwrap_or(start);
         let mut results: Vec<Fetched> = Vec::new();
         for attempt in 0..2 {
-            let data = match self.fetch_range(start, end - start, &urgency, cause).await {
+            let data = match self
+                .fetch_range_from(start, end - start, &urgency, cause, attempt > 0)
+                .await
+            {
                 Ok(d) => d,
                 Err(e) => {
                     results = run.iter().map(|_| Err(e.clone())).collect();
@@ -553,7 +573,7 @@ impl Fetcher {
                 break;
             }
             if attempt == 0 {
-                warn!(layer = %self.layer, offset = start, len = end - start, "chunk failed verification, fetching once more");
+                warn!(layer = %self.layer, offset = start, len = end - start, "chunk failed verification, fetching once more (from the registry, not a mirror)");
             }
         }
         let mut keep = Vec::with_capacity(run.len());

@@ -4,7 +4,7 @@
 //! [`super::testing`] has an in-process one that injects faults.
 
 use crate::digest::Digest;
-use crate::registry::{Reference, Registry, RegistryError};
+use crate::registry::{RangeFrom, Reference, Registry, RegistryError};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use std::os::unix::fs::FileExt;
@@ -15,6 +15,13 @@ use std::sync::Arc;
 pub trait RangeSource: Send + Sync {
     /// `len` bytes at `offset` of the blob (the fetcher checks the length).
     fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>>;
+
+    /// The same range once more after its bytes failed verification: a
+    /// source with mirrors asks the registry itself (or its `server`), so a
+    /// mirror serving bad bytes costs one more request, not a failed read.
+    fn read_again(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        self.read(offset, len)
+    }
 
     /// The bytes are on this node already: no caching, read-ahead or scheduling.
     fn is_local(&self) -> bool {
@@ -84,6 +91,16 @@ impl RangeSource for RegistrySource {
             Ok(self
                 .registry
                 .read_blob_range(&self.repo, &self.digest, offset, len)
+                .await?)
+        }
+        .boxed()
+    }
+
+    fn read_again(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
+        async move {
+            Ok(self
+                .registry
+                .read_blob_range_from(&self.repo, &self.digest, offset, len, RangeFrom::Server)
                 .await?)
         }
         .boxed()

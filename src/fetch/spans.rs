@@ -118,7 +118,10 @@ impl Fetcher {
             .ok_or_else(|| self.corrupt(0, format!("no span {s}")))?;
         let mut reason = String::new();
         for attempt in 0..2 {
-            let data = self.fetch_range(sp.blob_offset, sp.blob_len, urgency, cause).await?;
+            let again = attempt > 0;
+            let data = self
+                .fetch_range_from(sp.blob_offset, sp.blob_len, urgency, cause, again)
+                .await?;
             let (spans, held) = (Arc::clone(&spans), data.clone());
             match tokio::task::spawn_blocking(move || spans.decode(s, &held)).await {
                 Ok(Ok(out)) => {
@@ -129,7 +132,7 @@ impl Fetcher {
                 Err(e) => reason = format!("decoder panicked: {e}"),
             }
             if attempt == 0 {
-                warn!(layer = %self.layer, span = s, %reason, "span failed verification, fetching once more");
+                warn!(layer = %self.layer, span = s, %reason, "span failed verification, fetching once more (from the registry, not a mirror)");
             }
         }
         Err(FetchError::Corrupt {

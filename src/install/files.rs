@@ -48,6 +48,8 @@ pub struct Installed {
     pub replaced_snapshotter: Option<String>,
     /// Files the config imports (containerd merges them over it; install does not edit them).
     pub imports: Vec<String>,
+    /// containerd's registry host directory (mirrors), if its CRI config names one.
+    pub registry_config_path: Option<String>,
     /// The backup written by this run (first install only).
     pub backup: Option<PathBuf>,
     pub restarted: bool,
@@ -106,6 +108,7 @@ pub fn install(opts: &Options) -> Result<Installed, Error> {
         changes: merged.changes,
         replaced_snapshotter: merged.replaced_snapshotter,
         imports: merged.imports,
+        registry_config_path: merged.registry_config_path,
         backup: None,
         restarted: false,
     };

@@ -113,6 +113,8 @@ pub struct Merged {
     pub replaced_snapshotter: Option<String>,
     /// The config's `imports`: files containerd merges over it, which install does not edit.
     pub imports: Vec<String>,
+    /// CRI's registry `config_path` (containerd's mirrors), for `[registry] config_path`.
+    pub registry_config_path: Option<String>,
 }
 
 /// The version the config declares; None for a config without `version` and without plugin
@@ -175,6 +177,12 @@ pub fn merge(text: &str, fallback: Option<ConfigVersion>, socket: &str) -> Resul
         .and_then(Item::as_array)
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
+    let registry_config_path = [cri[0], cri[1], "registry", "config_path"]
+        .iter()
+        .try_fold(doc.as_item(), |item, key| item.get(key))
+        .and_then(Item::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string);
     let text = if edit.changes.is_empty() {
         text.to_string()
     } else {
@@ -186,6 +194,7 @@ pub fn merge(text: &str, fallback: Option<ConfigVersion>, socket: &str) -> Resul
         changes: edit.changes,
         replaced_snapshotter,
         imports,
+        registry_config_path,
     })
 }
 

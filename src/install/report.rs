@@ -20,6 +20,13 @@ pub fn installed(opts: &Options, done: &Installed) -> String {
             done.imports.join(", ")
         );
     }
+    if let Some(dir) = &done.registry_config_path {
+        let _ = writeln!(
+            out,
+            "note: containerd reads registry mirrors from {dir}: set `[registry] config_path = {dir:?}` in \
+             streamsnap's config (or `serve --registry-config-path {dir}`) for the same mirrors"
+        );
+    }
     if done.changes.is_empty() {
         if done.restarted {
             out += "restarted containerd (its last restart had failed)\n";

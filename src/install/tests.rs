@@ -295,3 +295,19 @@ fn dotted_keys_and_inline_tables_are_edited_where_they_are() {
         assert!(merge(&once, None, SOCKET).unwrap().changes.is_empty(), "{once}");
     }
 }
+
+#[test]
+fn containerds_registry_config_path_is_reported_for_streamsnaps_mirrors() {
+    let v2 =
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n";
+    let m = merge(v2, None, SOCKET).unwrap();
+    assert_eq!(m.registry_config_path.as_deref(), Some("/etc/containerd/certs.d"));
+    let v3 = "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '/etc/containerd/certs.d:/etc/docker/certs.d'\n";
+    let m = merge(v3, None, SOCKET).unwrap();
+    assert_eq!(
+        m.registry_config_path.as_deref(),
+        Some("/etc/containerd/certs.d:/etc/docker/certs.d")
+    );
+    // containerd's defaults leave it empty: nothing to report.
+    assert_eq!(merge(DEFAULT_2_1, None, SOCKET).unwrap().registry_config_path, None);
+}

@@ -6,16 +6,20 @@
 use super::auth::{Challenge, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
 use super::cold::ColdBlobs;
-use super::manifest::{self, Fetched, LayerDescriptor, ResolvedImage, MANIFEST_ACCEPT};
+use super::endpoints::{self, Endpoint, Endpoints, OriginScheme};
+use super::hosts::Capabilities;
+use super::mirror::{Health, Job};
 use super::policy::{self, RedactedUrl};
 use super::retry::{Failure, Retry, RetryPolicy};
-use super::{Platform, Reference, RegistryError};
+use super::{Reference, RegistryError};
 use crate::credentials::{Chain, Secret};
 use crate::digest::Digest;
+use crate::metrics::EndpointMetrics;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, CONTENT_TYPE, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -43,6 +47,11 @@ pub struct RegistryOptions {
     pub connect_timeout: Duration,
     /// Where credentials come from (kubelet providers, docker config); empty: anonymous.
     pub credentials: Arc<Chain>,
+    /// containerd's registry host directory (`hosts.toml` per registry,
+    /// mirrors); unset: every registry is reached directly.
+    pub config_path: Option<PathBuf>,
+    /// Counters per endpoint host (registered by the daemon's metrics, or not).
+    pub endpoint_metrics: EndpointMetrics,
     /// How long a blob's range reads may wait for a registry that answered
     /// one of them with the whole blob (a pull-through cache still filling,
     /// see [`super::cold`]) before reading through such answers; zero: never wait.
@@ -60,6 +69,8 @@ impl Default for RegistryOptions {
             deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             credentials: Arc::new(Chain::default()),
+            config_path: None,
+            endpoint_metrics: EndpointMetrics::default(),
             cold_blob_wait: Duration::from_secs(30),
         }
     }
@@ -67,14 +78,17 @@ impl Default for RegistryOptions {
 
 /// A registry client shared by everything in the process (one connection pool).
 pub struct Registry {
-    pub(super) http: reqwest::Client,
     pub(super) opts: RegistryOptions,
     pub(super) retry: RetryPolicy,
     pub(super) tokens: TokenCache,
-    /// Blobs answered with the whole blob where a range was asked for.
-    pub(super) cold: ColdBlobs,
     /// Registries that asked for basic auth.
     basic: parking_lot::Mutex<HashSet<String>>,
+    /// Where each registry's requests go (mirrors, then the registry).
+    endpoints: Endpoints,
+    pub(super) health: Health,
+    pub(super) endpoint_metrics: EndpointMetrics,
+    /// Blobs answered with the whole blob where a range was asked for.
+    pub(super) cold: ColdBlobs,
 }
 
 /// What a request does to a repository, for token scopes.
@@ -86,14 +100,18 @@ pub(super) enum Access {
 
 impl Registry {
     pub fn new(opts: RegistryOptions) -> Result<Self, RegistryError> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(opts.connect_timeout)
-            // Per socket read: catches a silent server while headers are awaited;
-            // body reads also run under our own stall timer (`body`).
-            .read_timeout(opts.stall_timeout)
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
+        let (connect, stall) = (opts.connect_timeout, opts.stall_timeout);
+        let builder = move || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(connect)
+                // Per socket read: catches a silent server while headers are awaited;
+                // body reads also run under our own stall timer (`body`).
+                .read_timeout(stall)
+                .pool_max_idle_per_host(64)
+                .tcp_nodelay(true)
+        };
+        let http = builder()
             .build()
             .map_err(|e| RegistryError::Setup(e.without_url().to_string()))?;
         let retry = RetryPolicy {
@@ -101,20 +119,42 @@ impl Registry {
             backoff: opts.backoff,
             deadline: opts.deadline,
         };
+        let endpoints = Endpoints::new(opts.config_path.clone(), http.clone(), move |tls| {
+            endpoints::tls_client(builder(), tls)
+        });
         Ok(Self {
-            http,
-            opts,
             retry,
             tokens: TokenCache::default(),
-            cold: ColdBlobs::default(),
             basic: Default::default(),
+            endpoints,
+            health: Health::default(),
+            cold: ColdBlobs::default(),
+            endpoint_metrics: opts.endpoint_metrics.clone(),
+            opts,
         })
     }
 
+    /// Every endpoint of `repo`'s registry, mirrors first.
+    pub(super) fn endpoint_list(&self, repo: &Reference) -> Arc<[Arc<Endpoint>]> {
+        let origin = OriginScheme {
+            plain_http: self.opts.plain_http,
+            insecure: &self.opts.insecure,
+        };
+        self.endpoints.list(repo, &origin)
+    }
+
+    /// Where pushes and other single-host operations go: the registry
+    /// itself, or the `server` its `hosts.toml` names.
+    pub(super) fn origin(&self, repo: &Reference) -> Arc<Endpoint> {
+        Arc::clone(
+            self.endpoint_list(repo)
+                .last()
+                .expect("a host list ends with the server"),
+        )
+    }
+
     pub(super) fn base_url(&self, r: &Reference) -> String {
-        let plain = self.opts.plain_http || r.is_loopback() || self.opts.insecure.iter().any(|h| h == &r.registry);
-        let scheme = if plain { "http" } else { "https" };
-        format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
+        self.origin(r).base(&r.repository)
     }
 
     pub(super) fn stall(&self) -> Duration {
@@ -132,151 +172,96 @@ impl Registry {
         }
     }
 
-    /// Resolves a reference to one platform's image manifest.
-    pub async fn resolve(&self, image: &Reference, platform: &Platform) -> Result<ResolvedImage, RegistryError> {
-        let name = image.to_string();
-        let (body, ctype, digest) = self.fetch_manifest(image, &image.manifest_ref()).await?;
-        let (body, ctype, digest, m) = match manifest::parse(&name, ctype.as_deref(), &body)? {
-            Fetched::Manifest(m) => (body, ctype, digest, m),
-            Fetched::Index(idx) => {
-                let d = manifest::select_platform(&name, &idx, platform)?;
-                let (body, ctype, digest) = self.fetch_manifest(image, &d.to_string()).await?;
-                match manifest::parse(&name, ctype.as_deref(), &body)? {
-                    Fetched::Manifest(m) => (body, ctype, digest, m),
-                    Fetched::Index(_) => {
-                        return Err(RegistryError::BadManifest {
-                            image: name,
-                            reason: format!("index entry {d} is itself an index"),
+    /// A whole GET body under `limit` (and its content type) of `tail` in
+    /// the job's repository, from the first endpoint that serves it: request
+    /// and body are one attempt, retried together when the connection fails.
+    pub(super) async fn fetch_body(
+        &self,
+        job: Job<'_>,
+        tail: &str,
+        headers: HeaderMap,
+        limit: BodyLimit,
+    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        let (op, repo) = (job.op, job.repo);
+        let headers = &headers;
+        self.across(job, self.policy_for(limit.max), |ep| {
+            let headers = headers.clone();
+            async move {
+                let url = &ep.url(&repo.repository, tail);
+                let resp = self
+                    .send_once(op, repo, &ep, Access::Pull, Method::GET, url, headers, None)
+                    .await?;
+                let ctype = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let final_url = RedactedUrl::new(resp.url().as_str());
+                match body::read_limited(resp, limit, self.stall()).await {
+                    Ok(b) => {
+                        self.endpoint_metrics.served(&ep.host, b.len() as u64);
+                        Ok((b, ctype))
+                    }
+                    Err(source) => {
+                        let retry = !matches!(source, BodyError::TooLarge { .. });
+                        let error = RegistryError::Body {
+                            op,
+                            url: final_url,
+                            source,
+                        };
+                        Err(match retry {
+                            true => Failure::retry(error),
+                            false => error.into(),
                         })
                     }
                 }
             }
-        };
-        let layers: Vec<LayerDescriptor> = manifest::layers_of(&name, &m)?;
-        Ok(ResolvedImage {
-            reference: image.with_digest(digest.clone()),
-            manifest_digest: digest,
-            media_type: m
-                .media_type()
-                .as_ref()
-                .map(|t| t.to_string())
-                .or(ctype)
-                .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string()),
-            config: manifest::digest_of(&name, m.config().digest().as_ref())?,
-            manifest: body,
-            layers,
         })
-    }
-
-    /// Fetches a manifest by tag or digest; verifies the content when asked by digest.
-    pub async fn fetch_manifest(
-        &self,
-        image: &Reference,
-        reference: &str,
-    ) -> Result<(Vec<u8>, Option<String>, Digest), RegistryError> {
-        const OP: &str = "fetching manifest";
-        let url = format!("{}/manifests/{reference}", self.base_url(image));
-        let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        let (body, ctype) = self
-            .fetch_body(OP, image, &url, headers, BodyLimit::MANIFEST)
-            .await
-            .map_err(|e| match e {
-                RegistryError::Body {
-                    source: source @ BodyError::TooLarge { .. },
-                    ..
-                } => RegistryError::BadManifest {
-                    image: image.to_string(),
-                    reason: source.to_string(),
-                },
-                e => e,
-            })?;
-        let actual = Digest::of(&body);
-        if let Ok(expected) = reference.parse::<Digest>() {
-            if expected != actual {
-                return Err(RegistryError::BadManifest {
-                    image: image.to_string(),
-                    reason: format!("content at {expected} hashes to {actual}"),
-                });
-            }
-        }
-        Ok((body.to_vec(), ctype, actual))
-    }
-
-    /// A whole GET body under `limit` (and its content type): request and
-    /// body are one attempt, retried together when the connection fails.
-    pub(super) async fn fetch_body(
-        &self,
-        op: &'static str,
-        repo: &Reference,
-        url: &str,
-        headers: HeaderMap,
-        limit: BodyLimit,
-    ) -> Result<(Bytes, Option<String>), RegistryError> {
-        self.policy_for(limit.max)
-            .run(op, url, |_| {
-                let headers = headers.clone();
-                async move {
-                    let resp = self
-                        .send_once(op, repo, Access::Pull, Method::GET, url, headers, None)
-                        .await?;
-                    let ctype = resp
-                        .headers()
-                        .get(CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let final_url = RedactedUrl::new(resp.url().as_str());
-                    match body::read_limited(resp, limit, self.stall()).await {
-                        Ok(b) => Ok((b, ctype)),
-                        Err(source) => {
-                            let retry = !matches!(source, BodyError::TooLarge { .. });
-                            let error = RegistryError::Body {
-                                op,
-                                url: final_url,
-                                source,
-                            };
-                            Err(match retry {
-                                true => Failure::retry(error),
-                                false => error.into(),
-                            })
-                        }
-                    }
-                }
-            })
-            .await
+        .await
     }
 
     /// Opens a whole blob for streaming (caller verifies its digest and bounds its length).
+    /// (The first endpoint that answers serves the whole stream.)
     pub async fn open_blob(&self, repo: &Reference, digest: &Digest) -> Result<Response, RegistryError> {
-        let url = format!("{}/blobs/{digest}", self.base_url(repo));
-        let resp = self
-            .send(
-                "downloading blob",
-                repo,
-                Access::Pull,
-                Method::GET,
-                &url,
-                HeaderMap::new(),
-                None,
-            )
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(RegistryError::Status {
-                op: "downloading blob",
-                url: RedactedUrl::new(&url),
-                status: resp.status().as_u16(),
-                body: String::new(),
-            });
-        }
-        Ok(resp)
+        const OP: &str = "downloading blob";
+        let object = digest.to_string();
+        let job = Job {
+            op: OP,
+            repo,
+            caps: Capabilities::PULL,
+            object: &object,
+        };
+        self.across(job, self.retry, |ep| async move {
+            let url = ep.url(&repo.repository, &format!("blobs/{digest}"));
+            let resp = self
+                .send_once(OP, repo, &ep, Access::Pull, Method::GET, &url, HeaderMap::new(), None)
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(RegistryError::Status {
+                    op: OP,
+                    url: RedactedUrl::new(&url),
+                    status: resp.status().as_u16(),
+                    body: String::new(),
+                }
+                .into());
+            }
+            Ok(resp)
+        })
+        .await
     }
 
     /// Reads a whole blob of at most `limit` bytes (configs, profiles,
     /// indexes) and verifies it.
     pub async fn read_blob(&self, repo: &Reference, digest: &Digest, limit: BodyLimit) -> Result<Bytes, RegistryError> {
-        let url = format!("{}/blobs/{digest}", self.base_url(repo));
+        let object = digest.to_string();
+        let job = Job {
+            op: "downloading blob",
+            repo,
+            caps: Capabilities::PULL,
+            object: &object,
+        };
         let (body, _) = self
-            .fetch_body("downloading blob", repo, &url, HeaderMap::new(), limit)
+            .fetch_body(job, &format!("blobs/{digest}"), HeaderMap::new(), limit)
             .await?;
         let actual = Digest::of(&body);
         if &actual != digest {
@@ -303,20 +288,32 @@ impl Registry {
         headers: HeaderMap,
         body: Option<Bytes>,
     ) -> Result<Response, RegistryError> {
+        let ep = self.origin(repo);
         self.policy_for(body.as_ref().map_or(0, |b| b.len() as u64))
             .run(op, url, |_| {
-                self.send_once(op, repo, access, method.clone(), url, headers.clone(), body.clone())
+                self.send_once(
+                    op,
+                    repo,
+                    &ep,
+                    access,
+                    method.clone(),
+                    url,
+                    headers.clone(),
+                    body.clone(),
+                )
             })
             .await
     }
 
-    /// One attempt: the request, its auth round trips and redirects (each
+    /// One attempt at endpoint `ep`: the request (with the endpoint's
+    /// headers and credentials), its auth round trips and redirects (each
     /// bounded), no retry; a failure says whether another attempt may help.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send_once(
         &self,
         op: &'static str,
         repo: &Reference,
+        ep: &Endpoint,
         access: Access,
         method: Method,
         url: &str,
@@ -327,7 +324,7 @@ impl Registry {
             Access::Pull => format!("repository:{}:pull", repo.repository),
             Access::Push => format!("repository:{}:pull,push", repo.repository),
         };
-        let host = repo.registry.as_str();
+        let host = ep.auth_host.as_str();
         let mut auth_tries = 0;
         let mut url = url.to_string();
         let mut authorized = true; // false after any redirect: blob storage never sees our credentials
@@ -336,17 +333,20 @@ impl Registry {
         let mut used: Option<String> = None;
         loop {
             let redacted = || RedactedUrl::new(&url);
-            let mut req = self.http.request(method.clone(), &url).headers(headers.clone());
+            let mut req = ep.client.request(method.clone(), &url).headers(headers.clone());
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
             if authorized {
+                for (name, value) in &ep.headers {
+                    req = req.header(name, value);
+                }
                 let basic = self.basic.lock().contains(host);
                 if let Some(token) = self.tokens.get(host, &scope) {
                     req = req.bearer_auth(token);
                     used.get_or_insert_with(|| "a bearer token".to_string());
                 } else if basic {
-                    if let Some(c) = self.credential(op, repo).await? {
+                    if let Some(c) = self.credential(op, repo, ep).await? {
                         if let Secret::Basic { username, password } = &c.secret {
                             req = req.basic_auth(username, Some(password));
                         }
@@ -373,7 +373,7 @@ impl Registry {
                 if redirects > 5 {
                     return Err(self.status_error(op, &url, status, "too many redirects").into());
                 }
-                let next = self.checked_redirect(op, repo, &url, loc).await?;
+                let next = self.checked_redirect(op, repo, ep, &url, loc).await?;
                 authorized = false;
                 url = next;
                 continue;
@@ -389,12 +389,15 @@ impl Registry {
                     // Also how an expired token is replaced mid-read: the retry carries the new one.
                     Some(Challenge::Bearer { realm, service, .. }) => {
                         self.tokens.forget(host, &scope);
-                        used = Some(self.fetch_token(op, repo, &realm, service.as_deref(), &scope).await?);
+                        used = Some(
+                            self.fetch_token(op, repo, ep, &realm, service.as_deref(), &scope)
+                                .await?,
+                        );
                         continue;
                     }
                     Some(Challenge::Basic) => {
                         let has_basic = self
-                            .credential(op, repo)
+                            .credential(op, repo, ep)
                             .await?
                             .is_some_and(|c| matches!(c.secret, Secret::Basic { .. }));
                         if has_basic {
@@ -458,6 +461,7 @@ impl Registry {
         &self,
         op: &'static str,
         repo: &Reference,
+        ep: &Endpoint,
         from: &str,
         location: &str,
     ) -> Result<String, RegistryError> {
@@ -469,19 +473,13 @@ impl Registry {
             source,
         };
         let target = Url::parse(&next).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
-        let registry = Url::parse(&self.base_url(repo)).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
+        let registry = Url::parse(&ep.base(&repo.repository)).map_err(|_| refused(policy::RedirectRefused::NoHost))?;
         if let Err(why) = policy::check_redirect(&registry, &target).await {
             warn!(op, url = %RedactedUrl::new(from), target = %RedactedUrl::new(&next), reason = %why, "redirect refused");
             return Err(refused(why));
         }
         Ok(next)
     }
-}
-
-pub(super) fn content_range_start(h: &HeaderMap) -> Option<u64> {
-    let v = h.get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.strip_prefix("bytes ")?;
-    rest.split('-').next()?.trim().parse().ok()
 }
 
 fn parse_retry_after(v: &str) -> Option<Duration> {
@@ -538,15 +536,5 @@ mod tests {
             absolute_url("http://h:1/v2/r/blobs/uploads/", "/v2/r/blobs/uploads/abc?x=1"),
             "http://h:1/v2/r/blobs/uploads/abc?x=1"
         );
-    }
-
-    #[test]
-    fn content_range_start_parses() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            reqwest::header::CONTENT_RANGE,
-            HeaderValue::from_static("bytes 10-19/100"),
-        );
-        assert_eq!(content_range_start(&h), Some(10));
     }
 }

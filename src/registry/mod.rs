@@ -1,5 +1,6 @@
 //! OCI distribution client: manifests (resolved by platform), blob range reads,
-//! pushes; auth, retries and redirects are handled in [`client`].
+//! pushes; auth, retries and redirects are handled in [`client`]; mirrors
+//! (containerd's `hosts.toml`) in [`hosts`], `endpoints` and `mirror`.
 //!
 //! We speak the protocol over reqwest ourselves instead of using a general OCI
 //! client crate because the hot path is many small parallel range reads of one
@@ -10,12 +11,18 @@ mod auth;
 mod body;
 mod client;
 mod cold;
+mod endpoints;
+pub mod hosts;
 mod manifest;
+mod mirror;
+#[cfg(test)]
+mod mirror_tests;
 pub mod policy;
 mod push;
 mod range;
 mod reference;
 pub mod referrers;
+mod resolve;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -25,7 +32,9 @@ pub use auth::Challenge;
 pub use body::{BodyError, BodyLimit};
 pub use client::{Registry, RegistryOptions};
 pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
+pub use mirror::COOL_DOWN;
 pub use policy::{RedactedUrl, RedirectRefused};
+pub use range::RangeFrom;
 pub use reference::{Reference, ReferenceError};
 
 use crate::digest::Digest;
@@ -123,6 +132,9 @@ pub enum RegistryError {
     },
     #[error("registry client setup: {0}")]
     Setup(String),
+    /// The registry's `hosts.toml` gives no host this operation may use.
+    #[error("registry {registry}: no configured host has the capabilities {capability} (hosts.toml)")]
+    NoEndpoint { registry: String, capability: String },
     #[error("writing blob {digest} to {path}: {source}")]
     Io {
         digest: Digest,

@@ -5,7 +5,9 @@
 
 use super::body::BodyLimit;
 use super::client::{expect_success, Access};
+use super::hosts::Capabilities;
 use super::manifest::{OCI_INDEX, OCI_MANIFEST};
+use super::mirror::Job;
 use super::{Reference, Registry, RegistryError};
 use crate::digest::Digest;
 use bytes::Bytes;
@@ -162,10 +164,17 @@ impl Registry {
     /// registry has no referrers API (404).
     async fn referrers_api(&self, repo: &Reference, subject: &Digest) -> Result<Option<ImageIndex>, RegistryError> {
         const OP: &str = "listing referrers";
-        let url = format!("{}/referrers/{subject}", self.base_url(repo));
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(OCI_INDEX));
-        let body = match self.fetch_body(OP, repo, &url, headers, BodyLimit::REFERRERS).await {
+        let object = format!("referrers {subject}");
+        let job = Job {
+            op: OP,
+            repo,
+            caps: Capabilities::REFERRERS,
+            object: &object,
+        };
+        let tail = format!("referrers/{subject}");
+        let body = match self.fetch_body(job, &tail, headers, BodyLimit::REFERRERS).await {
             Ok((body, _)) => body,
             Err(RegistryError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),

@@ -13,13 +13,13 @@ type Handler = dyn Fn(&str, &mut TcpStream) + Send + Sync;
 
 /// An HTTP server answering each request (one per connection) with `handler`;
 /// keeps every request head it saw.
-struct Script {
+pub(super) struct Script {
     port: u16,
     heads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Script {
-    fn start(handler: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> Self {
+    pub(super) fn start(handler: impl Fn(&str, &mut TcpStream) + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -45,16 +45,16 @@ impl Script {
         Self { port, heads }
     }
 
-    fn host(&self) -> String {
+    pub(super) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn heads(&self) -> Vec<String> {
+    pub(super) fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
     }
 }
 
-fn answer(conn: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) {
+pub(super) fn answer(conn: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) {
     let mut text = format!(
         "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -68,7 +68,7 @@ fn answer(conn: &mut TcpStream, status: &str, headers: &[String], body: &[u8]) {
     let _ = conn.write_all(body);
 }
 
-fn client(opts: RegistryOptions) -> Registry {
+pub(super) fn client(opts: RegistryOptions) -> Registry {
     Registry::new(RegistryOptions {
         backoff: Duration::from_millis(10),
         ..opts

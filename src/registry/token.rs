@@ -6,6 +6,7 @@
 
 use super::auth::TokenResponse;
 use super::body::{self, BodyLimit};
+use super::endpoints::Endpoint;
 use super::policy::{self, RedactedUrl};
 use super::retry::Failure;
 use super::{Reference, Registry, RegistryError};
@@ -18,16 +19,19 @@ use tracing::warn;
 const CLIENT_ID: &str = "streamsnap";
 
 impl Registry {
-    /// Credentials for `repo`'s registry from the chain, or `None` (anonymous).
+    /// Credentials for endpoint `ep` (the registry's own for the registry, a
+    /// mirror's for a mirror, as containerd does) from the chain, or `None` (anonymous).
     pub(super) async fn credential(
         &self,
         op: &'static str,
         repo: &Reference,
+        ep: &Endpoint,
     ) -> Result<Option<Credential>, RegistryError> {
-        let image = format!("{}/{}", repo.registry, repo.repository);
+        let host = ep.auth_host.as_str();
+        let image = format!("{host}/{}", repo.repository);
         self.opts
             .credentials
-            .lookup(&repo.registry, &image)
+            .lookup(host, &image)
             .await
             .map_err(|source| RegistryError::Credentials {
                 op,
@@ -44,11 +48,12 @@ impl Registry {
         &self,
         op: &'static str,
         repo: &Reference,
+        ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
         scope: &str,
     ) -> Result<String, Failure> {
-        let host = repo.registry.as_str();
+        let host = ep.auth_host.as_str();
         let redacted = RedactedUrl::new(realm);
         let realm_url = match Url::parse(realm) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => u,
@@ -62,8 +67,9 @@ impl Registry {
                 .into())
             }
         };
-        let credential = match self.credential(op, repo).await? {
-            Some(c) if policy::basic_allowed_for_realm(&[host, repo.api_host()], &realm_url) => Some(c),
+        let own: Vec<&str> = ep.own_hosts.iter().map(String::as_str).collect();
+        let credential = match self.credential(op, repo, ep).await? {
+            Some(c) if policy::basic_allowed_for_realm(&own, &realm_url) => Some(c),
             Some(_) => {
                 warn!(registry = host, realm = %redacted, "token realm is plain http on another host: credentials withheld, asking anonymously");
                 None
@@ -82,17 +88,17 @@ impl Registry {
                     ("refresh_token", refresh.as_str()),
                     ("client_id", CLIENT_ID),
                 ]);
-                self.http
+                ep.client
                     .post(realm_url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(form_encode(&form))
             }
-            Some(Secret::Basic { username, password }) => self
-                .http
+            Some(Secret::Basic { username, password }) => ep
+                .client
                 .get(realm_url.clone())
                 .query(&query)
                 .basic_auth(username, Some(password)),
-            None => self.http.get(realm_url.clone()).query(&query),
+            None => ep.client.get(realm_url.clone()).query(&query),
         };
         let credential_used = credential.is_some();
         let with = credential.map_or_else(

@@ -33,6 +33,8 @@ pub struct RegistryOpts {
     pub all_interfaces: bool,
     /// A pull-through cache of this registry (`proxy: remoteurl:`, e.g. `http://10.0.0.2:5000`).
     pub proxy_remote_url: Option<String>,
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Writes an htpasswd file (bcrypt, as docker-registry requires) with `users` (name, password).
@@ -89,9 +91,14 @@ impl Registry {
                     "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: true\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                      maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: {listen}:{port}\n  secret: streamsnap-test-secret\n{auth}{proxy}",
+                     http:\n  addr: {listen}:{port}\n  secret: streamsnap-test-secret\n{tls}{auth}{proxy}",
                     storage.display(),
                     listen = if opts.all_interfaces { "0.0.0.0" } else { "127.0.0.1" },
+                    tls = opts.tls.as_ref().map_or(String::new(), |(cert, key)| format!(
+                        "  tls:\n    certificate: {}\n    key: {}\n",
+                        cert.display(),
+                        key.display()
+                    )),
                     proxy = opts
                         .proxy_remote_url
                         .as_ref()
@@ -112,7 +119,8 @@ impl Registry {
                 .stderr(log)
                 .spawn()
                 .expect("spawn docker-registry");
-            let url = format!("http://127.0.0.1:{port}/v2/");
+            let scheme = if opts.tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{port}/v2/");
             let start = Instant::now();
             loop {
                 if let Ok(Some(st)) = child.try_wait() {
@@ -123,7 +131,7 @@ impl Registry {
                     break;
                 }
                 let out = wrap("curl")
-                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+                    .args(["-s", "-k", "-o", "/dev/null", "-w", "%{http_code}", &url])
                     .output();
                 // With auth, the 401 challenge of /v2/ says it is up.
                 let up: &[u8] = if opts.htpasswd.is_some() { b"401" } else { b"200" };
@@ -147,6 +155,12 @@ impl Registry {
             }
         }
         panic!("could not start docker-registry (port races?): {last_err}");
+    }
+
+    /// SIGKILLs the registry now (a mirror dying mid-transfer); its log stays readable.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// "HOST:PORT", the host part of image references pushed here.

@@ -109,7 +109,23 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
     } = *run;
     let mirror = (via == Via::ColdMirror).then(|| cold_mirror(fleet, origin));
     let server = mirror.as_ref().unwrap_or(origin);
-    let reference = image.replacen(&origin.addr(), &server.addr(), 1);
+    // Nodes name the image at the origin; containerd's hosts.toml sends them to the mirror.
+    let mut extra = workload.extra.clone();
+    if let Some(m) = &mirror {
+        let hosts = work.join(name).join("hosts");
+        let dir = hosts.join(origin.addr());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                origin.addr(),
+                m.addr()
+            ),
+        )
+        .unwrap();
+        extra.extend(["--registry-config-path".to_string(), hosts.display().to_string()]);
+    }
     let (origin_mark, server_mark) = (origin.mark(), server.mark());
     let wire0 = fleet.tx_bytes(&fleet.origin);
     let barrier = Arc::new(Barrier::new(nodes));
@@ -117,9 +133,9 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
         .map(|i| {
             let dir = work.join(name).join(format!("node{i}"));
             let netns = fleet.nodes[i].netns.clone();
-            let (barrier, reference) = (barrier.clone(), reference.clone());
+            let (barrier, reference) = (barrier.clone(), image.to_string());
             let files = workload.files.clone();
-            let extra = workload.extra.clone();
+            let extra = extra.clone();
             std::thread::spawn(move || {
                 let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
                 barrier.wait();
