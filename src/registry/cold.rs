@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tracing::warn;
 
 /// Whole-blob answers up to this size are read through at once: cheaper than a wait.
 pub(super) const SMALL_BLOB: u64 = 1 << 20;
@@ -200,6 +201,7 @@ impl Turn<'_> {
             Some(c) if c.gave_up => false,
             Some(c) if now.duration_since(c.since) >= c.budget => {
                 c.gave_up = true;
+                warn!(blob = %self.url, waited = ?c.budget, "the registry still answers ranges of this blob with the whole blob: reading through it");
                 false
             }
             Some(_) => {

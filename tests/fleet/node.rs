@@ -14,6 +14,8 @@ pub struct Workload {
     pub files: Vec<String>,
     /// Extra `streamsnap mount` flags.
     pub extra: Vec<String>,
+    /// Layers of the image (a background fill is complete when each says so).
+    pub layers: usize,
 }
 
 /// Where the nodes pull from.
@@ -42,6 +44,8 @@ pub struct Phase {
     /// Per node, from the common start: mount reported, and every start-up file read.
     pub mounted: Vec<Duration>,
     pub serving: Vec<Duration>,
+    /// With background fill: per node, every layer filled (and checked).
+    pub filled: Vec<Duration>,
 }
 
 /// Starts a mirror of `origin` in the fleet's mirror namespace, with empty storage.
@@ -98,8 +102,9 @@ pub struct Run<'a> {
     pub work: &'a Path,
 }
 
-/// Runs `nodes` nodes at once, pulling through `via`.
-pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase {
+/// Runs `nodes` nodes at once, pulling through `via`; with `fill`, each node
+/// also fills every layer in the background (from the start) until complete.
+pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str, fill: bool) -> Phase {
     let Run {
         fleet,
         origin,
@@ -111,6 +116,10 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
     let server = mirror.as_ref().unwrap_or(origin);
     // Nodes name the image at the origin; containerd's hosts.toml sends them to the mirror.
     let mut extra = workload.extra.clone();
+    if fill {
+        extra.extend(["--background-fill", "--background-fill-delay", "0"].map(String::from));
+    }
+    let layers = workload.layers;
     if let Some(m) = &mirror {
         let hosts = work.join(name).join("hosts");
         let dir = hosts.join(origin.addr());
@@ -145,17 +154,22 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
                 for f in &files {
                     read_whole(&m.mountpoint.join(f));
                 }
-                (m, mounted, t0.elapsed())
+                let serving = t0.elapsed();
+                if fill {
+                    crate::common::wait_for_log(|| m.log(), "background fill complete", layers);
+                }
+                (m, mounted, serving, fill.then(|| t0.elapsed()))
             })
         })
         .collect();
     let mut mounts = Vec::new();
-    let (mut mounted, mut serving) = (Vec::new(), Vec::new());
+    let (mut mounted, mut serving, mut filled) = (Vec::new(), Vec::new(), Vec::new());
     for t in threads {
-        let (m, a, b) = t.join().expect("a node failed");
+        let (m, a, b, c) = t.join().expect("a node failed");
         mounts.push(m);
         mounted.push(a);
         serving.push(b);
+        filled.extend(c);
     }
     let origin_bytes = quiet(|| origin.bytes_logged_since(origin_mark));
     let gets = origin.blob_requests_since(origin_mark);
@@ -172,6 +186,7 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str) -> Phase
         node_bytes: server.bytes_served_since(server_mark),
         mounted,
         serving,
+        filled,
     };
     if let Some(m) = &mirror {
         let log = std::fs::read_to_string(m.log_path()).unwrap_or_default();
@@ -225,6 +240,13 @@ pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
             p.origin_whole,
             p.origin_wire,
             p.node_bytes,
+        );
+    }
+    for p in phases.iter().filter(|p| !p.filled.is_empty()) {
+        let (fm, fx) = spread(&p.filled);
+        out += &format!(
+            "\n{}: background fill complete on every node after {fm:.2} s (median) / {fx:.2} s (max).\n",
+            p.name
         );
     }
     let alone = spread(&one_node.serving).0;
