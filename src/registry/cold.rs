@@ -36,6 +36,8 @@ const GUESS_RATE: u64 = 64 << 20;
 /// The shortest pause between probes; pauses double up to [`MAX_PAUSE`].
 const MIN_PAUSE: Duration = Duration::from_millis(250);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
+/// The longest wait before a registry's first probe.
+const MAX_FIRST_PAUSE: Duration = Duration::from_secs(4);
 /// Blobs remembered at once; beyond that, whole-blob answers are read through.
 const MAX_BLOBS: usize = 1024;
 
@@ -53,6 +55,10 @@ struct Pace {
     next_probe: Instant,
     /// A probe to this registry is in flight.
     probing: bool,
+    /// Until the first probe: when the first blob went cold, and the bytes of
+    /// every blob that did since (the first probe waits for all of them to
+    /// fill at [`GUESS_RATE`]: the cache copies them side by side).
+    first: Option<(Instant, u64)>,
 }
 
 #[derive(Default)]
@@ -104,9 +110,11 @@ impl ColdBlobs {
                     pause: MIN_PAUSE,
                     next_probe: now,
                     probing: false,
+                    first: None,
                 });
                 if !pace.probing && now >= pace.next_probe {
                     pace.probing = true;
+                    pace.first = None;
                     return self.make_turn(url, true, false);
                 }
                 let pause = if pace.probing { MAX_PAUSE } else { pace.next_probe - now };
@@ -175,13 +183,11 @@ impl Turn<'_> {
         let now = Instant::now();
         let full = blobs.len() >= MAX_BLOBS;
         let at = |rate: u64| Duration::from_secs_f64(size as f64 / rate as f64);
-        let pace = hosts.entry(host(self.url).to_string()).or_insert_with(|| {
-            let pause = at(GUESS_RATE).clamp(MIN_PAUSE, MAX_PAUSE);
-            Pace {
-                pause,
-                next_probe: now + pause,
-                probing: false,
-            }
+        let pace = hosts.entry(host(self.url).to_string()).or_insert(Pace {
+            pause: MIN_PAUSE,
+            next_probe: now,
+            probing: false,
+            first: Some((now, 0)),
         });
         if was_probe {
             pace.probing = false;
@@ -189,6 +195,13 @@ impl Turn<'_> {
         let wait = match blobs.get_mut(self.url) {
             None if full => false,
             None => {
+                if let Some((since, bytes)) = &mut pace.first {
+                    *bytes = bytes.saturating_add(size);
+                    let wait =
+                        Duration::from_secs_f64(*bytes as f64 / GUESS_RATE as f64).clamp(MIN_PAUSE, MAX_FIRST_PAUSE);
+                    pace.pause = wait.min(MAX_PAUSE);
+                    pace.next_probe = *since + wait;
+                }
                 let budget = at(FILL_RATE).clamp(MIN_WAIT, cap.max(MIN_WAIT));
                 let cold = Cold {
                     since: now,
@@ -326,6 +339,22 @@ mod tests {
         assert!(
             waited >= Duration::from_millis(200) && waited < Duration::from_millis(400),
             "b probed {waited:?} after a's probe went, not while it was out nor a pause later"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registrys_first_probe_waits_for_all_its_cold_blobs_at_the_guessed_rate() {
+        let cold = ColdBlobs::default();
+        let (a, b) = ("http://r/v2/x/blobs/a", "http://r/v2/x/blobs/b");
+        let started = Instant::now();
+        assert!(cold.turn(a).await.whole(64 << 20, CAP));
+        assert!(cold.turn(b).await.whole(64 << 20, CAP));
+        let probe = cold.turn(b).await;
+        assert!(probe.probe.load(Ordering::Relaxed));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1990) && waited < Duration::from_millis(2300),
+            "128 MiB at 64 MiB/s: {waited:?}"
         );
     }
 
