@@ -7,14 +7,18 @@
 //! such an answer up to a range's offset makes the upstream send the blob's
 //! prefix once more per request and per node (an eStargz footer sits at the
 //! end of its blob). So the read that gets a whole-blob answer drops it, and
-//! the blob's reads wait until the registry answers it with a range; probes
-//! go one at a time per registry (its blobs fill side by side), after
-//! doubling pauses, and a range answer lets the next cold blob be probed at
-//! once: the upstream then sends each blob about once
-//! however many nodes ask. A registry that keeps answering 200 (one without
-//! range support) is read through, as before, once the blob's wait budget is
-//! spent (its size at [`FILL_RATE`], at least [`MIN_WAIT`], at most the
-//! client's `cold_blob_wait`).
+//! the blob's reads wait until the registry answers it with a range. Probes go
+//! one at a time per registry (its blobs fill side by side); the first waits
+//! until every blob that went cold there could have filled at [`GUESS_RATE`],
+//! later ones after doubling pauses; a range answer lets the next cold blob be
+//! probed at once. The upstream then sends each blob about once however many
+//! nodes ask. Few probes matter: each costs the upstream what it sends before
+//! the cache notices the drop, and docker-registry 2.8 starts a second full
+//! copy when a request checks its store just before a copy commits and checks
+//! for copies in flight just after (an upstream round trip later). A registry
+//! that keeps answering 200 (one without range support) is read through, as
+//! before, once the blob's wait budget is spent (its size at [`FILL_RATE`], at
+//! least [`MIN_WAIT`], at most the client's `cold_blob_wait`).
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
