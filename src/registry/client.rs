@@ -5,6 +5,7 @@
 
 use super::auth::{Challenge, TokenCache};
 use super::body::{self, BodyError, BodyLimit};
+use super::cold::ColdBlobs;
 use super::endpoints::{self, Endpoint, Endpoints, OriginScheme};
 use super::hosts::Capabilities;
 use super::mirror::{Health, Job};
@@ -51,6 +52,10 @@ pub struct RegistryOptions {
     pub config_path: Option<PathBuf>,
     /// Counters per endpoint host (registered by the daemon's metrics, or not).
     pub endpoint_metrics: EndpointMetrics,
+    /// How long a blob's range reads may wait for a registry that answered
+    /// one of them with the whole blob (a pull-through cache still filling,
+    /// see [`super::cold`]) before reading through such answers; zero: never wait.
+    pub cold_blob_wait: Duration,
 }
 
 impl Default for RegistryOptions {
@@ -66,6 +71,7 @@ impl Default for RegistryOptions {
             credentials: Arc::new(Chain::default()),
             config_path: None,
             endpoint_metrics: EndpointMetrics::default(),
+            cold_blob_wait: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +87,8 @@ pub struct Registry {
     endpoints: Endpoints,
     pub(super) health: Health,
     pub(super) endpoint_metrics: EndpointMetrics,
+    /// Blobs answered with the whole blob where a range was asked for.
+    pub(super) cold: ColdBlobs,
 }
 
 /// What a request does to a repository, for token scopes.
@@ -120,6 +128,7 @@ impl Registry {
             basic: Default::default(),
             endpoints,
             health: Health::default(),
+            cold: ColdBlobs::default(),
             endpoint_metrics: opts.endpoint_metrics.clone(),
             opts,
         })

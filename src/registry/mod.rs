@@ -10,6 +10,7 @@
 mod auth;
 mod body;
 mod client;
+mod cold;
 mod endpoints;
 pub mod hosts;
 mod manifest;

@@ -1,8 +1,11 @@
 //! Blob range reads, the hot path: from the first endpoint (mirror or
-//! registry) that serves the range, inside the one retry policy.
+//! registry) that serves the range, inside the one retry policy. A whole-blob
+//! answer (200) is waited out while a pull-through cache fills
+//! ([`super::cold`]), or read through to the offset.
 
 use super::body;
 use super::client::Access;
+use super::cold::{Turn, SMALL_BLOB};
 use super::endpoints::Endpoint;
 use super::hosts::Capabilities;
 use super::mirror::Job;
@@ -13,7 +16,14 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode};
 use std::sync::Arc;
-use tracing::warn;
+use tracing::{debug, warn};
+
+/// How one attempt was answered.
+enum Answer {
+    Bytes(Bytes),
+    /// The whole blob, dropped unread: ask again on the blob's next turn.
+    Cold,
+}
 
 /// Which endpoints a range read may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,27 +74,38 @@ impl Registry {
         })?;
         let range = HeaderValue::from_str(&format!("bytes={offset}-{last}")).expect("ascii range");
         let object = digest.to_string();
-        let job = Job {
-            op: OP,
-            repo,
-            caps: Capabilities::PULL,
-            object: &object,
-        };
-        let one = |ep: Arc<Endpoint>| {
-            let range = range.clone();
-            async move { self.range_once(repo, digest, &ep, offset, len, range).await }
-        };
-        match from {
-            RangeFrom::Any => self.across(job, self.retry, one).await,
-            RangeFrom::Server => {
-                let ep = self.origin(repo);
-                let url = ep.base(&repo.repository);
-                self.retry.run(OP, &url, |_| one(Arc::clone(&ep))).await
+        // Cold blobs are known by registry, repository and digest, whichever endpoint answered.
+        let key = format!("{}/v2/{}/blobs/{digest}", repo.registry, repo.repository);
+        loop {
+            let turn = self.cold.turn(&key).await;
+            let turn = &turn;
+            let job = Job {
+                op: OP,
+                repo,
+                caps: Capabilities::PULL,
+                object: &object,
+            };
+            let one = |ep: Arc<Endpoint>| {
+                let range = range.clone();
+                async move { self.range_once(repo, digest, &ep, offset, len, range, turn).await }
+            };
+            let answer = match from {
+                RangeFrom::Any => self.across(job, self.retry, one).await?,
+                RangeFrom::Server => {
+                    let ep = self.origin(repo);
+                    let url = ep.base(&repo.repository);
+                    self.retry.run(OP, &url, |_| one(Arc::clone(&ep))).await?
+                }
+            };
+            match answer {
+                Answer::Bytes(b) => return Ok(b),
+                Answer::Cold => debug!(%digest, offset, len, "whole blob answered to a range read; waiting for ranges"),
             }
         }
     }
 
     /// One range request at `ep` and its body.
+    #[allow(clippy::too_many_arguments)]
     async fn range_once(
         &self,
         repo: &Reference,
@@ -93,7 +114,8 @@ impl Registry {
         offset: u64,
         len: u64,
         range: HeaderValue,
-    ) -> Result<Bytes, Failure> {
+        turn: &Turn<'_>,
+    ) -> Result<Answer, Failure> {
         const OP: &str = "reading blob range";
         let bad = |reason: String| RegistryError::BadRange {
             repo: repo.to_string(),
@@ -108,16 +130,24 @@ impl Registry {
         let resp = self
             .send_once(OP, repo, ep, Access::Pull, Method::GET, &url, headers, None)
             .await?;
-        // A registry may ignore Range and send the whole blob (200): skip to the offset.
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let start = content_range_start(resp.headers());
                 if start != Some(offset) {
                     return Err(bad(format!("server answered Content-Range start {start:?}")).into());
                 }
+                turn.ranges();
                 0
             }
-            StatusCode::OK => offset,
+            // The whole blob: a filling cache's answer (wait for ranges) or a
+            // registry without range support (skip to the offset).
+            StatusCode::OK => {
+                let size = resp.content_length().unwrap_or(u64::MAX);
+                if offset + len > SMALL_BLOB && turn.whole(size, self.opts.cold_blob_wait) {
+                    return Ok(Answer::Cold);
+                }
+                offset
+            }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 return Err(bad("range not satisfiable: the blob is shorter".into()).into())
             }
@@ -126,7 +156,7 @@ impl Registry {
         match body::read_range(resp, skip, len, self.stall()).await {
             Ok(b) if b.len() as u64 == len => {
                 self.endpoint_metrics.served(&ep.host, len);
-                Ok(b)
+                Ok(Answer::Bytes(b))
             }
             Ok(b) => {
                 warn!(%digest, offset, len, got = b.len(), host = %ep.host, "short blob range read");

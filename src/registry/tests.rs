@@ -307,3 +307,62 @@ fn whole_blob_deadlines_allow_for_their_size() {
     // A 1 GiB layer at 64 KiB/s.
     assert_eq!(r.policy_for(1 << 30).deadline, Duration::from_secs(16384));
 }
+
+/// A pull-through cache's blob: the whole blob (200) for the first `cold`
+/// requests, ranges (206) after.
+fn filling_cache(blob: Arc<Vec<u8>>, cold: usize) -> Script {
+    let seen = Arc::new(Mutex::new(0usize));
+    Script::start(move |head, c| {
+        let n = {
+            let mut seen = seen.lock().unwrap();
+            *seen += 1;
+            *seen
+        };
+        let range = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(String::from));
+        match range {
+            Some(r) if n > cold => {
+                let (a, b) = r.trim().split_once('-').unwrap();
+                let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+                let cr = format!("Content-Range: bytes {a}-{b}/{}", blob.len());
+                answer(c, "206 Partial Content", &[cr], &blob[a..=b]);
+            }
+            _ => answer(c, "200 OK", &[], &blob),
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_range_read_answered_with_the_whole_blob_waits_for_the_cache_to_answer_ranges() {
+    let blob: Arc<Vec<u8>> = Arc::new((0..8u32 << 20).map(|i| (i % 251) as u8).collect());
+    let cache = filling_cache(Arc::clone(&blob), 2);
+    let r = client(RegistryOptions::default());
+    let digest = Digest::of(&blob);
+    let (offset, len) = (7u64 << 20, 4096u64);
+    let got = r
+        .read_blob_range(&image(&cache.host()), &digest, offset, len)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &blob[offset as usize..(offset + len) as usize]);
+    // The first answer and one probe were whole blobs, dropped; the third request got the range.
+    assert_eq!(cache.heads().len(), 3, "{:?}", cache.heads());
+}
+
+#[tokio::test]
+async fn a_registry_that_never_answers_ranges_is_read_through_after_the_wait() {
+    let blob: Arc<Vec<u8>> = Arc::new((0..2u32 << 20).map(|i| (i % 251) as u8).collect());
+    let cache = filling_cache(Arc::clone(&blob), usize::MAX);
+    let r = client(RegistryOptions::default());
+    let started = Instant::now();
+    let got = r
+        .read_blob_range(&image(&cache.host()), &Digest::of(&blob), 1 << 20, 100)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &blob[1 << 20..(1 << 20) + 100]);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(9),
+        "waited {waited:?}"
+    );
+}

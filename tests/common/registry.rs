@@ -29,6 +29,10 @@ pub struct RegistryOpts {
     pub storage: Option<PathBuf>,
     /// Require HTTP Basic auth checked against this htpasswd file (bcrypt; see [`htpasswd`]).
     pub htpasswd: Option<PathBuf>,
+    /// In a namespace, listen on every address there (0.0.0.0:NETNS_PORT), not only its loopback.
+    pub all_interfaces: bool,
+    /// A pull-through cache of this registry (`proxy: remoteurl:`, e.g. `http://10.0.0.2:5000`).
+    pub proxy_remote_url: Option<String>,
     /// Serve HTTPS with this certificate and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -87,13 +91,18 @@ impl Registry {
                     "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: true\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                      maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: streamsnap-test-secret\n{tls}{auth}",
+                     http:\n  addr: {listen}:{port}\n  secret: streamsnap-test-secret\n{tls}{auth}{proxy}",
                     storage.display(),
+                    listen = if opts.all_interfaces { "0.0.0.0" } else { "127.0.0.1" },
                     tls = opts.tls.as_ref().map_or(String::new(), |(cert, key)| format!(
                         "  tls:\n    certificate: {}\n    key: {}\n",
                         cert.display(),
                         key.display()
                     )),
+                    proxy = opts
+                        .proxy_remote_url
+                        .as_ref()
+                        .map_or(String::new(), |u| format!("proxy:\n  remoteurl: {u}\n")),
                     auth = opts.htpasswd.as_ref().map_or(String::new(), |p| format!(
                         "auth:\n  htpasswd:\n    realm: streamsnap-test\n    path: {}\n",
                         p.display()

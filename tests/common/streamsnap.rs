@@ -38,8 +38,34 @@ impl MountProcess {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Result<MountProcess, String> {
+        Self::spawn(Command::new(binary()), image, state_dir, mountpoint, extra, env)
+    }
+
+    /// Like `start`, in the network namespace `netns` (`nsenter --net`: the
+    /// mounts stay in this mount namespace, which `ip netns exec` would not do).
+    pub fn start_in_netns(
+        netns: &str,
+        image: &str,
+        state_dir: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+    ) -> MountProcess {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{netns}")).arg("--").arg(binary());
+        Self::spawn(cmd, image, state_dir, mountpoint, extra, &[])
+            .unwrap_or_else(|log| panic!("streamsnap mount {image} in {netns} failed:\n{log}"))
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        image: &str,
+        state_dir: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Result<MountProcess, String> {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let mut child = Command::new(binary())
+        let mut child = cmd
             .arg("mount")
             .arg("--state-dir")
             .arg(state_dir)

@@ -1,0 +1,93 @@
+//! Fleet egress (issue #15): N nodes start the same image at once through one
+//! pull-through cache (Debian's docker-registry in proxy mode) in front of the
+//! origin registry. Every host has its own network namespace on a bridge, links
+//! capped with tbf. Bytes are the origin registry's own log; "one node's bytes"
+//! is what a single node alone, through a cold mirror of its own, made the
+//! origin send, measured in the same run. Nodes reach the mirror through
+//! containerd's hosts.toml. Start-up only, then once more with background fill
+//! on until every layer is complete.
+mod common;
+#[path = "fleet/net.rs"]
+mod net;
+#[path = "fleet/node.rs"]
+mod node;
+
+use common::*;
+use net::{Fleet, Rates};
+use node::{Via, Workload};
+
+/// Nodes starting at once.
+const NODES: usize = 4;
+/// Weight files (one layer each, read whole at start-up) and their size.
+const WEIGHTS: u64 = 4;
+const WEIGHT_MIB: u64 = 48;
+/// A layer of libraries start-up never opens.
+const LIBS_MIB: u64 = 32;
+
+const RATES: Rates = Rates {
+    origin_mbit: 1000,
+    mirror_mbit: 4000,
+    node_mbit: 1000,
+};
+
+/// The origin's egress for the fleet, over a single node's, must stay under this.
+const GOAL: f64 = 1.1;
+
+#[test]
+fn a_fleet_starting_at_once_through_a_pull_through_mirror_costs_the_origin_one_nodes_bytes() {
+    require_root();
+    let fleet = Fleet::create(NODES, RATES);
+    let mut origin = Registry::start_with(RegistryOpts {
+        netns: Some(fleet.origin.netns.clone()),
+        all_interfaces: true,
+        ..Default::default()
+    });
+    origin.set_addr(format!("{}:{}", fleet.origin.ip, common::registry::NETNS_PORT));
+    let work = tempfile::Builder::new().prefix("fleet-").tempdir().unwrap();
+    let mut files = vec![("opt/libs/libbench.so".to_string(), LIBS_MIB, 100)];
+    files.extend((0..WEIGHTS).map(|i| (format!("models/weights-{i}.bin"), WEIGHT_MIB, 200 + i)));
+    let specs: Vec<(&str, u64, u64)> = files.iter().map(|(p, m, s)| (p.as_str(), *m, *s)).collect();
+    let image = build_files_image(&work.path().join("image"), &specs);
+    let pushed = push(&image, &origin, Format::Estargz);
+    let (image_bytes, layers) = origin.layers(&pushed);
+    let workload = Workload {
+        files: ["bin/busybox".to_string()]
+            .into_iter()
+            .chain((0..WEIGHTS).map(|i| format!("models/weights-{i}.bin")))
+            .collect(),
+        extra: vec!["--plain-http".into()],
+        layers: layers.len(),
+    };
+    let link = node::link_check(&fleet, &origin, &pushed, &layers);
+    eprintln!(
+        "[fleet] image: {} layers, {image_bytes} bytes; links: {link}",
+        layers.len()
+    );
+
+    // The node's own need: one node straight from the origin.
+    let run = node::Run {
+        fleet: &fleet,
+        origin: &origin,
+        image: &pushed,
+        workload: &workload,
+        work: work.path(),
+    };
+    let phase = |via, nodes, name, fill| node::run_phase(&run, via, nodes, name, fill);
+    let direct = phase(Via::Origin, 1, "direct", false);
+    // One node alone through a cold mirror, then the fleet through another cold mirror.
+    let single = phase(Via::ColdMirror, 1, "single", false);
+    let many = phase(Via::ColdMirror, NODES, "fleet", false);
+    // The fleet again, each node filling every layer in the background until complete.
+    let filled = phase(Via::ColdMirror, NODES, "fleet+fill", true);
+
+    let report = node::report(&[&direct, &single, &many, &filled], &single, image_bytes);
+    println!("{report}");
+    for p in [&many, &filled] {
+        let ratio = p.origin_bytes as f64 / single.origin_bytes as f64;
+        assert!(
+            ratio <= GOAL,
+            "{}: the origin sent {ratio:.2}x one node's bytes for {NODES} nodes (goal {GOAL}x):\n{report}",
+            p.name
+        );
+    }
+}
