@@ -46,6 +46,9 @@ pub struct Phase {
     pub serving: Vec<Duration>,
     /// With background fill: per node, every layer filled (and checked).
     pub filled: Vec<Duration>,
+    /// Blobs the origin sent whole more than once: the mirror copied them twice, which
+    /// docker-registry 2.8 does when a request checks its store just before its copy commits.
+    pub copied_twice: Vec<String>,
 }
 
 /// Starts a mirror of `origin` in the fleet's mirror namespace, with empty storage.
@@ -177,6 +180,7 @@ pub fn run_phase(run: &Run, via: Via, nodes: usize, name: &'static str, fill: bo
         eprintln!("[fleet] {name}: origin {} {} {}", &g.digest[7..19], g.status, g.bytes);
     }
     let phase = Phase {
+        copied_twice: copied_twice(&gets),
         name,
         via,
         origin_bytes,
@@ -219,6 +223,25 @@ fn spread(d: &[Duration]) -> (f64, f64) {
 }
 
 /// The figures as a markdown table plus the ratios the issue asks for.
+/// Digests (over 4 MiB: a small blob may be read whole by nodes too) whose whole body the
+/// origin sent more than once, by its log.
+fn copied_twice(gets: &[crate::common::BlobRequest]) -> Vec<String> {
+    let mut biggest: std::collections::BTreeMap<&str, (u64, usize)> = Default::default();
+    for g in gets.iter().filter(|g| g.status == 200) {
+        let e = biggest.entry(&g.digest).or_insert((0, 0));
+        match g.bytes.cmp(&e.0) {
+            std::cmp::Ordering::Greater => *e = (g.bytes, 1),
+            std::cmp::Ordering::Equal => e.1 += 1,
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    biggest
+        .into_iter()
+        .filter(|(_, (bytes, n))| *bytes > 4 << 20 && *n > 1)
+        .map(|(d, _)| d.to_string())
+        .collect()
+}
+
 pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
     let mut out = String::from(
         "| phase | nodes | origin sent (blob bytes) | x one node | origin GETs (whole blob) | origin link bytes | nodes received | mounted, s (median / max) | serving, s (median / max) |\n|---|---|---|---|---|---|---|---|---|\n",
@@ -229,9 +252,10 @@ pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
         out += &format!(
             "| {} ({}) | {} | {} | {:.2} | {} ({}) | {} | {} | {mm:.2} / {mx:.2} | {sm:.2} / {sx:.2} |\n",
             p.name,
-            match p.via {
-                Via::Origin => "from the origin",
-                Via::ColdMirror => "cold mirror",
+            match (p.via, p.copied_twice.len()) {
+                (Via::Origin, _) => "from the origin".to_string(),
+                (Via::ColdMirror, 0) => "cold mirror".to_string(),
+                (Via::ColdMirror, n) => format!("cold mirror; it copied {n} blob(s) twice"),
             },
             p.serving.len(),
             p.origin_bytes,
