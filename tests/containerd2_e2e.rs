@@ -6,7 +6,6 @@ mod common;
 use common::cri::{sandbox_config, Cri};
 use common::image::build_pause_image;
 use common::*;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 struct Env {
@@ -323,13 +322,4 @@ fn gc_removes_layers_after_image_rm(pull: impl Fn(&Env, &str)) {
         .collect();
     assert!(left.is_empty(), "cache still holds {left:?}");
     eprintln!("took {:?}", started.elapsed());
-}
-
-/// FUSE mounts at or below `dir`.
-fn fuse_mounts_under(dir: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter(|l| l.contains(dir.to_str().unwrap()) && l.contains(" fuse"))
-        .map(str::to_string)
-        .collect()
 }

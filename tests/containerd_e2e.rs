@@ -163,14 +163,6 @@ fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
     assert_eq!(out.split_whitespace().next(), Some(want.as_str()), "{out}");
 }
 
-fn fuse_mounts_under(dir: &std::path::Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter(|l| l.contains(dir.to_str().unwrap()) && l.contains(" fuse"))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
     let env = start();

@@ -413,16 +413,6 @@ fn an_identitytoken_in_config_json_auths_is_exchanged_for_bearer_tokens() {
     assert_identity_token_exchanged(&t, &json, &t.work.path().join("no-helpers"));
 }
 
-/// FUSE mount points under `dir` (the layers `serve` mounted).
-fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter(|l| l.contains(dir.to_str().unwrap()) && l.contains(" fuse"))
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(common::unescape_mountinfo(m)))
-        .collect()
-}
-
 /// `streamsnap serve EXTRA…` (with `env`) and a containerd using it.
 fn serve_with(p: &Private, extra: &[&str], env: &[(&str, &Path)]) -> (ServeProcess, Containerd) {
     let serve = ServeProcess::start_env(&p.work.path().join("streamsnap"), extra, env);

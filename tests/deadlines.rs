@@ -4,24 +4,11 @@
 mod common;
 use common::*;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const READ_DEADLINE: u64 = 8;
 const STALL_TIMEOUT: u64 = 2;
-
-/// FUSE mount points (the daemon's layer mounts) under `root`.
-fn fuse_mounts_under(root: &Path) -> Vec<PathBuf> {
-    let root = std::fs::canonicalize(root).unwrap();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let point = PathBuf::from(pre.split(' ').nth(4)?);
-            (post.starts_with("fuse") && point.starts_with(&root)).then_some(point)
-        })
-        .collect()
-}
 
 /// Reads the first 4 KiB of `path` with O_DIRECT: one FUSE read, no page
 /// cache (whose retry of a failed read-ahead would ask a second time).

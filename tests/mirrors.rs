@@ -228,26 +228,59 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("ca.pem"), dir.join("mirror.pem"), dir.join("mirror.key"))
 }
 
-#[test]
-fn a_tls_mirror_is_used_with_its_ca_or_skip_verify_and_passed_over_without() {
-    require_root();
-    let work = tempfile::tempdir().unwrap();
-    let storage = work.path().join("storage");
+/// An origin holding a one-layer eStargz image with a `mib` MiB file, and a second registry
+/// serving the same storage (a mirror holding a copy) started with `mirror_opts`.
+struct Copied {
+    origin: Registry,
+    mirror: Registry,
+    big: BigLayerImage,
+    reference: String,
+    layers: Vec<String>,
+}
+
+fn origin_and_copy(work: &Path, mib: u64, mirror_opts: RegistryOpts) -> Copied {
+    let storage = work.join("storage");
     let origin = Registry::start_with(RegistryOpts {
         storage: Some(storage.clone()),
         ..Default::default()
     });
-    let big = build_big_layer_image(&work.path().join("image"), 2);
+    let big = build_big_layer_image(&work.join("image"), mib);
     let reference = push(&big.image, &origin, Format::Estargz);
     let (_, layers) = origin.layers(&reference);
-    let layer = &layers[0];
-    let (ca, cert, key) = certificates(&work.path().join("pki"));
-    // The same storage over HTTPS: a mirror holding a copy.
     let mirror = Registry::start_with(RegistryOpts {
         storage: Some(storage),
-        tls: Some((cert, key)),
-        ..Default::default()
+        ..mirror_opts
     });
+    Copied {
+        origin,
+        mirror,
+        big,
+        reference,
+        layers,
+    }
+}
+
+#[test]
+fn a_tls_mirror_is_used_with_its_ca_or_skip_verify_and_passed_over_without() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(&work.path().join("pki"));
+    // The copy served over HTTPS.
+    let Copied {
+        origin,
+        mirror,
+        big,
+        reference,
+        layers,
+    } = origin_and_copy(
+        work.path(),
+        2,
+        RegistryOpts {
+            tls: Some((cert, key)),
+            ..Default::default()
+        },
+    );
+    let layer = &layers[0];
     // `ca` relative to the hosts.toml's directory, as containerd reads it.
     let cases = [
         ("ca", "ca = \"mirror-ca.pem\"\n", true),
@@ -302,19 +335,6 @@ fn a_tls_mirror_is_used_with_its_ca_or_skip_verify_and_passed_over_without() {
     }
 }
 
-/// FUSE mount points (the daemon's layer mounts) under `root`.
-fn fuse_mounts_under(root: &Path) -> Vec<PathBuf> {
-    let root = std::fs::canonicalize(root).unwrap();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let point = PathBuf::from(pre.split(' ').nth(4)?);
-            (post.starts_with("fuse") && point.starts_with(&root)).then_some(point)
-        })
-        .collect()
-}
-
 /// The value of `name{host="HOST"}` in a Prometheus exposition (0 when absent).
 fn metric(text: &str, name: &str, host: &str) -> u64 {
     let key = format!("{name}{{host=\"{host}\"}} ");
@@ -327,19 +347,13 @@ fn metric(text: &str, name: &str, host: &str) -> u64 {
 fn serve_takes_mirrors_from_its_config_file_and_counts_bytes_per_host() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let storage = work.path().join("storage");
-    let origin = Registry::start_with(RegistryOpts {
-        storage: Some(storage.clone()),
-        ..Default::default()
-    });
-    let big = build_big_layer_image(&work.path().join("image"), 4);
-    let reference = push(&big.image, &origin, Format::Estargz);
-    let (_, layers) = origin.layers(&reference);
-    // The same storage on another port: a mirror holding a copy.
-    let mirror = Registry::start_with(RegistryOpts {
-        storage: Some(storage),
-        ..Default::default()
-    });
+    let Copied {
+        origin,
+        mirror,
+        big,
+        reference,
+        layers,
+    } = origin_and_copy(work.path(), 4, RegistryOpts::default());
     let certs = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &mirror.addr(), false);
     let metrics = format!("127.0.0.1:{}", free_port());
     let config = work.path().join("streamsnap.toml");
@@ -389,18 +403,13 @@ fn serve_takes_mirrors_from_its_config_file_and_counts_bytes_per_host() {
 fn a_mirror_serving_wrong_bytes_costs_a_request_to_the_origin_not_a_failed_read() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let storage = work.path().join("storage");
-    let origin = Registry::start_with(RegistryOpts {
-        storage: Some(storage.clone()),
-        ..Default::default()
-    });
-    let big = build_big_layer_image(&work.path().join("image"), 2);
-    let reference = push(&big.image, &origin, Format::Estargz);
-    let (_, layers) = origin.layers(&reference);
-    let mirror = Registry::start_with(RegistryOpts {
-        storage: Some(storage),
-        ..Default::default()
-    });
+    let Copied {
+        origin,
+        mirror,
+        big,
+        reference,
+        layers,
+    } = origin_and_copy(work.path(), 2, RegistryOpts::default());
     let lying = FaultProxy::start(&mirror.addr());
     let certs = hosts_dir(&work.path().join("certs.d"), &origin.addr(), &lying.addr(), false);
     let mount = MountProcess::start(
@@ -427,18 +436,13 @@ fn a_mirror_serving_wrong_bytes_costs_a_request_to_the_origin_not_a_failed_read(
 fn a_mirror_added_while_mounted_serves_the_next_read() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let storage = work.path().join("storage");
-    let origin = Registry::start_with(RegistryOpts {
-        storage: Some(storage.clone()),
-        ..Default::default()
-    });
-    let big = build_big_layer_image(&work.path().join("image"), 2);
-    let reference = push(&big.image, &origin, Format::Estargz);
-    let (_, layers) = origin.layers(&reference);
-    let mirror = Registry::start_with(RegistryOpts {
-        storage: Some(storage),
-        ..Default::default()
-    });
+    let Copied {
+        origin,
+        mirror,
+        big,
+        reference,
+        layers,
+    } = origin_and_copy(work.path(), 2, RegistryOpts::default());
     let certs = work.path().join("certs.d");
     std::fs::create_dir_all(&certs).unwrap();
     let mount = MountProcess::start(

@@ -27,7 +27,7 @@ pub use registry::{BlobRequest, Registry, RegistryOpts};
 pub use streamsnap::{index_image, MountProcess, ServeProcess};
 pub use tree::{compare_trees, CompareOpts};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -117,12 +117,20 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// No FUSE mount under `dir` (per /proc/self/mountinfo)?
 pub fn no_fuse_mount_under(dir: &Path) -> bool {
+    fuse_mounts_under(dir).is_empty()
+}
+
+/// FUSE mount points (a daemon's layer mounts) at or below `dir`, from this process's mountinfo.
+pub fn fuse_mounts_under(dir: &Path) -> Vec<PathBuf> {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    !info.lines().any(|l| {
-        let point = l.split(' ').nth(4).map(unescape_mountinfo).unwrap_or_default();
-        l.contains(" - fuse") && Path::new(&point).starts_with(&dir)
-    })
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = PathBuf::from(unescape_mountinfo(pre.split(' ').nth(4)?));
+            (post.starts_with("fuse") && point.starts_with(&dir)).then_some(point)
+        })
+        .collect()
 }
 
 /// Waits until `log()` holds `needle` `count` times (or panics with the log).
