@@ -32,12 +32,12 @@ pub enum Via {
 pub struct Phase {
     pub name: &'static str,
     pub via: Via,
-    /// Blob body bytes the origin's log says it sent.
+    /// Blob body bytes the origin's log says it wrote.
     pub origin_bytes: u64,
     /// Blob GETs the origin answered, and how many of them with the whole blob (200).
     pub origin_gets: usize,
     pub origin_whole: usize,
-    /// Bytes the origin's link carried (TCP/IP framing included).
+    /// Bytes the origin's link carried (TCP/IP framing included): its egress.
     pub origin_wire: u64,
     /// Blob body bytes the nodes received (the mirror's log, or the origin's).
     pub node_bytes: u64,
@@ -49,6 +49,14 @@ pub struct Phase {
     /// Blobs the origin sent whole more than once: the mirror copied them twice, which
     /// docker-registry 2.8 does when a request checks its store just before its copy commits.
     pub copied_twice: Vec<String>,
+}
+
+impl Phase {
+    /// The origin's egress (what left it on its link) over `one_node`'s. Its log counts more for
+    /// a dropped whole-blob answer: bytes written into a socket the mirror closed, never sent.
+    pub fn egress_ratio(&self, one_node: &Phase) -> f64 {
+        self.origin_wire as f64 / one_node.origin_wire as f64
+    }
 }
 
 /// Starts a mirror of `origin` in the fleet's mirror namespace, with empty storage.
@@ -244,13 +252,13 @@ fn copied_twice(gets: &[crate::common::BlobRequest]) -> Vec<String> {
 
 pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
     let mut out = String::from(
-        "| phase | nodes | origin sent (blob bytes) | x one node | origin GETs (whole blob) | origin link bytes | nodes received | mounted, s (median / max) | serving, s (median / max) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| phase | nodes | origin egress (link bytes) | x one node | origin log (blob bytes) | x one node | origin GETs (whole blob) | nodes received | mounted, s (median / max) | serving, s (median / max) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in phases {
         let (mm, mx) = spread(&p.mounted);
         let (sm, sx) = spread(&p.serving);
         out += &format!(
-            "| {} ({}) | {} | {} | {:.2} | {} ({}) | {} | {} | {mm:.2} / {mx:.2} | {sm:.2} / {sx:.2} |\n",
+            "| {} ({}) | {} | {} | {:.2} | {} | {:.2} | {} ({}) | {} | {mm:.2} / {mx:.2} | {sm:.2} / {sx:.2} |\n",
             p.name,
             match (p.via, p.copied_twice.len()) {
                 (Via::Origin, _) => "from the origin".to_string(),
@@ -258,11 +266,12 @@ pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
                 (Via::ColdMirror, n) => format!("cold mirror; it copied {n} blob(s) twice"),
             },
             p.serving.len(),
+            p.origin_wire,
+            p.egress_ratio(one_node),
             p.origin_bytes,
             p.origin_bytes as f64 / one_node.origin_bytes as f64,
             p.origin_gets,
             p.origin_whole,
-            p.origin_wire,
             p.node_bytes,
         );
     }
@@ -277,8 +286,9 @@ pub fn report(phases: &[&Phase], one_node: &Phase, image_bytes: u64) -> String {
     for p in phases.iter().filter(|p| p.serving.len() > 1) {
         let (sm, sx) = spread(&p.serving);
         out += &format!(
-            "\n{}: origin egress {:.2}x one node's bytes; time to serving {:.2}x (median) / {:.2}x (max) a single node alone ({alone:.2} s). Image: {image_bytes} layer bytes.\n",
+            "\n{}: origin egress {:.2}x one node's bytes (its log: {:.2}x); time to serving {:.2}x (median) / {:.2}x (max) a single node alone ({alone:.2} s). Image: {image_bytes} layer bytes.\n",
             p.name,
+            p.egress_ratio(one_node),
             p.origin_bytes as f64 / one_node.origin_bytes as f64,
             sm / alone,
             sx / alone,
