@@ -12,7 +12,7 @@ use crate::credentials::{normalize_host, PullAuths, Secret};
 use crate::proto::cri::{AuthConfig, PullImageRequest, PullImageResponse};
 use crate::registry::Reference;
 use base64::Engine as _;
-use http_body_util::{BodyExt as _, Full, StreamBody};
+use http_body_util::{BodyExt as _, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message as _;
@@ -27,6 +27,8 @@ use tracing::{debug, info, warn};
 
 const SERVICE: &str = "/runtime.v1.ImageService/";
 const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
+/// Most bytes of a PullImage request or answer read whole: gRPC's default message limit.
+const MAX_MESSAGE: usize = 4 << 20;
 
 /// The proxy: containerd's channel, where pull secrets go, and what to do after a pull.
 pub struct CriProxy {
@@ -112,9 +114,13 @@ impl CriProxy {
     /// the pull succeeded, and passed back as it came.
     async fn pull(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let body = match body.collect().await {
+        let body = match Limited::new(body, MAX_MESSAGE).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return status(tonic::Status::cancelled(format!("reading the PullImage request: {e}"))),
+            Err(e) => {
+                return status(tonic::Status::resource_exhausted(format!(
+                    "reading the PullImage request (at most {MAX_MESSAGE} bytes): {e}"
+                )))
+            }
         };
         let pulling = self.begin(&body);
         let resp = self
@@ -124,7 +130,7 @@ impl CriProxy {
             return resp;
         };
         let (parts, body) = resp.into_parts();
-        let answer = match body.collect().await {
+        let answer = match Limited::new(body, MAX_MESSAGE).collect().await {
             Ok(a) => a,
             Err(e) => {
                 self.auths.end(pulling, false);
@@ -281,6 +287,7 @@ pub fn start(address: &Path, proxy: CriProxy) -> std::io::Result<Serving> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::cri::image_service_client::ImageServiceClient;
 
     fn auth() -> AuthConfig {
         AuthConfig::default()
@@ -336,6 +343,48 @@ mod tests {
         assert!(secret(&a, "docker.io").is_some());
     }
 
+    async fn client(socket: PathBuf) -> ImageServiceClient<Channel> {
+        let channel = Endpoint::from_static("http://[::]:0")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await
+            .unwrap();
+        ImageServiceClient::new(channel)
+    }
+
+    #[tokio::test]
+    async fn a_pull_request_over_the_message_limit_is_refused_unread_and_keeps_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let auths = Arc::new(PullAuths::open(&dir.path().join("pull")).unwrap());
+        let proxy = CriProxy::new(
+            &dir.path().join("no-containerd.sock"),
+            Arc::clone(&auths),
+            Arc::new(|| {}),
+        );
+        let socket = dir.path().join("cri.sock");
+        let _serving = start(&socket, proxy).unwrap();
+        let e = client(socket)
+            .await
+            .pull_image(PullImageRequest {
+                image: Some(crate::proto::cri::ImageSpec {
+                    image: format!("r.test/{}:v1", "a".repeat(MAX_MESSAGE)),
+                    ..Default::default()
+                }),
+                auth: Some(AuthConfig {
+                    username: "alice".into(),
+                    password: "pw".into(),
+                    ..auth()
+                }),
+                sandbox_config: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(auths.is_empty(), "an unread pull kept a secret");
+    }
+
     #[tokio::test]
     async fn without_containerd_calls_fail_unavailable_naming_its_socket_and_keep_no_secret() {
         let dir = tempfile::tempdir().unwrap();
@@ -344,14 +393,7 @@ mod tests {
         let proxy = CriProxy::new(&containerd, Arc::clone(&auths), Arc::new(|| {}));
         let socket = dir.path().join("cri.sock");
         let _serving = start(&socket, proxy).unwrap();
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
-            }))
-            .await
-            .unwrap();
-        let mut images = crate::proto::cri::image_service_client::ImageServiceClient::new(channel);
+        let mut images = client(socket).await;
         let e = images
             .image_fs_info(crate::proto::cri::ImageFsInfoRequest {})
             .await
