@@ -10,6 +10,7 @@
 use super::exec;
 use super::matching::matches;
 use super::{Credential, CredentialError, Origin, Secret};
+use crate::registry::hosts::go_duration;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -161,7 +162,7 @@ impl Providers {
                     p.api_version
                 )));
             }
-            let default_cache = parse_go_duration(&p.default_cache_duration).ok_or_else(|| {
+            let default_cache = go_duration(&p.default_cache_duration).ok_or_else(|| {
                 named(&format!(
                     "defaultCacheDuration {:?} is not a duration",
                     p.default_cache_duration
@@ -285,7 +286,7 @@ impl Providers {
             }
         };
         let life = match &r.cache_duration {
-            Some(d) => parse_go_duration(d).ok_or_else(|| failed(format!("cacheDuration {d:?} is not a duration")))?,
+            Some(d) => go_duration(d).ok_or_else(|| failed(format!("cacheDuration {d:?} is not a duration")))?,
             None => p.default_cache,
         };
         let auth: Vec<(String, Secret)> = r
@@ -334,42 +335,6 @@ fn pick(auth: &[(String, Secret)], image: &str) -> Option<Secret> {
         .map(|(_, s)| s.clone())
 }
 
-/// Go's `time.ParseDuration` for the units kubelet's durations use: "12h",
-/// "1h30m", "5m0s", "1.5s", "300ms", "0".
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s == "0" {
-        return Some(Duration::ZERO);
-    }
-    let mut rest = s;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..n].parse().ok()?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..u] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[u..];
-        total += value * unit;
-    }
-    Duration::try_from_secs_f64(total).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,14 +342,14 @@ mod tests {
 
     #[test]
     fn go_durations() {
-        assert_eq!(parse_go_duration("12h"), Some(Duration::from_secs(12 * 3600)));
-        assert_eq!(parse_go_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("5m0s"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_go_duration("300ms"), Some(Duration::from_millis(300)));
-        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
-        assert_eq!(parse_go_duration("12"), None);
-        assert_eq!(parse_go_duration(""), None);
-        assert_eq!(parse_go_duration("1d"), None);
+        assert_eq!(go_duration("12h"), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(go_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(go_duration("5m0s"), Some(Duration::from_secs(300)));
+        assert_eq!(go_duration("300ms"), Some(Duration::from_millis(300)));
+        assert_eq!(go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(go_duration("12"), None);
+        assert_eq!(go_duration(""), None);
+        assert_eq!(go_duration("1d"), None);
     }
 
     fn setup(plugin: &str, config: &str) -> (tempfile::TempDir, Result<Providers, CredentialError>) {

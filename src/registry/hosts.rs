@@ -397,7 +397,8 @@ fn clean_path(p: &str) -> String {
     parts.iter().map(|s| format!("/{s}")).collect()
 }
 
-/// A Go duration string (`time.ParseDuration`): decimal numbers with units
+/// A Go duration string (`time.ParseDuration`, as containerd's hosts.toml and kubelet's
+/// credential-provider config write them): decimal numbers with units
 /// `ns`, `us`/`µs`, `ms`, `s`, `m`, `h`, e.g. "300ms", "1.5s", "1m30s".
 pub fn go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
