@@ -15,7 +15,7 @@
 //! config_path = "/etc/containerd/certs.d"
 //! [cache]
 //! disk_size = "10GiB"
-//! memory_size = "256MiB"
+//! memory_size = "64MiB"
 //! [index]
 //! repositories = ["reg:5000/team/indexes"]
 //! trust_referrers = false
@@ -137,7 +137,7 @@ impl Default for Cache {
     fn default() -> Self {
         Self {
             disk_size: ByteSize::gib(10),
-            memory_size: ByteSize::mib(256),
+            memory_size: ByteSize::mib(64),
         }
     }
 }

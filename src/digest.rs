@@ -31,6 +31,14 @@ impl Digest {
         &self.hex
     }
 
+    /// The 32 bytes of the hash.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut out = [0; 32];
+        // The hex part is checked to be 64 hex digits wherever a digest is made.
+        hex::decode_to_slice(&self.hex, &mut out).expect("a digest holds 64 hex digits");
+        out
+    }
+
     /// Does `data` hash to this digest?
     pub fn matches(&self, data: &[u8]) -> bool {
         *self == Self::of(data)

@@ -401,14 +401,18 @@ impl FillArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Chunk buffers are 1-16 MiB: by default glibc serves each with a fresh
-    // mmap, so every chunk pays page faults and kernel zeroing (about a tenth
-    // of the CPU of a cold sequential read). Keep them on the heap instead.
+    // Chunk buffers and range bodies (up to 4 MiB) stay on the heap: a fresh
+    // mmap each would cost page faults and kernel zeroing (about a tenth of
+    // the CPU of a cold sequential read). fuser's 16 MiB request buffers are
+    // mmapped, so the pages the kernel never writes stay untouched. Two arenas
+    // and a trim threshold bound what the heap keeps after a burst: glibc
+    // would otherwise keep an arena per blocking thread, each holding its peak.
     // SAFETY: mallopt only changes glibc allocator tunables and takes plain
     // integers; it runs before any other thread exists, so no allocation races it.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

@@ -225,21 +225,28 @@ impl DiskCache {
     /// Stores a chunk of a large file inside that file's entry; the entry
     /// becomes a whole-file entry when its last chunk is stored.
     pub fn put_in_file(&self, layer: &Digest, slot: FileSlot, data: &[u8]) -> io::Result<()> {
+        self.put_in_file_hashed(layer, slot, data, seal::sha(data))
+    }
+
+    /// [`Self::put_in_file`] of a chunk whose sha256 the caller already
+    /// computed (its verified chunk digest): each byte is hashed once.
+    pub fn put_in_file_hashed(&self, layer: &Digest, slot: FileSlot, data: &[u8], sha: [u8; 32]) -> io::Result<()> {
         let len = data.len() as u64;
         let whole = Entry::File {
             layer: layer.clone(),
             node: slot.node,
         };
-        if slot.file_size > self.limit || self.lru.lock().contains(&whole) {
+        let id = (layer.clone(), slot.node);
+        let complete = |lru: &books::Lru| lru.contains(&whole) || lru.sealing.contains_key(&id);
+        if slot.file_size > self.limit || complete(&self.lru.lock()) {
             return Ok(()); // never fits whole, or already complete
         }
         self.evict_to(self.limit.saturating_sub(len));
         let record = Record {
             offset: slot.file_offset,
             len,
-            sha: seal::sha(data),
+            sha,
         };
-        let id = (layer.clone(), slot.node);
         let partial = Entry::Partial {
             layer: layer.clone(),
             node: slot.node,
@@ -249,6 +256,7 @@ impl DiskCache {
             match lru.partials.get(&id) {
                 Some(p) if p.has(slot.chunk_index) => return Ok(()),
                 Some(p) => Arc::clone(&p.files),
+                None if complete(&lru) => return Ok(()),
                 None => {
                     let cell = Arc::new(OnceLock::new());
                     lru.insert(partial.clone(), 0);
@@ -291,18 +299,23 @@ impl DiskCache {
             let Some(records) = records else {
                 return Ok(());
             };
-            // Out of the books while it is renamed: nothing evicts or serves it meanwhile.
+            // Out of the LRUs while it is renamed (nothing evicts it), still
+            // served from its open files.
             lru.remove(&partial);
+            lru.sealing.insert(id.clone(), Arc::clone(&cell));
             records
         };
         let whole_path = self.path(&whole);
         let finished = self.seal_file(&file, &path, &whole_path, &records);
+        let mut lru = self.lru.lock();
+        lru.sealing.remove(&id);
         if let Err(e) = finished {
+            drop(lru);
             let _ = std::fs::remove_file(&path);
             let _ = std::fs::remove_file(sums_path(&whole_path));
             return Err(e);
         }
-        self.lru.lock().insert(whole, slot.file_size);
+        lru.insert(whole, slot.file_size);
         Ok(())
     }
 
@@ -334,10 +347,14 @@ impl DiskCache {
         };
         let held = {
             let mut lru = self.lru.lock();
-            let partial = lru
-                .partials
-                .get(&(layer.clone(), slot.node))
-                .map(|p| p.has(slot.chunk_index).then(|| Arc::clone(&p.files)));
+            let id = (layer.clone(), slot.node);
+            let partial = match lru.sealing.get(&id) {
+                Some(cell) => Some(Some(Arc::clone(cell))),
+                None => lru
+                    .partials
+                    .get(&id)
+                    .map(|p| p.has(slot.chunk_index).then(|| Arc::clone(&p.files))),
+            };
             match partial {
                 Some(Some(cell)) => Some(cell),
                 Some(None) => return None,
@@ -578,6 +595,9 @@ impl DiskCache {
     /// Is this chunk of a large file cached, in its partial or whole-file entry?
     pub fn has_in_file(&self, layer: &Digest, slot: FileSlot) -> bool {
         let lru = self.lru.lock();
+        if lru.sealing.contains_key(&(layer.clone(), slot.node)) {
+            return true;
+        }
         match lru.partials.get(&(layer.clone(), slot.node)) {
             Some(p) => p.has(slot.chunk_index),
             None => lru.contains(&Entry::File {

@@ -56,6 +56,19 @@ impl MemCache {
         self.inner.lock().0.get(key).cloned()
     }
 
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().1
+    }
+
+    /// The chunk, which memory no longer holds.
+    pub fn take(&self, key: &ChunkKey) -> Option<Bytes> {
+        let mut inner = self.inner.lock();
+        let data = inner.0.pop(key)?;
+        inner.1 -= data.len() as u64;
+        Some(data)
+    }
+
     pub fn put(&self, key: ChunkKey, data: Bytes) {
         let len = data.len() as u64;
         if len > self.limit {
@@ -95,5 +108,19 @@ mod tests {
         m.put(key(2), Bytes::from_static(b"12345"));
         assert!(m.get(&key(1)).is_none());
         assert!(m.get(&key(2)).is_some());
+    }
+
+    #[test]
+    fn a_taken_chunk_leaves_memory_and_frees_its_share_of_the_bound() {
+        let m = MemCache::new(8);
+        m.put(key(1), Bytes::from_static(b"12345"));
+        assert_eq!(m.take(&key(1)).as_deref(), Some(&b"12345"[..]));
+        assert!(m.get(&key(1)).is_none());
+        m.put(key(2), Bytes::from_static(b"12345"));
+        m.put(key(3), Bytes::from_static(b"123"));
+        assert!(
+            m.get(&key(2)).is_some(),
+            "8 bytes fit once the taken chunk no longer counts"
+        );
     }
 }

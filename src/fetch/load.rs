@@ -25,7 +25,7 @@ impl Fetcher {
             match from_disk.get(i).cloned().flatten() {
                 Some(b) => {
                     self.stats.chunks_from_disk.fetch_add(1, Ordering::Relaxed);
-                    self.finish(lead, Ok(b));
+                    self.finish(lead, Ok(b), &urgency);
                 }
                 None => missing.push(lead),
             }
@@ -98,16 +98,18 @@ impl Fetcher {
                     break;
                 }
             };
-            let (this, held) = (Arc::clone(&self), data.clone());
-            let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
-            results =
-                tokio::task::spawn_blocking(move || ids.iter().map(|&id| this.decode_in(&held, start, id)).collect())
-                    .await
-                    .unwrap_or_else(|e| {
-                        run.iter()
-                            .map(|_| Err(self.corrupt(start, format!("decoder panicked: {e}"))))
-                            .collect()
-                    });
+            // One blocking task per chunk: a run's chunks inflate and hash on
+            // as many cores as the blocking pool has.
+            let me = &*self;
+            results = futures::future::join_all(run.iter().map(|l| {
+                let (this, held, id) = (Arc::clone(&self), data.clone(), *l.key());
+                async move {
+                    tokio::task::spawn_blocking(move || this.decode_in(&held, start, id))
+                        .await
+                        .unwrap_or_else(|e| Err(me.corrupt(start, format!("decoder panicked: {e}"))))
+                }
+            }))
+            .await;
             if !results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. }))) {
                 self.tap.offer(start, &data);
                 break;
@@ -118,11 +120,10 @@ impl Fetcher {
         }
         let mut keep = Vec::with_capacity(run.len());
         for (lead, r) in run.into_iter().zip(results) {
-            match &r {
-                Ok(b) => keep.push((*lead.key(), b.clone())),
-                Err(e) => warn!(error = %e, "chunk read failed"),
+            if let Err(e) = &r {
+                warn!(error = %e, "chunk read failed");
             }
-            self.finish(lead, r);
+            self.answer_fetched(lead, r, &urgency, &mut keep);
         }
         self.store(node, keep).await;
     }
@@ -142,13 +143,20 @@ impl Fetcher {
         if keep.is_empty() {
             return;
         }
+        let ids: Vec<ChunkId> = keep.iter().map(|(id, _)| *id).collect();
         let this = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
             let mut small = Vec::new();
             for (id, data) in &keep {
                 match this.slot(node, *id) {
                     Some(slot) => {
-                        if let Err(e) = this.node.disk.put_in_file(&this.layer, slot, data) {
+                        let c = &this.index.chunks[*id as usize];
+                        // A chunk digest over exactly these bytes is their seal too.
+                        let written = match c.digest.as_ref().filter(|_| c.whole.is_none()) {
+                            Some(d) => this.node.disk.put_in_file_hashed(&this.layer, slot, data, d.to_bytes()),
+                            None => this.node.disk.put_in_file(&this.layer, slot, data),
+                        };
+                        if let Err(e) = written {
                             warn!(layer = %this.layer, error = %e, "cannot write chunk to the disk cache");
                         }
                     }
@@ -161,6 +169,10 @@ impl Fetcher {
             }
         })
         .await;
+        let mut landing = self.landing.lock();
+        for id in ids {
+            landing.remove(&id);
+        }
     }
 }
 

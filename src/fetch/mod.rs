@@ -45,11 +45,11 @@ use std::time::Duration;
 use tracing::{error, warn};
 
 /// Largest single range request when coalescing chunks.
-pub const MAX_REQUEST: u64 = 16 << 20;
+pub const MAX_REQUEST: u64 = 4 << 20;
 /// Gap between chunks still worth fetching in one request.
 const MAX_GAP: u64 = 64 << 10;
 /// How far ahead of a sequential reader chunks are fetched.
-const READ_AHEAD: u64 = 32 << 20;
+const READ_AHEAD: u64 = 16 << 20;
 /// Smallest file worth a whole-file cache entry (kernel passthrough); smaller
 /// ones are served from the page cache after one read anyway.
 const WHOLE_FILE_MIN: u64 = 1 << 20;
@@ -157,6 +157,9 @@ pub struct Fetcher {
     quarantined: OnceLock<String>,
     /// Verified fetched bytes, held while the fill hashes the blob (`tap`).
     tap: tap::Tap,
+    /// Fetched chunks from their answer until `store` has written them: a
+    /// reader in between finds them here rather than fetching them again.
+    landing: Mutex<HashMap<ChunkId, Bytes>>,
 }
 
 impl Fetcher {
@@ -175,6 +178,7 @@ impl Fetcher {
             runtime: tokio::runtime::Handle::try_current().ok(),
             quarantined: OnceLock::new(),
             tap: tap::Tap::default(),
+            landing: Mutex::default(),
         })
     }
 
@@ -419,7 +423,14 @@ impl Fetcher {
         let mut mem_hits = 0;
         for id in ids {
             wanted.push(id);
-            if let Some(b) = self.node.mem.get(&self.key(id)) {
+            // Read-ahead bytes wait in memory for their reader; once it has
+            // them, the kernel's page cache holds them and memory lets go.
+            let from_mem = match cause {
+                Cause::OnDemand => self.node.mem.take(&self.key(id)),
+                _ => self.node.mem.get(&self.key(id)),
+            };
+            let held = from_mem.or_else(|| self.landing.lock().get(&id).cloned());
+            if let Some(b) = held {
                 self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
                 mem_hits += 1;
                 waits.push(futures::future::ready(Some(Ok(b))).boxed().shared());
@@ -465,10 +476,24 @@ impl Fetcher {
         }
     }
 
-    /// Answers a chunk's flight (keeping good bytes in memory).
-    fn finish(&self, lead: ChunkLead, result: Fetched) {
+    /// Answers the flight of a chunk this task fetched; its good bytes wait
+    /// in `landing` (and in `keep`) until `store` has written them.
+    fn answer_fetched(&self, lead: ChunkLead, result: Fetched, urgency: &Urgency, keep: &mut Vec<(ChunkId, Bytes)>) {
         if let Ok(b) = &result {
-            self.node.mem.put(self.key(*lead.key()), b.clone());
+            self.landing.lock().insert(*lead.key(), b.clone());
+            keep.push((*lead.key(), b.clone()));
+        }
+        self.finish(lead, result, urgency);
+    }
+
+    /// Answers a chunk's flight. Bytes fetched ahead of a reader wait in
+    /// memory until it reads them; bytes a reader waits for go straight to it
+    /// (and to the disk cache), so memory holds only what is still unread.
+    fn finish(&self, lead: ChunkLead, result: Fetched, urgency: &Urgency) {
+        if let Ok(b) = &result {
+            if urgency.get() == Cause::ReadAhead {
+                self.node.mem.put(self.key(*lead.key()), b.clone());
+            }
         }
         lead.finish(result);
     }

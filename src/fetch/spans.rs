@@ -31,14 +31,14 @@ impl Fetcher {
                 Encoding::Span(s) => by_span.entry(s).or_default().push(lead),
                 _ => {
                     let e = self.corrupt(c.blob_offset, "not a span chunk in a gzip-indexed layer".into());
-                    self.finish(lead, Err(e));
+                    self.finish(lead, Err(e), &urgency);
                 }
             }
         }
         let groups = by_span.into_iter().map(|(s, group)| {
             let (this, urgency) = (Arc::clone(&self), Arc::clone(&urgency));
             async move {
-                let span = this.span(s, cause, urgency).await;
+                let span = this.span(s, cause, Arc::clone(&urgency)).await;
                 let mut keep: Vec<(ChunkId, _)> = Vec::with_capacity(group.len());
                 for lead in group {
                     let c = &this.index.chunks[*lead.key() as usize];
@@ -50,10 +50,7 @@ impl Fetcher {
                             format!("span holds {} bytes, chunk ends at {to}", out.len()),
                         )),
                     });
-                    if let Ok(b) = &r {
-                        keep.push((*lead.key(), b.clone()));
-                    }
-                    this.finish(lead, r);
+                    this.answer_fetched(lead, r, &urgency, &mut keep);
                 }
                 this.store(node, keep).await;
             }

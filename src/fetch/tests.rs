@@ -93,6 +93,39 @@ async fn concurrent_reads_of_one_chunk_make_one_request() {
 }
 
 #[tokio::test]
+async fn bytes_read_ahead_wait_in_memory_only_until_their_reader_has_them() {
+    let l = TestLayer::new(true).await;
+    let a = l.node("a.bin");
+    for i in 0..2 {
+        l.fetcher.read(a, i * CHUNK, CHUNK as u32).await.unwrap();
+    }
+    let mem = &l.fetcher.node.mem;
+    for _ in 0..200 {
+        if mem.bytes() == 2 * CHUNK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(mem.bytes(), 2 * CHUNK, "the two chunks read ahead");
+    for i in 2..4 {
+        let got = l.fetcher.read(a, i * CHUNK, CHUNK as u32).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &l.expected("a.bin")[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize]
+        );
+    }
+    assert_eq!(mem.bytes(), 0, "read: the page cache holds them now");
+    assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
+}
+
+#[tokio::test]
+async fn a_chunk_a_reader_waited_for_is_not_kept_in_memory() {
+    let l = TestLayer::new(true).await;
+    l.read_all("small.txt").await.unwrap();
+    assert_eq!(l.fetcher.node.mem.bytes(), 0);
+}
+
+#[tokio::test]
 async fn a_cached_chunk_needs_no_request() {
     let l = TestLayer::new(true).await;
     l.read_all("small.txt").await.unwrap();
@@ -287,7 +320,8 @@ fn neighbours_coalesce_and_distant_chunks_do_not() {
     };
     let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
     assert_eq!(coalesce(&chunks, vec![0, 1, 2], |i| *i), vec![vec![0, 1], vec![2]]);
-    let big: Vec<Chunk> = (0..8).map(|i| chunk(i * (4 << 20), 4 << 20)).collect();
+    let quarter = MAX_REQUEST / 4;
+    let big: Vec<Chunk> = (0..8).map(|i| chunk(i * quarter, quarter)).collect();
     assert_eq!(
         coalesce(&big, (0..8).collect(), |i| *i).len(),
         2,
@@ -406,7 +440,8 @@ async fn fill_all(f: &Arc<Fetcher>) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    panic!("chunks never reached the disk cache");
+    let missing: Vec<_> = ids.iter().filter(|&&id| !f.is_cached(id)).collect();
+    panic!("chunks never reached the disk cache: {missing:?} of {}", ids.len());
 }
 
 #[tokio::test]

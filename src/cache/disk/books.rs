@@ -52,11 +52,14 @@ impl Entry {
 /// The open files of a partial entry: plain, and O_DIRECT when the filesystem allows.
 pub(super) type PartialFiles = (Arc<std::fs::File>, Option<Arc<std::fs::File>>);
 
+/// A partial entry's files, opened once by its first writer.
+pub(super) type FilesCell = Arc<OnceLock<Result<PartialFiles, Arc<io::Error>>>>;
+
 /// A file entry still being filled. Its files are created by the first
 /// writer, outside the cache's lock (concurrent writers of the same entry
 /// wait on this cell only).
 pub(super) struct Partial {
-    pub(super) files: Arc<OnceLock<Result<PartialFiles, Arc<io::Error>>>>,
+    pub(super) files: FilesCell,
     /// Per chunk of the file: where it landed and its sha256, once written.
     pub(super) records: Vec<Option<Record>>,
     pub(super) missing: u32,
@@ -73,6 +76,10 @@ pub(super) struct Lru {
     pub(super) total: u64,
     pub(super) by_layer: HashMap<Digest, u64>,
     pub(super) partials: HashMap<(Digest, u32), Partial>,
+    /// Filled partial entries being made whole (synced, renamed): out of the
+    /// LRUs, so nothing evicts them, but their chunks are still served from
+    /// the open files and not written again.
+    pub(super) sealing: HashMap<(Digest, u32), FilesCell>,
     /// Whole-file entries found on open and not yet checked; the cell runs one check.
     pub(super) unchecked: HashMap<(Digest, u32), Arc<Unchecked>>,
     /// Layers mounted now (with their mount counts).
@@ -89,6 +96,7 @@ impl Lru {
             total: 0,
             by_layer: HashMap::new(),
             partials: HashMap::new(),
+            sealing: HashMap::new(),
             unchecked: HashMap::new(),
             in_use: HashMap::new(),
             evicted_in_use: 0,
