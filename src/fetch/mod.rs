@@ -3,12 +3,13 @@
 //! one range request admitted by the node's [`Scheduler`] at the urgency of
 //! its cause, decoding and verification on the blocking pool.
 //!
-//! Submodules: `load` (the miss path: disk cache, range requests, decode,
+//! Submodules: `ahead` (read-ahead and neighbours), `load` (the miss path: disk cache, range requests, decode,
 //! store), `source` (the [`RangeSource`] seam: registry, local file),
 //! `sched` (priorities), `observe` (the [`ReadObserver`] seam), `spans`
 //! (gzip-indexed layers), `decode` (chunk bytes to file bytes), `testing`
 //! (an in-process source that injects faults).
 
+mod ahead;
 mod complete;
 pub mod decode;
 mod load;
@@ -48,8 +49,6 @@ use tracing::{error, warn};
 pub const MAX_REQUEST: u64 = 4 << 20;
 /// Gap between chunks still worth fetching in one request.
 const MAX_GAP: u64 = 64 << 10;
-/// How far ahead of a sequential reader chunks are fetched.
-const READ_AHEAD: u64 = 16 << 20;
 /// Smallest file worth a whole-file cache entry (kernel passthrough); smaller
 /// ones are served from the page cache after one read anyway.
 const WHOLE_FILE_MIN: u64 = 1 << 20;
@@ -226,6 +225,9 @@ impl Fetcher {
             return self.read_local(ids, offset, end).await;
         }
         self.read_ahead(node, ids.clone());
+        if offset == 0 {
+            self.neighbours(node, ids.clone());
+        }
         // The fetch goes on in its own task (and ends by the registry's own
         // deadline); the reader stops waiting here.
         let deadline = self.node.read_deadline;
@@ -257,40 +259,6 @@ impl Fetcher {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         pieces.for_each(|p| out.extend_from_slice(&p));
         Ok(out.freeze())
-    }
-
-    /// A reader that continues where its last read ended gets the following
-    /// chunks (up to `READ_AHEAD` bytes) fetched in the background, so a
-    /// sequential scan of a large file keeps several requests in flight.
-    fn read_ahead(self: &Arc<Self>, node: NodeId, ids: Range<ChunkId>) {
-        let Some(n) = self.index.node(node) else { return };
-        let file_end = n.first_chunk + n.chunk_count;
-        let ahead = {
-            let mut seq = self.sequential.lock();
-            // A first read is not yet a pattern: partial reads of big files stay cheap.
-            let (sequential, asked) = match seq.get(&node) {
-                Some(&(last, asked)) => (ids.start == last || ids.start == last + 1, asked),
-                None => (false, 0),
-            };
-            let mut end = ids.end;
-            let mut bytes = 0;
-            while sequential && end < file_end && bytes < READ_AHEAD {
-                bytes += self.index.chunks[end as usize].len;
-                end += 1;
-            }
-            let from = ids.end.max(asked);
-            seq.insert(node, (ids.end - 1, end.max(asked)));
-            if seq.len() > 4096 {
-                seq.clear(); // bounded: forgetting only costs read-ahead
-            }
-            from..end
-        };
-        if !ahead.is_empty() {
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                let _ = this.chunks(Some(node), ahead, Cause::ReadAhead).await;
-            });
-        }
     }
 
     /// Is chunk `id` in the disk cache? (Cheap: nothing is read.)

@@ -118,6 +118,75 @@ async fn bytes_read_ahead_wait_in_memory_only_until_their_reader_has_them() {
     assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
 }
 
+/// A layer of `n` small files of 4 KiB, then one of 256 KiB.
+async fn small_files_layer(n: usize) -> (Arc<Fetcher>, Arc<TestSource>, tempfile::TempDir) {
+    let mut files: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| (format!("m{i:02}.pyc"), content(4096, i as u8)))
+        .collect();
+    files.push(("weights.bin".into(), content(4 * CHUNK as usize, 99)));
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    let blob = tar_blob(&named);
+    let source = Arc::new(TestSource::new(blob.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), 1 << 30);
+    let fetcher = tar_fetcher(&blob, Arc::clone(&source) as Arc<dyn RangeSource>, &node, CHUNK, true).await;
+    (fetcher, source, cache)
+}
+
+/// Waits until `source` has had no new request for a while.
+async fn settle(source: &TestSource) {
+    let mut seen = usize::MAX;
+    while source.requests().len() != seen {
+        seen = source.requests().len();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_cold_small_file_brings_the_small_files_after_it_in_one_request() {
+    let (f, source, _dir) = small_files_layer(8).await;
+    for i in 0..8 {
+        let node = f.index().resolve(&format!("m{i:02}.pyc")).unwrap();
+        let got = f.read(node, 0, 4096).await.unwrap();
+        assert_eq!(&got[..], &content(4096, i as u8)[..]);
+        settle(&source).await;
+    }
+    assert_eq!(
+        source.requests().len(),
+        2,
+        "its own and its neighbours': {:?}",
+        source.requests()
+    );
+}
+
+#[tokio::test]
+async fn neighbours_stop_before_a_larger_file() {
+    let (f, source, _dir) = small_files_layer(2).await;
+    f.read(f.index().resolve("m00.pyc").unwrap(), 0, 4096).await.unwrap();
+    settle(&source).await;
+    assert!(source.bytes_requested() < 3 * 4096 + 4 * 512, "{:?}", source.requests());
+}
+
+#[tokio::test]
+async fn a_warm_small_file_fetches_no_neighbours() {
+    let (f, source, _dir) = small_files_layer(8).await;
+    let last = f.index().resolve("m07.pyc").unwrap();
+    f.read(last, 0, 4096).await.unwrap();
+    settle(&source).await;
+    let before = source.requests().len();
+    let first = f.index().resolve("m00.pyc").unwrap();
+    f.read(first, 0, 4096).await.unwrap();
+    settle(&source).await;
+    f.read(last, 0, 4096).await.unwrap();
+    settle(&source).await;
+    assert_eq!(
+        source.requests().len(),
+        before + 2,
+        "m00 and its neighbours, nothing for m07: {:?}",
+        source.requests()
+    );
+}
+
 #[tokio::test]
 async fn a_chunk_a_reader_waited_for_is_not_kept_in_memory() {
     let l = TestLayer::new(true).await;

@@ -1,0 +1,89 @@
+//! Fetching ahead of readers, at read-ahead priority: the following chunks
+//! of a file read sequentially, and the small files that follow a small file
+//! read cold. Start-up reads many small files in tar order (a package's
+//! modules one after another), and each would otherwise be a round trip of
+//! its own.
+
+use super::*;
+
+/// How far ahead of a sequential reader chunks are fetched.
+pub(super) const READ_AHEAD: u64 = 16 << 20;
+/// Blob bytes after a cold small file fetched with it: a few round trips'
+/// worth at 1 Gbit/s, a package directory's modules.
+pub(super) const NEIGHBOURS: u64 = 256 << 10;
+/// Files up to this size count as small (source files, bytecode, configs).
+pub(super) const SMALL_FILE: u64 = 64 << 10;
+
+impl Fetcher {
+    /// A reader that continues where its last read ended gets the following
+    /// chunks (up to `READ_AHEAD` bytes) fetched in the background, so a
+    /// sequential scan of a large file keeps several requests in flight.
+    pub(super) fn read_ahead(self: &Arc<Self>, node: NodeId, ids: Range<ChunkId>) {
+        let Some(n) = self.index.node(node) else { return };
+        let file_end = n.first_chunk + n.chunk_count;
+        let ahead = {
+            let mut seq = self.sequential.lock();
+            // A first read is not yet a pattern: partial reads of big files stay cheap.
+            let (sequential, asked) = match seq.get(&node) {
+                Some(&(last, asked)) => (ids.start == last || ids.start == last + 1, asked),
+                None => (false, 0),
+            };
+            let mut end = ids.end;
+            let mut bytes = 0;
+            while sequential && end < file_end && bytes < READ_AHEAD {
+                bytes += self.index.chunks[end as usize].len;
+                end += 1;
+            }
+            let from = ids.end.max(asked);
+            seq.insert(node, (ids.end - 1, end.max(asked)));
+            if seq.len() > 4096 {
+                seq.clear(); // bounded: forgetting only costs read-ahead
+            }
+            from..end
+        };
+        if !ahead.is_empty() {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = this.chunks(Some(node), ahead, Cause::ReadAhead).await;
+            });
+        }
+    }
+
+    /// A cold read from the start of a small file also fetches the small
+    /// files after it in the blob (up to [`NEIGHBOURS`] bytes; not cached ones
+    /// only; never past a larger file, never in a gzip-indexed layer, whose
+    /// spans hold many files anyway), in a request of their own.
+    pub(super) fn neighbours(self: &Arc<Self>, node: NodeId, ids: Range<ChunkId>) {
+        let small = self.index.node(node).is_some_and(|n| n.size <= SMALL_FILE);
+        if !small || ids.is_empty() || self.index.spans.is_some() || self.is_cached(ids.start) {
+            return;
+        }
+        let chunks = &self.index.chunks;
+        let last = &chunks[ids.end as usize - 1];
+        let mut at = last.blob_offset + last.blob_len;
+        let limit = at.saturating_add(NEIGHBOURS);
+        let mut next = Vec::new();
+        for id in ids.end..chunks.len() as ChunkId {
+            let c = &chunks[id as usize];
+            let owner_small = self
+                .index
+                .node_of_chunk(id)
+                .and_then(|n| self.index.node(n))
+                .is_some_and(|n| n.size <= SMALL_FILE);
+            // Blob order only, and only small files: a neighbour costs bytes, not a wait.
+            if c.blob_offset < at || c.blob_offset.saturating_add(c.blob_len) > limit || !owner_small {
+                break;
+            }
+            at = c.blob_offset + c.blob_len;
+            if !self.is_cached(id) {
+                next.push(id);
+            }
+        }
+        if !next.is_empty() {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = this.chunks(None, next, Cause::ReadAhead).await;
+            });
+        }
+    }
+}
