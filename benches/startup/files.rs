@@ -26,16 +26,22 @@ pub enum Daemon {
 #[derive(Debug, Clone)]
 pub struct FilesSample {
     pub daemon: Daemon,
-    /// Files the container found under /data.
+    /// Files the first container found under /data.
     pub files: u64,
-    /// `ctr run` of the walk and read, timed around it.
+    /// `ctr run` of the walk (`find | wc -l`), timed around it.
     pub walk_secs: f64,
     /// Daemon VmRSS right after the walk.
+    pub rss_walk: u64,
+    /// `ctr run` of the second container, which reads every file, timed around it.
+    pub read_secs: f64,
+    /// Daemon VmRSS right after the read.
     pub rss: u64,
     /// Daemon VmHWM (peak) at that time.
     pub hwm: u64,
-    /// Daemon CPU seconds (user + system), start to after the walk.
+    /// Daemon CPU seconds (user + system), start to after the read.
     pub cpu: f64,
+    /// Blob requests the registry logged from the pull's start to after the walk.
+    pub requests: usize,
 }
 
 /// Builds (once, kept in `work`) the image: the benchmark's Debian userland, then a layer of
@@ -90,8 +96,8 @@ pub fn prepare(work: &Path, registry: &Registry, count: u64) -> String {
     reference
 }
 
-/// A fresh daemon and containerd; rpull; one container counts and reads every file under
-/// /data; then the daemon's memory.
+/// A fresh daemon and containerd; rpull; one container walks /data (counting its files), a
+/// second reads every file; the daemon's memory after each.
 pub fn run_once(daemon: Daemon, registry: &Registry, reference: &str, id: usize) -> FilesSample {
     let addr = registry.addr();
     let root = tempfile::Builder::new().prefix("streamsnap-files-").tempdir().unwrap();
@@ -116,21 +122,32 @@ pub fn run_once(daemon: Daemon, registry: &Registry, reference: &str, id: usize)
         ..Default::default()
     });
     let snap = ["--snapshotter", snapshotter];
+    let mark = registry.mark();
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[reference]].concat());
-    let name = format!("files-{snapshotter}-{id}");
-    let script = "find /data -type f | wc -l; find /data -type f -print0 | xargs -0 cat > /dev/null";
-    let args = [&["run", "--rm"][..], &snap, &[reference, &name, "sh", "-c", script]].concat();
-    let t0 = Instant::now();
-    let out = ctd.ctr(&args);
-    let walk_secs = t0.elapsed().as_secs_f64();
-    let files = out.trim().parse().unwrap_or_else(|_| panic!("{name} printed {out:?}"));
+    let timed = |what: &str, script: &str| {
+        let name = format!("files-{what}-{snapshotter}-{id}");
+        let args = [&["run", "--rm"][..], &snap, &[reference, &name, "sh", "-c", script]].concat();
+        let t0 = Instant::now();
+        let out = ctd.ctr(&args);
+        (out, t0.elapsed().as_secs_f64())
+    };
+    let (out, walk_secs) = timed("walk", "find /data -type f | wc -l");
+    let files = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the walk printed {out:?}"));
+    let rss_walk = rss(pid).expect("the daemon's VmRSS");
+    let (_, read_secs) = timed("read", "find /data -type f -print0 | xargs -0 cat > /dev/null");
     let sample = FilesSample {
         daemon,
         files,
         walk_secs,
+        rss_walk,
+        read_secs,
         rss: rss(pid).expect("the daemon's VmRSS"),
         hwm: peak_rss(pid).expect("the daemon's VmHWM"),
         cpu: cpu_secs(pid).expect("the daemon's CPU time"),
+        requests: registry.blob_requests_since(mark).len(),
     };
     drop(ctd);
     drop(serve);
@@ -150,26 +167,34 @@ pub fn report(samples: &[FilesSample]) -> String {
         (Daemon::Streamsnap, "streamsnap"),
         (Daemon::Stargz, "stargz snapshotter"),
     ] {
-        if let (Some(rss), Some(hwm), Some(walk), Some(cpu)) = (
-            med(d, &|s| s.rss as f64),
-            med(d, &|s| s.hwm as f64),
-            med(d, &|s| s.walk_secs),
-            med(d, &|s| s.cpu),
-        ) {
-            let _ = writeln!(
-                t,
-                "- {files}-file image (eStargz), {label}: daemon RSS {:.1} MB, peak {:.1} MB after a container \
-                 found and read every file ({walk:.2} s around `ctr run`), daemon CPU {cpu:.2} s",
-                rss / 1e6,
-                hwm / 1e6
-            );
+        let m = |f: &dyn Fn(&FilesSample) -> f64| med(d, f).unwrap_or(f64::NAN);
+        if med(d, &|s| s.rss as f64).is_none() {
+            continue;
         }
-    }
-    let ratio = |f: &dyn Fn(&FilesSample) -> f64| Some(med(Daemon::Streamsnap, f)? / med(Daemon::Stargz, f)?);
-    if let (Some(r), Some(h)) = (ratio(&|s| s.rss as f64), ratio(&|s| s.hwm as f64)) {
         let _ = writeln!(
             t,
-            "- {files}-file image, streamsnap ÷ stargz snapshotter, daemon RSS {r:.3}, peak RSS {h:.3}"
+            "- {files}-file image (eStargz), {label}: daemon RSS {:.1} MB after a container walked /data \
+             ({:.2} s around `ctr run`); {:.1} MB, peak {:.1} MB after a second read every file ({:.2} s, \
+             {:.0} blob requests from the pull on); daemon CPU {:.2} s",
+            m(&|s| s.rss_walk as f64) / 1e6,
+            m(&|s| s.walk_secs),
+            m(&|s| s.rss as f64) / 1e6,
+            m(&|s| s.hwm as f64) / 1e6,
+            m(&|s| s.read_secs),
+            m(&|s| s.requests as f64),
+            m(&|s| s.cpu),
+        );
+    }
+    let ratio = |f: &dyn Fn(&FilesSample) -> f64| Some(med(Daemon::Streamsnap, f)? / med(Daemon::Stargz, f)?);
+    if let (Some(w), Some(r), Some(h)) = (
+        ratio(&|s| s.rss_walk as f64),
+        ratio(&|s| s.rss as f64),
+        ratio(&|s| s.hwm as f64),
+    ) {
+        let _ = writeln!(
+            t,
+            "- {files}-file image, streamsnap ÷ stargz snapshotter, daemon RSS after the walk {w:.3}, \
+             after the read {r:.3}, peak {h:.3}"
         );
     }
     t

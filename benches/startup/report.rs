@@ -233,9 +233,9 @@ pub fn warm(r: &Results) -> String {
 
 /// The re-read of all weights right after start-up, MB/s, against overlayfs (containerd 1.6).
 pub fn reread(r: &Results) -> String {
-    let mut t = String::new();
     let speed = |s: Scenario| median(r, s, |x| x.reread.map(|(b, secs)| b as f64 / secs / 1e6));
     let o = speed(Scenario::Overlay);
+    let mut lines = String::new();
     for s in [
         Scenario::Overlay,
         Scenario::Overlay21,
@@ -244,24 +244,25 @@ pub fn reread(r: &Results) -> String {
         Scenario::Stargz,
     ] {
         let Some(v) = speed(s) else { continue };
-        let ratio = o
-            .map(|o| format!(", speed ÷ overlayfs (1.6) {:.3}", v / o))
-            .unwrap_or_default();
-        let _ = writeln!(
-            t,
-            "- re-read of all weights right after start-up (registry quiet 5 s, fadvise DONTNEED under the snapshotter's \
-             and containerd's roots, `cat /models/*` in a new container timed inside it; median of {} reads per run), {}: {v:.0} MB/s{ratio}",
-            crate::reread::REREADS,
-            s.short()
-        );
+        let ratio = o.map(|o| format!(", {:.3}", v / o)).unwrap_or_default();
+        let _ = writeln!(lines, "  - {}: {v:.0} MB/s{ratio}", s.short());
     }
-    t
+    if lines.is_empty() {
+        return lines;
+    }
+    format!(
+        "- re-read of all weights right after start-up (registry quiet for 5 s, `posix_fadvise(DONTNEED)` on every file \
+         under the snapshotter's and containerd's roots, `cat /models/*` in a new container, timed inside it; median of {} \
+         re-reads per run), MB/s and speed ÷ overlayfs (1.6):\n{lines}",
+        crate::reread::REREADS
+    )
 }
 
 /// Peak resident memory and CPU time of each snapshotter daemon (median of the runs).
 pub fn memory(r: &Results) -> String {
     let rss = |s: Scenario| median(r, s, |x| x.peak_rss.map(|b| b as f64));
-    let cpu = |s: Scenario| median(r, s, |x| x.cpu_secs);
+    let cpu = |s: Scenario| median(r, s, |x| x.cpu_serving);
+    let cpu_stop = |s: Scenario| median(r, s, |x| x.cpu_secs);
     let mut t = String::new();
     for s in [
         Scenario::Streamsnap,
@@ -272,10 +273,10 @@ pub fn memory(r: &Results) -> String {
         if let Some(b) = rss(s) {
             let _ = writeln!(t, "- daemon peak RSS, {}: {}", s.label(), mb(b));
         }
-        if let Some(c) = cpu(s) {
+        if let (Some(c), Some(stop)) = (cpu(s), cpu_stop(s)) {
             let _ = writeln!(
                 t,
-                "- daemon CPU (user + system, start to stop), {}: {c:.2} s",
+                "- daemon CPU (user + system), {}: {c:.2} s to `serving`, {stop:.2} s to its stop",
                 s.label()
             );
         }
@@ -284,7 +285,11 @@ pub fn memory(r: &Results) -> String {
         let _ = writeln!(t, "- streamsnap ÷ stargz snapshotter, daemon peak RSS: {:.3}", a / b);
     }
     if let (Some(a), Some(b)) = (cpu(Scenario::Streamsnap), cpu(Scenario::Stargz)) {
-        let _ = writeln!(t, "- streamsnap ÷ stargz snapshotter, daemon CPU: {:.3}", a / b);
+        let _ = writeln!(
+            t,
+            "- streamsnap ÷ stargz snapshotter, daemon CPU to `serving`: {:.3}",
+            a / b
+        );
     }
     t
 }

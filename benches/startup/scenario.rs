@@ -90,7 +90,10 @@ pub struct Sample {
     pub reread: Option<(u64, f64)>,
     /// Peak resident memory of the snapshotter daemon (lazy pulls only).
     pub peak_rss: Option<u64>,
-    /// CPU seconds (user + system) the snapshotter daemon used, start to stop (lazy pulls only).
+    /// CPU seconds (user + system) the snapshotter daemon used from its start to the
+    /// container's exit after `serving` (lazy pulls only).
+    pub cpu_serving: Option<f64>,
+    /// The same to the daemon's stop (re-reads, warm reads and background fetch included).
     pub cpu_secs: Option<f64>,
 }
 
@@ -156,6 +159,7 @@ fn curl(t: &Target) -> Sample {
         warm_read: None,
         reread: None,
         peak_rss: None,
+        cpu_serving: None,
         cpu_secs: None,
     }
 }
@@ -182,6 +186,7 @@ fn overlay(t: &Target, id: usize, warm: bool, release: Release) -> Sample {
         warm_read,
         reread: Some(reread),
         peak_rss: None,
+        cpu_serving: None,
         cpu_secs: None,
     }
 }
@@ -207,7 +212,7 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
     let snap = ["--snapshotter", "streamsnap"];
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
-    let total = bytes();
+    let (total, cpu_serving) = (bytes(), cpu_secs(serve.pid()));
     // The profile scenario measures start-up only.
     let reread = (!flags.is_empty()).then(|| reread(&ctd, &snap, image, name, &[root.path(), &ctd.root()], &bytes));
     let warm_read = warm.then(|| {
@@ -235,6 +240,7 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         warm_read,
         reread,
         peak_rss,
+        cpu_serving,
         cpu_secs,
     }
 }
@@ -255,7 +261,7 @@ fn stargz(t: &Target, id: usize, warm: bool) -> Sample {
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let name = format!("stargz-{id}");
     let (ready, serving, before) = watch(&ctd, &snap, image, &name, t0, &bytes);
-    let total = bytes();
+    let (total, cpu_serving) = (bytes(), cpu_secs(daemon.pid()));
     let reread = Some(reread(&ctd, &snap, image, &name, &[daemon.root(), &ctd.root()], &bytes));
     let warm_read = warm.then(|| {
         settle(&daemon.state());
@@ -272,6 +278,7 @@ fn stargz(t: &Target, id: usize, warm: bool) -> Sample {
         warm_read,
         reread,
         peak_rss,
+        cpu_serving,
         cpu_secs,
     }
 }
