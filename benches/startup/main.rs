@@ -8,7 +8,8 @@
 //! /var/tmp/streamsnap-bench) --out DIR (default target/startup-bench)
 //! --only ID,ID… (scenarios to run, default all: curl, overlay, overlay21, estargz,
 //! stargz, gzindex, profile, files, and cpu when unshaped) --files-count N (files
-//! in the many-file image, default 100000).
+//! in the many-file image, default 100000) --files-walk-only (the many-file scenario
+//! walks the image without reading every file: streamsnap reads 100,000 files in minutes).
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod cpu;
@@ -35,6 +36,7 @@ struct Options {
     out: PathBuf,
     only: Option<Vec<String>>,
     files_count: u64,
+    files_read: bool,
 }
 
 /// What `--only` takes besides the start-up scenarios' ids.
@@ -97,6 +99,7 @@ fn options() -> Options {
         out: PathBuf::from("target/startup-bench"),
         only: None,
         files_count: 100_000,
+        files_read: true,
     };
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(a) = args.next() {
@@ -116,6 +119,7 @@ fn options() -> Options {
             "--out" => o.out = val("a directory").into(),
             "--only" => o.only = Some(val("scenario ids").split(',').map(|s| s.trim().to_string()).collect()),
             "--files-count" => o.files_count = num(val("a count")),
+            "--files-walk-only" => o.files_read = false,
             other => panic!("unknown option {other}; see benches/startup/main.rs"),
         }
     }
@@ -227,7 +231,7 @@ fn main() {
         }
         if let Some(r) = &files_ref {
             for d in [files::Daemon::Streamsnap, files::Daemon::Stargz] {
-                let sample = files::run_once(d, &registry, r, run);
+                let sample = files::run_once(d, &registry, r, run, o.files_read);
                 eprintln!("[bench] run {} many files: {sample:?}", run + 1);
                 files_samples.push(sample);
             }
