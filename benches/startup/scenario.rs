@@ -129,10 +129,11 @@ pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
         Scenario::Overlay => overlay(t, id, warm, Release::System1_6),
         Scenario::Overlay21 => overlay(t, id, warm, Release::V2_1),
         Scenario::Stargz => stargz(t, id, warm),
-        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, COLD),
-        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, COLD),
-        // The profile recorded by `record_profile` is found next to the image and replayed.
-        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, &[]),
+        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, true, COLD),
+        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, true, COLD),
+        // The profile recorded by `record_profile` is found next to the image and replayed; the
+        // scenario is about start-up only (no warm read, no re-read).
+        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, false, &[]),
     }
 }
 
@@ -194,8 +195,9 @@ fn overlay(t: &Target, id: usize, warm: bool, release: Release) -> Sample {
 /// Cold runs ignore the published start-up profile.
 const COLD: &[&str] = &["--no-profile-replay"];
 
-/// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run.
-fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -> Sample {
+/// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run;
+/// then the re-reads (if `rereads`) and the warm read (if `warm`).
+fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, rereads: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let addr = t.registry.addr();
     // The indexes and the profile are published next to the benchmark's own
@@ -213,8 +215,7 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
     let (total, cpu_serving) = (bytes(), cpu_secs(serve.pid()));
-    // The profile scenario measures start-up only.
-    let reread = (!flags.is_empty()).then(|| reread(&ctd, &snap, image, name, &[root.path(), &ctd.root()], &bytes));
+    let reread = rereads.then(|| reread(&ctd, &snap, image, name, &[root.path(), &ctd.root()], &bytes));
     let warm_read = warm.then(|| {
         settle(&root.path().join("state/cache"));
         let r = warm_read(&ctd, &snap, image, name);
