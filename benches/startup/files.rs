@@ -192,15 +192,20 @@ pub fn report(samples: &[FilesSample]) -> String {
         );
     }
     let ratio = |f: &dyn Fn(&FilesSample) -> f64| Some(med(Daemon::Streamsnap, f)? / med(Daemon::Stargz, f)?);
+    let read = samples.iter().any(|s| s.read_secs.is_some());
     if let (Some(w), Some(r), Some(h)) = (
         ratio(&|s| s.rss_walk as f64),
         ratio(&|s| s.rss as f64),
         ratio(&|s| s.hwm as f64),
     ) {
+        let after_read = if read {
+            format!(", after the read {r:.3}")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             t,
-            "- {files}-file image, streamsnap ÷ stargz snapshotter, daemon RSS after the walk {w:.3}, \
-             after the read {r:.3}, peak {h:.3}"
+            "- {files}-file image, streamsnap ÷ stargz snapshotter, daemon RSS after the walk {w:.3}{after_read}, peak {h:.3}"
         );
     }
     t

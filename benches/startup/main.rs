@@ -266,7 +266,10 @@ fn main() {
     }
     let extra = cpu::report(&cpu_samples) + &files::report(&files_samples);
     if !extra.is_empty() {
-        body += &format!("\n{extra}");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        body += &extra;
     }
     let md = format!(
         "### Start-up, {label}\n\nMachine: {}. Link: {link_desc}. {image_desc}\n\n{body}",

@@ -29,10 +29,15 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz.max(1) as f64)
 }
 
-/// CPU seconds (user + system) of this process's children that were waited for.
-pub fn children_cpu_secs() -> f64 {
+fn rusage_secs(who: libc::c_int) -> f64 {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    unsafe { libc::getrusage(who, &mut u) };
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     s(u.ru_utime) + s(u.ru_stime)
+}
+
+/// CPU seconds (user + system) of this process (all its threads) and of its children that
+/// were waited for.
+pub fn own_cpu_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_SELF) + rusage_secs(libc::RUSAGE_CHILDREN)
 }
