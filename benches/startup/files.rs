@@ -32,8 +32,8 @@ pub struct FilesSample {
     pub walk_secs: f64,
     /// Daemon VmRSS right after the walk.
     pub rss_walk: u64,
-    /// `ctr run` of the second container, which reads every file, timed around it (None:
-    /// `--files-walk-only`).
+    /// `ctr run` of the second container, which reads every file, timed around it (only with
+    /// `--files-read`).
     pub read_secs: Option<f64>,
     /// Daemon VmRSS right after the read (after the walk without one).
     pub rss: u64,
@@ -177,7 +177,7 @@ pub fn report(samples: &[FilesSample]) -> String {
                 "{:.1} MB after a second read every file ({secs:.2} s)",
                 m(&|s| s.rss as f64) / 1e6
             ),
-            None => "files not read (`--files-walk-only`)".into(),
+            None => "files not read (no `--files-read`)".into(),
         };
         let _ = writeln!(
             t,
