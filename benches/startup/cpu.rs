@@ -154,7 +154,7 @@ pub fn report(samples: &[CpuSample]) -> String {
     let mb = samples[0].file_bytes as f64 / 1e6;
     let _ = writeln!(
         t,
-        "- CPU efficiency, unshaped loopback, cold read of all weight files ({mb:.0} MB), {} rounds, MB/s of file bytes, median (min–max): \
+        "- CPU efficiency, unshaped loopback, cold read of all weight files ({mb:.0} MB), rounds: {}, MB/s of file bytes, median (min–max): \
          through the streamsnap mount (eStargz, `cat /models/*` in a new container) {:.0} ({:.0}–{:.0}); \
          `curl` of the weights blob into an inflate thread and a sha256 thread (flate2, sha2) {:.0} ({:.0}–{:.0}); \
          ratio mount ÷ pipeline {:.3}",
