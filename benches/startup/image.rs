@@ -90,7 +90,7 @@ fn apt_source() -> (String, String) {
 }
 
 /// A minbase Debian root with python3, made once and kept in `work`.
-fn userland(work: &Path) -> PathBuf {
+pub fn userland(work: &Path) -> PathBuf {
     let root = work.join("rootfs");
     if work.join("rootfs.done").exists() {
         return root;

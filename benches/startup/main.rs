@@ -5,12 +5,20 @@
 //! Options: --rate MBIT (default 1000) --rtt MS (default 2) --unshaped (registry
 //! on loopback, no shaping) --runs N (default 3) --weights-mib N (default 2048)
 //! --libs-mib N (default 512) --work DIR (image and registry cache, default
-//! /var/tmp/streamsnap-bench) --out DIR (default target/startup-bench).
+//! /var/tmp/streamsnap-bench) --out DIR (default target/startup-bench)
+//! --only ID,ID… (scenarios to run, default all: curl, overlay, overlay21, estargz,
+//! stargz, gzindex, profile, files, and cpu when unshaped) --files-count N (files
+//! in the many-file image, default 100000) --files-read (the many-file scenario also
+//! reads every file after the walk: streamsnap took 16 minutes for 100,000 in a trial).
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod cpu;
+mod files;
 mod image;
 mod net;
+mod procfs;
 mod report;
+mod reread;
 mod scenario;
 mod stargz;
 
@@ -26,6 +34,54 @@ struct Options {
     sizes: image::Sizes,
     work: PathBuf,
     out: PathBuf,
+    only: Option<Vec<String>>,
+    files_count: u64,
+    files_read: bool,
+}
+
+/// What `--only` takes besides the start-up scenarios' ids.
+const CPU: &str = "cpu";
+const FILES: &str = "files";
+
+/// The selected scenarios.
+struct Selection {
+    startup: Vec<Scenario>,
+    cpu: bool,
+    files: bool,
+}
+
+impl Options {
+    fn selection(&self) -> Selection {
+        let all = || {
+            let mut v: Vec<String> = Scenario::ALL.iter().map(|s| s.id().to_string()).collect();
+            v.push(FILES.into());
+            if self.shape.is_none() {
+                v.push(CPU.into());
+            }
+            v
+        };
+        let ids = self.only.clone().unwrap_or_else(all);
+        for id in &ids {
+            assert!(
+                Scenario::from_id(id).is_some() || id == CPU || id == FILES,
+                "--only: unknown scenario {id}; ids: {}, {CPU}, {FILES}",
+                Scenario::ALL.map(|s| s.id()).join(", ")
+            );
+        }
+        let cpu = ids.iter().any(|i| i == CPU);
+        assert!(
+            !cpu || self.shape.is_none(),
+            "--only {CPU}: the CPU efficiency scenario runs on the unshaped link only (add --unshaped)"
+        );
+        Selection {
+            startup: Scenario::ALL
+                .into_iter()
+                .filter(|s| ids.iter().any(|i| i == s.id()))
+                .collect(),
+            cpu,
+            files: ids.iter().any(|i| i == FILES),
+        }
+    }
 }
 
 fn options() -> Options {
@@ -41,6 +97,9 @@ fn options() -> Options {
         },
         work: PathBuf::from("/var/tmp/streamsnap-bench"),
         out: PathBuf::from("target/startup-bench"),
+        only: None,
+        files_count: 100_000,
+        files_read: false,
     };
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(a) = args.next() {
@@ -58,6 +117,9 @@ fn options() -> Options {
             "--libs-mib" => o.sizes.libs_mib = num(val("MiB")),
             "--work" => o.work = val("a directory").into(),
             "--out" => o.out = val("a directory").into(),
+            "--only" => o.only = Some(val("scenario ids").split(',').map(|s| s.trim().to_string()).collect()),
+            "--files-count" => o.files_count = num(val("a count")),
+            "--files-read" => o.files_read = true,
             other => panic!("unknown option {other}; see benches/startup/main.rs"),
         }
     }
@@ -93,9 +155,11 @@ fn machine() -> String {
 fn main() {
     common::require_root();
     let o = options();
+    let sel = o.selection();
     std::fs::create_dir_all(&o.work).unwrap();
     std::fs::create_dir_all(&o.out).unwrap();
-    let image = image::build(&o.work, o.sizes);
+    let serve_image = !sel.startup.is_empty() || sel.cpu;
+    let image = serve_image.then(|| image::build(&o.work, o.sizes));
     let link = o.shape.map(net::Link::create);
     let mut registry = Registry::start_with(RegistryOpts {
         netns: link.as_ref().map(|_| net::NETNS.to_string()),
@@ -108,20 +172,33 @@ fn main() {
     }
     let base = format!("{}/streamsnap/serve:serve", registry.addr());
     let (gzip_ref, estargz_ref) = (format!("{base}-gzip"), format!("{base}-estargz"));
-    if !registry.has_manifest(&gzip_ref) || !registry.has_manifest(&estargz_ref) {
-        eprintln!("[bench] pushing the image as gzip and eStargz (once)");
-        push_all(&image, &registry, &[Format::Gzip, Format::Estargz]);
+    if let Some(image) = &image {
+        if !registry.has_manifest(&gzip_ref) || !registry.has_manifest(&estargz_ref) {
+            eprintln!("[bench] pushing the image as gzip and eStargz (once)");
+            push_all(image, &registry, &[Format::Gzip, Format::Estargz]);
+        }
     }
+    let files_ref = sel.files.then(|| files::prepare(&o.work, &registry, o.files_count));
     let mut layer_bytes = BTreeMap::new();
-    layer_bytes.insert(Scenario::Curl, registry.layers(&gzip_ref).0);
-    layer_bytes.insert(Scenario::Overlay, registry.layers(&gzip_ref).0);
-    layer_bytes.insert(Scenario::Overlay21, registry.layers(&gzip_ref).0);
-    layer_bytes.insert(Scenario::Stargz, registry.layers(&estargz_ref).0);
-    layer_bytes.insert(Scenario::Streamsnap, registry.layers(&estargz_ref).0);
-    layer_bytes.insert(Scenario::GzipIndex, registry.layers(&gzip_ref).0);
-    layer_bytes.insert(Scenario::Profile, registry.layers(&estargz_ref).0);
-    let indexing = index_gzip_image(&gzip_ref);
-    eprintln!("[bench] {indexing}");
+    let mut image_desc = String::new();
+    if serve_image {
+        let (gzip, estargz) = (registry.layers(&gzip_ref).0, registry.layers(&estargz_ref).0);
+        for s in Scenario::ALL {
+            let estargz_image = matches!(s, Scenario::Stargz | Scenario::Streamsnap | Scenario::Profile);
+            layer_bytes.insert(s, if estargz_image { estargz } else { gzip });
+        }
+        image_desc = format!(
+            "Image: Debian + python3, {} MiB of weights in {} files, {} MiB of libraries; layer bytes gzip {gzip} / eStargz {estargz}.",
+            o.sizes.weights_mib,
+            image::WEIGHT_FILES,
+            o.sizes.libs_mib,
+        );
+    }
+    if sel.startup.contains(&Scenario::GzipIndex) {
+        let indexing = index_gzip_image(&gzip_ref);
+        eprintln!("[bench] {indexing}");
+        image_desc = format!("{image_desc} {indexing}");
+    }
     let target = Target {
         registry: &registry,
         link: link.as_ref(),
@@ -130,23 +207,34 @@ fn main() {
     };
     let link_desc = link_check(&target);
     eprintln!("[bench] link: {link_desc}");
-    let startup_bytes = scenario::record_profile(&target);
-    eprintln!("[bench] start-up profile recorded and pushed: start-up read {startup_bytes} bytes");
+    let startup_bytes = sel.startup.contains(&Scenario::Profile).then(|| {
+        let b = scenario::record_profile(&target);
+        eprintln!("[bench] start-up profile recorded and pushed: start-up read {b} bytes");
+        b
+    });
+    if sel.cpu {
+        cpu::warm_registry(&target);
+    }
     let mut results = report::Results::new();
-    let order = [
-        Scenario::Curl,
-        Scenario::Overlay,
-        Scenario::Overlay21,
-        Scenario::Streamsnap,
-        Scenario::Stargz,
-        Scenario::GzipIndex,
-        Scenario::Profile,
-    ];
+    let mut cpu_samples = Vec::new();
+    let mut files_samples = Vec::new();
     for run in 0..o.runs {
-        for s in order {
+        for &s in &sel.startup {
             let sample = scenario::run_once(s, &target, run, run + 1 == o.runs);
             eprintln!("[bench] run {} {}: {sample:?}", run + 1, s.label());
             results.entry(s).or_default().push(sample);
+        }
+        if sel.cpu {
+            let sample = cpu::run_once(&target, run);
+            eprintln!("[bench] run {} CPU efficiency: {sample:?}", run + 1);
+            cpu_samples.push(sample);
+        }
+        if let Some(r) = &files_ref {
+            for d in [files::Daemon::Streamsnap, files::Daemon::Stargz] {
+                let sample = files::run_once(d, &registry, r, run, o.files_read);
+                eprintln!("[bench] run {} many files: {sample:?}", run + 1);
+                files_samples.push(sample);
+            }
         }
     }
     let label = match o.shape {
@@ -162,20 +250,30 @@ fn main() {
         o.sizes.weights_mib, o.sizes.libs_mib
     );
     let png = o.out.join(format!("startup-{label}.png"));
-    report::plot(&results, &title, &png);
+    let mut body = String::new();
+    if !results.is_empty() {
+        report::plot(&results, &title, &png);
+        body = format!(
+            "{}\n{}{}{}{}{}\nPlot: `{}`\n",
+            report::table(&results, &layer_bytes),
+            report::ratios(&results),
+            report::floor(&results),
+            startup_bytes.map(|b| report::profile(&results, b)).unwrap_or_default(),
+            report::warm(&results) + &report::reread(&results),
+            report::memory(&results),
+            png.display()
+        );
+    }
+    let extra = cpu::report(&cpu_samples) + &files::report(&files_samples);
+    if !extra.is_empty() {
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        body += &extra;
+    }
     let md = format!(
-        "### Start-up, {label}\n\nMachine: {}. Link: {link_desc}. Image: Debian + python3, {} MiB of weights in {} files, \
-         {} MiB of libraries; layer bytes gzip {} / eStargz {}. {indexing}\n\n{}\n{}{}\nPlot: `{}`\n",
+        "### Start-up, {label}\n\nMachine: {}. Link: {link_desc}. {image_desc}\n\n{body}",
         machine(),
-        o.sizes.weights_mib,
-        image::WEIGHT_FILES,
-        o.sizes.libs_mib,
-        layer_bytes[&Scenario::Overlay],
-        layer_bytes[&Scenario::Streamsnap],
-        report::table(&results, &layer_bytes),
-        report::ratios(&results) + &report::profile(&results, startup_bytes),
-        report::warm(&results) + &report::memory(&results),
-        png.display()
     );
     std::fs::write(o.out.join(format!("startup-{label}.md")), &md).unwrap();
     println!("{md}");

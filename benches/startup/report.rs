@@ -52,7 +52,7 @@ pub fn serving(s: &Sample) -> Option<f64> {
 pub fn table(r: &Results, layer_bytes: &BTreeMap<Scenario, u64>) -> String {
     let mut t = String::from(
         "| scenario | runs | to `ready`, s: median (min–max) | to `serving`, s: median (min–max) \
-         | received before `ready` (median) | received in all (median) | ÷ image layer bytes |\n\
+         | received before `ready` (median) | received by `serving` (median) | ÷ image layer bytes |\n\
          |---|---|---|---|---|---|---|\n",
     );
     for (s, samples) in r {
@@ -151,6 +151,31 @@ pub fn ratios(r: &Results) -> String {
     t
 }
 
+/// Each streamsnap scenario's `serving` time against the floor of its own bytes: what it
+/// received by `serving` at the rate the raw curl reached in the same run (medians).
+pub fn floor(r: &Results) -> String {
+    let mut t = String::new();
+    let rate = |x: &Sample| Some(x.bytes_total as f64 / x.serving.as_secs_f64());
+    let Some(link) = median(r, Scenario::Curl, rate) else {
+        return t;
+    };
+    for s in [Scenario::Streamsnap, Scenario::GzipIndex, Scenario::Profile] {
+        let (Some(bytes), Some(secs)) = (median(r, s, |x| Some(x.bytes_total as f64)), median(r, s, serving)) else {
+            continue;
+        };
+        let floor = bytes / link;
+        let _ = writeln!(
+            t,
+            "- streamsnap `serving` ÷ floor, {}: {:.3} (floor {floor:.2} s: {} received at curl's {:.0} MB/s)",
+            s.short(),
+            secs / floor,
+            mb(bytes),
+            link / 1e6
+        );
+    }
+    t
+}
+
 /// The profile scenario against cold streamsnap and against what start-up reads.
 pub fn profile(r: &Results, startup_bytes: u64) -> String {
     let mut t = String::new();
@@ -206,9 +231,38 @@ pub fn warm(r: &Results) -> String {
     t
 }
 
-/// Peak resident memory of each snapshotter daemon (median of the runs).
+/// The re-read of all weights right after start-up, MB/s, against overlayfs (containerd 1.6).
+pub fn reread(r: &Results) -> String {
+    let speed = |s: Scenario| median(r, s, |x| x.reread.map(|(b, secs)| b as f64 / secs / 1e6));
+    let o = speed(Scenario::Overlay);
+    let mut lines = String::new();
+    for s in [
+        Scenario::Overlay,
+        Scenario::Overlay21,
+        Scenario::Streamsnap,
+        Scenario::GzipIndex,
+        Scenario::Stargz,
+    ] {
+        let Some(v) = speed(s) else { continue };
+        let ratio = o.map(|o| format!(", {:.3}", v / o)).unwrap_or_default();
+        let _ = writeln!(lines, "  - {}: {v:.0} MB/s{ratio}", s.short());
+    }
+    if lines.is_empty() {
+        return lines;
+    }
+    format!(
+        "- re-read of all weights right after start-up (registry quiet for 5 s, `posix_fadvise(DONTNEED)` on every file \
+         under the snapshotter's and containerd's roots, `cat /models/*` in a new container, timed inside it; median of {} \
+         re-reads per run), MB/s and speed ÷ overlayfs (1.6):\n{lines}",
+        crate::reread::REREADS
+    )
+}
+
+/// Peak resident memory and CPU time of each snapshotter daemon (median of the runs).
 pub fn memory(r: &Results) -> String {
     let rss = |s: Scenario| median(r, s, |x| x.peak_rss.map(|b| b as f64));
+    let cpu = |s: Scenario| median(r, s, |x| x.cpu_serving);
+    let cpu_stop = |s: Scenario| median(r, s, |x| x.cpu_secs);
     let mut t = String::new();
     for s in [
         Scenario::Streamsnap,
@@ -219,9 +273,23 @@ pub fn memory(r: &Results) -> String {
         if let Some(b) = rss(s) {
             let _ = writeln!(t, "- daemon peak RSS, {}: {}", s.label(), mb(b));
         }
+        if let (Some(c), Some(stop)) = (cpu(s), cpu_stop(s)) {
+            let _ = writeln!(
+                t,
+                "- daemon CPU (user + system), {}: {c:.2} s to `serving`, {stop:.2} s to its stop",
+                s.label()
+            );
+        }
     }
     if let (Some(a), Some(b)) = (rss(Scenario::Streamsnap), rss(Scenario::Stargz)) {
         let _ = writeln!(t, "- streamsnap ÷ stargz snapshotter, daemon peak RSS: {:.3}", a / b);
+    }
+    if let (Some(a), Some(b)) = (cpu(Scenario::Streamsnap), cpu(Scenario::Stargz)) {
+        let _ = writeln!(
+            t,
+            "- streamsnap ÷ stargz snapshotter, daemon CPU to `serving`: {:.3}",
+            a / b
+        );
     }
     t
 }

@@ -2,7 +2,7 @@
 # Start-up benchmark, one command (root): installs what it needs, builds the
 # image once (kept in /var/tmp/streamsnap-bench), runs every scenario side by
 # side and writes target/startup-bench/startup-*.{md,png}. Options are passed
-# on, e.g. `--unshaped`, `--rate 10000 --rtt 5`, `--runs 5`.
+# on, e.g. `--unshaped`, `--rate 10000 --rtt 5`, `--runs 5`, `--only curl,estargz`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$(id -u)" != 0 ]; then

@@ -3,7 +3,9 @@
 //! snapshotter's, and the raw transfer of every layer blob.
 use crate::common::{run, umount_all_under, Containerd, ContainerdOpts, Registry, Release, ServeProcess};
 use crate::net::Link;
-use crate::stargz::{peak_rss, Stargz};
+use crate::procfs::{cpu_secs, peak_rss};
+use crate::reread::reread;
+use crate::stargz::Stargz;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -20,6 +22,34 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// Every start-up scenario, in the order a round runs them.
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Curl,
+        Scenario::Overlay,
+        Scenario::Overlay21,
+        Scenario::Streamsnap,
+        Scenario::Stargz,
+        Scenario::GzipIndex,
+        Scenario::Profile,
+    ];
+
+    /// The id `--only` takes.
+    pub fn id(self) -> &'static str {
+        match self {
+            Scenario::Curl => "curl",
+            Scenario::Overlay => "overlay",
+            Scenario::Overlay21 => "overlay21",
+            Scenario::Streamsnap => "estargz",
+            Scenario::GzipIndex => "gzindex",
+            Scenario::Profile => "profile",
+            Scenario::Stargz => "stargz",
+        }
+    }
+
+    pub fn from_id(id: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|s| s.id() == id)
+    }
+
     /// For the plot's axis.
     pub fn short(self) -> &'static str {
         match self {
@@ -55,8 +85,16 @@ pub struct Sample {
     pub bytes_total: u64,
     /// (bytes, seconds) of a warm read of one weight file, page caches dropped first.
     pub warm_read: Option<(u64, f64)>,
+    /// (bytes, seconds) of the re-read of every weight file right after start-up: the median
+    /// of `reread::REREADS` reads in new containers (`reread.rs`).
+    pub reread: Option<(u64, f64)>,
     /// Peak resident memory of the snapshotter daemon (lazy pulls only).
     pub peak_rss: Option<u64>,
+    /// CPU seconds (user + system) the snapshotter daemon used from its start to the
+    /// container's exit after `serving` (lazy pulls only).
+    pub cpu_serving: Option<f64>,
+    /// The same to the daemon's stop (re-reads, warm reads and background fetch included).
+    pub cpu_secs: Option<f64>,
 }
 
 /// The registry and what the runs pull from it.
@@ -71,7 +109,7 @@ impl Target<'_> {
     /// Received bytes: on the wire when shaped (IP packets: about 3% over the bodies), else blob
     /// bytes the registry logged. Not the registry's count on a shaped link: its relay reads
     /// ahead, so a request the client drops (containerd 2.1's parallel ranges do) counts in full.
-    fn counter(&self) -> impl Fn() -> u64 + '_ {
+    pub fn counter(&self) -> impl Fn() -> u64 + '_ {
         let mark = self.registry.mark();
         let rx0 = self.link.map(|l| l.rx_bytes()).unwrap_or(0);
         move || match self.link {
@@ -91,10 +129,11 @@ pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
         Scenario::Overlay => overlay(t, id, warm, Release::System1_6),
         Scenario::Overlay21 => overlay(t, id, warm, Release::V2_1),
         Scenario::Stargz => stargz(t, id, warm),
-        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, COLD),
-        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, COLD),
-        // The profile recorded by `record_profile` is found next to the image and replayed.
-        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, &[]),
+        Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, true, COLD),
+        Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, true, COLD),
+        // The profile recorded by `record_profile` is found next to the image and replayed; the
+        // scenario is about start-up only (no warm read, no re-read).
+        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, false, &[]),
     }
 }
 
@@ -119,7 +158,10 @@ fn curl(t: &Target) -> Sample {
         bytes_before_ready: None,
         bytes_total: bytes(),
         warm_read: None,
+        reread: None,
         peak_rss: None,
+        cpu_serving: None,
+        cpu_secs: None,
     }
 }
 
@@ -134,22 +176,28 @@ fn overlay(t: &Target, id: usize, warm: bool, release: Release) -> Sample {
     let t0 = Instant::now();
     ctd.ctr(&["images", "pull", "--plain-http", &t.gzip_ref]);
     let (ready, serving, before) = watch(&ctd, &[], &t.gzip_ref, &format!("overlay-{id}"), t0, &bytes);
+    let total = bytes();
+    let reread = reread(&ctd, &[], &t.gzip_ref, &format!("overlay-{id}"), &[&ctd.root()], &bytes);
     let warm_read = warm.then(|| warm_read(&ctd, &[], &t.gzip_ref, &id.to_string()));
     Sample {
         ready: Some(ready),
         serving,
         bytes_before_ready: Some(before),
-        bytes_total: bytes(),
+        bytes_total: total,
         warm_read,
+        reread: Some(reread),
         peak_rss: None,
+        cpu_serving: None,
+        cpu_secs: None,
     }
 }
 
 /// Cold runs ignore the published start-up profile.
 const COLD: &[&str] = &["--no-profile-replay"];
 
-/// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run.
-fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -> Sample {
+/// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run;
+/// then the re-reads (if `rereads`) and the warm read (if `warm`).
+fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, rereads: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let addr = t.registry.addr();
     // The indexes and the profile are published next to the benchmark's own
@@ -166,6 +214,8 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
     let snap = ["--snapshotter", "streamsnap"];
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let (ready, serving, before) = watch(&ctd, &snap, image, name, t0, &bytes);
+    let (total, cpu_serving) = (bytes(), cpu_secs(serve.pid()));
+    let reread = rereads.then(|| reread(&ctd, &snap, image, name, &[root.path(), &ctd.root()], &bytes));
     let warm_read = warm.then(|| {
         settle(&root.path().join("state/cache"));
         let r = warm_read(&ctd, &snap, image, name);
@@ -179,8 +229,7 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         );
         r
     });
-    let total = bytes();
-    let peak_rss = peak_rss(serve.pid());
+    let (peak_rss, cpu_secs) = (peak_rss(serve.pid()), cpu_secs(serve.pid()));
     drop(ctd);
     drop(serve);
     umount_all_under(root.path());
@@ -190,7 +239,10 @@ fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, flags: &[&str]) -
         bytes_before_ready: Some(before),
         bytes_total: total,
         warm_read,
+        reread,
         peak_rss,
+        cpu_serving,
+        cpu_secs,
     }
 }
 
@@ -210,12 +262,13 @@ fn stargz(t: &Target, id: usize, warm: bool) -> Sample {
     ctd.ctr_remote(&[&["images", "rpull", "--plain-http"][..], &snap, &[image]].concat());
     let name = format!("stargz-{id}");
     let (ready, serving, before) = watch(&ctd, &snap, image, &name, t0, &bytes);
+    let (total, cpu_serving) = (bytes(), cpu_secs(daemon.pid()));
+    let reread = Some(reread(&ctd, &snap, image, &name, &[daemon.root(), &ctd.root()], &bytes));
     let warm_read = warm.then(|| {
         settle(&daemon.state());
         warm_read(&ctd, &snap, image, &name)
     });
-    let total = bytes();
-    let peak_rss = peak_rss(daemon.pid());
+    let (peak_rss, cpu_secs) = (peak_rss(daemon.pid()), cpu_secs(daemon.pid()));
     drop(ctd);
     drop(daemon);
     Sample {
@@ -224,7 +277,10 @@ fn stargz(t: &Target, id: usize, warm: bool) -> Sample {
         bytes_before_ready: Some(before),
         bytes_total: total,
         warm_read,
+        reread,
         peak_rss,
+        cpu_serving,
+        cpu_secs,
     }
 }
 

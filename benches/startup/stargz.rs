@@ -50,6 +50,11 @@ impl Stargz {
         self.child.id()
     }
 
+    /// Its root: state (cache included) and the FUSE mounts under it.
+    pub fn root(&self) -> &std::path::Path {
+        self.root.path()
+    }
+
     /// Its state directory (cache included).
     pub fn state(&self) -> PathBuf {
         self.root.path().join("state")
@@ -61,12 +66,4 @@ impl Drop for Stargz {
         terminate(&mut self.child, Duration::from_secs(10));
         umount_all_under(self.root.path());
     }
-}
-
-/// Peak resident memory (VmHWM) of a process, in bytes.
-pub fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
