@@ -128,7 +128,7 @@ pub struct Cache {
     /// Bound of the on-disk chunk cache, e.g. "10GiB".
     #[serde(deserialize_with = "size")]
     pub disk_size: ByteSize,
-    /// Bound of the in-memory chunk cache.
+    /// Bound of the in-memory chunk cache: chunks read ahead, until read, and gzip span outputs.
     #[serde(deserialize_with = "size")]
     pub memory_size: ByteSize,
 }

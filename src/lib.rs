@@ -33,8 +33,10 @@
 //! - [`proto`]: generated protobuf/gRPC code (used only by `snapshotter`).
 //! - [`digest`]: validated content digests.
 //! - [`private`]: owner-only directories and files for everything streamsnap keeps.
+//! - [`alloc`]: glibc allocator tuning and trimming.
 //! - [`buf`]: page-aligned buffers for decoded bytes (O_DIRECT cache writes).
 
+pub mod alloc;
 pub mod buf;
 pub mod cache;
 pub mod config;

@@ -401,19 +401,7 @@ impl FillArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Chunk buffers and range bodies (up to 4 MiB) stay on the heap: a fresh
-    // mmap each would cost page faults and kernel zeroing (about a tenth of
-    // the CPU of a cold sequential read). fuser's 16 MiB request buffers are
-    // mmapped, so the pages the kernel never writes stay untouched. Two arenas
-    // and a trim threshold bound what the heap keeps after a burst: glibc
-    // would otherwise keep an arena per blocking thread, each holding its peak.
-    // SAFETY: mallopt only changes glibc allocator tunables and takes plain
-    // integers; it runs before any other thread exists, so no allocation races it.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    streamsnap::alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -208,12 +208,16 @@ async fn blocking<T: Send + 'static>(
     layer: &Digest,
     work: impl FnOnce() -> Result<T, IndexError> + Send + 'static,
 ) -> Result<T, IndexError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|source| IndexError::Task {
-            layer: layer.clone(),
-            source,
-        })?
+    tokio::task::spawn_blocking(|| {
+        let built = work();
+        crate::alloc::trim();
+        built
+    })
+    .await
+    .map_err(|source| IndexError::Task {
+        layer: layer.clone(),
+        source,
+    })?
 }
 
 /// A layer whose index cannot be built; names the layer and the entry.
