@@ -289,6 +289,22 @@ mod tests {
     use super::*;
     use crate::proto::cri::image_service_client::ImageServiceClient;
 
+    /// A PullImage of `image` with alice's password.
+    fn alice_pulls(image: String) -> PullImageRequest {
+        PullImageRequest {
+            image: Some(crate::proto::cri::ImageSpec {
+                image,
+                ..Default::default()
+            }),
+            auth: Some(AuthConfig {
+                username: "alice".into(),
+                password: "pw".into(),
+                ..auth()
+            }),
+            sandbox_config: None,
+        }
+    }
+
     fn auth() -> AuthConfig {
         AuthConfig::default()
     }
@@ -367,18 +383,7 @@ mod tests {
         let _serving = start(&socket, proxy).unwrap();
         let e = client(socket)
             .await
-            .pull_image(PullImageRequest {
-                image: Some(crate::proto::cri::ImageSpec {
-                    image: format!("r.test/{}:v1", "a".repeat(MAX_MESSAGE)),
-                    ..Default::default()
-                }),
-                auth: Some(AuthConfig {
-                    username: "alice".into(),
-                    password: "pw".into(),
-                    ..auth()
-                }),
-                sandbox_config: None,
-            })
+            .pull_image(alice_pulls(format!("r.test/{}:v1", "a".repeat(MAX_MESSAGE))))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
@@ -401,18 +406,7 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unavailable);
         assert!(e.message().contains(&containerd.display().to_string()), "{e:?}");
         let e = images
-            .pull_image(PullImageRequest {
-                image: Some(crate::proto::cri::ImageSpec {
-                    image: "r.test/app:v1".into(),
-                    ..Default::default()
-                }),
-                auth: Some(AuthConfig {
-                    username: "alice".into(),
-                    password: "pw".into(),
-                    ..auth()
-                }),
-                sandbox_config: None,
-            })
+            .pull_image(alice_pulls("r.test/app:v1".into()))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);

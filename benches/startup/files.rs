@@ -3,15 +3,13 @@
 //! same eStargz image.
 use crate::common::image::{finish_with_cmd, umoci};
 use crate::common::{
-    push_all, run, umount_all_under, write_random_file, Containerd, ContainerdOpts, Format, OciImage, Registry,
-    ServeProcess,
+    push_all, umount_all_under, write_random_file, Containerd, ContainerdOpts, Format, OciImage, Registry, ServeProcess,
 };
 use crate::procfs::{cpu_secs, peak_rss, rss};
 use crate::report::spread;
 use crate::stargz::Stargz;
 use std::fmt::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 /// Files per directory of the image's /data.
@@ -57,22 +55,9 @@ fn build(work: &Path, count: u64) -> OciImage {
     if dir.join("done").exists() {
         return image;
     }
-    let rootfs = crate::image::userland(work);
     eprintln!("[bench] building the {count}-file image in {}", dir.display());
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let layout = image.layout.to_str().unwrap().to_string();
-    let img = format!("{layout}:{tag}");
-    umoci(&["init", "--layout", &layout]);
-    umoci(&["new", "--image", &img]);
-    let bundle = dir.join("bundle");
+    let crate::image::Unpacked { img, bundle, root } = crate::image::unpacked_userland(work, &dir, &tag);
     let b = bundle.to_str().unwrap();
-    umoci(&["unpack", "--image", &img, b]);
-    let root = bundle.join("rootfs");
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", rootfs.display()))
-        .arg(&root));
     umoci(&["repack", "--refresh-bundle", "--image", &img, b]);
     for i in 0..count {
         let p = root.join(format!("data/d{:04}/f{:03}", i / PER_DIR, i % PER_DIR));

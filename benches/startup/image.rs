@@ -112,6 +112,34 @@ pub fn userland(work: &Path) -> PathBuf {
     root
 }
 
+/// A fresh OCI layout in `dir` whose image `tag` is unpacked (for `umoci repack`) with the
+/// Debian userland copied in.
+pub struct Unpacked {
+    /// `LAYOUT:TAG`, as umoci names the image.
+    pub img: String,
+    pub bundle: PathBuf,
+    /// The bundle's rootfs.
+    pub root: PathBuf,
+}
+
+pub fn unpacked_userland(work: &Path, dir: &Path, tag: &str) -> Unpacked {
+    let rootfs = userland(work);
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let layout = dir.join("layout").to_str().unwrap().to_string();
+    let img = format!("{layout}:{tag}");
+    umoci(&["init", "--layout", &layout]);
+    umoci(&["new", "--image", &img]);
+    let bundle = dir.join("bundle");
+    umoci(&["unpack", "--image", &img, bundle.to_str().unwrap()]);
+    let root = bundle.join("rootfs");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", rootfs.display()))
+        .arg(&root));
+    Unpacked { img, bundle, root }
+}
+
 /// Builds (or reuses) the benchmark image's OCI layout under `work`.
 pub fn build(work: &Path, sizes: Sizes) -> OciImage {
     let dir = work.join(format!("image-w{}-l{}", sizes.weights_mib, sizes.libs_mib));
@@ -122,22 +150,9 @@ pub fn build(work: &Path, sizes: Sizes) -> OciImage {
     if dir.join("done").exists() {
         return image;
     }
-    let rootfs = userland(work);
     eprintln!("[bench] building the image in {}", dir.display());
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let layout = image.layout.to_str().unwrap().to_string();
-    let img = format!("{layout}:serve");
-    umoci(&["init", "--layout", &layout]);
-    umoci(&["new", "--image", &img]);
-    let bundle = dir.join("bundle");
+    let Unpacked { img, bundle, root } = unpacked_userland(work, &dir, "serve");
     let b = bundle.to_str().unwrap();
-    umoci(&["unpack", "--image", &img, b]);
-    let root = bundle.join("rootfs");
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", rootfs.display()))
-        .arg(&root));
     std::fs::create_dir_all(root.join("app")).unwrap();
     std::fs::write(root.join("app/serve.py"), SERVE_PY).unwrap();
     std::fs::write(root.join("app/read.py"), READ_PY).unwrap();

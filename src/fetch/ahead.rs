@@ -13,6 +13,8 @@ pub(super) const READ_AHEAD: u64 = 16 << 20;
 pub(super) const NEIGHBOURS: u64 = 256 << 10;
 /// Files up to this size count as small (source files, bytecode, configs).
 pub(super) const SMALL_FILE: u64 = 64 << 10;
+/// Chunks looked at past the read at most (an index of empty files costs no bytes).
+const NEIGHBOUR_CHUNKS: usize = 1024;
 
 impl Fetcher {
     /// A reader that continues where its last read ended gets the following
@@ -63,7 +65,7 @@ impl Fetcher {
         let mut at = last.blob_offset + last.blob_len;
         let limit = at.saturating_add(NEIGHBOURS);
         let mut next = Vec::new();
-        for id in ids.end..chunks.len() as ChunkId {
+        for id in (ids.end..chunks.len() as ChunkId).take(NEIGHBOUR_CHUNKS) {
             let c = &chunks[id as usize];
             let owner_small = self
                 .index

@@ -98,18 +98,31 @@ impl Fetcher {
                     break;
                 }
             };
-            // One blocking task per chunk: a run's chunks inflate and hash on
-            // as many cores as the blocking pool has.
+            // A blocking task per batch of about `DECODE_BATCH` blob bytes: a
+            // run's large chunks inflate and hash on as many cores as there
+            // are, and a run of many small ones does not wake a thread each.
+            let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
             let me = &*self;
-            results = futures::future::join_all(run.iter().map(|l| {
-                let (this, held, id) = (Arc::clone(&self), data.clone(), *l.key());
+            let batches = futures::future::join_all(decode_batches(chunks, &ids).map(|batch| {
+                let (this, held) = (Arc::clone(&self), data.clone());
                 async move {
-                    tokio::task::spawn_blocking(move || this.decode_in(&held, start, id))
-                        .await
-                        .unwrap_or_else(|e| Err(me.corrupt(start, format!("decoder panicked: {e}"))))
+                    let n = batch.len();
+                    tokio::task::spawn_blocking(move || {
+                        batch
+                            .iter()
+                            .map(|&id| this.decode_in(&held, start, id))
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        (0..n)
+                            .map(|_| Err(me.corrupt(start, format!("decoder panicked: {e}"))))
+                            .collect()
+                    })
                 }
             }))
             .await;
+            results = batches.into_iter().flatten().collect();
             if !results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. }))) {
                 self.tap.offer(start, &data);
                 break;
@@ -174,6 +187,30 @@ impl Fetcher {
             landing.remove(&id);
         }
     }
+}
+
+/// Blob bytes one decoding task takes at least (but for a run's last batch).
+const DECODE_BATCH: u64 = 1 << 20;
+
+/// `ids` in order, cut into batches of at least [`DECODE_BATCH`] blob bytes.
+pub(super) fn decode_batches<'a>(chunks: &'a [Chunk], ids: &'a [ChunkId]) -> impl Iterator<Item = Vec<ChunkId>> + 'a {
+    let mut rest = ids;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let n = rest
+            .iter()
+            .position(|&id| {
+                bytes += chunks[id as usize].blob_len;
+                bytes >= DECODE_BATCH
+            })
+            .map_or(rest.len(), |i| i + 1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some(batch.to_vec())
+    })
 }
 
 /// Groups chunks (in blob order) into runs that one range request can serve.

@@ -194,6 +194,25 @@ async fn a_chunk_a_reader_waited_for_is_not_kept_in_memory() {
     assert_eq!(l.fetcher.node.mem.bytes(), 0);
 }
 
+#[test]
+fn small_chunks_decode_in_batches_and_large_ones_alone() {
+    let chunk = |blob_len| Chunk {
+        file_offset: 0,
+        len: blob_len,
+        blob_offset: 0,
+        blob_len,
+        inner_offset: 0,
+        encoding: crate::index::Encoding::Raw,
+        digest: None,
+        whole: None,
+    };
+    let mut chunks: Vec<Chunk> = (0..8).map(|_| chunk(256 << 10)).collect();
+    chunks.extend((0..2).map(|_| chunk(4 << 20)));
+    let ids: Vec<ChunkId> = (0..10).collect();
+    let batches: Vec<Vec<ChunkId>> = super::load::decode_batches(&chunks, &ids).collect();
+    assert_eq!(batches, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8], vec![9]]);
+}
+
 #[tokio::test]
 async fn a_cached_chunk_needs_no_request() {
     let l = TestLayer::new(true).await;
@@ -570,7 +589,15 @@ async fn a_compressed_blob_with_a_byte_flipped_outside_every_span_fails_the_comp
 async fn a_filled_layer_whose_cache_lost_a_chunk_is_not_complete_and_not_quarantined() {
     let l = SpanLayer::new().await;
     fill_all(&l.fetcher).await;
-    let weights = l.fetcher.disk().file(l.fetcher.layer(), l.weights_node());
+    // Its last chunk may still be sealing the entry (synced, renamed).
+    let mut weights = l.fetcher.disk().file(l.fetcher.layer(), l.weights_node());
+    for _ in 0..200 {
+        if matches!(weights, crate::cache::FileEntry::Ready(_)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        weights = l.fetcher.disk().file(l.fetcher.layer(), l.weights_node());
+    }
     let crate::cache::FileEntry::Ready(path) = weights else {
         panic!("weights cached whole: {weights:?}")
     };
