@@ -154,6 +154,15 @@ pub struct Index {
     /// Also use indexes and profiles pushed as referrers of the image (which
     /// anyone able to push to the image's repository can add). Off by default.
     pub trust_referrers: bool,
+    /// A plain gzip or uncompressed tar layer no trusted index covers is
+    /// downloaded by streamsnap itself, once, building its index on the way
+    /// (checked against the layer digest before anything is served), and then
+    /// served through that index from the kept blob; off: containerd unpacks
+    /// it (`serve`) or it is downloaded and unpacked (`mount`).
+    pub build_on_first_use: bool,
+    /// Repository (`host/path`) every index built on first use is pushed to,
+    /// tagged by layer digest: list it in the other nodes' `repositories`.
+    pub publish: Option<Reference>,
 }
 
 /// `[fetch]`: how long a read may wait on a registry.

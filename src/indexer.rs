@@ -5,15 +5,14 @@
 //! the image or in an index repository.
 
 use crate::digest::Digest;
-use crate::index::{self, gzip, IndexError};
-use crate::layer::gzip_index::{layout_of, repo_tag, IndexStore, ARTIFACT_TYPE, LAYER_ANNOTATION};
+use crate::index::IndexError;
+use crate::layer::first_use::{stream_index, BuildError};
+use crate::layer::gzip_index::{index_blob, repo_tag, IndexStore, ARTIFACT_TYPE};
 use crate::layer::{has_estargz_footer, is_gzip, is_plain_tar, ESTARGZ_TOC_DIGEST};
-use crate::registry::referrers::{ArtifactBlob, Subject};
+use crate::registry::referrers::Subject;
 use crate::registry::{LayerDescriptor, Platform, Reference, Registry, RegistryError, ResolvedImage};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use std::collections::HashMap;
-use std::io::Read;
 use tracing::info;
 
 /// Layers indexed at once (each keeps a core busy inflating and hashing).
@@ -142,11 +141,7 @@ async fn publish(
             path,
             source,
         })?;
-        blobs.push(ArtifactBlob {
-            media_type: ARTIFACT_TYPE.into(),
-            data: Bytes::from(data),
-            annotations: HashMap::from([(LAYER_ANNOTATION.to_string(), l.to_string())]),
-        });
+        blobs.push(index_blob(l, Bytes::from(data)));
     }
     let subject = Subject {
         digest: image.manifest_digest.clone(),
@@ -197,70 +192,35 @@ async fn index_layer(
             return skipped("eStargz without a TOC digest annotation (multi-member gzip): fetched whole");
         }
     }
-    let layout = layout_of(mt);
     let started = std::time::Instant::now();
-    let resp = registry
-        .open_blob(&image.reference, &layer)
-        .await
-        .map_err(|source| IndexerError::Registry {
-            image: name.clone(),
-            source,
-        })?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
     let task = opts.progress.layer(&layer, desc.size);
-    let counted = &task;
-    let forward = async move {
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            if let Ok(c) = &chunk {
-                counted.advance(c.len() as u64);
-            }
-            // `without_url`: after a redirect the URL may be a presigned one.
-            if tx
-                .send(chunk.map_err(|e| std::io::Error::other(e.without_url())))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    };
-    let (l, span) = (layer.clone(), opts.span);
-    let build = tokio::task::spawn_blocking(move || {
-        let input = ChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
-        match layout {
-            gzip::Layout::Deflate => gzip::build(&l, span, input),
-            gzip::Layout::Stored => gzip::build_stored(&l, span, input),
-        }
-        .and_then(|(meta, windows)| {
-            let bytes =
-                gzip::format::write(&meta, &windows).map_err(|e| index::IndexError::layer(&l, e.to_string()))?;
-            Ok((meta, bytes))
-        })
-    });
-    let ((), built) = tokio::join!(forward, build);
-    let (meta, bytes) = built
-        .map_err(|e| IndexerError::Layer {
-            image: name.clone(),
-            layer: layer.clone(),
-            reason: format!("indexer panicked: {e}"),
-        })?
-        .map_err(|source| IndexerError::Index {
-            image: name.clone(),
-            source,
+    let built = stream_index(registry, &image.reference, desc, opts.span, &task, None)
+        .await
+        .map_err(|e| match e {
+            BuildError::Registry { source, .. } => IndexerError::Registry {
+                image: name.clone(),
+                source,
+            },
+            BuildError::Index(source) => IndexerError::Index {
+                image: name.clone(),
+                source,
+            },
+            other => IndexerError::Layer {
+                image: name.clone(),
+                layer: layer.clone(),
+                reason: other.to_string(),
+            },
         })?;
-    task.finish(&format!("indexed: {} checkpoints", meta.checkpoints.len()));
+    let (checkpoints, entries, bytes) = (built.checkpoints, built.entries, built.bytes);
+    task.finish(&format!("indexed: {checkpoints} checkpoints"));
     store.store(&layer, &bytes).map_err(|e| IndexerError::Layer {
         image: name.clone(),
         layer: layer.clone(),
         reason: format!("storing the index: {e}"),
     })?;
     info!(
-        checkpoints = meta.checkpoints.len(),
-        entries = meta.entries.len(),
+        checkpoints,
+        entries,
         index_bytes = bytes.len(),
         layer_bytes = desc.size,
         secs = started.elapsed().as_secs_f64(),
@@ -270,28 +230,7 @@ async fn index_layer(
         layer,
         layer_size: desc.size,
         index_size: bytes.len() as u64,
-        checkpoints: meta.checkpoints.len(),
-        entries: meta.entries.len(),
+        checkpoints,
+        entries,
     })
-}
-
-/// The layer's bytes as they arrive, for the blocking indexer.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => self.current = chunk?,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
-    }
 }

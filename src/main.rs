@@ -107,6 +107,12 @@ struct ServeArgs {
     /// Also use indexes and profiles pushed as referrers of the image (sets `[index] trust_referrers`).
     #[arg(long)]
     trust_referrers: bool,
+    /// Index unindexed plain gzip and tar layers on first use, from one download (sets `[index] build_on_first_use`).
+    #[arg(long)]
+    build_index_on_first_use: bool,
+    /// Push every index built on first use to this repository, tagged by layer digest (`[index] publish`).
+    #[arg(long)]
+    publish_index: Option<Reference>,
     #[command(flatten)]
     fill: FillArgs,
     /// Publish each recorded start-up profile next to its image.
@@ -146,6 +152,10 @@ impl ServeArgs {
         cfg.registry.insecure.extend(self.insecure_registry);
         cfg.index.repositories.extend(self.index_repo);
         cfg.index.trust_referrers |= self.trust_referrers;
+        cfg.index.build_on_first_use |= self.build_index_on_first_use;
+        if self.publish_index.is_some() {
+            cfg.index.publish = self.publish_index;
+        }
         self.fill.apply(&mut cfg.background_fill);
         cfg.profile.push |= self.profile_push;
         cfg.profile.replay &= !self.no_profile_replay;
@@ -200,6 +210,12 @@ struct MountArgs {
     /// Also use indexes and profiles pushed as referrers of the image.
     #[arg(long)]
     trust_referrers: bool,
+    /// Index unindexed plain gzip and tar layers on first use, from one download (sets `[index] build_on_first_use`).
+    #[arg(long)]
+    build_index_on_first_use: bool,
+    /// Push every index built on first use to this repository, tagged by layer digest (`[index] publish`).
+    #[arg(long)]
+    publish_index: Option<Reference>,
     /// Longest wait, in seconds, for landmark files before each layer is mounted (0: no prefetch).
     #[arg(long, default_value_t = defaults().prefetch.timeout)]
     prefetch_timeout: Seconds,
@@ -228,6 +244,8 @@ impl MountArgs {
         cfg.registry.platform = self.platform.clone();
         cfg.index.repositories = self.index_repo.clone();
         cfg.index.trust_referrers = self.trust_referrers;
+        cfg.index.build_on_first_use = self.build_index_on_first_use;
+        cfg.index.publish = self.publish_index.clone();
         cfg.prefetch.timeout = self.prefetch_timeout;
         cfg.fetch.read_deadline = self.read_deadline;
         cfg.fetch.stall_timeout = self.stall_timeout;

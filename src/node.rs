@@ -13,6 +13,7 @@ use crate::config::{self, Config};
 use crate::credentials::docker::DockerConfig;
 use crate::credentials::kubelet::Providers;
 use crate::credentials::{Chain, PullAuths, Source};
+use crate::layer::first_use::{FirstUse, FIRST_USE_SPAN};
 use crate::layer::gzip_index::IndexStore;
 use crate::layer::LayerContext;
 use crate::metrics::{EndpointMetrics, Metrics};
@@ -136,5 +137,9 @@ pub fn layer_context(
         .with_read_deadline(config.fetch.read_deadline.into()),
         registry,
         layers_dir: state.layers(),
+        first_use: config.index.build_on_first_use.then(|| FirstUse {
+            span: FIRST_USE_SPAN,
+            publish: config.index.publish.clone(),
+        }),
     })
 }

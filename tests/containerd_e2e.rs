@@ -164,6 +164,44 @@ fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
 }
 
 #[test]
+fn rpull_of_an_unindexed_plain_gzip_image_indexes_it_on_first_use_from_one_download_and_runs() {
+    let env = start_with(&["--build-index-on-first-use"]);
+    let image = build_runnable_image(&env.work.path().join("image"), 16);
+    let reference = push(&image, &env.registry, Format::Gzip);
+    let (total, digests) = env.registry.layers(&reference);
+    let mark = env.registry.mark();
+    rpull(&env, &reference);
+    let out = env.containerd.run_script(
+        "streamsnap",
+        &reference,
+        "fu1",
+        "cat /etc/greeting; sha256sum /models/weights.bin",
+    );
+    let log = env.serve.as_ref().unwrap().log();
+    let expected = env.work.path().join("weights-expected");
+    write_random_file(&expected, 16 << 20, 11);
+    let want = common::tree::file_sha256(&expected);
+    assert_eq!(
+        out.split_whitespace().take(2).collect::<Vec<_>>(),
+        vec!["hello", "from"],
+        "{out}\n{log}"
+    );
+    assert!(out.contains(&want), "{out}");
+    assert_eq!(
+        log.matches("layer indexed on first use").count(),
+        digests.len(),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("layer indexed format=GzipIndex").count(),
+        digests.len(),
+        "{log}"
+    );
+    // containerd fetched nothing itself: each blob went over the wire once, to streamsnap.
+    assert_eq!(env.registry.layer_bytes_served_since(&digests, mark), total, "{log}");
+}
+
+#[test]
 fn removing_the_image_removes_snapshots_unmounts_layers_and_releases_cache() {
     let env = start();
     let image = build_runnable_image(&env.work.path().join("image"), 16);

@@ -3,6 +3,7 @@
 mod common;
 use common::image::build_big_layer_image;
 use common::*;
+use std::time::Duration;
 
 /// The mount's log line for a layer served through a gzip index.
 const SERVED_BY_INDEX: &str = "layer indexed format=GzipIndex";
@@ -178,4 +179,51 @@ fn wrong_span_bytes_from_the_registry_are_never_handed_out() {
     proxy.clear();
     assert!(std::fs::read(mount.mountpoint.join(path)).unwrap() == *content);
     mount.stop();
+}
+
+#[test]
+fn a_first_node_indexes_an_unindexed_gzip_image_from_one_download_and_publishes_it_for_the_next_node() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_runnable_image(&work.path().join("image"), 16);
+    let reference = push(&image, &registry, Format::Gzip);
+    let (total, layers) = registry.layers(&reference);
+    let repo = format!("{}/indexes/fleet", registry.addr());
+    let first_use = ["--build-index-on-first-use", "--publish-index", repo.as_str()];
+
+    let mark = registry.mark();
+    let first = MountProcess::start(&reference, &work.path().join("s1"), &work.path().join("m1"), &first_use);
+    let greeting = std::fs::read(first.mountpoint.join("etc/greeting")).unwrap();
+    assert_eq!(greeting, b"hello from streamsnap\n", "{}", first.log());
+    for layer in &layers {
+        let tag = format!("{repo}:gzindex-{}", layer.replace(':', "-"));
+        wait_until(Duration::from_secs(30), "the index is published", || {
+            registry.has_manifest(&tag)
+        });
+    }
+    let log = first.stop();
+    assert_eq!(log.matches("layer indexed on first use").count(), layers.len(), "{log}");
+    assert_eq!(log.matches(SERVED_BY_INDEX).count(), layers.len(), "{log}");
+    assert!(!log.contains("Downloaded"), "{log}");
+    // One download per layer: every read after it is served from the kept blob.
+    assert_eq!(registry.layer_bytes_served_since(&layers, mark), total, "{log}");
+
+    let mark = registry.mark();
+    let next = MountProcess::start(
+        &reference,
+        &work.path().join("s2"),
+        &work.path().join("m2"),
+        &["--index-repo", &repo],
+    );
+    let greeting = std::fs::read_to_string(next.mountpoint.join("etc/greeting")).unwrap();
+    assert_eq!(greeting, "hello from streamsnap\n");
+    let log = next.stop();
+    assert_eq!(log.matches(SERVED_BY_INDEX).count(), layers.len(), "{log}");
+    assert!(!log.contains("layer indexed on first use"), "{log}");
+    let fetched = registry.bytes_served_for_blob_since(layers.last().unwrap(), mark);
+    assert!(
+        fetched < 1 << 20,
+        "weights layer: {fetched} bytes fetched by the next node"
+    );
 }

@@ -386,3 +386,24 @@ fn an_estargz_layer_tampered_outside_every_chunk_is_quarantined_when_its_fill_co
     let t = tampered_at(Format::Estargz, |_| 4);
     quarantined_by_its_fill(&t, false);
 }
+
+#[test]
+fn a_tampered_gzip_layer_is_neither_indexed_on_first_use_nor_served_nor_kept() {
+    let t = tampered(Format::Gzip);
+    let state = t.work.path().join("state");
+    match t.mount(&state, &["--build-index-on-first-use"]) {
+        Err(log) => {
+            // The flipped byte breaks the inflate before the digest is reached.
+            assert!(
+                log.contains("layer cannot be indexed on first use") && log.contains("invalid deflate data"),
+                "the build names the layer and what was wrong:\n{log}"
+            );
+            refused_by_digest(&log, &t.layer);
+        }
+        Ok(mount) => panic!("a tampered layer was indexed and served:\n{}", mount.stop()),
+    }
+    let hex = t.layer.trim_start_matches("sha256:");
+    assert!(!state.join(format!("indexes/{hex}.trusted.gzindex")).exists());
+    assert!(!state.join(format!("layers/{hex}.blob")).exists());
+    assert!(!state.join(format!("layers/{hex}.blob.partial")).exists());
+}

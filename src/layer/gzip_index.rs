@@ -22,7 +22,7 @@
 use crate::digest::Digest;
 use crate::flight::Flights;
 use crate::index::{gzip, LayerIndex};
-use crate::registry::referrers::ArtifactLayer;
+use crate::registry::referrers::{ArtifactBlob, ArtifactLayer};
 use crate::registry::{BodyLimit, LayerDescriptor, Reference, Registry, RegistryError};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -50,6 +50,15 @@ const MAX_INDEX_SHARE: u64 = 20;
 /// Tag of an index artifact in an index repository, one per layer it holds.
 pub fn repo_tag(layer: &Digest) -> String {
     format!("gzindex-sha256-{}", layer.hex())
+}
+
+/// One index as an artifact blob, annotated with the layer it indexes.
+pub fn index_blob(layer: &Digest, data: bytes::Bytes) -> ArtifactBlob {
+    ArtifactBlob {
+        media_type: ARTIFACT_TYPE.into(),
+        data,
+        annotations: HashMap::from([(LAYER_ANNOTATION.to_string(), layer.to_string())]),
+    }
 }
 
 /// Index blobs by the layer they index.

@@ -2,6 +2,7 @@
 //! annotations, builds the index and the fetcher that serves its bytes.
 
 mod download;
+pub mod first_use;
 pub mod gzip_index;
 pub mod record;
 
@@ -49,6 +50,8 @@ pub struct LayerContext {
     pub fill: crate::prefetch::background::FillConfig,
     /// Start-up profiles: recorded, replayed.
     pub profiles: Arc<crate::prefetch::profile::Profiles>,
+    /// Index unindexed plain gzip and tar layers on first use (`[index] build_on_first_use`).
+    pub first_use: Option<first_use::FirstUse>,
 }
 
 /// A layer ready to mount.
@@ -189,6 +192,22 @@ async fn open_from(
             }),
         }
     };
+    // A layer indexed here on first use is served from the blob it kept (digest-checked when kept).
+    let kept_or = |remote: Arc<dyn RangeSource>| -> Arc<dyn RangeSource> {
+        match first_use::kept_blob(&ctx.layers_dir, &layer) {
+            Ok(kept) => Arc::new(kept),
+            Err(_) => remote,
+        }
+    };
+    let index_here = || async {
+        match &ctx.first_use {
+            Some(first) if recorded.is_none() => {
+                let opened = first_use::open_indexed_here(ctx, first, image, desc).await?;
+                Ok::<_, LayerError>(opened.map(|(idx, kept)| (idx, kept as Arc<dyn RangeSource>)))
+            }
+            _ => Ok(None),
+        }
+    };
     let (format, index, source) = if is_gzip(mt) {
         // eStargz only when the manifest binds its TOC: a footer alone proves nothing.
         match desc.annotations.get(ESTARGZ_TOC_DIGEST) {
@@ -204,8 +223,11 @@ async fn open_from(
                 (LayerFormat::Estargz, idx, remote)
             }
             None => match ctx.indexes.open(&ctx.registry, image, desc).await {
-                Some(idx) => (LayerFormat::GzipIndex, idx, remote),
-                None => download().await?,
+                Some(idx) => (LayerFormat::GzipIndex, idx, kept_or(remote)),
+                None => match index_here().await? {
+                    Some((idx, kept)) => (LayerFormat::GzipIndex, idx, kept),
+                    None => download().await?,
+                },
             },
         }
     } else if is_zstd(mt) {
@@ -221,8 +243,11 @@ async fn open_from(
         // Tar headers and bytes carry no digest of their own: lazily only under
         // a trusted index whose span digests check every byte.
         match ctx.indexes.open(&ctx.registry, image, desc).await {
-            Some(idx) => (LayerFormat::Tar, idx, remote),
-            None => download().await?,
+            Some(idx) => (LayerFormat::Tar, idx, kept_or(remote)),
+            None => match index_here().await? {
+                Some((idx, kept)) => (LayerFormat::Tar, idx, kept),
+                None => download().await?,
+            },
         }
     } else {
         return Err(LayerError::Other {
