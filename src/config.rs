@@ -155,10 +155,10 @@ pub struct Index {
     /// anyone able to push to the image's repository can add). Off by default.
     pub trust_referrers: bool,
     /// A plain gzip or uncompressed tar layer no trusted index covers is
-    /// downloaded by streamsnap itself, once, building its index on the way
-    /// (checked against the layer digest before anything is served), and then
-    /// served through that index from the kept blob; off: containerd unpacks
-    /// it (`serve`) or it is downloaded and unpacked (`mount`).
+    /// downloaded by streamsnap itself, once, building its index and its tar
+    /// on the way (checked against the layer digest before anything is
+    /// served), and then served from that tar; off: containerd unpacks it
+    /// (`serve`) or it is downloaded and unpacked (`mount`).
     pub build_on_first_use: bool,
     /// Repository (`host/path`) every index built on first use is pushed to,
     /// tagged by layer digest: list it in the other nodes' `repositories`.

@@ -74,6 +74,8 @@ pub enum Served {
     Indexed,
     /// FUSE over the layer downloaded whole.
     Downloaded,
+    /// FUSE over the layer downloaded whole on first use, its index built on the way.
+    IndexedOnFirstUse,
     /// containerd downloaded and unpacked it (an ordinary snapshot).
     UnpackedByContainerd,
     /// Served before the restart, not mounted again yet.
@@ -182,6 +184,7 @@ fn served_label(s: Served) -> &'static str {
         Served::Lazy => "lazy",
         Served::Indexed => "indexed",
         Served::Downloaded => "downloaded",
+        Served::IndexedOnFirstUse => "indexed-here",
         Served::UnpackedByContainerd => "unpacked",
         Served::NotMounted => "not-mounted",
     }

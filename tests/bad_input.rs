@@ -325,3 +325,41 @@ fn a_layer_downloaded_whole_is_checked_against_its_digest() {
     assert_eq!(&std::fs::read(mount.mountpoint.join(path)).unwrap(), content);
     mount.stop();
 }
+
+#[test]
+fn a_first_use_download_from_a_stalling_or_truncating_registry_fails_by_name_and_keeps_nothing() {
+    require_root();
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let image = build_big_layer_image(&work.path().join("image"), 4);
+    let pushed = push(&image.image, &registry, Format::Gzip);
+    let proxy = FaultProxy::start(&registry.addr());
+    let reference = pushed.replacen(&registry.addr(), &proxy.addr(), 1);
+    let first_use = ["--build-index-on-first-use", "--stall-timeout", "1"];
+    let faults = [
+        (
+            Fault::Stall {
+                every: std::time::Duration::from_secs(5),
+            },
+            "no byte for 1s",
+        ),
+        (Fault::Truncate { keep: 100_000 }, "reading the layer at 100000"),
+    ];
+    for (i, (fault, named)) in faults.into_iter().enumerate() {
+        proxy.clear();
+        proxy.set("/blobs/", fault);
+        let state = work.path().join(format!("state-{i}"));
+        let started = std::time::Instant::now();
+        let log = match MountProcess::try_start(&reference, &state, &work.path().join("mnt"), &first_use) {
+            Ok(m) => panic!("mount of {reference} succeeded:\n{}", m.log()),
+            Err(log) => log,
+        };
+        assert!(!log.contains("panicked"), "streamsnap panicked:\n{log}");
+        assert_mentions(&log, &["layer cannot be indexed on first use", "layer sha256:", named]);
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{log}");
+        let kept: Vec<_> = std::fs::read_dir(state.join("layers"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(kept.is_empty(), "left behind: {kept:?}");
+    }
+}

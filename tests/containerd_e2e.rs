@@ -164,8 +164,8 @@ fn rpull_of_an_indexed_plain_gzip_image_runs_lazily() {
 }
 
 #[test]
-fn rpull_of_an_unindexed_plain_gzip_image_indexes_it_on_first_use_from_one_download_and_runs() {
-    let env = start_with(&["--build-index-on-first-use"]);
+fn rpull_of_an_unindexed_plain_gzip_image_indexes_it_on_first_use_from_one_download_and_runs_across_a_restart() {
+    let mut env = start_with(&["--build-index-on-first-use"]);
     let image = build_runnable_image(&env.work.path().join("image"), 16);
     let reference = push(&image, &env.registry, Format::Gzip);
     let (total, digests) = env.registry.layers(&reference);
@@ -193,12 +193,36 @@ fn rpull_of_an_unindexed_plain_gzip_image_indexes_it_on_first_use_from_one_downl
         "{log}"
     );
     assert_eq!(
-        log.matches("layer indexed format=GzipIndex").count(),
+        log.matches("layer indexed format=Unpacked").count(),
         digests.len(),
         "{log}"
     );
     // containerd fetched nothing itself: each blob went over the wire once, to streamsnap.
     assert_eq!(env.registry.layer_bytes_served_since(&digests, mark), total, "{log}");
+
+    // A restart serves the layers again from their kept tars, asking the registry for nothing.
+    let mark = env.registry.mark();
+    env.serve.take().unwrap().stop();
+    env.serve = Some(ServeProcess::start_with(
+        &env.work.path().join("streamsnap"),
+        &["--build-index-on-first-use"],
+    ));
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "containerd to reconnect to streamsnap",
+        || {
+            env.containerd
+                .try_ctr(&["snapshots", "--snapshotter", "streamsnap", "ls"])
+                .is_ok()
+        },
+    );
+    let again = env
+        .containerd
+        .run_script("streamsnap", &reference, "fu2", "sha256sum /models/weights.bin");
+    let log = env.serve.as_ref().unwrap().log();
+    assert!(again.contains(&want), "{again}\n{log}");
+    assert!(!log.contains("layer indexed on first use"), "{log}");
+    assert_eq!(env.registry.layer_bytes_served_since(&digests, mark), 0, "{log}");
 }
 
 #[test]

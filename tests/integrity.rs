@@ -404,6 +404,6 @@ fn a_tampered_gzip_layer_is_neither_indexed_on_first_use_nor_served_nor_kept() {
     }
     let hex = t.layer.trim_start_matches("sha256:");
     assert!(!state.join(format!("indexes/{hex}.trusted.gzindex")).exists());
-    assert!(!state.join(format!("layers/{hex}.blob")).exists());
-    assert!(!state.join(format!("layers/{hex}.blob.partial")).exists());
+    assert!(!state.join(format!("layers/{hex}.tar")).exists());
+    assert!(!state.join(format!("layers/{hex}.tar.first-use")).exists());
 }

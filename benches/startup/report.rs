@@ -148,6 +148,19 @@ pub fn ratios(r: &Results) -> String {
         m(GzipIndex, serving),
         m(Overlay, serving),
     );
+    for (s, what) in [
+        (GzipFirst, "gzip, no index, first node"),
+        (GzipSecond, "gzip, second node"),
+    ] {
+        for (time, f) in [("ready", ready as fn(&Sample) -> Option<f64>), ("serving", serving)] {
+            line(
+                &mut t,
+                &format!("{what} ÷ overlayfs, time to `{time}`"),
+                m(s, f),
+                m(Overlay, f),
+            );
+        }
+    }
     t
 }
 
@@ -159,7 +172,12 @@ pub fn floor(r: &Results) -> String {
     let Some(link) = median(r, Scenario::Curl, rate) else {
         return t;
     };
-    for s in [Scenario::Streamsnap, Scenario::GzipIndex, Scenario::Profile] {
+    for s in [
+        Scenario::Streamsnap,
+        Scenario::GzipIndex,
+        Scenario::GzipSecond,
+        Scenario::Profile,
+    ] {
         let (Some(bytes), Some(secs)) = (median(r, s, |x| Some(x.bytes_total as f64)), median(r, s, serving)) else {
             continue;
         };
@@ -241,6 +259,7 @@ pub fn reread(r: &Results) -> String {
         Scenario::Overlay21,
         Scenario::Streamsnap,
         Scenario::GzipIndex,
+        Scenario::GzipFirst,
         Scenario::Stargz,
     ] {
         let Some(v) = speed(s) else { continue };
@@ -267,6 +286,7 @@ pub fn memory(r: &Results) -> String {
     for s in [
         Scenario::Streamsnap,
         Scenario::GzipIndex,
+        Scenario::GzipFirst,
         Scenario::Profile,
         Scenario::Stargz,
     ] {

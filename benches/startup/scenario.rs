@@ -17,19 +17,23 @@ pub enum Scenario {
     Overlay21,
     Streamsnap,
     GzipIndex,
+    GzipFirst,
+    GzipSecond,
     Profile,
     Stargz,
 }
 
 impl Scenario {
     /// Every start-up scenario, in the order a round runs them.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Curl,
         Scenario::Overlay,
         Scenario::Overlay21,
         Scenario::Streamsnap,
         Scenario::Stargz,
         Scenario::GzipIndex,
+        Scenario::GzipFirst,
+        Scenario::GzipSecond,
         Scenario::Profile,
     ];
 
@@ -41,6 +45,8 @@ impl Scenario {
             Scenario::Overlay21 => "overlay21",
             Scenario::Streamsnap => "estargz",
             Scenario::GzipIndex => "gzindex",
+            Scenario::GzipFirst => "gzfirst",
+            Scenario::GzipSecond => "gzsecond",
             Scenario::Profile => "profile",
             Scenario::Stargz => "stargz",
         }
@@ -58,6 +64,8 @@ impl Scenario {
             Scenario::Overlay21 => "overlayfs, 2.1",
             Scenario::Streamsnap => "eStargz",
             Scenario::GzipIndex => "gzip + index",
+            Scenario::GzipFirst => "gzip, first node",
+            Scenario::GzipSecond => "gzip, second node",
             Scenario::Profile => "eStargz + profile",
             Scenario::Stargz => "stargz snapshotter",
         }
@@ -70,6 +78,10 @@ impl Scenario {
             Scenario::Overlay21 => "overlayfs full pull (gzip), containerd 2.1, parallel ranges",
             Scenario::Streamsnap => "streamsnap lazy pull (eStargz)",
             Scenario::GzipIndex => "streamsnap lazy pull (unmodified gzip + index)",
+            Scenario::GzipFirst => {
+                "streamsnap, unmodified gzip, no index: first node (indexes on first use, publishes)"
+            }
+            Scenario::GzipSecond => "streamsnap lazy pull, unmodified gzip: second node (index published by the first)",
             Scenario::Profile => "streamsnap lazy pull (eStargz) + start-up profile",
             Scenario::Stargz => "stargz snapshotter lazy pull (eStargz)",
         }
@@ -131,9 +143,26 @@ pub fn run_once(s: Scenario, t: &Target, id: usize, warm: bool) -> Sample {
         Scenario::Stargz => stargz(t, id, warm),
         Scenario::Streamsnap => streamsnap(t, &t.estargz_ref, &format!("lazy-{id}"), warm, true, COLD),
         Scenario::GzipIndex => streamsnap(t, &t.gzip_ref, &format!("gzindex-{id}"), warm, true, COLD),
+        // No referrers trusted: the index `streamsnap index` pushed next to the image is not
+        // seen, so the first node builds its own and publishes it where the second looks.
+        Scenario::GzipFirst => {
+            let repo = first_use_repo(t);
+            let flags = [
+                "--no-profile-replay",
+                "--build-index-on-first-use",
+                "--publish-index",
+                &repo,
+            ];
+            streamsnap(t, &t.gzip_ref, &format!("gzfirst-{id}"), warm, true, &flags)
+        }
+        Scenario::GzipSecond => {
+            let repo = first_use_repo(t);
+            let flags = ["--no-profile-replay", "--index-repo", &repo];
+            streamsnap(t, &t.gzip_ref, &format!("gzsecond-{id}"), warm, true, &flags)
+        }
         // The profile recorded by `record_profile` is found next to the image and replayed; the
         // scenario is about start-up only (no warm read, no re-read).
-        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, false, &[]),
+        Scenario::Profile => streamsnap(t, &t.estargz_ref, &format!("profile-{id}"), false, false, TRUSTING),
     }
 }
 
@@ -192,17 +221,23 @@ fn overlay(t: &Target, id: usize, warm: bool, release: Release) -> Sample {
     }
 }
 
+/// Indexes and the profile published next to the benchmark's own image: a
+/// fresh node takes them only because it opts into referrers.
+const TRUSTING: &[&str] = &["--trust-referrers"];
 /// Cold runs ignore the published start-up profile.
-const COLD: &[&str] = &["--no-profile-replay"];
+const COLD: &[&str] = &["--trust-referrers", "--no-profile-replay"];
+
+/// Where the first node publishes the indexes it built on first use.
+fn first_use_repo(t: &Target) -> String {
+    format!("{}/bench/first-use-indexes", t.registry.addr())
+}
 
 /// A fresh `streamsnap serve FLAGS` (empty cache and index cache) and containerd; rpull, run;
 /// then the re-reads (if `rereads`) and the warm read (if `warm`).
 fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, rereads: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let addr = t.registry.addr();
-    // The indexes and the profile are published next to the benchmark's own
-    // image: a fresh node takes them only because it opts into referrers.
-    let args = [&["--insecure-registry", addr.as_str(), "--trust-referrers"][..], flags].concat();
+    let args = [&["--insecure-registry", addr.as_str()][..], flags].concat();
     let serve = ServeProcess::start_with(root.path(), &args);
     let ctd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),

@@ -25,7 +25,7 @@ mod tests;
 pub use complete::{CompleteError, Proof};
 pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
-pub use source::{FileSource, KeptBlob, RangeSource, RegistrySource, SourceError};
+pub use source::{FileSource, RangeSource, RegistrySource, SourceError};
 pub use tap::BlobHash;
 
 use crate::cache::{ChunkKey, DiskCache, FileEntry, FileSlot, MemCache};

@@ -145,18 +145,3 @@ impl RangeSource for FileSource {
         self.path.display().to_string()
     }
 }
-
-/// A compressed layer blob kept on local disk (checked against the layer
-/// digest when it was kept), read through the layer's index as the registry's
-/// copy would be: its chunks are decoded, verified and cached, not read raw.
-pub struct KeptBlob(pub FileSource);
-
-impl RangeSource for KeptBlob {
-    fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
-        self.0.read(offset, len)
-    }
-
-    fn origin(&self) -> String {
-        self.0.origin()
-    }
-}

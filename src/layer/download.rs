@@ -8,7 +8,7 @@ use crate::index::{self, LayerIndex};
 use crate::registry::{LayerDescriptor, Reference};
 use sha2::Digest as _;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
@@ -26,34 +26,75 @@ pub async fn open_downloaded(
     };
     std::fs::create_dir_all(&ctx.layers_dir)
         .map_err(|e| other(format!("creating {}: {e}", ctx.layers_dir.display())))?;
-    let tar_path = ctx.layers_dir.join(format!("{}.tar", layer.hex()));
+    let tar_path = tar_path(&ctx.layers_dir, &layer);
     if !tar_path.exists() {
         let blob_path = ctx.layers_dir.join(format!("{}.blob.tmp", layer.hex()));
-        download(ctx, image, desc, &blob_path).await?;
         let tmp = ctx.layers_dir.join(format!("{}.tar.tmp", layer.hex()));
-        let (b, t, mt) = (blob_path.clone(), tmp.clone(), desc.media_type.clone());
-        tokio::task::spawn_blocking(move || decompress(&mt, &b, &t))
-            .await
-            .map_err(|e| other(e.to_string()))?
-            .map_err(|e| other(format!("decompressing: {e}")))?;
+        let unpacked = async {
+            download(ctx, image, desc, &blob_path).await?;
+            let (b, t, mt) = (blob_path.clone(), tmp.clone(), desc.media_type.clone());
+            tokio::task::spawn_blocking(move || decompress(&mt, &b, &t))
+                .await
+                .map_err(|e| other(e.to_string()))?
+                .map_err(|e| other(format!("decompressing: {e}")))
+        }
+        .await;
+        // Nothing half-written stays behind, whatever failed.
         let _ = std::fs::remove_file(&blob_path);
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &tar_path).map_err(|e| other(format!("renaming {}: {e}", tmp.display())))?;
     }
-    let file =
-        Arc::new(std::fs::File::open(&tar_path).map_err(|e| other(format!("opening {}: {e}", tar_path.display())))?);
-    let size = file.metadata().map_err(|e| other(e.to_string()))?.len();
-    let source = Arc::new(FileSource { path: tar_path, file });
+    let (idx, source) = open_unpacked(ctx, image, desc)
+        .await?
+        .ok_or_else(|| other(format!("{} vanished", tar_path.display())))?;
+    Ok((LayerFormat::Downloaded, idx, source))
+}
+
+/// Where a layer's tar is kept once its blob was downloaded and checked.
+pub fn tar_path(layers_dir: &Path, layer: &Digest) -> PathBuf {
+    layers_dir.join(format!("{}.tar", layer.hex()))
+}
+
+/// The layer from its kept tar (written only after its download hashed to the
+/// layer digest), read raw through a `FileSource`; `None` if there is none.
+pub async fn open_unpacked(
+    ctx: &LayerContext,
+    image: &Reference,
+    desc: &LayerDescriptor,
+) -> Result<Option<(LayerIndex, Arc<dyn RangeSource>)>, LayerError> {
+    let layer = &desc.digest;
+    let path = tar_path(&ctx.layers_dir, layer);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => Arc::new(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(LayerError::Other {
+                image: image.to_string(),
+                layer: layer.clone(),
+                reason: format!("opening {}: {e}", path.display()),
+            })
+        }
+    };
+    let size = file.metadata().map_err(|e| LayerError::Other {
+        image: image.to_string(),
+        layer: layer.clone(),
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    let source = Arc::new(FileSource { path, file });
     let read = |offset: u64, len: u64| {
         let source = Arc::clone(&source);
         async move { source.read(offset, len).await }
     };
-    let idx = index::tar::index_tar(&layer, size, super::TAR_CHUNK_SIZE, read)
+    let idx = index::tar::index_tar(layer, size.len(), super::TAR_CHUNK_SIZE, read)
         .await
         .map_err(|source| LayerError::Index {
             image: image.to_string(),
             source,
         })?;
-    Ok((LayerFormat::Downloaded, idx, source))
+    Ok(Some((idx, source)))
 }
 
 /// Streams the blob to `path`, hashing as it goes; fails on a digest or size mismatch.

@@ -1,22 +1,22 @@
 //! A plain gzip or uncompressed tar layer that no trusted index covers, on its
 //! first use on this node (`[index] build_on_first_use`): one streaming
 //! download builds its checkpoint index (the build checks the layer digest)
-//! and keeps the blob, and the layer is then served through that index from
-//! the kept blob. So the node fetches what containerd's unpack would have
-//! fetched, once, and the index comes with it: it is kept as built here
-//! (trusted) and, with `[index] publish`, pushed to that repository, where
-//! nodes listing it in `[index] repositories` find it: from the second node
-//! on, the layer is lazy with no indexing step anywhere.
+//! and writes the layer's tar on the way, and the layer is then served from
+//! that tar, as containerd would serve its unpacked copy: the node fetches
+//! each blob once and inflates it once. The index comes with it: it is kept as
+//! built here (trusted) and, with `[index] publish`, pushed to that
+//! repository, where nodes listing it in `[index] repositories` find it: from
+//! the second node on, the layer is lazy with no indexing step anywhere.
 //!
 //! Nothing is served before the layer digest is checked, so the integrity
 //! policy is unchanged: what a container reads was hashed to the digest the
 //! image manifest names.
 
+use super::download::tar_path;
 use super::gzip_index::{index_blob, layout_of, repo_tag, ARTIFACT_TYPE};
 use super::{LayerContext, LayerError};
 use crate::digest::Digest;
-use crate::fetch::{FileSource, KeptBlob};
-use crate::index::{gzip, IndexError, LayerIndex};
+use crate::index::{gzip, IndexError};
 use crate::progress::Task;
 use crate::registry::{LayerDescriptor, Reference, Registry, RegistryError};
 use bytes::Bytes;
@@ -28,8 +28,6 @@ use tracing::{info, warn};
 
 /// Output bytes between checkpoints of an index built on first use (as `streamsnap index`'s default).
 pub const FIRST_USE_SPAN: u64 = 4 << 20;
-/// Layer bytes between two progress log lines of a streaming build.
-const LOG_EVERY: u64 = 256 << 20;
 
 /// How the layers of this node are indexed on first use.
 #[derive(Clone, Debug)]
@@ -51,8 +49,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("layer {layer}: keeping the blob at {path}: {source}")]
-    Keep {
+    #[error("layer {layer}: writing its tar at {path}: {source}")]
+    Tar {
         layer: Digest,
         path: PathBuf,
         #[source]
@@ -71,20 +69,21 @@ pub struct Built {
 }
 
 /// Streams the layer's blob once into the checkpoint index builder (which
-/// checks the layer digest), copying every byte to `keep` if given; the copy
-/// is complete and synced when this returns `Ok`.
+/// checks the layer digest), writing the layer's tar (the inflated output, or
+/// the blob itself when uncompressed) to `tar` if given; it is complete and
+/// synced when this returns `Ok`.
 pub async fn stream_index(
     registry: &Registry,
     image: &Reference,
     desc: &LayerDescriptor,
     span: u64,
     task: &Task,
-    keep: Option<&Path>,
+    tar: Option<&Path>,
 ) -> Result<Built, BuildError> {
     let layer = desc.digest.clone();
-    let kept = match keep {
+    let kept = match tar {
         Some(path) => Some((
-            std::fs::File::create(path).map_err(|source| BuildError::Keep {
+            std::fs::File::create(path).map_err(|source| BuildError::Tar {
                 layer: layer.clone(),
                 path: path.to_path_buf(),
                 source,
@@ -102,24 +101,42 @@ pub async fn stream_index(
         })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
     let size = desc.size;
+    let (deadline, stall) = registry.stream_limits(size);
+    // The builder sees an error, never more bytes than the descriptor states, a stall or a
+    // stream past its deadline (the digest check comes only at the end).
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no byte for {stall:?}, or the stream took over {deadline:?}"),
+        )
+    };
     let forward = async move {
         let mut body = resp.bytes_stream();
-        let (mut total, mut next_log) = (0u64, LOG_EVERY);
-        while let Some(chunk) = body.next().await {
-            if let Ok(c) = &chunk {
+        let (started, mut total) = (tokio::time::Instant::now(), 0u64);
+        loop {
+            let next = match tokio::time::timeout_at(
+                (started + deadline).min(tokio::time::Instant::now() + stall),
+                body.next(),
+            )
+            .await
+            {
+                Ok(Some(Ok(c))) if total + c.len() as u64 > size => Err(std::io::Error::other(format!(
+                    "the blob is longer than the {size} bytes its descriptor states"
+                ))),
+                Ok(Some(Ok(c))) => Ok(c),
+                // reqwest's own read timeout is the stall timer too.
+                Ok(Some(Err(e))) if e.is_timeout() => Err(timed_out()),
+                // `without_url`: after a redirect the URL may be a presigned one.
+                Ok(Some(Err(e))) => Err(std::io::Error::other(with_causes(&e.without_url()))),
+                Ok(None) => break,
+                Err(_) => Err(timed_out()),
+            };
+            let failed = next.is_err();
+            if let Ok(c) = &next {
                 task.advance(c.len() as u64);
                 total += c.len() as u64;
-                if total >= next_log {
-                    info!(streamed = total, of = size, "indexing layer");
-                    next_log += LOG_EVERY;
-                }
             }
-            // `without_url`: after a redirect the URL may be a presigned one.
-            if tx
-                .send(chunk.map_err(|e| std::io::Error::other(e.without_url())))
-                .await
-                .is_err()
-            {
+            if tx.send(next).await.is_err() || failed {
                 break;
             }
         }
@@ -129,21 +146,21 @@ pub async fn stream_index(
         let mut input = ChannelReader {
             rx,
             current: Bytes::new(),
-            keep: kept.map(|(file, path)| (std::io::BufWriter::with_capacity(1 << 20, file), path)),
-            kept_error: None,
+            keep: None,
         };
-        let built = match layout {
-            gzip::Layout::Deflate => gzip::build(&l, span, &mut input),
-            gzip::Layout::Stored => gzip::build_stored(&l, span, &mut input),
+        let mut tar = kept.map(|(file, path)| (std::io::BufWriter::with_capacity(1 << 20, file), path));
+        let built = match (layout, &mut tar) {
+            (gzip::Layout::Deflate, Some((out, _))) => gzip::build_into(&l, span, &mut input, Some(out)),
+            (gzip::Layout::Deflate, None) => gzip::build(&l, span, &mut input),
+            (gzip::Layout::Stored, tar) => {
+                input.keep = tar.as_mut().map(|(out, _)| out as &mut dyn Write);
+                gzip::build_stored(&l, span, &mut input)
+            }
         };
-        if let Some(source) = input.kept_error.take() {
-            let path = input.keep.map(|(_, p)| p).unwrap_or_default();
-            return Err(BuildError::Keep { layer: l, path, source });
-        }
         let (meta, windows) = built?;
-        if let Some((out, path)) = input.keep.take() {
+        if let Some((out, path)) = tar {
             let synced = out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all());
-            synced.map_err(|source| BuildError::Keep {
+            synced.map_err(|source| BuildError::Tar {
                 layer: l.clone(),
                 path,
                 source,
@@ -163,27 +180,35 @@ pub async fn stream_index(
     })?
 }
 
-/// The layer's bytes as they arrive, for the blocking builder; copied to
-/// `keep` on the way (a failed copy ends the input, and is reported).
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    current: Bytes,
-    keep: Option<(std::io::BufWriter<std::fs::File>, PathBuf)>,
-    kept_error: Option<std::io::Error>,
+/// An error and its causes on one line (reqwest's own message alone says
+/// little: "error decoding response body").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line = format!("{line}: {c}");
+        cause = c.source();
+    }
+    line
 }
 
-impl Read for ChannelReader {
+/// The layer's bytes as they arrive, for the blocking builder; copied to
+/// `keep` on the way (an uncompressed layer's tar).
+struct ChannelReader<'a> {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+    keep: Option<&'a mut dyn Write>,
+}
+
+impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
                 Some(chunk) => {
                     let chunk = chunk?;
-                    if let Some((out, _)) = &mut self.keep {
-                        if let Err(e) = out.write_all(&chunk) {
-                            let message = format!("keeping the blob: {e}");
-                            self.kept_error = Some(e);
-                            return Err(std::io::Error::other(message));
-                        }
+                    if let Some(out) = &mut self.keep {
+                        out.write_all(&chunk)
+                            .map_err(|e| std::io::Error::other(format!("writing the layer's tar: {e}")))?;
                     }
                     self.current = chunk;
                 }
@@ -197,29 +222,17 @@ impl Read for ChannelReader {
     }
 }
 
-/// Where a layer indexed on first use keeps its blob.
-pub fn blob_path(layers_dir: &Path, layer: &Digest) -> PathBuf {
-    layers_dir.join(format!("{}.blob", layer.hex()))
-}
-
-/// The blob kept for `layer`, if any.
-pub fn kept_blob(layers_dir: &Path, layer: &Digest) -> std::io::Result<KeptBlob> {
-    let path = blob_path(layers_dir, layer);
-    let file = Arc::new(std::fs::File::open(&path)?);
-    Ok(KeptBlob(FileSource { path, file }))
-}
-
-/// Indexes the layer from one streaming download and opens it through that
-/// index, served from the kept blob; publishes the index in the background.
-/// `Ok(None)`: the layer cannot be indexed (multi-member gzip, say), which is
-/// logged; the caller takes its normal path.
+/// Indexes the layer from one streaming download that also leaves its tar
+/// where `download::open_unpacked` serves it from; publishes the index in the
+/// background. `false`: the layer cannot be indexed (multi-member gzip, bad
+/// deflate data), which is logged; the caller takes its normal path.
 #[tracing::instrument(skip_all, fields(image = %image, layer = %desc.digest))]
-pub async fn open_indexed_here(
+pub async fn index_here(
     ctx: &LayerContext,
     first_use: &FirstUse,
     image: &Reference,
     desc: &LayerDescriptor,
-) -> Result<Option<(LayerIndex, Arc<KeptBlob>)>, LayerError> {
+) -> Result<bool, LayerError> {
     let layer = &desc.digest;
     let other = |reason: String| LayerError::Other {
         image: image.to_string(),
@@ -228,50 +241,42 @@ pub async fn open_indexed_here(
     };
     std::fs::create_dir_all(&ctx.layers_dir)
         .map_err(|e| other(format!("creating {}: {e}", ctx.layers_dir.display())))?;
-    let path = blob_path(&ctx.layers_dir, layer);
     let started = std::time::Instant::now();
-    // An index built here needs its blob: rebuilt (one download) when the blob is gone.
-    if !path.exists() || !ctx.indexes.path(layer).exists() {
-        let partial = ctx.layers_dir.join(format!("{}.blob.partial", layer.hex()));
-        let task = crate::progress::Progress::default().layer(layer, desc.size);
-        let built = stream_index(&ctx.registry, image, desc, first_use.span, &task, Some(&partial)).await;
-        let built = match built {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = std::fs::remove_file(&partial);
-                if matches!(e, BuildError::Index(_)) {
-                    warn!(error = %e, "layer cannot be indexed on first use; it takes the normal path");
-                    return Ok(None);
-                }
-                return Err(other(e.to_string()));
+    let partial = ctx.layers_dir.join(format!("{}.tar.first-use", layer.hex()));
+    let task = crate::progress::Progress::default().layer(layer, desc.size);
+    let built = match stream_index(&ctx.registry, image, desc, first_use.span, &task, Some(&partial)).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            if matches!(e, BuildError::Index(_)) {
+                warn!(error = %e, "layer cannot be indexed on first use; it takes the normal path");
+                return Ok(false);
             }
-        };
-        ctx.indexes
-            .store(layer, &built.bytes)
-            .map_err(|e| other(format!("storing its index: {e}")))?;
-        std::fs::rename(&partial, &path).map_err(|e| other(format!("renaming {}: {e}", partial.display())))?;
-        info!(
-            checkpoints = built.checkpoints,
-            entries = built.entries,
-            index_bytes = built.bytes.len(),
-            layer_bytes = desc.size,
-            secs = started.elapsed().as_secs_f64(),
-            "layer indexed on first use"
-        );
-        if let Some(repo) = &first_use.publish {
-            tokio::spawn(publish(
-                Arc::clone(&ctx.registry),
-                repo.clone(),
-                layer.clone(),
-                built.bytes,
-            ));
+            return Err(other(e.to_string()));
         }
-    }
-    let Some(index) = ctx.indexes.open(&ctx.registry, image, desc).await else {
-        return Err(other("the index built on first use does not open".into()));
     };
-    let kept = kept_blob(&ctx.layers_dir, layer).map_err(|e| other(format!("opening {}: {e}", path.display())))?;
-    Ok(Some((index, Arc::new(kept))))
+    ctx.indexes
+        .store(layer, &built.bytes)
+        .map_err(|e| other(format!("storing its index: {e}")))?;
+    let tar = tar_path(&ctx.layers_dir, layer);
+    std::fs::rename(&partial, &tar).map_err(|e| other(format!("renaming {}: {e}", partial.display())))?;
+    info!(
+        checkpoints = built.checkpoints,
+        entries = built.entries,
+        index_bytes = built.bytes.len(),
+        layer_bytes = desc.size,
+        secs = started.elapsed().as_secs_f64(),
+        "layer indexed on first use"
+    );
+    if let Some(repo) = &first_use.publish {
+        tokio::spawn(publish(
+            Arc::clone(&ctx.registry),
+            repo.clone(),
+            layer.clone(),
+            built.bytes,
+        ));
+    }
+    Ok(true)
 }
 
 /// Pushes one layer's index to `repo`, tagged by its layer digest, where

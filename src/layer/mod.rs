@@ -1,7 +1,7 @@
 //! One lazily served layer: picks the index form for its media type and
 //! annotations, builds the index and the fetcher that serves its bytes.
 
-mod download;
+pub mod download;
 pub mod first_use;
 pub mod gzip_index;
 pub mod record;
@@ -33,6 +33,9 @@ pub enum LayerFormat {
     GzipIndex,
     /// Any other layer: downloaded whole, verified, decompressed locally.
     Downloaded,
+    /// Plain gzip or tar unpacked here from one download (digest checked) on
+    /// first use, its index built on the way; served from the kept tar.
+    Unpacked,
 }
 
 /// What everything that opens layers shares.
@@ -192,21 +195,25 @@ async fn open_from(
             }),
         }
     };
-    // A layer indexed here on first use is served from the blob it kept (digest-checked when kept).
-    let kept_or = |remote: Arc<dyn RangeSource>| -> Arc<dyn RangeSource> {
-        match first_use::kept_blob(&ctx.layers_dir, &layer) {
-            Ok(kept) => Arc::new(kept),
-            Err(_) => remote,
+    // Served from its kept tar if it has one (unpacked here, digest checked), else lazily
+    // under a trusted index, else, with `[index] build_on_first_use`, indexed and unpacked
+    // here from one download, else downloaded or refused.
+    let (remote_lazy, fresh) = (Arc::clone(&remote), recorded.is_none());
+    let local_or_lazy = |lazy: LayerFormat| async move {
+        if let Some((idx, tar)) = download::open_unpacked(ctx, image, desc).await? {
+            return Ok((LayerFormat::Unpacked, idx, tar));
         }
-    };
-    let index_here = || async {
-        match &ctx.first_use {
-            Some(first) if recorded.is_none() => {
-                let opened = first_use::open_indexed_here(ctx, first, image, desc).await?;
-                Ok::<_, LayerError>(opened.map(|(idx, kept)| (idx, kept as Arc<dyn RangeSource>)))
+        if let Some(idx) = ctx.indexes.open(&ctx.registry, image, desc).await {
+            return Ok((lazy, idx, remote_lazy));
+        }
+        if let Some(first) = ctx.first_use.as_ref().filter(|_| fresh) {
+            if first_use::index_here(ctx, first, image, desc).await? {
+                if let Some((idx, tar)) = download::open_unpacked(ctx, image, desc).await? {
+                    return Ok((LayerFormat::Unpacked, idx, tar));
+                }
             }
-            _ => Ok(None),
         }
+        download().await
     };
     let (format, index, source) = if is_gzip(mt) {
         // eStargz only when the manifest binds its TOC: a footer alone proves nothing.
@@ -222,13 +229,7 @@ async fn open_from(
                     .map_err(index_err)?;
                 (LayerFormat::Estargz, idx, remote)
             }
-            None => match ctx.indexes.open(&ctx.registry, image, desc).await {
-                Some(idx) => (LayerFormat::GzipIndex, idx, kept_or(remote)),
-                None => match index_here().await? {
-                    Some((idx, kept)) => (LayerFormat::GzipIndex, idx, kept),
-                    None => download().await?,
-                },
-            },
+            None => local_or_lazy(LayerFormat::GzipIndex).await?,
         }
     } else if is_zstd(mt) {
         if index::zstd_chunked::is_bound(&desc.annotations) {
@@ -242,13 +243,7 @@ async fn open_from(
     } else if is_plain_tar(mt) {
         // Tar headers and bytes carry no digest of their own: lazily only under
         // a trusted index whose span digests check every byte.
-        match ctx.indexes.open(&ctx.registry, image, desc).await {
-            Some(idx) => (LayerFormat::Tar, idx, kept_or(remote)),
-            None => match index_here().await? {
-                Some((idx, kept)) => (LayerFormat::Tar, idx, kept),
-                None => download().await?,
-            },
-        }
+        local_or_lazy(LayerFormat::Tar).await?
     } else {
         return Err(LayerError::Other {
             image: name,

@@ -161,6 +161,12 @@ impl Registry {
         self.opts.stall_timeout
     }
 
+    /// How long a stream of `bytes` opened with [`Registry::open_blob`] may
+    /// take, and may go without a byte, before its reader gives up.
+    pub fn stream_limits(&self, bytes: u64) -> (Duration, Duration) {
+        (self.policy_for(bytes).deadline, self.opts.stall_timeout)
+    }
+
     /// The retry policy for an operation moving up to `bytes` in one body: a
     /// whole layer may take longer than a read may wait, so its deadline
     /// allows for `MIN_RATE` (the stall timer still drops a silent connection).

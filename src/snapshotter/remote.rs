@@ -377,7 +377,7 @@ impl RemoteLayers {
             if !still_used {
                 self.ctx.fetch.disk.remove_layer(&layer.digest);
                 layer::record::remove(&self.ctx.layers_dir, &layer.digest);
-                let _ = std::fs::remove_file(layer::first_use::blob_path(&self.ctx.layers_dir, &layer.digest));
+                let _ = std::fs::remove_file(layer::download::tar_path(&self.ctx.layers_dir, &layer.digest));
                 info!(layer = %layer.digest, "layer unmounted and its cache released");
             }
         }

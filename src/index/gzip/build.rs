@@ -9,7 +9,7 @@ use crate::index::tar::{walk_tar, TarEntry};
 use crate::index::{IndexError, Kind};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use std::io::Read;
+use std::io::{Read, Write};
 use tracing::info;
 
 const INPUT_BUF: usize = 256 << 10;
@@ -20,7 +20,18 @@ const PROGRESS_EVERY: u64 = 256 << 20;
 /// checked against the layer digest). Returns the meta and the compressed
 /// windows, ready for [`super::format::write`].
 pub fn build(layer: &Digest, span: u64, input: impl Read) -> Result<(IndexMeta, Vec<Vec<u8>>), IndexError> {
+    build_into(layer, span, input, None)
+}
+
+/// [`build`], also writing the inflated layer (its tar) to `output` as it goes.
+pub fn build_into<'a>(
+    layer: &'a Digest,
+    span: u64,
+    input: impl Read,
+    output: Option<&'a mut dyn Write>,
+) -> Result<(IndexMeta, Vec<Vec<u8>>), IndexError> {
     let mut s = Stream::new(layer, span.max(WINDOW as u64), input)?;
+    s.output = output;
     let mut entries = Vec::new();
     let walk = walk_tar(
         layer,
@@ -104,6 +115,8 @@ struct Stream<'a, R> {
     checkpoints: Vec<Checkpoint>,
     windows: Vec<Vec<u8>>,
     next_progress: u64,
+    /// Where every output byte is also written, if anywhere.
+    output: Option<&'a mut dyn Write>,
 }
 
 impl<'a, R: Read> Stream<'a, R> {
@@ -132,6 +145,7 @@ impl<'a, R: Read> Stream<'a, R> {
             checkpoints: Vec::new(),
             windows: Vec::new(),
             next_progress: PROGRESS_EVERY,
+            output: None,
         })
     }
 
@@ -221,6 +235,14 @@ impl<'a, R: Read> Stream<'a, R> {
             })?;
         self.in_pos += step.consumed;
         let produced = &self.scratch[..step.produced];
+        if let Some(out) = &mut self.output {
+            if let Err(e) = out.write_all(produced) {
+                return Err(IndexError::layer(
+                    self.layer,
+                    format!("writing the inflated layer: {e}"),
+                ));
+            }
+        }
         self.span_hash.update(produced);
         self.tail.extend_from_slice(produced);
         if self.tail.len() > 3 * WINDOW {

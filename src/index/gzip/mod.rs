@@ -13,7 +13,7 @@ pub mod format;
 pub mod inflate;
 mod stored;
 
-pub use build::build;
+pub use build::{build, build_into};
 pub use format::{Checkpoint, EntryKind, FormatError, IndexEntry, IndexMeta};
 pub use inflate::InflateError;
 pub use stored::build_stored;
