@@ -74,8 +74,8 @@ pub enum Served {
     Indexed,
     /// FUSE over the layer downloaded whole.
     Downloaded,
-    /// FUSE over the layer downloaded whole on first use, its index built on the way.
-    IndexedOnFirstUse,
+    /// FUSE over the layer's tar, unpacked by streamsnap from one download (on first use, its index built on the way).
+    UnpackedHere,
     /// containerd downloaded and unpacked it (an ordinary snapshot).
     UnpackedByContainerd,
     /// Served before the restart, not mounted again yet.
@@ -184,7 +184,7 @@ fn served_label(s: Served) -> &'static str {
         Served::Lazy => "lazy",
         Served::Indexed => "indexed",
         Served::Downloaded => "downloaded",
-        Served::IndexedOnFirstUse => "indexed-here",
+        Served::UnpackedHere => "unpacked-here",
         Served::UnpackedByContainerd => "unpacked",
         Served::NotMounted => "not-mounted",
     }

@@ -9,7 +9,9 @@
 //! --only ID,ID… (scenarios to run, default all: curl, overlay, overlay21, estargz,
 //! stargz, gzindex, profile, files, and cpu when unshaped) --files-count N (files
 //! in the many-file image, default 100000) --files-read (the many-file scenario also
-//! reads every file after the walk: streamsnap took 16 minutes for 100,000 in a trial).
+//! reads every file after the walk: streamsnap took 16 minutes for 100,000 in a trial)
+//! --serve-config FILE (a config every `streamsnap serve` of the start-up scenarios
+//! reads, e.g. another `[cache] memory_size`; its text goes into the report).
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod cpu;
@@ -37,6 +39,7 @@ struct Options {
     only: Option<Vec<String>>,
     files_count: u64,
     files_read: bool,
+    serve_config: Option<PathBuf>,
 }
 
 /// What `--only` takes besides the start-up scenarios' ids.
@@ -100,6 +103,7 @@ fn options() -> Options {
         only: None,
         files_count: 100_000,
         files_read: false,
+        serve_config: None,
     };
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(a) = args.next() {
@@ -120,6 +124,7 @@ fn options() -> Options {
             "--only" => o.only = Some(val("scenario ids").split(',').map(|s| s.trim().to_string()).collect()),
             "--files-count" => o.files_count = num(val("a count")),
             "--files-read" => o.files_read = true,
+            "--serve-config" => o.serve_config = Some(val("a config file").into()),
             other => panic!("unknown option {other}; see benches/startup/main.rs"),
         }
     }
@@ -199,11 +204,19 @@ fn main() {
         eprintln!("[bench] {indexing}");
         image_desc = format!("{image_desc} {indexing}");
     }
+    if let Some(c) = &o.serve_config {
+        let text = std::fs::read_to_string(c).unwrap_or_else(|e| panic!("--serve-config {}: {e}", c.display()));
+        image_desc = format!(
+            "{image_desc} streamsnap serve config: `{}`.",
+            text.trim().replace('\n', " ")
+        );
+    }
     let target = Target {
         registry: &registry,
         link: link.as_ref(),
         gzip_ref,
         estargz_ref,
+        serve_config: o.serve_config.clone(),
     };
     let link_desc = link_check(&target);
     eprintln!("[bench] link: {link_desc}");

@@ -260,6 +260,7 @@ pub fn reread(r: &Results) -> String {
         Scenario::Streamsnap,
         Scenario::GzipIndex,
         Scenario::GzipFirst,
+        Scenario::GzipSecond,
         Scenario::Stargz,
     ] {
         let Some(v) = speed(s) else { continue };
@@ -287,6 +288,7 @@ pub fn memory(r: &Results) -> String {
         Scenario::Streamsnap,
         Scenario::GzipIndex,
         Scenario::GzipFirst,
+        Scenario::GzipSecond,
         Scenario::Profile,
         Scenario::Stargz,
     ] {

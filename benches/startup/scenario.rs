@@ -115,6 +115,8 @@ pub struct Target<'a> {
     pub link: Option<&'a Link>,
     pub gzip_ref: String,
     pub estargz_ref: String,
+    /// A config file every `streamsnap serve` of a start-up scenario reads.
+    pub serve_config: Option<std::path::PathBuf>,
 }
 
 impl Target<'_> {
@@ -237,7 +239,13 @@ fn first_use_repo(t: &Target) -> String {
 fn streamsnap(t: &Target, image: &str, name: &str, warm: bool, rereads: bool, flags: &[&str]) -> Sample {
     let root = tempfile::Builder::new().prefix("streamsnap-bench-").tempdir().unwrap();
     let addr = t.registry.addr();
-    let args = [&["--insecure-registry", addr.as_str()][..], flags].concat();
+    let config = t.serve_config.as_ref().map(|c| c.to_string_lossy().into_owned());
+    let config = config.iter().flat_map(|c| ["--config", c.as_str()]);
+    let args: Vec<&str> = ["--insecure-registry", addr.as_str()]
+        .into_iter()
+        .chain(config)
+        .chain(flags.iter().copied())
+        .collect();
     let serve = ServeProcess::start_with(root.path(), &args);
     let ctd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),

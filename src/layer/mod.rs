@@ -33,8 +33,9 @@ pub enum LayerFormat {
     GzipIndex,
     /// Any other layer: downloaded whole, verified, decompressed locally.
     Downloaded,
-    /// Plain gzip or tar unpacked here from one download (digest checked) on
-    /// first use, its index built on the way; served from the kept tar.
+    /// Plain gzip or tar whose tar is kept here, unpacked from one download
+    /// (digest checked): on first use, its index built on the way, or by an
+    /// earlier download; served from that tar.
     Unpacked,
 }
 

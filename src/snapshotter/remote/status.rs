@@ -98,7 +98,7 @@ impl RemoteLayers {
             LayerFormat::GzipIndex => (Form::GzipIndex, Served::Indexed),
             LayerFormat::Tar => (Form::TarIndex, Served::Indexed),
             LayerFormat::Downloaded => (Form::Plain, Served::Downloaded),
-            LayerFormat::Unpacked => (Form::Plain, Served::IndexedOnFirstUse),
+            LayerFormat::Unpacked => (Form::Plain, Served::UnpackedHere),
         };
         let prefetch = match &layer.prefetched {
             None => Prefetch::None,
