@@ -215,6 +215,15 @@ fn drop_caches(stop: &AtomicBool) {
     }
 }
 
+/// Sets its flag when dropped (also when unwinding).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Median and max, in ms.
 fn median_max(mut v: Vec<Duration>) -> (u128, u128) {
     v.sort();
@@ -236,6 +245,8 @@ fn survive(node: &Node, cycles: usize, restart: impl Fn(&Node, usize)) -> Vec<Du
         });
         let mut probe = start_probe(&node.layer_file("a.bin"), &probe_log);
         let stop = &stop;
+        // Whatever fails below, the cache dropper stops, or the scope would wait for it forever.
+        let stopper = StopOnDrop(stop);
         s.spawn(move || drop_caches(stop));
         std::thread::sleep(Duration::from_secs(1));
         for cycle in 0..cycles {
@@ -246,8 +257,9 @@ fn survive(node: &Node, cycles: usize, restart: impl Fn(&Node, usize)) -> Vec<Du
                 node.progress().len() >= before + 2
             });
         }
-        let out = reader.join().unwrap();
-        stop.store(true, Ordering::Relaxed);
+        let out = reader.join();
+        drop(stopper);
+        let out = out.unwrap_or_else(|_| panic!("the reader failed; its progress: {:?}", node.progress()));
         let _ = probe.kill();
         let _ = probe.wait();
         assert!(out.contains("passes="), "the reader did not finish: {out}");
