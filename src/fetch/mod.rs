@@ -249,6 +249,7 @@ impl Fetcher {
         };
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
+            self.hold_unread(id, c.file_offset + c.len <= end, &data);
             let from = offset.max(c.file_offset) - c.file_offset;
             let to = end.min(c.file_offset + c.len) - c.file_offset;
             data.slice(from as usize..to as usize)
@@ -259,6 +260,19 @@ impl Fetcher {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         pieces.for_each(|p| out.extend_from_slice(&p));
         Ok(out.freeze())
+    }
+
+    /// Memory holds a chunk while its reader has not read to its end: a
+    /// sequential reader takes a chunk in several kernel reads, and without
+    /// this each later one would load it from the disk cache and hash it
+    /// again. Once read to its end, the kernel's page cache holds the bytes
+    /// and memory lets go.
+    fn hold_unread(&self, id: ChunkId, read_to_end: bool, data: &Bytes) {
+        let key = self.key(id);
+        match read_to_end {
+            true => drop(self.node.mem.take(&key)),
+            false => self.node.mem.put(key, data.clone()),
+        }
     }
 
     /// Is chunk `id` in the disk cache? (Cheap: nothing is read.)
@@ -391,13 +405,11 @@ impl Fetcher {
         let mut mem_hits = 0;
         for id in ids {
             wanted.push(id);
-            // Read-ahead bytes wait in memory for their reader; once it has
-            // them, the kernel's page cache holds them and memory lets go.
-            let from_mem = match cause {
-                Cause::OnDemand => self.node.mem.take(&self.key(id)),
-                _ => self.node.mem.get(&self.key(id)),
-            };
-            let held = from_mem.or_else(|| self.landing.lock().get(&id).cloned());
+            let held = self
+                .node
+                .mem
+                .get(&self.key(id))
+                .or_else(|| self.landing.lock().get(&id).cloned());
             if let Some(b) = held {
                 self.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
                 mem_hits += 1;

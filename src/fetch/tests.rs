@@ -194,6 +194,50 @@ async fn a_chunk_a_reader_waited_for_is_not_kept_in_memory() {
     assert_eq!(l.fetcher.node.mem.bytes(), 0);
 }
 
+#[tokio::test]
+async fn a_chunk_read_in_pieces_is_fetched_once_and_never_reloaded_from_disk() {
+    let l = TestLayer::new(true).await;
+    let a = l.node("a.bin");
+    let piece = CHUNK / 4;
+    for i in 0..4 {
+        let got = l.fetcher.read(a, i * piece, piece as u32).await.unwrap();
+        assert_eq!(
+            &got[..],
+            &l.expected("a.bin")[(i * piece) as usize..((i + 1) * piece) as usize]
+        );
+        // The disk cache has it before the next piece is read.
+        for _ in 0..200 {
+            if l.fetcher.is_cached(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(l.fetcher.stats.chunks_from_disk.load(Ordering::Relaxed), 0);
+    let first = l.fetcher.index().chunks[0].blob_offset;
+    let fetching_it = l
+        .source
+        .requests()
+        .iter()
+        .filter(|(o, n)| (*o..o + n).contains(&first))
+        .count();
+    assert_eq!(fetching_it, 1, "{:?}", l.source.requests());
+}
+
+#[tokio::test]
+async fn a_chunk_read_to_its_end_leaves_memory() {
+    let l = TestLayer::new(true).await;
+    let a = l.node("a.bin");
+    l.fetcher.read(a, 0, (CHUNK / 2) as u32).await.unwrap();
+    let key = l.fetcher.key(0);
+    assert!(l.fetcher.node.mem.get(&key).is_some(), "half read: held for its reader");
+    l.fetcher.read(a, CHUNK / 2, (CHUNK / 2) as u32).await.unwrap();
+    assert!(
+        l.fetcher.node.mem.get(&key).is_none(),
+        "read to its end: the page cache holds it"
+    );
+}
+
 #[test]
 fn small_chunks_decode_in_batches_and_large_ones_alone() {
     let chunk = |blob_len| Chunk {
