@@ -159,6 +159,9 @@ pub struct Fetcher {
     /// Fetched chunks from their answer until `store` has written them: a
     /// reader in between finds them here rather than fetching them again.
     landing: Mutex<HashMap<ChunkId, Bytes>>,
+    /// Bytes readers have had of each chunk not yet read whole (`hold_unread`);
+    /// at most one entry per chunk of the index.
+    unread: Mutex<HashMap<ChunkId, u64>>,
 }
 
 impl Fetcher {
@@ -178,6 +181,7 @@ impl Fetcher {
             quarantined: OnceLock::new(),
             tap: tap::Tap::default(),
             landing: Mutex::default(),
+            unread: Mutex::default(),
         })
     }
 
@@ -249,9 +253,9 @@ impl Fetcher {
         };
         let mut pieces = ids.zip(parts).map(|(id, data)| {
             let c = &self.index.chunks[id as usize];
-            self.hold_unread(id, c.file_offset + c.len <= end, &data);
             let from = offset.max(c.file_offset) - c.file_offset;
             let to = end.min(c.file_offset + c.len) - c.file_offset;
+            self.hold_unread(id, to - from, &data);
             data.slice(from as usize..to as usize)
         });
         if pieces.len() == 1 {
@@ -262,16 +266,21 @@ impl Fetcher {
         Ok(out.freeze())
     }
 
-    /// Memory holds a chunk while its reader has not read to its end: a
-    /// sequential reader takes a chunk in several kernel reads, and without
-    /// this each later one would load it from the disk cache and hash it
-    /// again. Once read to its end, the kernel's page cache holds the bytes
-    /// and memory lets go.
-    fn hold_unread(&self, id: ChunkId, read_to_end: bool, data: &Bytes) {
+    /// Memory holds a chunk until its readers have had all its bytes: a
+    /// sequential reader takes a chunk in several kernel reads (in any order:
+    /// the kernel reads ahead in parallel), and without this each later one
+    /// would load it from the disk cache and hash it again. Then the kernel's
+    /// page cache holds the bytes and memory lets go.
+    fn hold_unread(&self, id: ChunkId, delivered: u64, data: &Bytes) {
         let key = self.key(id);
-        match read_to_end {
-            true => drop(self.node.mem.take(&key)),
-            false => self.node.mem.put(key, data.clone()),
+        let mut unread = self.unread.lock();
+        let had = unread.entry(id).or_insert(0);
+        *had = had.saturating_add(delivered);
+        if *had >= self.index.chunks[id as usize].len {
+            unread.remove(&id);
+            drop(self.node.mem.take(&key));
+        } else {
+            self.node.mem.put(key, data.clone());
         }
     }
 

@@ -238,6 +238,20 @@ async fn a_chunk_read_to_its_end_leaves_memory() {
     );
 }
 
+#[tokio::test]
+async fn a_chunk_read_in_pieces_out_of_order_leaves_memory_once_every_piece_was_read() {
+    let l = TestLayer::new(true).await;
+    let a = l.node("a.bin");
+    let piece = CHUNK / 4;
+    let key = l.fetcher.key(0);
+    for i in [1, 3, 0] {
+        l.fetcher.read(a, i * piece, piece as u32).await.unwrap();
+        assert!(l.fetcher.node.mem.get(&key).is_some(), "piece {i} read: others unread");
+    }
+    l.fetcher.read(a, 2 * piece, piece as u32).await.unwrap();
+    assert!(l.fetcher.node.mem.get(&key).is_none(), "every piece read");
+}
+
 #[test]
 fn small_chunks_decode_in_batches_and_large_ones_alone() {
     let chunk = |blob_len| Chunk {
