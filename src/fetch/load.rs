@@ -69,9 +69,11 @@ impl Fetcher {
         }
     }
 
-    /// One range request for a run of chunks; each is decoded and verified,
-    /// and a run with a bad chunk is fetched once more before failing. Readers
-    /// get their answers first; the disk cache is written after.
+    /// One range request for a run of chunks, streamed: each batch of chunks
+    /// is decoded, verified and answered as soon as its bytes have arrived,
+    /// while the rest of the body is still coming. Chunks that fail
+    /// verification are fetched once more before failing. Readers get their
+    /// answers first; the disk cache is written after.
     async fn fetch_run(
         self: Arc<Self>,
         node: Option<NodeId>,
@@ -80,65 +82,151 @@ impl Fetcher {
         urgency: Arc<Urgency>,
     ) {
         let chunks = &self.index.chunks;
-        let start = chunks[*run[0].key() as usize].blob_offset;
-        let end = run
+        let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
+        let start = chunks[ids[0] as usize].blob_offset;
+        let end = ids
             .iter()
-            .map(|l| chunks[*l.key() as usize].blob_offset + chunks[*l.key() as usize].blob_len)
+            .map(|&id| chunks[id as usize].blob_offset + chunks[id as usize].blob_len)
             .max()
             .unwrap_or(start);
-        let mut results: Vec<Fetched> = Vec::new();
-        for attempt in 0..2 {
-            let data = match self
-                .fetch_range_from(start, end - start, &urgency, cause, attempt > 0)
-                .await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    results = run.iter().map(|_| Err(e.clone())).collect();
-                    break;
+        let batches: Vec<Vec<ChunkId>> = decode_batches(chunks, &ids).collect();
+        // Batch k decodes from the blob bytes between its first chunk and the next batch's.
+        let cuts: Vec<u64> = batches
+            .iter()
+            .skip(1)
+            .map(|b| chunks[b[0] as usize].blob_offset)
+            .chain(std::iter::once(end))
+            .collect();
+        let mut leads: HashMap<ChunkId, ChunkLead> = run.into_iter().map(|l| (*l.key(), l)).collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(RUN_PIECES);
+        let fetch = self.fetch_range_into(start, end - start, &urgency, cause, tx);
+        let assemble = async {
+            let mut decoding = Vec::with_capacity(batches.len());
+            // One buffer per batch (a chunk or a few): allocations stay the
+            // size of a chunk however long the request.
+            let mut buf = BytesMut::with_capacity((cuts[0] - start) as usize);
+            let mut base = start;
+            while let Some(mut piece) = rx.recv().await {
+                while !piece.is_empty() {
+                    let k = decoding.len();
+                    let Some(&cut) = cuts.get(k) else { break };
+                    let room = (cut - base) as usize - buf.len();
+                    let n = room.min(piece.len());
+                    buf.extend_from_slice(&piece.split_to(n));
+                    if n == room {
+                        let next = cuts.get(k + 1).map_or(0, |&c| c - cut) as usize;
+                        let bytes = std::mem::replace(&mut buf, BytesMut::with_capacity(next)).freeze();
+                        let mine = batches[k].iter().filter_map(|id| leads.remove(id)).collect();
+                        decoding.push(self.decode_batch(mine, bytes, base, Arc::clone(&urgency)));
+                        base = cut;
+                    }
                 }
-            };
-            // A blocking task per batch of about `DECODE_BATCH` blob bytes: a
-            // run's large chunks inflate and hash on as many cores as there
-            // are, and a run of many small ones does not wake a thread each.
-            let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
-            let me = &*self;
-            let batches = futures::future::join_all(decode_batches(chunks, &ids).map(|batch| {
-                let (this, held) = (Arc::clone(&self), data.clone());
-                async move {
-                    let n = batch.len();
-                    tokio::task::spawn_blocking(move || {
-                        batch
-                            .iter()
-                            .map(|&id| this.decode_in(&held, start, id))
-                            .collect::<Vec<_>>()
-                    })
-                    .await
-                    .unwrap_or_else(|e| {
-                        (0..n)
-                            .map(|_| Err(me.corrupt(start, format!("decoder panicked: {e}"))))
-                            .collect()
-                    })
-                }
-            }))
-            .await;
-            results = batches.into_iter().flatten().collect();
-            if !results.iter().any(|r| matches!(r, Err(FetchError::Corrupt { .. }))) {
-                self.tap.offer(start, &data);
-                break;
             }
-            if attempt == 0 {
-                warn!(layer = %self.layer, offset = start, len = end - start, "chunk failed verification, fetching once more (from the registry, not a mirror)");
-            }
+            (decoding, base + buf.len() as u64 - start)
+        };
+        let (fetched, (decoding, got)) = tokio::join!(fetch, assemble);
+        let failed = match fetched {
+            Err(e) => Some(e),
+            Ok(()) if got != end - start => Some(self.source_error(start, end - start, SourceError::Short { got })),
+            Ok(()) => None,
+        };
+        let mut keep = Vec::with_capacity(ids.len());
+        let mut bad = Vec::new();
+        for (k, b) in futures::future::join_all(decoding).await.into_iter().flatten() {
+            keep.extend(k);
+            bad.extend(b);
         }
-        let mut keep = Vec::with_capacity(run.len());
-        for (lead, r) in run.into_iter().zip(results) {
-            if let Err(e) = &r {
-                warn!(error = %e, "chunk read failed");
-            }
-            self.answer_fetched(lead, r, &urgency, &mut keep);
+        // Chunks whose bytes never arrived.
+        for (_, lead) in leads {
+            let e = failed
+                .clone()
+                .unwrap_or_else(|| self.abandoned(chunks[*lead.key() as usize].blob_offset));
+            warn!(error = %e, "chunk read failed");
+            self.finish(lead, Err(e), &urgency);
+        }
+        if !bad.is_empty() {
+            warn!(layer = %self.layer, offset = start, len = end - start, chunks = bad.len(), "chunks failed verification, fetching them once more (from the registry, not a mirror)");
+            self.fetch_again(bad, &urgency, cause, &mut keep).await;
         }
         self.store(node, keep).await;
+    }
+
+    /// Decodes and verifies the chunks of `leads` from `bytes` (the blob from
+    /// `start`) on the blocking pool and answers them; returns the good ones
+    /// (for the disk cache) and the leads of chunks that failed verification.
+    fn decode_batch(
+        self: &Arc<Self>,
+        leads: Vec<ChunkLead>,
+        bytes: Bytes,
+        start: u64,
+        urgency: Arc<Urgency>,
+    ) -> tokio::task::JoinHandle<Decoded> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let ids: Vec<ChunkId> = leads.iter().map(|l| *l.key()).collect();
+            let (me, held) = (Arc::clone(&this), bytes.clone());
+            let results = tokio::task::spawn_blocking(move || {
+                ids.iter().map(|&id| me.decode_in(&held, start, id)).collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_else(|e| {
+                (0..leads.len())
+                    .map(|_| Err(this.corrupt(start, format!("decoder panicked: {e}"))))
+                    .collect()
+            });
+            if results.iter().all(Result::is_ok) {
+                this.tap.offer(start, &bytes);
+            }
+            let (mut keep, mut bad) = (Vec::new(), Vec::new());
+            for (lead, r) in leads.into_iter().zip(results) {
+                match r {
+                    Err(FetchError::Corrupt { .. }) => bad.push(lead),
+                    r => this.answer_fetched(lead, r, &urgency, &mut keep),
+                }
+            }
+            (keep, bad)
+        })
+    }
+
+    /// The second and last attempt at chunks that failed verification: their
+    /// ranges from the registry itself (not a mirror), whole, then answered.
+    async fn fetch_again(
+        self: &Arc<Self>,
+        bad: Vec<ChunkLead>,
+        urgency: &Arc<Urgency>,
+        cause: Cause,
+        keep: &mut Vec<(ChunkId, Bytes)>,
+    ) {
+        let chunks = &self.index.chunks;
+        for run in coalesce(chunks, bad, |l| *l.key()) {
+            let start = chunks[*run[0].key() as usize].blob_offset;
+            let end = run
+                .iter()
+                .map(|l| chunks[*l.key() as usize].blob_offset + chunks[*l.key() as usize].blob_len)
+                .max()
+                .unwrap_or(start);
+            let data = self.fetch_range_from(start, end - start, urgency, cause, true).await;
+            let results: Vec<Fetched> = match data {
+                Ok(data) => {
+                    let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
+                    let me = Arc::clone(self);
+                    tokio::task::spawn_blocking(move || ids.iter().map(|&id| me.decode_in(&data, start, id)).collect())
+                        .await
+                        .unwrap_or_else(|e| {
+                            run.iter()
+                                .map(|_| Err(self.corrupt(start, format!("decoder panicked: {e}"))))
+                                .collect()
+                        })
+                }
+                Err(e) => run.iter().map(|_| Err(e.clone())).collect(),
+            };
+            for (lead, r) in run.into_iter().zip(results) {
+                if let Err(e) = &r {
+                    warn!(error = %e, "chunk read failed");
+                }
+                self.answer_fetched(lead, r, urgency, keep);
+            }
+        }
     }
 
     /// Chunk `id` decoded and verified from `data`, the blob bytes from `start`.
@@ -189,22 +277,36 @@ impl Fetcher {
     }
 }
 
+/// A decoded batch: its good chunks (for the disk cache) and the leads of those that failed verification.
+type Decoded = (Vec<(ChunkId, Bytes)>, Vec<ChunkLead>);
+
 /// Blob bytes one decoding task takes at least (but for a run's last batch).
 const DECODE_BATCH: u64 = 1 << 20;
+/// Body pieces waiting between a run's connection and its assembly.
+const RUN_PIECES: usize = 16;
 
-/// `ids` in order, cut into batches of at least [`DECODE_BATCH`] blob bytes.
+/// `ids` (in blob order) cut into batches of at least [`DECODE_BATCH`] blob
+/// bytes, each cut where no chunk before it reaches past the next chunk's
+/// start (chunks sharing a compressed member stay in one batch), so every
+/// batch decodes from its own stretch of the blob.
 pub(super) fn decode_batches<'a>(chunks: &'a [Chunk], ids: &'a [ChunkId]) -> impl Iterator<Item = Vec<ChunkId>> + 'a {
     let mut rest = ids;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let mut bytes = 0;
+        let (mut bytes, mut end) = (0, 0);
         let n = rest
             .iter()
-            .position(|&id| {
-                bytes += chunks[id as usize].blob_len;
-                bytes >= DECODE_BATCH
+            .enumerate()
+            .position(|(i, &id)| {
+                let c = &chunks[id as usize];
+                bytes += c.blob_len;
+                end = end.max(c.blob_offset + c.blob_len);
+                let clear = rest
+                    .get(i + 1)
+                    .is_none_or(|&next| chunks[next as usize].blob_offset >= end);
+                bytes >= DECODE_BATCH && clear
             })
             .map_or(rest.len(), |i| i + 1);
         let (batch, tail) = rest.split_at(n);

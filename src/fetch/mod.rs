@@ -357,12 +357,7 @@ impl Fetcher {
     /// Exactly `len` bytes at `offset` of the blob, or a source error;
     /// `again`: the range failed verification once (the source avoids mirrors).
     async fn read_source(&self, offset: u64, len: u64, again: bool) -> Result<Bytes, FetchError> {
-        let err = |source| FetchError::Source {
-            layer: self.layer.clone(),
-            offset,
-            len,
-            source: Arc::new(source),
-        };
+        let err = |source| self.source_error(offset, len, source);
         let read = match again {
             false => self.source.read(offset, len),
             true => self.source.read_again(offset, len),
@@ -372,6 +367,36 @@ impl Fetcher {
             return Err(err(SourceError::Short { got: data.len() as u64 }));
         }
         Ok(data)
+    }
+
+    /// A remote range read streamed to `tx`, admitted by the scheduler at
+    /// `urgency` (and holding its admission until the body ends), counted as `cause`.
+    async fn fetch_range_into(
+        &self,
+        offset: u64,
+        len: u64,
+        urgency: &Arc<Urgency>,
+        cause: Cause,
+        tx: crate::registry::RangeSink,
+    ) -> Result<(), FetchError> {
+        let _permit = self.node.scheduler.admit(urgency, len).await;
+        self.source
+            .read_into(offset, len, tx)
+            .await
+            .map_err(|e| self.source_error(offset, len, e))?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+        self.node.metrics.fetched(cause, len);
+        Ok(())
+    }
+
+    fn source_error(&self, offset: u64, len: u64, source: SourceError) -> FetchError {
+        FetchError::Source {
+            layer: self.layer.clone(),
+            offset,
+            len,
+            source: Arc::new(source),
+        }
     }
 
     /// A remote range read, admitted by the scheduler at `urgency`, counted as `cause`.

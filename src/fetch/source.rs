@@ -4,7 +4,7 @@
 //! [`super::testing`] has an in-process one that injects faults.
 
 use crate::digest::Digest;
-use crate::registry::{RangeFrom, Reference, Registry, RegistryError};
+use crate::registry::{RangeFrom, RangeSink, Reference, Registry, RegistryError};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use std::os::unix::fs::FileExt;
@@ -15,6 +15,18 @@ use std::sync::Arc;
 pub trait RangeSource: Send + Sync {
     /// `len` bytes at `offset` of the blob (the fetcher checks the length).
     fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>>;
+
+    /// `len` bytes at `offset` sent to `tx` in order as they arrive, then
+    /// `Ok` (the fetcher counts what arrived). A source that has them only
+    /// whole sends them as one piece.
+    fn read_into(&self, offset: u64, len: u64, tx: RangeSink) -> BoxFuture<'_, Result<(), SourceError>> {
+        async move {
+            let data = self.read(offset, len).await?;
+            let _ = tx.send(data).await;
+            Ok(())
+        }
+        .boxed()
+    }
 
     /// The same range once more after its bytes failed verification: a
     /// source with mirrors asks the registry itself (or its `server`), so a
@@ -91,6 +103,16 @@ impl RangeSource for RegistrySource {
             Ok(self
                 .registry
                 .read_blob_range(&self.repo, &self.digest, offset, len)
+                .await?)
+        }
+        .boxed()
+    }
+
+    fn read_into(&self, offset: u64, len: u64, tx: RangeSink) -> BoxFuture<'_, Result<(), SourceError>> {
+        async move {
+            Ok(self
+                .registry
+                .stream_blob_range(&self.repo, &self.digest, offset, len, RangeFrom::Any, tx)
                 .await?)
         }
         .boxed()

@@ -4,6 +4,7 @@
 //! link of a given rate and round-trip time shared by concurrent requests.
 
 use super::source::{RangeSource, SourceError};
+use crate::registry::RangeSink;
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt};
 use parking_lot::Mutex;
@@ -111,7 +112,28 @@ impl TestSource {
     }
 }
 
+/// The size of the pieces a test source streams a range in: odd, so pieces
+/// never line up with chunks.
+const STREAM_PIECE: usize = 7001;
+
 impl RangeSource for TestSource {
+    fn read_into(&self, offset: u64, len: u64, tx: RangeSink) -> BoxFuture<'_, Result<(), SourceError>> {
+        async move {
+            let data = self.read(offset, len).await?;
+            for at in (0..data.len()).step_by(STREAM_PIECE) {
+                if tx
+                    .send(data.slice(at..data.len().min(at + STREAM_PIECE)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, SourceError>> {
         async move {
             self.log.lock().push((offset, len));

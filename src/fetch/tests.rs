@@ -252,23 +252,115 @@ async fn a_chunk_read_in_pieces_out_of_order_leaves_memory_once_every_piece_was_
     assert!(l.fetcher.node.mem.get(&key).is_none(), "every piece read");
 }
 
+/// Chunks laid one after another in the blob, with these stored sizes.
+fn laid_out(lens: &[u64]) -> Vec<Chunk> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&blob_len| {
+            let c = Chunk {
+                file_offset: 0,
+                len: blob_len,
+                blob_offset: at,
+                blob_len,
+                inner_offset: 0,
+                encoding: crate::index::Encoding::Raw,
+                digest: None,
+                whole: None,
+            };
+            at += blob_len;
+            c
+        })
+        .collect()
+}
+
 #[test]
 fn small_chunks_decode_in_batches_and_large_ones_alone() {
-    let chunk = |blob_len| Chunk {
-        file_offset: 0,
-        len: blob_len,
-        blob_offset: 0,
-        blob_len,
-        inner_offset: 0,
-        encoding: crate::index::Encoding::Raw,
-        digest: None,
-        whole: None,
-    };
-    let mut chunks: Vec<Chunk> = (0..8).map(|_| chunk(256 << 10)).collect();
-    chunks.extend((0..2).map(|_| chunk(4 << 20)));
+    let mut lens = vec![256 << 10; 8];
+    lens.extend([4 << 20, 4 << 20]);
+    let chunks = laid_out(&lens);
     let ids: Vec<ChunkId> = (0..10).collect();
     let batches: Vec<Vec<ChunkId>> = super::load::decode_batches(&chunks, &ids).collect();
     assert_eq!(batches, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8], vec![9]]);
+}
+
+#[test]
+fn chunks_sharing_a_compressed_member_stay_in_one_batch() {
+    let mut chunks = laid_out(&[1 << 20, 1 << 20, 1 << 20]);
+    // Chunk 2 starts inside chunk 1's member (tar headers sharing a member).
+    chunks[2].blob_offset = chunks[1].blob_offset;
+    chunks[2].inner_offset = 512;
+    let ids: Vec<ChunkId> = (0..3).collect();
+    let batches: Vec<Vec<ChunkId>> = super::load::decode_batches(&chunks, &ids).collect();
+    assert_eq!(batches, vec![vec![0], vec![1, 2]]);
+}
+
+#[tokio::test]
+async fn a_run_is_answered_whole_from_a_body_streamed_in_pieces_that_cross_chunks() {
+    let l = TestLayer::new(true).await;
+    let b = l.node("b.bin");
+    let got = l.fetcher.read(b, 0, (4 * CHUNK) as u32).await.unwrap();
+    assert_eq!(&got[..], l.expected("b.bin"));
+    assert_eq!(l.source.requests().len(), 1, "{:?}", l.source.requests());
+}
+
+/// Streams the first `first` bytes of every range at once and holds the rest back a minute.
+struct HoldsBackTheRest {
+    blob: Bytes,
+    first: usize,
+}
+
+impl RangeSource for HoldsBackTheRest {
+    fn read(&self, offset: u64, len: u64) -> futures::future::BoxFuture<'_, Result<Bytes, SourceError>> {
+        async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(self.blob.slice(offset as usize..(offset + len) as usize))
+        }
+        .boxed()
+    }
+
+    fn read_into(
+        &self,
+        offset: u64,
+        len: u64,
+        tx: crate::registry::RangeSink,
+    ) -> futures::future::BoxFuture<'_, Result<(), SourceError>> {
+        async move {
+            let data = self.blob.slice(offset as usize..(offset + len) as usize);
+            let _ = tx.send(data.slice(..self.first)).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let _ = tx.send(data.slice(self.first..)).await;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_is_answered_once_its_bytes_arrived_while_the_rest_of_its_request_is_still_coming() {
+    const BIG: u64 = 1 << 20;
+    let weights = content(2 * BIG as usize, 7);
+    let blob = tar_blob(&[("w.bin", weights.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), 1 << 30);
+    // The tar header (512 bytes) and the first chunk arrive; the second chunk is held back.
+    let source = Arc::new(HoldsBackTheRest {
+        blob: blob.clone(),
+        first: 512 + BIG as usize,
+    });
+    let f = tar_fetcher(&blob, source as Arc<dyn RangeSource>, &node, BIG, true).await;
+    let w = f.index().resolve("w.bin").unwrap();
+    let whole = tokio::spawn({
+        let f = Arc::clone(&f);
+        async move { f.read(w, 0, 2 * BIG as u32).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await; // the whole-file read leads both chunks
+    let first = tokio::time::timeout(Duration::from_secs(10), f.read(w, 0, BIG as u32))
+        .await
+        .expect("the first chunk is answered before the request ends")
+        .unwrap();
+    assert_eq!(&first[..], &weights[..BIG as usize]);
+    assert!(!whole.is_finished(), "the second chunk is still coming");
+    whole.abort();
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 
 use bytes::{Bytes, BytesMut};
 use reqwest::Response;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::mpsc::Sender;
 
 /// The largest body accepted for one kind of object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,34 +103,50 @@ pub(super) async fn error_text(mut resp: Response, stall: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Reads `len` bytes of a body after dropping its first `skip` bytes; the
-/// bytes read so far go with a failure, for the message.
-pub(super) async fn read_range(
+/// How a streamed range body ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Streamed {
+    /// All `len` bytes went to the sink.
+    Complete,
+    /// The body ended after this many of them.
+    Short(u64),
+    /// The sink's receiver is gone: nobody wants the rest.
+    Dropped,
+}
+
+/// Sends `len` bytes of a body, after dropping its first `skip`, to `tx` in
+/// order as they arrive (hyper's own buffers, no copy), adding each piece to
+/// `delivered` once sent; the bytes sent before a failure go with it.
+pub(super) async fn stream_range(
     mut resp: Response,
     mut skip: u64,
     len: u64,
     stall: Duration,
-) -> Result<Bytes, (u64, BodyError)> {
-    // The request size is ours (at most the fetcher's largest request), not the server's.
-    let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
-    loop {
-        let got = out.len() as u64;
-        let chunk = match next_chunk(&mut resp, stall, got).await {
+    tx: &Sender<Bytes>,
+    delivered: &AtomicU64,
+) -> Result<Streamed, (u64, BodyError)> {
+    let mut got = 0u64;
+    while got < len {
+        let mut piece = match next_chunk(&mut resp, stall, got).await {
             Ok(Some(c)) => c,
-            Ok(None) => break,
+            Ok(None) => return Ok(Streamed::Short(got)),
             Err(e) => return Err((got, e)),
         };
-        let mut chunk = &chunk[..];
         if skip > 0 {
-            let n = skip.min(chunk.len() as u64) as usize;
-            chunk = &chunk[n..];
-            skip -= n as u64;
+            let n = skip.min(piece.len() as u64);
+            piece = piece.slice(n as usize..);
+            skip -= n;
         }
-        let want = (len - got) as usize;
-        out.extend_from_slice(&chunk[..chunk.len().min(want)]);
-        if out.len() as u64 == len {
-            break;
+        piece.truncate((len - got).min(piece.len() as u64) as usize);
+        if piece.is_empty() {
+            continue;
         }
+        let n = piece.len() as u64;
+        if tx.send(piece).await.is_err() {
+            return Ok(Streamed::Dropped);
+        }
+        got += n;
+        delivered.fetch_add(n, Ordering::Relaxed);
     }
-    Ok(out.freeze())
+    Ok(Streamed::Complete)
 }

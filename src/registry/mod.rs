@@ -34,7 +34,7 @@ pub use client::{Registry, RegistryOptions};
 pub use manifest::{LayerDescriptor, Platform, PlatformError, ResolvedImage, OCI_MANIFEST};
 pub use mirror::COOL_DOWN;
 pub use policy::{RedactedUrl, RedirectRefused};
-pub use range::RangeFrom;
+pub use range::{RangeFrom, RangeSink};
 pub use reference::{Reference, ReferenceError};
 
 use crate::digest::Digest;

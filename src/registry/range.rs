@@ -12,17 +12,37 @@ use super::mirror::Job;
 use super::retry::Failure;
 use super::{Reference, Registry, RegistryError};
 use crate::digest::Digest;
-use bytes::Bytes;
+use body::Streamed;
+use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+const OP: &str = "reading blob range";
+/// Pieces of a range in flight between the connection and its reader.
+const SINK_DEPTH: usize = 16;
 
 /// How one attempt was answered.
 enum Answer {
-    Bytes(Bytes),
+    /// Every byte was sent (or the receiver is gone).
+    Done,
     /// The whole blob, dropped unread: ask again on the blob's next turn.
     Cold,
+}
+
+/// A range read's request and where its bytes go.
+#[derive(Clone, Copy)]
+struct Want<'a> {
+    repo: &'a Reference,
+    digest: &'a Digest,
+    offset: u64,
+    len: u64,
+    tx: &'a RangeSink,
+    /// Bytes sent so far, over all attempts.
+    sent: &'a AtomicU64,
 }
 
 /// Which endpoints a range read may use.
@@ -35,6 +55,9 @@ pub enum RangeFrom {
     /// cannot fail the read.
     Server,
 }
+
+/// Where a streamed range read sends the blob's bytes, in order.
+pub type RangeSink = mpsc::Sender<Bytes>;
 
 impl Registry {
     /// Reads `len` bytes at `offset` of a blob; exactly those bytes or an error.
@@ -61,21 +84,54 @@ impl Registry {
         len: u64,
         from: RangeFrom,
     ) -> Result<Bytes, RegistryError> {
-        const OP: &str = "reading blob range";
+        let (tx, mut rx) = mpsc::channel::<Bytes>(SINK_DEPTH);
+        let collect = async move {
+            let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
+            while let Some(piece) = rx.recv().await {
+                out.extend_from_slice(&piece);
+            }
+            out.freeze()
+        };
+        let (streamed, out) = tokio::join!(self.stream_blob_range(repo, digest, offset, len, from, tx), collect);
+        streamed.map(|()| out)
+    }
+
+    /// Sends `len` bytes at `offset` of a blob to `tx`, in order, as they
+    /// arrive: exactly those bytes, then `Ok`, or an error after some of
+    /// them. An attempt that fails part-way is retried from the first byte
+    /// not yet sent, so a reader of the sink sees one stream. Ends early,
+    /// with `Ok`, when the sink's receiver is dropped.
+    pub async fn stream_blob_range(
+        &self,
+        repo: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        from: RangeFrom,
+        tx: RangeSink,
+    ) -> Result<(), RegistryError> {
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(());
         }
-        let last = offset.checked_add(len - 1).ok_or_else(|| RegistryError::BadRange {
+        offset.checked_add(len - 1).ok_or_else(|| RegistryError::BadRange {
             repo: repo.to_string(),
             digest: digest.clone(),
             offset,
             len,
             reason: "range runs past 2^64".into(),
         })?;
-        let range = HeaderValue::from_str(&format!("bytes={offset}-{last}")).expect("ascii range");
         let object = digest.to_string();
         // Cold blobs are known by registry, repository and digest, whichever endpoint answered.
         let key = format!("{}/v2/{}/blobs/{digest}", repo.registry, repo.repository);
+        let sent = AtomicU64::new(0);
+        let want = Want {
+            repo,
+            digest,
+            offset,
+            len,
+            tx: &tx,
+            sent: &sent,
+        };
         loop {
             let turn = self.cold.turn(&key).await;
             let turn = &turn;
@@ -85,10 +141,8 @@ impl Registry {
                 caps: Capabilities::PULL,
                 object: &object,
             };
-            let one = |ep: Arc<Endpoint>| {
-                let range = range.clone();
-                async move { self.range_once(repo, digest, &ep, offset, len, range, turn).await }
-            };
+            let want = &want;
+            let one = |ep: Arc<Endpoint>| async move { self.range_once(want, &ep, turn).await };
             let answer = match from {
                 RangeFrom::Any => self.across(job, self.retry, one).await?,
                 RangeFrom::Server => {
@@ -98,25 +152,21 @@ impl Registry {
                 }
             };
             match answer {
-                Answer::Bytes(b) => return Ok(b),
+                Answer::Done => return Ok(()),
                 Answer::Cold => debug!(%digest, offset, len, "whole blob answered to a range read; waiting for ranges"),
             }
         }
     }
 
-    /// One range request at `ep` and its body.
-    #[allow(clippy::too_many_arguments)]
-    async fn range_once(
-        &self,
-        repo: &Reference,
-        digest: &Digest,
-        ep: &Endpoint,
-        offset: u64,
-        len: u64,
-        range: HeaderValue,
-        turn: &Turn<'_>,
-    ) -> Result<Answer, Failure> {
-        const OP: &str = "reading blob range";
+    /// One range request at `ep` for the bytes of `want` not yet sent, and its body.
+    async fn range_once(&self, want: &Want<'_>, ep: &Endpoint, turn: &Turn<'_>) -> Result<Answer, Failure> {
+        let Want {
+            repo,
+            digest,
+            offset,
+            len,
+            ..
+        } = *want;
         let bad = |reason: String| RegistryError::BadRange {
             repo: repo.to_string(),
             digest: digest.clone(),
@@ -124,6 +174,9 @@ impl Registry {
             len,
             reason,
         };
+        let done = want.sent.load(Ordering::Relaxed);
+        let (from, rest) = (offset + done, len - done);
+        let range = HeaderValue::from_str(&format!("bytes={from}-{}", from + rest - 1)).expect("ascii range");
         let url = ep.url(&repo.repository, &format!("blobs/{digest}"));
         let mut headers = HeaderMap::new();
         headers.insert(RANGE, range);
@@ -133,7 +186,7 @@ impl Registry {
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let start = content_range_start(resp.headers());
-                if start != Some(offset) {
+                if start != Some(from) {
                     return Err(bad(format!("server answered Content-Range start {start:?}")).into());
                 }
                 turn.ranges();
@@ -146,31 +199,26 @@ impl Registry {
                 if offset + len > SMALL_BLOB && turn.whole(size, self.opts.cold_blob_wait) {
                     return Ok(Answer::Cold);
                 }
-                offset
+                from
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 return Err(bad("range not satisfiable: the blob is shorter".into()).into())
             }
             s => return Err(bad(format!("unexpected status {s}")).into()),
         };
-        match body::read_range(resp, skip, len, self.stall()).await {
-            Ok(b) if b.len() as u64 == len => {
-                self.endpoint_metrics.served(&ep.host, len);
-                Ok(Answer::Bytes(b))
+        let truncated = |got: u64, why: String| {
+            let got = done + got;
+            warn!(%digest, offset, len, got, host = %ep.host, "blob range read {why}");
+            Failure::retry(bad(format!("truncated: body {why} after {got} of {len} bytes")))
+        };
+        match body::stream_range(resp, skip, rest, self.stall(), want.tx, want.sent).await {
+            Ok(Streamed::Complete) => {
+                self.endpoint_metrics.served(&ep.host, rest);
+                Ok(Answer::Done)
             }
-            Ok(b) => {
-                warn!(%digest, offset, len, got = b.len(), host = %ep.host, "short blob range read");
-                Err(Failure::retry(bad(format!(
-                    "truncated: body ended after {} of {len} bytes",
-                    b.len()
-                ))))
-            }
-            Err((got, e)) => {
-                warn!(%digest, offset, len, got, host = %ep.host, error = %e, "blob range read failed");
-                Err(Failure::retry(bad(format!(
-                    "truncated: body failed after {got} of {len} bytes ({e})"
-                ))))
-            }
+            Ok(Streamed::Dropped) => Ok(Answer::Done),
+            Ok(Streamed::Short(got)) => Err(truncated(got, "ended".into())),
+            Err((got, e)) => Err(truncated(got, format!("failed ({e})"))),
         }
     }
 }

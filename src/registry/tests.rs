@@ -227,10 +227,19 @@ async fn a_declared_length_over_the_limit_is_refused_before_any_body_arrives() {
 async fn a_trickling_body_is_dropped_retried_on_a_new_connection_and_bounded_by_the_deadline() {
     // Headers, then one byte every 20 s: a gap timer of reqwest's kind would
     // wait forever at a 30 s setting; ours gives up after `stall_timeout`.
-    let registry = Script::start(|_, c| {
-        let _ =
-            c.write_all(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/100\r\nContent-Length: 10\r\n\r\n");
-        for _ in 0..10 {
+    let registry = Script::start(|head, c| {
+        // Each attempt asks for the bytes not yet received.
+        let from: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string))
+            .and_then(|r| r.split('-').next().and_then(|a| a.parse().ok()))
+            .unwrap_or(0);
+        let head = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-9/100\r\nContent-Length: {}\r\n\r\n",
+            10 - from
+        );
+        let _ = c.write_all(head.as_bytes());
+        for _ in from..10 {
             if c.write_all(b"x").is_err() {
                 return;
             }
