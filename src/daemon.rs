@@ -48,6 +48,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         }
         None => None,
     };
+    // Chunk buffers come and go by the megabyte: their freed gaps go back to the OS.
+    let _trimmer = AbortOnDrop(tokio::spawn(crate::alloc::keep_trimmed()));
     let ctx = node::layer_context(&config, &owner, registry, metrics)?;
     let snapshots = Arc::new(
         Snapshots::open(&config.root)

@@ -493,6 +493,7 @@ async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let registry = Arc::new(node::registry_with(&cfg, args.plain_http, metrics.endpoints(), None)?);
     let ctx = node::layer_context(&cfg, &owner, registry, metrics)?;
+    let trimmer = tokio::spawn(streamsnap::alloc::keep_trimmed());
     let state = StateDir { root: cfg.root.clone() };
     let (image, mountpoint) = (&args.image, &args.mountpoint);
     let mounted = image_mount::mount_image(&ctx, &state, image, &cfg.registry.platform, mountpoint)
@@ -502,6 +503,7 @@ async fn mount(args: MountArgs) -> anyhow::Result<()> {
     signals.wait().await;
     info!(bytes_fetched = mounted.bytes_fetched(), "shutting down");
     drop(mounted);
+    trimmer.abort();
     Ok(())
 }
 
