@@ -22,6 +22,7 @@
 //! [fetch]
 //! read_deadline = 60.0
 //! stall_timeout = 10.0
+//! read_ahead = "16MiB"
 //! [prefetch]
 //! timeout = 10.0
 //! [background_fill]
@@ -165,7 +166,7 @@ pub struct Index {
     pub publish: Option<Reference>,
 }
 
-/// `[fetch]`: how long a read may wait on a registry.
+/// `[fetch]`: how long a read may wait on a registry, and how far ahead of it fetches go.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fetch {
@@ -175,6 +176,10 @@ pub struct Fetch {
     /// A registry connection that delivers no byte for this long is dropped
     /// and the request retried on a new one.
     pub stall_timeout: Seconds,
+    /// Bytes fetched ahead of each sequential reader and held in memory
+    /// until read, e.g. "8MiB": less saves memory, at some speed on fast links.
+    #[serde(deserialize_with = "size")]
+    pub read_ahead: ByteSize,
 }
 
 impl Default for Fetch {
@@ -182,6 +187,7 @@ impl Default for Fetch {
         Self {
             read_deadline: Seconds::from_secs(60),
             stall_timeout: Seconds::from_secs(10),
+            read_ahead: ByteSize::b(crate::fetch::READ_AHEAD),
         }
     }
 }

@@ -58,6 +58,17 @@ pub fn registry(config: &Config, plain_http: bool) -> anyhow::Result<Registry> {
     registry_with(config, plain_http, EndpointMetrics::default(), None)
 }
 
+/// Read-ahead of every sequential reader, bounded: it is held in memory per reader.
+fn read_ahead(fetch: &crate::config::Fetch) -> anyhow::Result<u64> {
+    const MAX: u64 = 1 << 30;
+    let bytes = fetch.read_ahead.as_u64();
+    anyhow::ensure!(
+        bytes <= MAX,
+        "[fetch] read_ahead is {bytes} bytes: at most 1GiB (held in memory per reader)"
+    );
+    Ok(bytes)
+}
+
 /// [`registry`], counting bytes and failures per endpoint host into `counters`
 /// (`Metrics::endpoints`; mirrors come from `[registry] config_path`) and asking
 /// `pull_auths` (the CRI pulls' own auth, `serve`) before every other source.
@@ -134,7 +145,8 @@ pub fn layer_context(
             Arc::new(MemCache::new(config.cache.memory_size.as_u64())),
             metrics,
         )
-        .with_read_deadline(config.fetch.read_deadline.into()),
+        .with_read_deadline(config.fetch.read_deadline.into())
+        .with_read_ahead(read_ahead(&config.fetch)?),
         registry,
         layers_dir: state.layers(),
         first_use: config.index.build_on_first_use.then(|| FirstUse {
@@ -142,4 +154,19 @@ pub fn layer_context(
             publish: config.index.publish.clone(),
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytesize::ByteSize;
+
+    #[test]
+    fn a_read_ahead_over_1gib_is_refused_naming_the_key() {
+        let mut fetch = crate::config::Fetch::default();
+        assert_eq!(read_ahead(&fetch).unwrap(), crate::fetch::READ_AHEAD);
+        fetch.read_ahead = ByteSize::gib(2);
+        let e = read_ahead(&fetch).unwrap_err().to_string();
+        assert!(e.contains("[fetch] read_ahead"), "{e}");
+    }
 }

@@ -62,7 +62,7 @@ fn nested_sections_are_read_typed() {
          [registry]\ninsecure = [\"r:5000\"]\nplatform = \"linux/arm64/v8\"\n\
          [cache]\ndisk_size = \"1GiB\"\nmemory_size = 1048576\n\
          [index]\nrepositories = [\"reg:5000/team/indexes\"]\ntrust_referrers = true\n\
-         [fetch]\nread_deadline = 8\nstall_timeout = 2.5\n\
+         [fetch]\nread_deadline = 8\nstall_timeout = 2.5\nread_ahead = \"8MiB\"\n\
          [prefetch]\ntimeout = 0.5\n\
          [background_fill]\ndelay = 0\nrate = \"100MiB\"\n\
          [profile]\nquiet = 2\npush = true\nreplay = false\nreplay_budget = \"64MiB\"\n",
@@ -77,6 +77,7 @@ fn nested_sections_are_read_typed() {
     assert_eq!(c.index.repositories[0].repository, "team/indexes");
     assert_eq!(c.fetch.read_deadline, Seconds::from_secs(8));
     assert_eq!(c.fetch.stall_timeout.0, Duration::from_millis(2500));
+    assert_eq!(c.fetch.read_ahead, ByteSize::mib(8));
     assert!(c.index.trust_referrers);
     assert_eq!(c.prefetch.timeout.0, Duration::from_millis(500));
     assert_eq!(c.background_fill.delay.0, Duration::ZERO);

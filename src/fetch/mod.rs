@@ -22,6 +22,7 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use ahead::READ_AHEAD;
 pub use complete::{CompleteError, Proof};
 pub use observe::ReadObserver;
 pub use sched::{Scheduler, Urgency, LOW_BUDGET, MAX_IN_FLIGHT};
@@ -113,6 +114,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Longest wait of one file read for its chunks; then it fails (EIO).
     pub read_deadline: Duration,
+    /// Bytes fetched ahead of a sequential reader, held in memory until read.
+    pub read_ahead: u64,
 }
 
 impl Services {
@@ -123,11 +126,17 @@ impl Services {
             scheduler: Scheduler::new(Arc::clone(&metrics)),
             metrics,
             read_deadline: READ_DEADLINE,
+            read_ahead: ahead::READ_AHEAD,
         }
     }
 
     pub fn with_read_deadline(mut self, deadline: Duration) -> Self {
         self.read_deadline = deadline;
+        self
+    }
+
+    pub fn with_read_ahead(mut self, bytes: u64) -> Self {
+        self.read_ahead = bytes;
         self
     }
 }

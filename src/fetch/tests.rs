@@ -28,6 +28,10 @@ impl TestLayer {
     }
 
     async fn with_deadline(verified: bool, deadline: Duration) -> Self {
+        Self::with_services(verified, |s| s.with_read_deadline(deadline)).await
+    }
+
+    async fn with_services(verified: bool, tune: impl FnOnce(Services) -> Services) -> Self {
         let files = vec![
             ("a.bin", content(4 * CHUNK as usize, 1)),
             ("b.bin", content(4 * CHUNK as usize, 2)),
@@ -36,7 +40,7 @@ impl TestLayer {
         let blob = tar_blob(&files);
         let source = Arc::new(TestSource::new(blob.clone()));
         let cache = tempfile::tempdir().unwrap();
-        let node = services(cache.path(), 1 << 30).with_read_deadline(deadline);
+        let node = tune(services(cache.path(), 1 << 30));
         let fetcher = tar_fetcher(
             &blob,
             Arc::clone(&source) as Arc<dyn RangeSource>,
@@ -115,6 +119,30 @@ async fn bytes_read_ahead_wait_in_memory_only_until_their_reader_has_them() {
         );
     }
     assert_eq!(mem.bytes(), 0, "read: the page cache holds them now");
+    assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
+}
+
+#[tokio::test]
+async fn a_sequential_reader_gets_no_more_than_the_configured_read_ahead() {
+    let l = TestLayer::with_services(true, |s| s.with_read_ahead(CHUNK)).await;
+    let a = l.node("a.bin");
+    for i in 0..2 {
+        l.fetcher.read(a, i * CHUNK, CHUNK as u32).await.unwrap();
+    }
+    settle(&l.source).await;
+    let mem = &l.fetcher.node.mem;
+    for _ in 0..200 {
+        if mem.bytes() >= CHUNK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        mem.bytes(),
+        CHUNK,
+        "one chunk read ahead, not the default's two (the rest of the file)"
+    );
     assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
 }
 
