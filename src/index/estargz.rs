@@ -120,6 +120,8 @@ pub fn parse_toc(
         )));
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
+    // The text is as large as the parsed TOC: not kept through the build's peak.
+    drop(json);
     toc::build(layer, &toc, Encoding::Gzip, toc_offset, size)
 }
 

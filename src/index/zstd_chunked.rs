@@ -181,6 +181,8 @@ pub fn parse_manifest(
         }
     }
     let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("TOC JSON: {e}")))?;
+    // The text is as large as the parsed TOC: not kept through the build's peak.
+    drop(json);
     // Payload frames end where the manifest's skippable frame begins.
     let payload_end = pos
         .offset
