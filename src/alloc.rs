@@ -87,9 +87,10 @@ mod tests {
 
     #[test]
     fn freed_gaps_between_live_buffers_are_handed_back_once_beyond_the_slack() {
-        tune(); // the daemon's tunables: 1 MiB buffers on the heap, not mmapped
-                // 1 MiB buffers (heap, not mmap), every other one freed: the heap's top
-                // stays in use, so glibc's own trim at free() cannot release the gaps.
+        // The daemon's tunables: 1 MiB buffers on the heap, not mmapped.
+        tune();
+        // Every other one freed: the heap's top stays in use, so glibc's own
+        // trim at free() cannot release the gaps.
         let mut bufs: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8 | 1; 1 << 20]).collect();
         for b in bufs.iter_mut().step_by(2) {
             *b = Vec::new();
