@@ -146,12 +146,12 @@ async fn a_sequential_reader_gets_no_more_than_the_configured_read_ahead() {
     assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
 }
 
-/// A layer of `n` small files of 4 KiB, then one of 256 KiB.
+/// A layer of `n` small files of 4 KiB, then one larger than a small file.
 async fn small_files_layer(n: usize) -> (Arc<Fetcher>, Arc<TestSource>, tempfile::TempDir) {
     let mut files: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| (format!("m{i:02}.pyc"), content(4096, i as u8)))
         .collect();
-    files.push(("weights.bin".into(), content(4 * CHUNK as usize, 99)));
+    files.push(("weights.bin".into(), content(2 * ahead::SMALL_FILE as usize, 99)));
     let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
     let blob = tar_blob(&named);
     let source = Arc::new(TestSource::new(blob.clone()));
