@@ -17,6 +17,7 @@
 //! - [`layer`]: chooses the index form for a layer and builds its fetcher.
 //! - [`fs`]: the FUSE filesystem of one layer (the only module that knows `fuser`).
 //! - [`lifecycle`]: the descriptor keeper: layer mounts that outlive the daemon.
+//! - [`logging`]: the binary's log lines, without fuser's error for a reply the kernel no longer waits for.
 //! - [`overlay`]: kernel mounts (overlayfs, bind) and unmounts.
 //! - [`node`]: the composition root: what one node's layers share, built from config.
 //! - [`image_mount`]: `streamsnap mount`, an image's layers merged at a mount point.
@@ -54,6 +55,7 @@ pub mod indexer;
 pub mod install;
 pub mod layer;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod overlay;

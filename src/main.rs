@@ -420,11 +420,7 @@ impl FillArgs {
 
 fn main() -> anyhow::Result<()> {
     streamsnap::alloc::tune();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    streamsnap::logging::init();
     let cli = Cli::parse();
     // Plain blocking commands: the keeper must stay a single small thread.
     match &cli.command {
