@@ -1,6 +1,8 @@
 //! CPU efficiency (issue #16), on the unshaped loopback link only: a cold read of every weight
 //! file through a streamsnap mount against `curl` of the weights layer's blob piped through the
-//! same work outside FUSE, side by side in each round.
+//! same work outside FUSE, side by side in each round. `curl` asks for the blob twice: in the
+//! ranges the daemon requests (4 MiB, four in flight: the issue's measure, the registry doing
+//! the same work for both sides) and in one GET (the registry's cheapest way to send it).
 //!
 //! Per byte, streamsnap inflates each eStargz chunk and checks the sha256 of the inflated bytes
 //! against the TOC (`fetch::decode`). The pipeline does that work on the whole blob with the same
@@ -31,36 +33,135 @@ pub struct CpuSample {
     pub mount_received: u64,
     /// CPU seconds (user + system) of the streamsnap daemon during the read.
     pub daemon_cpu: f64,
+    /// The pipeline with one GET of the whole blob: seconds, CPU seconds (user + system) of
+    /// curl and the bench's inflate and hash threads.
     pub pipeline_secs: f64,
-    /// CPU seconds (user + system) of curl and the bench's inflate and hash threads.
     pub pipeline_cpu: f64,
+    /// The same with the daemon's ranges.
+    pub ranges_secs: f64,
+    pub ranges_cpu: f64,
 }
 
-/// The weights layer (the image's last) of the eStargz image: its blob URL.
-fn weights_blob_url(t: &Target) -> String {
-    let (_, digests) = t.registry.layers(&t.estargz_ref);
+/// The weights layer (the image's last) of the eStargz image: its blob URL and size.
+fn weights_blob(t: &Target) -> (String, u64) {
+    let m = t.registry.manifest(&t.estargz_ref);
+    let last = m["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .expect("the eStargz image has layers");
+    let (d, size) = (last["digest"].as_str().unwrap(), last["size"].as_u64().unwrap());
     let repo = t.estargz_ref.split_once('/').unwrap().1.rsplit_once(':').unwrap().0;
-    let d = digests.last().expect("the eStargz image has layers");
-    format!("http://{}/v2/{repo}/blobs/{d}", t.registry.addr())
+    (format!("http://{}/v2/{repo}/blobs/{d}", t.registry.addr()), size)
 }
 
 /// Brings the weights blob into the page cache, so neither side reads the registry's disk.
 pub fn warm_registry(t: &Target) {
-    run(Command::new("curl").args(["-sSf", "-o", "/dev/null", &weights_blob_url(t)]));
+    run(Command::new("curl").args(["-sSf", "-o", "/dev/null", &weights_blob(t).0]));
 }
 
-/// `curl` of the weights blob into a pipe; inflated on this thread, hashed on another. Returns
-/// (seconds, CPU seconds of curl and this process).
-fn pipeline(t: &Target) -> (f64, f64) {
-    let url = weights_blob_url(t);
+/// How the pipeline's `curl` asks for the weights blob.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Body {
+    /// One GET of the whole blob: the registry's cheapest way to send it.
+    Whole,
+    /// The ranges the daemon asks for: `fetch::MAX_REQUEST` each, as many in flight as
+    /// `fetch::READ_AHEAD` holds (four `curl`s, each taking every fourth range in turn).
+    Ranges,
+}
+
+/// Ranges in flight at once, as the daemon's read-ahead keeps them.
+const LANES: u64 = streamsnap::fetch::READ_AHEAD / streamsnap::fetch::MAX_REQUEST;
+
+/// The blob's bytes in order from `LANES` curls of `MAX_REQUEST` ranges: lane `i` fetches
+/// ranges `i`, `i + LANES`, … one after another on one connection, and a thread per lane holds
+/// its next range ready while the reader takes the others'.
+struct RangeBody {
+    lanes: Vec<std::sync::mpsc::Receiver<Vec<u8>>>,
+    next: usize,
+    current: std::io::Cursor<Vec<u8>>,
+    curls: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RangeBody {
+    fn start(url: &str, size: u64) -> Self {
+        let step = streamsnap::fetch::MAX_REQUEST;
+        let ranges: Vec<(u64, u64)> = (0..size)
+            .step_by(step as usize)
+            .map(|a| (a, (a + step).min(size)))
+            .collect();
+        let (mut lanes, mut curls) = (Vec::new(), Vec::new());
+        for lane in 0..LANES as usize {
+            let mine: Vec<(u64, u64)> = ranges.iter().copied().skip(lane).step_by(LANES as usize).collect();
+            let mut args = vec!["-sSf".to_string()];
+            for (i, (a, b)) in mine.iter().enumerate() {
+                if i > 0 {
+                    args.push("--next".into());
+                }
+                args.extend(["-r".into(), format!("{a}-{}", b - 1), url.to_string()]);
+            }
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+            let mut curl = Command::new("curl")
+                .args(&args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn curl");
+            let url = url.to_string();
+            curls.push(std::thread::spawn(move || {
+                let mut out = curl.stdout.take().unwrap();
+                for (a, b) in mine {
+                    let mut buf = vec![0; (b - a) as usize];
+                    out.read_exact(&mut buf)
+                        .unwrap_or_else(|e| panic!("curl {url} bytes {a}-{b}: {e}"));
+                    if tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                let status = curl.wait().expect("wait for curl");
+                assert!(status.success(), "curl {url}: {status}");
+            }));
+            lanes.push(rx);
+        }
+        Self {
+            lanes,
+            next: 0,
+            current: std::io::Cursor::new(Vec::new()),
+            curls,
+        }
+    }
+
+    fn finish(self) {
+        drop(self.lanes);
+        for c in self.curls {
+            c.join().expect("a curl lane");
+        }
+    }
+}
+
+impl Read for RangeBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            let lane = self.next % self.lanes.len();
+            match self.lanes[lane].recv() {
+                Ok(range) => {
+                    self.current = std::io::Cursor::new(range);
+                    self.next += 1;
+                }
+                Err(_) => return Ok(0), // every lane is done: the blob's end
+            }
+        }
+    }
+}
+
+/// `curl` of the weights blob into this process: inflated on this thread, hashed on another.
+/// Returns (seconds, CPU seconds of curl and this process).
+fn pipeline(t: &Target, how: Body) -> (f64, f64) {
+    let (url, size) = weights_blob(t);
     let cpu0 = own_cpu_secs();
     let t0 = Instant::now();
-    let mut curl = Command::new("curl")
-        .args(["-sSf", &url])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn curl");
-    let body = std::io::BufReader::with_capacity(1 << 20, curl.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
     let hasher = std::thread::spawn(move || {
         let mut h = sha2::Sha256::new();
@@ -69,6 +170,35 @@ fn pipeline(t: &Target) -> (f64, f64) {
         }
         h.finalize()
     });
+    let inflated = match how {
+        Body::Whole => {
+            let mut curl = Command::new("curl")
+                .args(["-sSf", &url])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn curl");
+            let n = inflate_into(curl.stdout.take().unwrap(), tx, &url);
+            let status = curl.wait().expect("wait for curl");
+            assert!(status.success(), "curl {url}: {status}");
+            n
+        }
+        Body::Ranges => {
+            let mut body = RangeBody::start(&url, size);
+            let n = inflate_into(&mut body, tx, &url);
+            body.finish();
+            n
+        }
+    };
+    let digest = hasher.join().expect("the hashing thread");
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!("[bench] pipeline ({how:?}): inflated {inflated} bytes, sha256 {digest:x}, in {secs:.2} s");
+    (secs, own_cpu_secs() - cpu0)
+}
+
+/// Inflates `body` (gzip members, one per chunk) and sends the output to the hashing thread
+/// in pieces of 1 MiB; returns the bytes inflated.
+fn inflate_into(body: impl Read, tx: std::sync::mpsc::SyncSender<Vec<u8>>, url: &str) -> u64 {
+    let body = std::io::BufReader::with_capacity(1 << 20, body);
     let mut inflate = flate2::bufread::MultiGzDecoder::new(body);
     let mut inflated = 0u64;
     loop {
@@ -78,18 +208,11 @@ fn pipeline(t: &Target) -> (f64, f64) {
             .read_to_end(&mut buf)
             .unwrap_or_else(|e| panic!("inflating {url}: {e}"));
         if n == 0 {
-            break;
+            return inflated;
         }
         inflated += n as u64;
         tx.send(buf).expect("the hashing thread");
     }
-    drop(tx);
-    let digest = hasher.join().expect("the hashing thread");
-    let status = curl.wait().expect("wait for curl");
-    assert!(status.success(), "curl {url}: {status}");
-    let secs = t0.elapsed().as_secs_f64();
-    eprintln!("[bench] pipeline: inflated {inflated} bytes, sha256 {digest:x}, in {secs:.2} s");
-    (secs, own_cpu_secs() - cpu0)
 }
 
 /// A fresh daemon (cold: no profile, no referrers) and containerd; rpull; one container reads
@@ -128,9 +251,10 @@ fn mount(t: &Target, id: usize) -> (u64, f64, u64, f64) {
     (file_bytes, nanos as f64 / 1e9, bytes, cpu)
 }
 
-/// One round: the pipeline, then the mount.
+/// One round: the pipelines, then the mount.
 pub fn run_once(t: &Target, id: usize) -> CpuSample {
-    let (pipeline_secs, pipeline_cpu) = pipeline(t);
+    let (pipeline_secs, pipeline_cpu) = pipeline(t, Body::Whole);
+    let (ranges_secs, ranges_cpu) = pipeline(t, Body::Ranges);
     let (file_bytes, mount_secs, mount_received, daemon_cpu) = mount(t, id);
     CpuSample {
         file_bytes,
@@ -139,6 +263,8 @@ pub fn run_once(t: &Target, id: usize) -> CpuSample {
         daemon_cpu,
         pipeline_secs,
         pipeline_cpu,
+        ranges_secs,
+        ranges_cpu,
     }
 }
 
@@ -150,29 +276,36 @@ pub fn report(samples: &[CpuSample]) -> String {
     }
     let med = |f: &dyn Fn(&CpuSample) -> f64| spread(samples.iter().map(f).collect()).unwrap();
     let mount = med(&|s| s.file_bytes as f64 / s.mount_secs / 1e6);
+    let ranges = med(&|s| s.file_bytes as f64 / s.ranges_secs / 1e6);
     let pipe = med(&|s| s.file_bytes as f64 / s.pipeline_secs / 1e6);
     let mb = samples[0].file_bytes as f64 / 1e6;
     let _ = writeln!(
         t,
         "- CPU efficiency, unshaped loopback, cold read of all weight files ({mb:.0} MB), rounds: {}, MB/s of file bytes, median (min–max): \
          through the streamsnap mount (eStargz, `cat /models/*` in a new container) {:.0} ({:.0}–{:.0}); \
-         `curl` of the weights blob into an inflate thread and a sha256 thread (flate2, sha2) {:.0} ({:.0}–{:.0}); \
-         ratio mount ÷ pipeline {:.3}",
+         `curl` of the weights blob into an inflate thread and a sha256 thread (flate2, sha2), in the daemon's ranges \
+         (4 MiB, four in flight) {:.0} ({:.0}–{:.0}), in one GET {:.0} ({:.0}–{:.0}); \
+         ratio mount ÷ pipeline: same ranges **{:.3}**, one GET {:.3}",
         samples.len(),
         mount.0,
         mount.1,
         mount.2,
+        ranges.0,
+        ranges.1,
+        ranges.2,
         pipe.0,
         pipe.1,
         pipe.2,
+        mount.0 / ranges.0,
         mount.0 / pipe.0
     );
     let _ = writeln!(
         t,
         "- CPU seconds (user + system) for that read, median: streamsnap daemon {:.2} s (received {:.1} MB); \
-         curl + inflate + sha256 {:.2} s",
+         curl + inflate + sha256, same ranges {:.2} s, one GET {:.2} s",
         med(&|s| s.daemon_cpu).0,
         med(&|s| s.mount_received as f64).0 / 1e6,
+        med(&|s| s.ranges_cpu).0,
         med(&|s| s.pipeline_cpu).0
     );
     t
