@@ -317,34 +317,47 @@ fn reads_go_on_across_sigterm_and_the_start_of_a_different_binary() {
 }
 
 #[test]
-fn a_read_in_flight_when_the_daemon_is_killed_completes_after_the_restart() {
+fn reads_in_flight_when_the_daemon_is_killed_complete_after_the_restart() {
     let node = Node::start();
-    let file = node.layer_file("c.bin");
-    // Nothing of c.bin is fetched yet: the read waits on the registry. (A
-    // process, not a thread: see `start_probe`.)
-    let out = node.work.path().join("c.sha256");
-    let mut read = std::process::Command::new("sha256sum")
-        .arg(&file)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
+    // Nothing of the files is fetched yet: each read waits on the registry. Three
+    // readers keep requests in flight on both FUSE threads: a request read by either
+    // must be answered by the next daemon. (Processes, not threads: see `start_probe`.)
+    let mut reads: Vec<_> = (0..3)
+        .map(|i| {
+            let (name, _) = &node.expected[i];
+            let out = node.work.path().join(format!("{i}.sha256"));
+            let child = std::process::Command::new("sha256sum")
+                .arg(node.layer_file(&format!("{name}.bin")))
+                .stdout(std::fs::File::create(&out).unwrap())
+                .spawn()
+                .unwrap();
+            (name.clone(), out, child)
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(read.try_wait().unwrap().is_none(), "the read ended before the kill");
+    let running = reads
+        .iter_mut()
+        .map(|(_, _, c)| c.try_wait().unwrap().is_none())
+        .filter(|&r| r)
+        .count();
+    assert!(running > 0, "every read ended before the kill");
     node.kill();
     std::thread::sleep(Duration::from_millis(500));
     node.start_serve(&common::streamsnap::binary());
-    let mut status = None;
-    wait_until(Duration::from_secs(90), "the read to complete", || {
-        status = read.try_wait().unwrap();
-        status.is_some()
-    });
-    assert!(status.unwrap().success(), "the read failed across the kill");
-    let got = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(
-        got.split_whitespace().next(),
-        Some(node.expected[2].1.as_str()),
-        "c.bin read across the kill"
-    );
+    for (i, (name, out, mut child)) in reads.into_iter().enumerate() {
+        let mut status = None;
+        wait_until(Duration::from_secs(90), "the reads to complete", || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(status.unwrap().success(), "the read of {name} failed across the kill");
+        let got = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            got.split_whitespace().next(),
+            Some(node.expected[i].1.as_str()),
+            "{name} read across the kill"
+        );
+    }
 }
 
 #[test]
