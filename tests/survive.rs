@@ -405,3 +405,36 @@ fn after_a_reboot_with_the_registry_down_cached_files_read_and_uncached_ones_fai
         "every layer came from its record: {log}"
     );
 }
+
+#[test]
+fn a_file_held_open_in_passthrough_mode_opens_again_after_a_sigkill_of_the_daemon() {
+    let node = Node::start();
+    let file = node.layer_file("a.bin");
+    let hash = |what: &str| {
+        let out = run(std::process::Command::new("sha256sum").arg(&file));
+        assert_eq!(
+            out.split_whitespace().next(),
+            Some(node.expected[0].1.as_str()),
+            "{what}"
+        );
+    };
+    // Read whole, the file is cached whole: its next open is in passthrough mode.
+    hash("the first read");
+    let mut holder = std::process::Command::new("sh")
+        .args(["-c", &format!("exec sleep 600 3< {}", file.display())])
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the passthrough open", || {
+        node.serve_log().contains("opened in passthrough mode")
+    });
+    node.kill();
+    node.start_serve(&common::streamsnap::binary());
+    // The inode is still tied to its backing file by the holder's open: the
+    // next daemon must answer with the same backing id, or the open fails (EIO).
+    hash("an open while another process holds the file across the restart");
+    let log = node.serve_log();
+    assert!(log.contains("under the earlier process's backing id"), "{log}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    hash("an open after the holder closed it");
+}

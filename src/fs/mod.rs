@@ -7,8 +7,10 @@
 //! cache file itself, at local-disk speed.
 
 mod attr;
+mod backing;
 mod session;
 
+pub use backing::BackingRecord;
 pub use session::{InitRecord, MountedLayer};
 
 use crate::fetch::Fetcher;
@@ -18,7 +20,7 @@ use fuser::{
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -39,7 +41,28 @@ const FH_PASSTHROUGH: FileHandle = FileHandle(1);
 #[derive(Default)]
 struct OpenFiles {
     fuse: HashMap<NodeId, u32>,
-    passthrough: HashMap<NodeId, (BackingId, u32)>,
+    passthrough: HashMap<NodeId, Backing>,
+    /// Backing ids an earlier process of a taken-over mount opened (see
+    /// `backing`), not yet used by this one.
+    inherited: BTreeMap<NodeId, u32>,
+}
+
+/// A node's backing file in the kernel, and this process's opens of it.
+struct Backing {
+    id: BackingId,
+    /// `id`'s number in the connection, for the record.
+    raw: u32,
+    open: u32,
+    /// Kept until the mount goes: the earlier process's opens are uncounted.
+    pinned: bool,
+}
+
+impl OpenFiles {
+    /// What the record must list: every id an inode may be tied to.
+    fn recorded(&self) -> Vec<(NodeId, u32)> {
+        let live = self.passthrough.iter().map(|(&n, b)| (n, b.raw));
+        live.chain(self.inherited.iter().map(|(&n, &id)| (n, id))).collect()
+    }
 }
 
 /// The FUSE side of one layer.
@@ -53,6 +76,9 @@ pub struct LayerFs {
     offered: Arc<std::sync::OnceLock<InitRecord>>,
     /// Serving a connection an earlier process set up (see `session`).
     taken_over: bool,
+    /// Where the nodes open in passthrough mode are kept (see `backing`);
+    /// none for a mount no other process takes over (`streamsnap mount`).
+    record: Option<BackingRecord>,
 }
 
 impl LayerFs {
@@ -66,14 +92,49 @@ impl LayerFs {
             open: Mutex::default(),
             offered: Arc::default(),
             taken_over: false,
+            record: None,
+        }
+    }
+
+    /// Keeps the nodes open in passthrough mode in `record` (see `backing`).
+    pub fn with_backing_record(mut self, record: BackingRecord) -> Self {
+        self.record = Some(record);
+        self
+    }
+
+    /// Stores what `open` ties inodes to; false (and a warning) if it cannot.
+    fn store_record(&self, open: &OpenFiles) -> bool {
+        let Some(record) = &self.record else { return true };
+        match record.store(open.recorded()) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(layer = %self.fetcher.layer(), record = %record.path().display(), error = %e, "cannot write the passthrough record");
+                false
+            }
         }
     }
 
     /// Opens `id` in passthrough mode if its whole content is cached and no FUSE-mode handle is open.
     fn open_passthrough(&self, open: &mut OpenFiles, id: NodeId, reply: ReplyOpen) -> Result<(), ReplyOpen> {
-        if let Some((backing, count)) = open.passthrough.get_mut(&id) {
-            *count += 1;
-            reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), backing);
+        if let Some(b) = open.passthrough.get_mut(&id) {
+            b.open += 1;
+            reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &b.id);
+            return Ok(());
+        }
+        if let Some(raw) = open.inherited.remove(&id) {
+            // SAFETY: the earlier process opened `raw` on this connection and
+            // never closed it (it is in the record, written before any close),
+            // and it stays open: pinned, it is only closed with the mount.
+            let backing = unsafe { reply.wrap_backing(raw) };
+            reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &backing);
+            let b = Backing {
+                id: backing,
+                raw,
+                open: 1,
+                pinned: true,
+            };
+            open.passthrough.insert(id, b);
+            info!(layer = %self.fetcher.layer(), node = id, backing_id = raw, "opened in passthrough mode under the earlier process's backing id");
             return Ok(());
         }
         if !self.passthrough || open.fuse.contains_key(&id) {
@@ -84,8 +145,23 @@ impl LayerFs {
         };
         match std::fs::File::open(&path).and_then(|f| reply.open_backing(&f)) {
             Ok(backing) => {
-                reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &backing);
-                open.passthrough.insert(id, (backing, 1));
+                let raw = backing.into_raw();
+                // SAFETY: `raw` was opened on this connection just now and is
+                // closed only by dropping this wrapper.
+                let backing = unsafe { reply.wrap_backing(raw) };
+                let b = Backing {
+                    id: backing,
+                    raw,
+                    open: 1,
+                    pinned: false,
+                };
+                open.passthrough.insert(id, b);
+                // Recorded before the kernel ties the inode to it.
+                if !self.store_record(open) {
+                    open.passthrough.remove(&id);
+                    return Err(reply);
+                }
+                reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &open.passthrough[&id].id);
                 info!(layer = %self.fetcher.layer(), node = id, "file fully cached: opened in passthrough mode");
                 Ok(())
             }
@@ -93,6 +169,25 @@ impl LayerFs {
                 warn!(layer = %self.fetcher.layer(), node = id, path = %path.display(), error = %e, "passthrough open failed, serving through FUSE");
                 Err(reply)
             }
+        }
+    }
+
+    /// One passthrough open of `id` ended: its backing id is closed with the
+    /// last one, once the record no longer lists it (else it stays, pinned).
+    fn release_passthrough(&self, open: &mut OpenFiles, id: NodeId) {
+        let Some(b) = open.passthrough.get_mut(&id) else { return };
+        b.open = b.open.saturating_sub(1);
+        if b.open > 0 || b.pinned {
+            return;
+        }
+        let Some(gone) = open.passthrough.remove(&id) else {
+            return;
+        };
+        if self.store_record(open) {
+            drop(gone); // closes the backing id
+        } else {
+            let b = Backing { pinned: true, ..gone };
+            open.passthrough.insert(id, b);
         }
     }
 
@@ -225,12 +320,7 @@ impl Filesystem for LayerFs {
         if let Ok(id) = self.node_of(ino) {
             let mut open = self.open.lock();
             if fh == FH_PASSTHROUGH {
-                if let Some((_, count)) = open.passthrough.get_mut(&id) {
-                    *count -= 1;
-                    if *count == 0 {
-                        open.passthrough.remove(&id); // closes the backing id
-                    }
-                }
+                self.release_passthrough(&mut open, id);
             } else if let Some(count) = open.fuse.get_mut(&id) {
                 *count -= 1;
                 if *count == 0 {

@@ -132,6 +132,9 @@ fn config(name: &str) -> fuser::Config {
 impl LayerFs {
     /// Mounts this layer read-only at `mountpoint`.
     pub fn mount(self, mountpoint: &Path, name: &str) -> io::Result<MountedLayer> {
+        if let Some(record) = &self.record {
+            record.clear(); // a new connection: ids of an earlier one mean nothing
+        }
         let offered = std::sync::Arc::clone(&self.offered);
         let session = fuser::Session::new(self, mountpoint, &config(name))?;
         let device = session.as_fd().try_clone_to_owned()?;
@@ -152,6 +155,9 @@ impl LayerFs {
     pub fn take_over(mut self, device: OwnedFd, init: InitRecord, mountpoint: &Path) -> io::Result<MountedLayer> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         self.taken_over = true;
+        if let Some(record) = &self.record {
+            self.open.get_mut().inherited = record.load(self.index.nodes.len());
+        }
         let (ours, kernel_side) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         nix::unistd::write(&kernel_side, &init.message())?;
         let slot = ours.as_raw_fd();

@@ -4,7 +4,8 @@
 //!
 //! Layout under the root: `metadata.redb`, `snapshots/<id>/fs` (the
 //! snapshot's files; for a lazily served layer, its FUSE mount) and
-//! `snapshots/<id>/work` (overlayfs work dir of active snapshots).
+//! `snapshots/<id>/work` (overlayfs work dir of active snapshots); a lazily
+//! served layer's `snapshots/<id>/passthrough` (`fs::BackingRecord`).
 
 pub mod filters;
 pub mod remote;

@@ -12,7 +12,7 @@ use super::{RemoteLayer, SnapshotError, Snapshots};
 use crate::credentials::{ImageKey, PullAuths};
 use crate::digest::Digest;
 use crate::flight::{Abandoned, Flights};
-use crate::fs::{LayerFs, MountedLayer};
+use crate::fs::{BackingRecord, LayerFs, MountedLayer};
 use crate::layer::{self, Fallback, Layer, LayerContext, LayerError};
 use crate::lifecycle::Keeper;
 use crate::registry::{Platform, Reference, RegistryError, ResolvedImage};
@@ -287,7 +287,9 @@ impl RemoteLayers {
     /// first), or answers the mount there again when its connection was held
     /// across a restart; the keeper gets a copy of a new mount's descriptor.
     fn mount(&self, layer: &Arc<Layer>, id: u64, at: &Path, held: Option<HeldMount>) -> Result<(), RemoteError> {
-        let fs = LayerFs::new(Arc::clone(&layer.fetcher), self.runtime.clone());
+        // Beside the mountpoint, in the snapshot's directory: gone with it.
+        let record = BackingRecord::new(at.with_file_name("passthrough"));
+        let fs = LayerFs::new(Arc::clone(&layer.fetcher), self.runtime.clone()).with_backing_record(record);
         let mount_err = |source| RemoteError::Mount {
             layer: layer.digest.clone(),
             path: at.to_path_buf(),
