@@ -20,7 +20,7 @@ fn estargz_with_landmark(image: &OciImage, registry: &Registry, record: &[&str],
     }
     args.extend([gz.as_str(), out.as_str()]);
     ctd.ctr_remote(&args);
-    ctd.ctr_remote(&["images", "push", "--plain-http", &out]);
+    ctd.push_image(&out);
     out
 }
 

@@ -249,6 +249,21 @@ impl Containerd {
         self.tool("ctr-remote", args)
     }
 
+    /// `ctr-remote images push --plain-http REFERENCE`, once more if it fails: under load the
+    /// converter's push sometimes ends in "rpc error: code = Internal desc = unexpected EOF"
+    /// before any layer is sent (containerd logs nothing); the push is idempotent.
+    pub fn push_image(&self, reference: &str) {
+        let args = ["images", "push", "--plain-http", reference];
+        let out = run_output(&mut self.command("ctr-remote", &args));
+        if !out.status.success() {
+            eprintln!(
+                "ctr-remote push {reference} failed, pushing again: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            self.ctr_remote(&args);
+        }
+    }
+
     /// `ctr-remote image rpull` with streamsnap's labels, as stargz-snapshotter users do.
     pub fn rpull(&self, reference: &str) -> String {
         self.ctr_remote(&[

@@ -72,7 +72,7 @@ pub fn push_all(image: &OciImage, registry: &Registry, formats: &[Format]) -> Ve
                 Format::Gzip => unreachable!(),
             };
             c.ctr_remote(&["images", "convert", "--oci", flag, &gz, &r]);
-            c.ctr_remote(&["images", "push", "--plain-http", &r]);
+            c.push_image(&r);
         }
         verify_pushed(registry, &r, f);
         out.push(r);
