@@ -260,8 +260,14 @@ fn survive(node: &Node, cycles: usize, restart: impl Fn(&Node, usize)) -> Vec<Du
         let out = reader.join();
         drop(stopper);
         let out = out.unwrap_or_else(|_| panic!("the reader failed; its progress: {:?}", node.progress()));
+        // The probe ends itself only when a read of the layer failed.
+        let probe_ended = probe.try_wait().unwrap();
         let _ = probe.kill();
         let _ = probe.wait();
+        assert!(
+            probe_ended.is_none(),
+            "the probe's read of the layer mount failed: {probe_ended:?}"
+        );
         assert!(out.contains("passes="), "the reader did not finish: {out}");
     });
     let lines = node.check_progress();

@@ -57,6 +57,18 @@ struct Backing {
     pinned: bool,
 }
 
+impl Backing {
+    /// `raw` wrapped as `id`, for its first open by this process.
+    fn first_open(id: BackingId, raw: u32, pinned: bool) -> Self {
+        Self {
+            id,
+            raw,
+            open: 1,
+            pinned,
+        }
+    }
+}
+
 impl OpenFiles {
     /// What the record must list: every id an inode may be tied to.
     fn recorded(&self) -> Vec<(NodeId, u32)> {
@@ -127,13 +139,7 @@ impl LayerFs {
             // and it stays open: pinned, it is only closed with the mount.
             let backing = unsafe { reply.wrap_backing(raw) };
             reply.opened_passthrough(FH_PASSTHROUGH, FopenFlags::empty(), &backing);
-            let b = Backing {
-                id: backing,
-                raw,
-                open: 1,
-                pinned: true,
-            };
-            open.passthrough.insert(id, b);
+            open.passthrough.insert(id, Backing::first_open(backing, raw, true));
             info!(layer = %self.fetcher.layer(), node = id, backing_id = raw, "opened in passthrough mode under the earlier process's backing id");
             return Ok(());
         }
@@ -149,13 +155,7 @@ impl LayerFs {
                 // SAFETY: `raw` was opened on this connection just now and is
                 // closed only by dropping this wrapper.
                 let backing = unsafe { reply.wrap_backing(raw) };
-                let b = Backing {
-                    id: backing,
-                    raw,
-                    open: 1,
-                    pinned: false,
-                };
-                open.passthrough.insert(id, b);
+                open.passthrough.insert(id, Backing::first_open(backing, raw, false));
                 // Recorded before the kernel ties the inode to it.
                 if !self.store_record(open) {
                     open.passthrough.remove(&id);
