@@ -220,7 +220,12 @@ fn inflate_into(body: impl Read, tx: std::sync::mpsc::SyncSender<Vec<u8>>, url: 
 fn mount(t: &Target, id: usize) -> (u64, f64, u64, f64) {
     let root = tempfile::Builder::new().prefix("streamsnap-cpu-").tempdir().unwrap();
     let addr = t.registry.addr();
-    let serve = ServeProcess::start_with(root.path(), &["--insecure-registry", &addr, "--no-profile-replay"]);
+    let config = t.serve_config.as_ref().map(|c| c.to_string_lossy().into_owned());
+    let args: Vec<&str> = ["--insecure-registry", addr.as_str(), "--no-profile-replay"]
+        .into_iter()
+        .chain(config.iter().flat_map(|c| ["--config", c.as_str()]))
+        .collect();
+    let serve = ServeProcess::start_with(root.path(), &args);
     let ctd = Containerd::start(ContainerdOpts {
         streamsnap_socket: Some(serve.socket.clone()),
         ..Default::default()

@@ -10,7 +10,7 @@
 //! stargz, gzindex, profile, files, and cpu when unshaped) --files-count N (files
 //! in the many-file image, default 100000) --files-read (the many-file scenario also
 //! reads every file after the walk: streamsnap took 16 minutes for 100,000 in a trial)
-//! --serve-config FILE (a config every `streamsnap serve` of the start-up scenarios
+//! --serve-config FILE (a config every `streamsnap serve` of the start-up and CPU scenarios
 //! reads, e.g. another `[cache] memory_size`; its text goes into the report).
 #[path = "../../tests/common/mod.rs"]
 mod common;
