@@ -6,7 +6,7 @@ use crate::index::limits::MAX_PIECE;
 use crate::index::{Chunk, Encoding, Whole};
 use bytes::Bytes;
 use sha2::Digest as _;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 /// A chunk whose stored bytes do not decode to what the index says.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +51,31 @@ pub fn decode(c: &Chunk, raw: &Bytes) -> Result<Bytes, DecodeError> {
             }
             Ok(raw.clone())
         }
-        // bufread: inflate straight from the fetched bytes, no intermediate buffer copy.
-        Encoding::Gzip => read_chunk(flate2::bufread::MultiGzDecoder::new(&raw[..]), c, "gzip"),
+        _ => decode_from(c, &raw[..]),
+    }
+}
+
+/// [`decode`] of a chunk whose blob extent `raw` yields as it arrives;
+/// decoders inflate straight from its buffers, with no copy of their own.
+pub fn decode_from(c: &Chunk, mut raw: impl BufRead) -> Result<Bytes, DecodeError> {
+    match c.encoding {
+        Encoding::Raw => {
+            let mut out = AlignedVec::with_capacity(c.len.min(MAX_PIECE) as usize);
+            let stream = |source| DecodeError::Stream { format: "raw", source };
+            // One byte more than the chunk: a longer extent is an error, not cut short.
+            out.read_to_end((&mut raw).take(c.len.saturating_add(1)))
+                .map_err(stream)?;
+            if out.len() as u64 != c.len {
+                return Err(DecodeError::RawLength {
+                    expected: c.len,
+                    got: out.len(),
+                });
+            }
+            Ok(out.freeze())
+        }
+        Encoding::Gzip => read_chunk(flate2::bufread::MultiGzDecoder::new(raw), c, "gzip"),
         Encoding::Zstd => {
-            let d = zstd::stream::read::Decoder::with_buffer(&raw[..]).map_err(DecodeError::ZstdInit)?;
+            let d = zstd::stream::read::Decoder::with_buffer(raw).map_err(DecodeError::ZstdInit)?;
             read_chunk(d, c, "zstd")
         }
         // Spans decode as a whole (the fetcher's span path), never per chunk.

@@ -2,6 +2,7 @@
 //! entries, else fetched as coalesced range requests, decoded and verified on
 //! the blocking pool, answered, then written to the disk cache.
 
+use super::body::Body;
 use super::*;
 
 impl Fetcher {
@@ -69,11 +70,12 @@ impl Fetcher {
         }
     }
 
-    /// One range request for a run of chunks, streamed: each batch of chunks
-    /// is decoded, verified and answered as soon as its bytes have arrived,
-    /// while the rest of the body is still coming. Chunks that fail
-    /// verification are fetched once more before failing. Readers get their
-    /// answers first; the disk cache is written after.
+    /// One range request for a run of chunks, decoded as it arrives: on a
+    /// blocking thread, each chunk's decoder reads the body's pieces as the
+    /// connection delivers them, and the chunk is verified and answered as
+    /// soon as its last byte is in. Chunks that fail verification are
+    /// fetched once more before failing. Readers get their answers first;
+    /// the disk cache is written after.
     async fn fetch_run(
         self: Arc<Self>,
         node: Option<NodeId>,
@@ -82,62 +84,35 @@ impl Fetcher {
         urgency: Arc<Urgency>,
     ) {
         let chunks = &self.index.chunks;
-        let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
-        let start = chunks[ids[0] as usize].blob_offset;
-        let end = ids
+        let start = chunks[*run[0].key() as usize].blob_offset;
+        let end = run
             .iter()
-            .map(|&id| chunks[id as usize].blob_offset + chunks[id as usize].blob_len)
+            .map(|l| chunks[*l.key() as usize].blob_offset + chunks[*l.key() as usize].blob_len)
             .max()
             .unwrap_or(start);
-        let batches: Vec<Vec<ChunkId>> = decode_batches(chunks, &ids).collect();
-        // Batch k decodes from the blob bytes between its first chunk and the next batch's.
-        let cuts: Vec<u64> = batches
-            .iter()
-            .skip(1)
-            .map(|b| chunks[b[0] as usize].blob_offset)
-            .chain(std::iter::once(end))
-            .collect();
-        let mut leads: HashMap<ChunkId, ChunkLead> = run.into_iter().map(|l| (*l.key(), l)).collect();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(RUN_PIECES);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(RUN_PIECES);
         let fetch = self.fetch_range_into(start, end - start, &urgency, cause, tx);
-        let assemble = async {
-            let mut decoding = Vec::with_capacity(batches.len());
-            // One buffer per batch (a chunk or a few): allocations stay the
-            // size of a chunk however long the request.
-            let mut buf = BytesMut::with_capacity((cuts[0] - start) as usize);
-            let mut base = start;
-            while let Some(mut piece) = rx.recv().await {
-                while !piece.is_empty() {
-                    let k = decoding.len();
-                    let Some(&cut) = cuts.get(k) else { break };
-                    let room = (cut - base) as usize - buf.len();
-                    let n = room.min(piece.len());
-                    buf.extend_from_slice(&piece.split_to(n));
-                    if n == room {
-                        let next = cuts.get(k + 1).map_or(0, |&c| c - cut) as usize;
-                        let bytes = std::mem::replace(&mut buf, BytesMut::with_capacity(next)).freeze();
-                        let mine = batches[k].iter().filter_map(|id| leads.remove(id)).collect();
-                        decoding.push(self.decode_batch(mine, bytes, base, Arc::clone(&urgency)));
-                        base = cut;
-                    }
-                }
-            }
-            (decoding, base + buf.len() as u64 - start)
+        let (this, urg) = (Arc::clone(&self), Arc::clone(&urgency));
+        let assemble = tokio::task::spawn_blocking(move || this.assemble(Body::new(rx, start), run, end, &urg));
+        let (fetched, assembled) = tokio::join!(fetch, assemble);
+        let Ok(Assembled {
+            mut keep,
+            bad,
+            left,
+            got,
+        }) = assembled
+        else {
+            // The assembly panicked: its leads were dropped, which answers their readers.
+            error!(layer = %self.layer, offset = start, "decoding a range request's chunks panicked");
+            return;
         };
-        let (fetched, (decoding, got)) = tokio::join!(fetch, assemble);
         let failed = match fetched {
             Err(e) => Some(e),
             Ok(()) if got != end - start => Some(self.source_error(start, end - start, SourceError::Short { got })),
             Ok(()) => None,
         };
-        let mut keep = Vec::with_capacity(ids.len());
-        let mut bad = Vec::new();
-        for (k, b) in futures::future::join_all(decoding).await.into_iter().flatten() {
-            keep.extend(k);
-            bad.extend(b);
-        }
         // Chunks whose bytes never arrived.
-        for (_, lead) in leads {
+        for lead in left {
             let e = failed
                 .clone()
                 .unwrap_or_else(|| self.abandoned(chunks[*lead.key() as usize].blob_offset));
@@ -151,41 +126,64 @@ impl Fetcher {
         self.store(node, keep).await;
     }
 
-    /// Decodes and verifies the chunks of `leads` from `bytes` (the blob from
-    /// `start`) on the blocking pool and answers them; returns the good ones
-    /// (for the disk cache) and the leads of chunks that failed verification.
-    fn decode_batch(
-        self: &Arc<Self>,
-        leads: Vec<ChunkLead>,
-        bytes: Bytes,
-        start: u64,
-        urgency: Arc<Urgency>,
-    ) -> tokio::task::JoinHandle<Decoded> {
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let ids: Vec<ChunkId> = leads.iter().map(|l| *l.key()).collect();
-            let (me, held) = (Arc::clone(&this), bytes.clone());
-            let results = tokio::task::spawn_blocking(move || {
-                ids.iter().map(|&id| me.decode_in(&held, start, id)).collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_else(|e| {
-                (0..leads.len())
-                    .map(|_| Err(this.corrupt(start, format!("decoder panicked: {e}"))))
-                    .collect()
-            });
-            if results.iter().all(Result::is_ok) {
-                this.tap.offer(start, &bytes);
+    /// Decodes, verifies and answers the chunks of `run` (in blob order) from
+    /// `body`, the blob bytes up to `end` (blocking: it waits for the body).
+    /// A chunk alone in its decode batch is decoded straight from the body;
+    /// a batch of small ones is gathered first, then decoded.
+    fn assemble(self: &Arc<Self>, mut body: Body, run: Vec<ChunkLead>, end: u64, urgency: &Urgency) -> Assembled {
+        let chunks = &self.index.chunks;
+        let ids: Vec<ChunkId> = run.iter().map(|l| *l.key()).collect();
+        let start = body.at();
+        let mut leads: HashMap<ChunkId, ChunkLead> = run.into_iter().map(|l| (*l.key(), l)).collect();
+        let batches: Vec<Vec<ChunkId>> = decode_batches(chunks, &ids).collect();
+        // Batch k decodes from the blob bytes between its first chunk and the next batch's.
+        let cuts = batches
+            .iter()
+            .skip(1)
+            .map(|b| chunks[b[0] as usize].blob_offset)
+            .chain(std::iter::once(end));
+        let (mut keep, mut bad) = (Vec::with_capacity(ids.len()), Vec::new());
+        for (batch, cut) in batches.iter().zip(cuts) {
+            let base = body.at();
+            if self.tap.is_open() {
+                body.record();
             }
-            let (mut keep, mut bad) = (Vec::new(), Vec::new());
-            for (lead, r) in leads.into_iter().zip(results) {
+            let results: Vec<Fetched> = match &batch[..] {
+                [id] if chunks[*id as usize].whole.is_none() => {
+                    let c = &chunks[*id as usize];
+                    let mut extent = body.extent(c.blob_len);
+                    let decoded = decode::decode_from(c, &mut extent)
+                        .and_then(|d| decode::verify(c, &d).map(|()| d))
+                        .map_err(|reason| self.corrupt(c.blob_offset, reason.to_string()));
+                    let arrived = extent.finish() && body.skip_to(cut);
+                    if !arrived && decoded.is_err() {
+                        break; // cut short, not corrupt: answered with the fetch's error
+                    }
+                    vec![decoded]
+                }
+                _ => match body.read_bytes(cut - base) {
+                    Some(data) => batch.iter().map(|&id| self.decode_in(&data, base, id)).collect(),
+                    None => break,
+                },
+            };
+            if let Some(recorded) = body.take_recorded().filter(|_| results.iter().all(Result::is_ok)) {
+                self.tap.offer(base, &recorded);
+            }
+            for (id, r) in batch.iter().zip(results) {
+                let Some(lead) = leads.remove(id) else { continue };
                 match r {
                     Err(FetchError::Corrupt { .. }) => bad.push(lead),
-                    r => this.answer_fetched(lead, r, &urgency, &mut keep),
+                    r => self.answer_fetched(lead, r, urgency, &mut keep),
                 }
             }
-            (keep, bad)
-        })
+        }
+        let got = body.drain() - start;
+        Assembled {
+            keep,
+            bad,
+            left: leads.into_values().collect(),
+            got,
+        }
     }
 
     /// The second and last attempt at chunks that failed verification: their
@@ -277,8 +275,15 @@ impl Fetcher {
     }
 }
 
-/// A decoded batch: its good chunks (for the disk cache) and the leads of those that failed verification.
-type Decoded = (Vec<(ChunkId, Bytes)>, Vec<ChunkLead>);
+/// What the assembly of a range request's chunks leaves: good chunks (for
+/// the disk cache), leads of chunks that failed verification, leads of
+/// chunks whose bytes never arrived, and how many body bytes came.
+struct Assembled {
+    keep: Vec<(ChunkId, Bytes)>,
+    bad: Vec<ChunkLead>,
+    left: Vec<ChunkLead>,
+    got: u64,
+}
 
 /// Blob bytes one decoding task takes at least (but for a run's last batch).
 const DECODE_BATCH: u64 = 1 << 20;

@@ -3,13 +3,15 @@
 //! one range request admitted by the node's [`Scheduler`] at the urgency of
 //! its cause, decoding and verification on the blocking pool.
 //!
-//! Submodules: `ahead` (read-ahead and neighbours), `load` (the miss path: disk cache, range requests, decode,
-//! store), `source` (the [`RangeSource`] seam: registry, local file),
-//! `sched` (priorities), `observe` (the [`ReadObserver`] seam), `spans`
-//! (gzip-indexed layers), `decode` (chunk bytes to file bytes), `testing`
-//! (an in-process source that injects faults).
+//! Submodules: `ahead` (read-ahead and neighbours), `load` (the miss path:
+//! disk cache, range requests, decode, store), `body` (a range request's
+//! body, read as it arrives), `source` (the [`RangeSource`] seam: registry,
+//! local file), `sched` (priorities), `observe` (the [`ReadObserver`] seam),
+//! `spans` (gzip-indexed layers), `decode` (chunk bytes to file bytes),
+//! `testing` (an in-process source that injects faults).
 
 mod ahead;
+mod body;
 mod complete;
 pub mod decode;
 mod load;
@@ -21,6 +23,8 @@ mod tap;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_compressed;
 
 pub use ahead::READ_AHEAD;
 pub use complete::{CompleteError, Proof};

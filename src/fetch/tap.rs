@@ -47,6 +47,11 @@ impl Tap {
         h.bytes += len;
     }
 
+    /// Is a hash open (do offers count)?
+    pub(super) fn is_open(&self) -> bool {
+        self.0.lock().is_some()
+    }
+
     /// Held bytes from `at` on, if some range covers it; forgets what lies before `at`.
     fn take_at(&self, at: u64) -> Option<Bytes> {
         let mut g = self.0.lock();
