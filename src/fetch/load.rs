@@ -40,12 +40,7 @@ impl Fetcher {
         if self.index.spans.is_some() {
             return self.load_spans(node, missing, cause, urgency).await;
         }
-        // Read-ahead asks for a window in file order: one request for it all.
-        let max = match cause {
-            Cause::ReadAhead => self.node.read_ahead.max(MAX_REQUEST),
-            _ => MAX_REQUEST,
-        };
-        let runs = coalesce(&self.index.chunks, missing, max, |l| *l.key());
+        let runs = coalesce(&self.index.chunks, missing, |l| *l.key());
         futures::future::join_all(
             runs.into_iter()
                 .map(|run| self.clone().fetch_run(node, run, cause, Arc::clone(&urgency))),
@@ -201,7 +196,7 @@ impl Fetcher {
         keep: &mut Vec<(ChunkId, Bytes)>,
     ) {
         let chunks = &self.index.chunks;
-        for run in coalesce(chunks, bad, MAX_REQUEST, |l| *l.key()) {
+        for run in coalesce(chunks, bad, |l| *l.key()) {
             let start = chunks[*run[0].key() as usize].blob_offset;
             let end = run
                 .iter()
@@ -325,9 +320,8 @@ pub(super) fn decode_batches<'a>(chunks: &'a [Chunk], ids: &'a [ChunkId]) -> imp
     })
 }
 
-/// Groups chunks (in blob order) into runs that one range request of at
-/// most `max` bytes can serve.
-pub(super) fn coalesce<T>(chunks: &[Chunk], mut items: Vec<T>, max: u64, id: impl Fn(&T) -> ChunkId) -> Vec<Vec<T>> {
+/// Groups chunks (in blob order) into runs that one range request can serve.
+pub(super) fn coalesce<T>(chunks: &[Chunk], mut items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<Vec<T>> {
     items.sort_by_key(|t| chunks[id(t) as usize].blob_offset);
     let mut runs: Vec<Vec<T>> = Vec::new();
     let mut run_start = 0;
@@ -336,7 +330,7 @@ pub(super) fn coalesce<T>(chunks: &[Chunk], mut items: Vec<T>, max: u64, id: imp
         let c = &chunks[id(&t) as usize];
         let extends = !runs.is_empty()
             && c.blob_offset <= run_end + MAX_GAP
-            && (c.blob_offset + c.blob_len).max(run_end) - run_start <= max;
+            && (c.blob_offset + c.blob_len).max(run_end) - run_start <= MAX_REQUEST;
         if extends {
             run_end = run_end.max(c.blob_offset + c.blob_len);
             runs.last_mut().expect("a run").push(t);

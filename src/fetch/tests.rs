@@ -146,29 +146,6 @@ async fn a_sequential_reader_gets_no_more_than_the_configured_read_ahead() {
     assert_eq!(l.source.requests().len(), 3, "{:?}", l.source.requests());
 }
 
-#[tokio::test]
-async fn a_sequential_readers_read_ahead_comes_in_requests_of_half_a_window_or_more() {
-    let data = content(12 * CHUNK as usize, 5);
-    let blob = tar_blob(&[("big.bin", data.clone())]);
-    let source = Arc::new(TestSource::new(blob.clone()));
-    let cache = tempfile::tempdir().unwrap();
-    let node = services(cache.path(), 1 << 30).with_read_ahead(4 * CHUNK);
-    let f = tar_fetcher(&blob, Arc::clone(&source) as Arc<dyn RangeSource>, &node, CHUNK, true).await;
-    let big = f.index().resolve("big.bin").unwrap();
-    for i in 0..8 {
-        let got = f.read(big, i * CHUNK, CHUNK as u32).await.unwrap();
-        assert!(got[..] == data[(i * CHUNK) as usize..((i + 1) * CHUNK) as usize]);
-        settle(&source).await;
-    }
-    let requests = source.requests();
-    // The first two reads ask for their own chunks (a read-ahead may be
-    // logged before the second); every other request is read-ahead.
-    let (own, ahead): (Vec<_>, Vec<_>) = requests.iter().partition(|&&(_, len)| len == CHUNK);
-    assert_eq!(own.len(), 2, "{requests:?}");
-    assert!(ahead.iter().all(|&&(_, len)| len >= 2 * CHUNK), "{requests:?}");
-    assert!(ahead.windows(2).all(|w| w[0].0 < w[1].0), "in file order: {requests:?}");
-}
-
 /// A layer of `n` small files of 4 KiB, then one larger than a small file.
 async fn small_files_layer(n: usize) -> (Arc<Fetcher>, Arc<TestSource>, tempfile::TempDir) {
     let mut files: Vec<(String, Vec<u8>)> = (0..n)
@@ -608,14 +585,11 @@ fn neighbours_coalesce_and_distant_chunks_do_not() {
         whole: None,
     };
     let chunks = vec![chunk(0, 100), chunk(100, 100), chunk(10 << 20, 100)];
-    assert_eq!(
-        coalesce(&chunks, vec![0, 1, 2], MAX_REQUEST, |i| *i),
-        vec![vec![0, 1], vec![2]]
-    );
+    assert_eq!(coalesce(&chunks, vec![0, 1, 2], |i| *i), vec![vec![0, 1], vec![2]]);
     let quarter = MAX_REQUEST / 4;
     let big: Vec<Chunk> = (0..8).map(|i| chunk(i * quarter, quarter)).collect();
     assert_eq!(
-        coalesce(&big, (0..8).collect(), MAX_REQUEST, |i| *i).len(),
+        coalesce(&big, (0..8).collect(), |i| *i).len(),
         2,
         "runs stay under the request limit"
     );
