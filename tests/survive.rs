@@ -430,7 +430,7 @@ fn a_file_held_open_in_passthrough_mode_opens_again_after_a_sigkill_of_the_daemo
         .args(["-c", &format!("exec sleep 600 3< {}", file.display())])
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), "the passthrough open", || {
+    wait_until(Duration::from_secs(60), "the passthrough open", || {
         node.serve_log().contains("opened in passthrough mode")
     });
     node.kill();
