@@ -152,9 +152,7 @@ impl Fetcher {
                 [id] if chunks[*id as usize].whole.is_none() => {
                     let c = &chunks[*id as usize];
                     let mut extent = body.extent(c.blob_len);
-                    let decoded = decode::decode_from(c, &mut extent)
-                        .and_then(|d| decode::verify(c, &d).map(|()| d))
-                        .map_err(|reason| self.corrupt(c.blob_offset, reason.to_string()));
+                    let decoded = self.verified(c, decode::decode_from(c, &mut extent));
                     let arrived = extent.finish() && body.skip_to(cut);
                     if !arrived && decoded.is_err() {
                         break; // cut short, not corrupt: answered with the fetch's error
@@ -232,7 +230,12 @@ impl Fetcher {
         let c = &self.index.chunks[id as usize];
         let from = (c.blob_offset - start) as usize;
         let raw = data.slice(from..from + c.blob_len as usize);
-        decode::decode(c, &raw)
+        self.verified(c, decode::decode(c, &raw))
+    }
+
+    /// Decoded bytes of chunk `c` checked against its digest; any failure is `Corrupt`.
+    fn verified(&self, c: &Chunk, decoded: Result<Bytes, decode::DecodeError>) -> Fetched {
+        decoded
             .and_then(|d| decode::verify(c, &d).map(|()| d))
             .map_err(|reason| self.corrupt(c.blob_offset, reason.to_string()))
     }
