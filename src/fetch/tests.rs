@@ -280,6 +280,80 @@ async fn a_chunk_read_in_pieces_out_of_order_leaves_memory_once_every_piece_was_
     assert!(l.fetcher.node.mem.get(&key).is_none(), "every piece read");
 }
 
+/// A layer of one file large enough for a whole-file cache entry, in eight chunks.
+async fn large_file_layer() -> (Arc<Fetcher>, Arc<TestSource>, Vec<u8>, tempfile::TempDir) {
+    const LARGE_CHUNK: u64 = WHOLE_FILE_MIN / 4;
+    let data = content(8 * LARGE_CHUNK as usize, 3);
+    let blob = tar_blob(&[("weights.bin", data.clone())]);
+    let source = Arc::new(TestSource::new(blob.clone()));
+    let cache = tempfile::tempdir().unwrap();
+    let node = services(cache.path(), 1 << 30);
+    let f = tar_fetcher(
+        &blob,
+        Arc::clone(&source) as Arc<dyn RangeSource>,
+        &node,
+        LARGE_CHUNK,
+        true,
+    )
+    .await;
+    (f, source, data, cache)
+}
+
+async fn until_stored(f: &Fetcher, ids: Range<ChunkId>) {
+    for _ in 0..500 {
+        if ids.clone().all(|id| f.is_cached(id)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("chunks {ids:?} never reached the disk cache");
+}
+
+#[tokio::test]
+async fn a_stored_chunk_of_a_large_file_leaves_memory_and_its_other_pieces_come_from_disk() {
+    let (f, source, data, _dir) = large_file_layer().await;
+    let node = f.index().resolve("weights.bin").unwrap();
+    let half = f.index().chunks[0].len / 2;
+    f.read(node, 0, half as u32).await.unwrap();
+    until_stored(&f, 0..1).await;
+    assert!(f.node.mem.get(&f.key(0)).is_none(), "stored: memory lets go of it");
+    let rest = f.read(node, half, half as u32).await.unwrap();
+    assert_eq!(&rest[..], &data[half as usize..2 * half as usize]);
+    assert_eq!(f.stats.pieces_from_disk.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        f.stats.chunks_from_disk.load(Ordering::Relaxed),
+        0,
+        "not loaded whole and hashed again"
+    );
+    let first = f.index().chunks[0].blob_offset;
+    let fetching_it = source
+        .requests()
+        .iter()
+        .filter(|(o, n)| (*o..o + n).contains(&first))
+        .count();
+    assert_eq!(fetching_it, 1, "{:?}", source.requests());
+}
+
+#[tokio::test]
+async fn chunks_read_ahead_of_a_large_file_leave_memory_once_stored() {
+    let (f, source, data, _dir) = large_file_layer().await;
+    let node = f.index().resolve("weights.bin").unwrap();
+    let len = f.index().chunks[0].len;
+    for i in 0..2 {
+        f.read(node, i * len, len as u32).await.unwrap();
+    }
+    until_stored(&f, 2..8).await;
+    settle(&source).await;
+    assert_eq!(f.node.mem.bytes(), 0, "read ahead and stored: not held in memory");
+    let requests = source.requests().len();
+    for i in 2..8 {
+        let got = f.read(node, i * len, len as u32).await.unwrap();
+        assert_eq!(&got[..], &data[(i * len) as usize..((i + 1) * len) as usize]);
+    }
+    assert_eq!(f.stats.pieces_from_disk.load(Ordering::Relaxed), 6);
+    assert_eq!(source.requests().len(), requests, "no request more");
+}
+
 /// Chunks laid one after another in the blob, with these stored sizes.
 fn laid_out(lens: &[u64]) -> Vec<Chunk> {
     let mut at = 0;
