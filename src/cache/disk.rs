@@ -341,11 +341,35 @@ impl DiskCache {
 
     /// A chunk stored by `put_in_file`; `None` when absent.
     pub fn get_in_file(&self, layer: &Digest, slot: FileSlot, len: u64) -> Option<Vec<u8>> {
-        let (file, unchecked) = self.held_in_file(layer, slot)?;
-        let path = self.path(&Entry::File {
+        let whole = Entry::File {
             layer: layer.clone(),
             node: slot.node,
-        });
+        };
+        let held = {
+            let mut lru = self.lru.lock();
+            let id = (layer.clone(), slot.node);
+            let partial = match lru.sealing.get(&id) {
+                Some(cell) => Some(Some(Arc::clone(cell))),
+                None => lru
+                    .partials
+                    .get(&id)
+                    .map(|p| p.has(slot.chunk_index).then(|| Arc::clone(&p.files))),
+            };
+            match partial {
+                Some(Some(cell)) => Some(cell),
+                Some(None) => return None,
+                None if lru.touch(&whole) => None,
+                None => return None,
+            }
+        };
+        let path = self.path(&whole);
+        let (file, unchecked) = match held {
+            Some(cell) => (Arc::clone(&cell.get()?.as_ref().ok()?.0), None),
+            None => (
+                Arc::new(std::fs::File::open(&path).ok()?),
+                self.lru.lock().unchecked.get(&(layer.clone(), slot.node)).cloned(),
+            ),
+        };
         let mut buf = vec![0u8; usize::try_from(len).ok()?];
         file.read_exact_at(&mut buf, slot.file_offset).ok()?;
         // Left by an earlier run and not yet checked whole: this chunk is
@@ -361,47 +385,6 @@ impl DiskCache {
                 return None;
             }
         }
-        Some(buf)
-    }
-
-    /// The open file holding this chunk of a large file, and the record of
-    /// its whole-file entry when an earlier run left it unchecked.
-    fn held_in_file(&self, layer: &Digest, slot: FileSlot) -> Option<(Arc<std::fs::File>, Option<Arc<Unchecked>>)> {
-        let id = (layer.clone(), slot.node);
-        let whole = Entry::File {
-            layer: layer.clone(),
-            node: slot.node,
-        };
-        let unchecked = {
-            let mut lru = self.lru.lock();
-            let partial = match lru.sealing.get(&id) {
-                Some(cell) => Some(Some(Arc::clone(cell))),
-                None => lru
-                    .partials
-                    .get(&id)
-                    .map(|p| p.has(slot.chunk_index).then(|| Arc::clone(&p.files))),
-            };
-            match partial {
-                Some(Some(cell)) => return Some((Arc::clone(&cell.get()?.as_ref().ok()?.0), None)),
-                Some(None) => return None,
-                None if lru.touch(&whole) => lru.unchecked.get(&id).cloned(),
-                None => return None,
-            }
-        };
-        let file = std::fs::File::open(self.path(&whole)).ok()?;
-        Some((Arc::new(file), unchecked))
-    }
-
-    /// `len` bytes at `from` in a chunk of a large file that this process
-    /// wrote (after verifying it) or checked whole: read as they are, no
-    /// hash. `None` when the chunk is not held so (absent, or left by an
-    /// earlier run and unchecked: `get_in_file` checks those).
-    pub fn read_trusted(&self, layer: &Digest, slot: FileSlot, from: u64, len: u64) -> Option<Vec<u8>> {
-        let (file, None) = self.held_in_file(layer, slot)? else {
-            return None;
-        };
-        let mut buf = vec![0u8; usize::try_from(len).ok()?];
-        file.read_exact_at(&mut buf, slot.file_offset.checked_add(from)?).ok()?;
         Some(buf)
     }
 

@@ -272,13 +272,8 @@ impl Fetcher {
         })
         .await;
         let mut landing = self.landing.lock();
-        for &id in &ids {
-            landing.remove(&id);
-        }
-        drop(landing);
-        // Stored in their files' entries: later reads take them from there.
         for id in ids {
-            self.release_stored(id);
+            landing.remove(&id);
         }
     }
 }

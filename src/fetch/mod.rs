@@ -104,8 +104,6 @@ pub struct FetchStats {
     pub requests: AtomicU64,
     pub chunks_from_disk: AtomicU64,
     pub chunks_from_memory: AtomicU64,
-    /// Reads served from this process's own disk-cache writes, unhashed (`read_stored`).
-    pub pieces_from_disk: AtomicU64,
 }
 
 /// Default of [`Services::read_deadline`] (`[fetch] read_deadline`).
@@ -247,9 +245,6 @@ impl Fetcher {
         if offset == 0 {
             self.neighbours(node, ids.clone());
         }
-        if let Some(data) = self.read_stored(node, &ids, offset, end).await {
-            return Ok(data);
-        }
         // The fetch goes on in its own task (and ends by the registry's own
         // deadline); the reader stops waiting here.
         let deadline = self.node.read_deadline;
@@ -273,7 +268,7 @@ impl Fetcher {
             let c = &self.index.chunks[id as usize];
             let from = offset.max(c.file_offset) - c.file_offset;
             let to = end.min(c.file_offset + c.len) - c.file_offset;
-            self.hold_unread(id, to - from, Some(&data));
+            self.hold_unread(id, to - from, &data);
             data.slice(from as usize..to as usize)
         });
         if pieces.len() == 1 {
@@ -284,41 +279,12 @@ impl Fetcher {
         Ok(out.freeze())
     }
 
-    /// A read within one chunk of a large file that memory no longer holds
-    /// but the disk cache does, written by this process after it was
-    /// verified: only the bytes asked for are read from there, not hashed
-    /// again. So a chunk leaves memory once it is stored, even with pieces
-    /// still unread (chunks read ahead, the kernel's later pieces).
-    async fn read_stored(&self, node: NodeId, ids: &Range<ChunkId>, offset: u64, end: u64) -> Option<Bytes> {
-        let id = ids.start;
-        let slot = self.slot(Some(node), id).filter(|_| ids.len() == 1)?;
-        if !self.node.disk.has_in_file(&self.layer, slot) || self.in_memory(id) {
-            return None;
-        }
-        let from = offset - self.index.chunks[id as usize].file_offset;
-        let (disk, layer) = (Arc::clone(&self.node.disk), self.layer.clone());
-        let data = tokio::task::spawn_blocking(move || disk.read_trusted(&layer, slot, from, end - offset))
-            .await
-            .ok()??;
-        self.stats.pieces_from_disk.fetch_add(1, Ordering::Relaxed);
-        self.node.metrics.lookups(Lookup::DiskHit, 1);
-        self.hold_unread(id, end - offset, None);
-        Some(Bytes::from(data))
-    }
-
-    /// Does memory (or `landing`) hold chunk `id`?
-    fn in_memory(&self, id: ChunkId) -> bool {
-        self.landing.lock().contains_key(&id) || self.node.mem.get(&self.key(id)).is_some()
-    }
-
-    /// Memory holds a chunk until its readers have had all its bytes, or
-    /// until the disk cache has it (`read_stored`): a sequential reader takes
-    /// a chunk in several kernel reads (in any order: the kernel reads ahead
-    /// in parallel), and without this each later one would load it from the
-    /// disk cache and hash it again. Then the kernel's page cache holds the
-    /// bytes and memory lets go. `data`: the chunk, when the reader had it
-    /// from memory or a fetch.
-    fn hold_unread(&self, id: ChunkId, delivered: u64, data: Option<&Bytes>) {
+    /// Memory holds a chunk until its readers have had all its bytes: a
+    /// sequential reader takes a chunk in several kernel reads (in any order:
+    /// the kernel reads ahead in parallel), and without this each later one
+    /// would load it from the disk cache and hash it again. Then the kernel's
+    /// page cache holds the bytes and memory lets go.
+    fn hold_unread(&self, id: ChunkId, delivered: u64, data: &Bytes) {
         let key = self.key(id);
         let mut unread = self.unread.lock();
         let had = unread.entry(id).or_insert(0);
@@ -326,21 +292,8 @@ impl Fetcher {
         if *had >= self.index.chunks[id as usize].len {
             unread.remove(&id);
             drop(self.node.mem.take(&key));
-        } else if let Some(data) = data {
+        } else {
             self.node.mem.put(key, data.clone());
-            // `store` may have written it meanwhile (and looked before this put).
-            self.release_stored(id);
-        }
-    }
-
-    /// Lets go of chunk `id` in memory if the disk cache holds it in its
-    /// file's entry, where `read_stored` reads it.
-    fn release_stored(&self, id: ChunkId) {
-        let stored = self
-            .slot(None, id)
-            .is_some_and(|s| self.node.disk.has_in_file(&self.layer, s));
-        if stored {
-            drop(self.node.mem.take(&self.key(id)));
         }
     }
 
@@ -561,14 +514,12 @@ impl Fetcher {
     }
 
     /// Answers a chunk's flight. Bytes fetched ahead of a reader wait in
-    /// memory until it reads them or the disk cache has them in their file's
-    /// entry; bytes a reader waits for go straight to it (and to the disk
-    /// cache), so memory holds only what is unread and not yet stored.
+    /// memory until it reads them; bytes a reader waits for go straight to it
+    /// (and to the disk cache), so memory holds only what is still unread.
     fn finish(&self, lead: ChunkLead, result: Fetched, urgency: &Urgency) {
         if let Ok(b) = &result {
             if urgency.get() == Cause::ReadAhead {
                 self.node.mem.put(self.key(*lead.key()), b.clone());
-                self.release_stored(*lead.key());
             }
         }
         lead.finish(result);

@@ -252,40 +252,6 @@ fn a_flipped_byte_in_a_whole_file_entry_is_never_served_after_restart() {
 }
 
 #[test]
-fn pieces_of_chunks_this_process_wrote_are_read_as_they_are() {
-    let dir = tempfile::tempdir().unwrap();
-    let layer = Digest::of(b"l");
-    let c = DiskCache::open(dir.path(), 100).unwrap();
-    c.put_in_file(&layer, slot(1), b"56789").unwrap();
-    assert_eq!(
-        c.read_trusted(&layer, slot(1), 1, 3).as_deref(),
-        Some(&b"678"[..]),
-        "partial entry"
-    );
-    assert_eq!(c.read_trusted(&layer, slot(0), 0, 5), None, "a hole is no answer");
-    c.put_in_file(&layer, slot(0), b"01234").unwrap();
-    assert_eq!(
-        c.read_trusted(&layer, slot(0), 2, 3).as_deref(),
-        Some(&b"234"[..]),
-        "whole entry"
-    );
-}
-
-#[test]
-fn an_entry_from_an_earlier_run_is_read_unchecked_only_once_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let layer = Digest::of(b"l");
-    let c = whole_file_then_restart(dir.path(), &layer);
-    assert_eq!(
-        c.read_trusted(&layer, slot(1), 0, 5),
-        None,
-        "unchecked: get_in_file checks it"
-    );
-    assert!(c.check_file(&layer, 7));
-    assert_eq!(c.read_trusted(&layer, slot(1), 0, 5).as_deref(), Some(&b"56789"[..]));
-}
-
-#[test]
 fn a_whole_file_entry_without_its_sums_is_dropped_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     let layer = Digest::of(b"l");
