@@ -7,9 +7,10 @@
 use super::*;
 
 /// Default of how far ahead of a sequential reader chunks are fetched
-/// ([`Services::read_ahead`], `[fetch] read_ahead`): four requests in flight
-/// keep a 1 Gbit/s link busy; two (8 MiB) cost 5% of `serving` there and save
-/// a fifth of the daemon's peak memory (start-up benchmark).
+/// ([`Services::read_ahead`], `[fetch] read_ahead`). Four 4 MiB requests read
+/// 9% faster than one on a fast link and 1.7% at 1 Gbit/s; each costs about
+/// 5-6.5 MB of the daemon's peak memory, so a node short of memory sets 4 MiB
+/// (start-up benchmark, README's ninth round).
 pub const READ_AHEAD: u64 = 16 << 20;
 /// Blob bytes after a cold small file fetched with it: about what 1 Gbit/s
 /// carries while a request starts (5-8 ms), a package directory's modules.
@@ -57,6 +58,14 @@ impl Fetcher {
         }
     }
 
+    /// Does chunk `id` belong to a small file?
+    pub(super) fn of_small_file(&self, id: ChunkId) -> bool {
+        self.index
+            .node_of_chunk(id)
+            .and_then(|n| self.index.node(n))
+            .is_some_and(|n| n.size < SMALL_FILE)
+    }
+
     /// A cold read from the start of a small file also fetches the small
     /// files after it in the blob (up to [`NEIGHBOURS`] bytes; not cached ones
     /// only; never past a larger file, never in a gzip-indexed layer, whose
@@ -73,13 +82,8 @@ impl Fetcher {
         let mut next = Vec::new();
         for id in (ids.end..chunks.len() as ChunkId).take(NEIGHBOUR_CHUNKS) {
             let c = &chunks[id as usize];
-            let owner_small = self
-                .index
-                .node_of_chunk(id)
-                .and_then(|n| self.index.node(n))
-                .is_some_and(|n| n.size < SMALL_FILE);
             // Blob order only, and only small files: a neighbour costs bytes, not a wait.
-            if c.blob_offset < at || c.blob_offset.saturating_add(c.blob_len) > limit || !owner_small {
+            if c.blob_offset < at || c.blob_offset.saturating_add(c.blob_len) > limit || !self.of_small_file(id) {
                 break;
             }
             at = c.blob_offset + c.blob_len;

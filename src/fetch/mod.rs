@@ -513,12 +513,16 @@ impl Fetcher {
         self.finish(lead, result, urgency);
     }
 
-    /// Answers a chunk's flight. Bytes fetched ahead of a reader wait in
-    /// memory until it reads them; bytes a reader waits for go straight to it
-    /// (and to the disk cache), so memory holds only what is still unread.
+    /// Answers a chunk's flight. Bytes fetched ahead of a sequential reader
+    /// wait in memory until it reads them; bytes a reader waits for go
+    /// straight to it (and to the disk cache), so memory holds only what is
+    /// still unread. Small files fetched beside a cold one (`neighbours`) go
+    /// to the disk cache only: many are never read (they held 11 MB of the
+    /// daemon's memory after the start-up benchmark), and a read of one
+    /// hashes a few KiB again.
     fn finish(&self, lead: ChunkLead, result: Fetched, urgency: &Urgency) {
         if let Ok(b) = &result {
-            if urgency.get() == Cause::ReadAhead {
+            if urgency.get() == Cause::ReadAhead && !self.of_small_file(*lead.key()) {
                 self.node.mem.put(self.key(*lead.key()), b.clone());
             }
         }

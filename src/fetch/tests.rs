@@ -188,6 +188,22 @@ async fn a_cold_small_file_brings_the_small_files_after_it_in_one_request() {
 }
 
 #[tokio::test]
+async fn small_files_fetched_beside_a_cold_one_wait_on_disk_not_in_memory() {
+    let (f, source, _dir) = small_files_layer(8).await;
+    f.read(f.index().resolve("m00.pyc").unwrap(), 0, 4096).await.unwrap();
+    settle(&source).await;
+    assert_eq!(f.node.mem.bytes(), 0, "nothing held for readers that may never come");
+    let before = source.requests().len();
+    let got = f.read(f.index().resolve("m03.pyc").unwrap(), 0, 4096).await.unwrap();
+    assert_eq!(&got[..], &content(4096, 3)[..]);
+    assert_eq!(
+        source.requests().len(),
+        before,
+        "served from what the first request brought"
+    );
+}
+
+#[tokio::test]
 async fn neighbours_stop_before_a_larger_file() {
     let (f, source, _dir) = small_files_layer(2).await;
     f.read(f.index().resolve("m00.pyc").unwrap(), 0, 4096).await.unwrap();

@@ -6,9 +6,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Path of the binary cargo built for these tests.
+/// Path of the binary cargo built for these tests, or `$STREAMSNAP_BIN` (the
+/// start-up benchmark compares two builds side by side that way).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_streamsnap"))
+    std::env::var_os("STREAMSNAP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_streamsnap")))
 }
 
 /// A running `streamsnap mount`; stopped with SIGTERM on drop (or `stop()`).
