@@ -517,7 +517,7 @@ impl Fetcher {
     /// wait in memory until it reads them; bytes a reader waits for go
     /// straight to it (and to the disk cache), so memory holds only what is
     /// still unread. Small files fetched beside a cold one (`neighbours`) go
-    /// to the disk cache only: many are never read (they held 11 MB of the
+    /// to the disk cache only: many are never read (they held about 12 MB of the
     /// daemon's memory after the start-up benchmark), and a read of one
     /// hashes a few KiB again.
     fn finish(&self, lead: ChunkLead, result: Fetched, urgency: &Urgency) {
